@@ -1,0 +1,56 @@
+"""The ``thl-np`` command. Each sub-module defines its commands and lists them in ``COMMANDS``."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import THLError
+from . import basic, bench, golden, train, weights
+
+_MODULES = (basic, train, weights, bench, golden)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="thl-np")
+def cli():
+    """thl-np: THL (Transformer Hierarchical Layers) in NumPy.
+
+    \b
+    Examples:
+      thl-np generate "def fibonacci(n):"
+      thl-np init --out my-model --dim 128 --memory-slots 64
+      thl-np info --model my-model
+    """
+
+
+for _module in _MODULES:
+    for _command in _module.COMMANDS:
+        cli.add_command(_command)
+
+
+def main(argv=None) -> int:
+    """Entry point: THL errors become one clear line and a non-zero exit, never a traceback."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except THLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""`thl-np` commands (filled in by its owner)."""
+
+COMMANDS = []

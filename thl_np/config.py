@@ -1,0 +1,254 @@
+"""THLConfig: every field of spec §1, with its default and its validation.
+
+A config.json written by the PyTorch THL's ``save_pretrained`` loads unchanged. ``dim=N`` is a
+shorthand that sets the embedding, hidden, tier, memory and value widths at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class THLConfig:
+    """The hyper-parameters of a THL model (spec §1). Field names are the config.json keys."""
+
+    vocab_size: int = 50257
+    embedding_dim: int = 768
+    hidden_dim: int = 768
+    num_tiers: int = 3
+    tier_dims: list = field(default=None)
+    tier_timescales: list = field(default=None)
+    local_window: int = 64
+    memory_slots: int = 1024
+    memory_dim: int = 768
+    query_dim: int = 64
+    value_dim: int = 768
+    num_heads: int = 4
+    head_dim: int = 64
+    read_topk: int = 4
+    load_penalty: float = 0.1
+    read_ema_decay: float = 0.99
+    read_slot_capacity: int | None = None
+    router_load_balance_lambda: float = 0.0
+    write_slots: int = 1
+    memory_decay: float = 0.9995
+    write_rate: float = 0.05
+    write_clip_max: float = 1.0
+    write_ema_decay: float = 0.99
+    novelty_beta: float = 8.0
+    novelty_theta: float = 0.3
+    stale_weight: float = 1.0
+    underuse_weight: float = 1.0
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def __init__(self, dim: int | None = None, **kwargs):
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown THLConfig field(s) {unknown}; known fields are {sorted(names)} "
+                "(use dim=N to set every width at once)"
+            )
+        if dim is not None:
+            _check_int("dim", dim)
+            for name in ("embedding_dim", "hidden_dim", "memory_dim", "value_dim"):
+                kwargs.setdefault(name, dim)
+        for f in dataclasses.fields(self):
+            if f.name in kwargs:
+                value = kwargs[f.name]
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            else:  # pragma: no cover - every field has a default
+                value = None
+            setattr(self, f.name, value)
+        k = self.num_tiers
+        _check_int("num_tiers", k)
+        if self.tier_dims is None:
+            self.tier_dims = [dim if dim is not None else 768] * k
+        if self.tier_timescales is None:
+            self.tier_timescales = [8**i for i in range(k)]
+        self.tier_dims = _int_list("tier_dims", self.tier_dims)
+        self.tier_timescales = _int_list("tier_timescales", self.tier_timescales)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        positive = ("vocab_size", "embedding_dim", "hidden_dim", "num_tiers", "memory_slots",
+                    "memory_dim", "query_dim", "value_dim", "num_heads", "head_dim", "read_topk",
+                    "write_slots")
+        for name in positive:
+            _check_int(name, getattr(self, name))
+        _check_int("local_window", self.local_window, minimum=0)
+        if len(self.tier_dims) != self.num_tiers:
+            raise ConfigError(
+                f"len(tier_dims) = {len(self.tier_dims)} != num_tiers = {self.num_tiers}: "
+                "give one width per tier"
+            )
+        if len(self.tier_timescales) != self.num_tiers:
+            raise ConfigError(
+                f"len(tier_timescales) = {len(self.tier_timescales)} != num_tiers = {self.num_tiers}: "
+                "give one timescale per tier"
+            )
+        for i, d in enumerate(self.tier_dims):
+            _check_int(f"tier_dims[{i}]", d)
+        for i, tau in enumerate(self.tier_timescales):
+            _check_int(f"tier_timescales[{i}]", tau)
+        if self.tier_timescales[0] != 1:
+            raise ConfigError(
+                f"tier_timescales[0] = {self.tier_timescales[0]}, but Tier 0 must run every step: set it to 1"
+            )
+        if self.value_dim % self.num_heads:
+            raise ConfigError(
+                f"value_dim = {self.value_dim} is not divisible by num_heads = {self.num_heads}: "
+                "choose a value_dim that is a multiple of num_heads"
+            )
+        if self.read_topk > self.memory_slots:
+            raise ConfigError(
+                f"read_topk = {self.read_topk} > memory_slots = {self.memory_slots}: "
+                "a head cannot read more slots than exist"
+            )
+        if self.write_slots > self.memory_slots:
+            raise ConfigError(
+                f"write_slots = {self.write_slots} > memory_slots = {self.memory_slots}: "
+                "lower write_slots or add slots"
+            )
+        if self.read_slot_capacity is not None:
+            _check_int("read_slot_capacity", self.read_slot_capacity)
+        if self.pad_token_id is not None:
+            _check_int("pad_token_id", self.pad_token_id, minimum=0)
+            if self.pad_token_id >= self.vocab_size:
+                raise ConfigError(
+                    f"pad_token_id = {self.pad_token_id} is outside the vocabulary (vocab_size = "
+                    f"{self.vocab_size}): use an id below vocab_size or null"
+                )
+        for name in ("read_ema_decay", "write_ema_decay", "memory_decay"):
+            v = getattr(self, name)
+            if not _is_number(v) or not 0.0 <= float(v) <= 1.0:
+                raise ConfigError(f"{name} = {v!r} must be a number in [0, 1]")
+        for name in ("load_penalty", "router_load_balance_lambda", "write_rate", "write_clip_max",
+                     "novelty_beta", "novelty_theta", "stale_weight", "underuse_weight"):
+            v = getattr(self, name)
+            if not _is_number(v) or float(v) != float(v):
+                raise ConfigError(f"{name} = {v!r} must be a finite number")
+        if self.write_clip_max <= 0:
+            raise ConfigError(f"write_clip_max = {self.write_clip_max} must be > 0")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype = {self.dtype!r} is not supported: use one of {list(DTYPES)}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def total_tier_dim(self) -> int:
+        """Σ d_k: the width of the LayerNorm and of the output head's input."""
+        return int(sum(self.tier_dims))
+
+    @property
+    def router_input_dim(self) -> int:
+        """d_e + d_0 + d_{K-1}: the router query's input width."""
+        return self.embedding_dim + self.tier_dims[0] + self.tier_dims[-1]
+
+    @property
+    def writer_input_dim(self) -> int:
+        """d_0 + d_{K-1}: the writer's input width."""
+        return self.tier_dims[0] + self.tier_dims[-1]
+
+    @property
+    def head_value_dim(self) -> int:
+        """d_v / H: the width of one router head's value."""
+        return self.value_dim // self.num_heads
+
+    def tier_input_dim(self, k: int) -> int:
+        """in_k: d_e for Tier 0, d_{k-1} above it."""
+        return self.embedding_dim if k == 0 else self.tier_dims[k - 1]
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> THLConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def save(self, path: str) -> None:
+        """Write config.json (path may be the file or its folder), atomically."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> THLConfig:
+        """Read config.json (path may be the file or its folder)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(f"no config.json at {path}: a model folder needs config.json + model.safetensors")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); rewrite it or re-export the model") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    def replace(self, **changes) -> THLConfig:
+        data = self.to_dict()
+        data.update(changes)
+        return THLConfig(**data)
+
+    def __eq__(self, other):
+        return isinstance(other, THLConfig) and self.to_dict() == other.to_dict()
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise ConfigError(f"{name} = {value!r} must be an integer >= {minimum}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} = {value} must be an integer >= {minimum}")
+
+
+def _int_list(name, values):
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"{name} = {values!r} must be a list of integers")
+    out = []
+    for i, v in enumerate(values):
+        _check_int(f"{name}[{i}]", v)
+        out.append(int(v))
+    return out
+
+
+def _plain(v):
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item"):
+        return v.item()
+    return v
