@@ -1,7 +1,10 @@
 """thl-np: THL (Transformer Hierarchical Layers) in NumPy."""
 from .config import THLConfig
 from .errors import ConfigError, InputError, StateError, THLError, WeightsError
+from .inference.state import InferenceState
+from .model import THLModel, value_and_grad
 
 __version__ = "0.1.0"
 
-__all__ = ["THLConfig", "THLError", "ConfigError", "WeightsError", "StateError", "InputError"]
+__all__ = ["THLConfig", "THLModel", "InferenceState", "value_and_grad",
+           "THLError", "ConfigError", "WeightsError", "StateError", "InputError"]

@@ -1,0 +1,69 @@
+"""Spec §4.8, output: ``h = LayerNorm([s^0; …; s^{K-1}])`` (eps 1e-5, affine), ``logits = h W_o^T + b_o``;
+and spec §5's losses: mean cross-entropy and the optional router load-balance term."""
+import numpy as np
+
+LN_EPS = 1e-5
+
+
+def layer_norm_forward(x, gamma, beta, eps=LN_EPS):
+    """x [..., D] → y, cache (biased variance, as LayerNorm defines it)."""
+    mu = x.mean(axis=-1, keepdims=True)
+    xc = x - mu
+    inv_std = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    x_hat = xc * inv_std
+    return x_hat * gamma + beta, (x_hat, inv_std)
+
+
+def layer_norm_backward(d_y, cache, gamma):
+    """d_y [..., D] → (d_x, d_gamma, d_beta)."""
+    x_hat, inv_std = cache
+    flat = d_y.reshape(-1, d_y.shape[-1])
+    d_gamma = (flat * x_hat.reshape(flat.shape)).sum(axis=0)
+    d_beta = flat.sum(axis=0)
+    d_xh = d_y * gamma
+    d_x = inv_std * (d_xh - d_xh.mean(axis=-1, keepdims=True)
+                     - x_hat * (d_xh * x_hat).mean(axis=-1, keepdims=True))
+    return d_x, d_gamma, d_beta
+
+
+def linear_forward(x, W, b):
+    """x [..., in] → x W^T + b."""
+    return x @ W.T + b
+
+
+def linear_backward(d_y, x, W):
+    """→ (d_x, d_W, d_b), summing over every leading axis."""
+    d_x = d_y @ W
+    d_W = d_y.reshape(-1, d_y.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return d_x, d_W, d_y.reshape(-1, d_y.shape[-1]).sum(axis=0)
+
+
+def log_softmax(logits):
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean over every position of −log softmax(logits)[target]; returns (loss, d_logits)."""
+    logp = log_softmax(logits)
+    n = targets.size
+    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    loss = -picked.mean()
+    d_logits = np.exp(logp)
+    np.put_along_axis(d_logits, targets[..., None],
+                      np.take_along_axis(d_logits, targets[..., None], axis=-1) - 1.0, axis=-1)
+    return loss, d_logits / n
+
+
+def load_balance_forward(A):
+    """KL(p ‖ uniform) with p_j = A_j / Σ A over the J slots of each row of A [B, J]; returns
+    (kl [B], d_kl/d_A [B, J]). Slots never picked have A_j = 0 and contribute 0 (0·log 0 = 0)."""
+    J = A.shape[-1]
+    S = A.sum(axis=-1, keepdims=True)
+    p = A / S
+    picked = p > 0
+    logpJ = np.where(picked, np.log(np.where(picked, p, 1.0) * J), 0.0)
+    kl = (p * logpJ).sum(axis=-1)
+    d_p = np.where(picked, logpJ + 1.0, 0.0)
+    d_A = (d_p - (d_p * p).sum(axis=-1, keepdims=True)) / S
+    return kl, d_A

@@ -1,0 +1,139 @@
+"""Spec §4.3 (router read) and §4.4 (read metadata).
+
+    u = [e; s^0; s^{K-1}],  q = u W_q^T  (H heads of d_h),  k_{h,j} = m_j W_k^T (split likewise)
+    score_{h,j} = (k_{h,j}·q_h)/√d_h − λ_load · read_ema_j          (+ Gumbel noise in training)
+    idx_h = the κ largest scores of head h, descending, equal scores ranked by lower slot index
+    α_h = softmax(score_{h, idx_h})  →  optional per-sequence slot capacity mask, renormalised
+    v_j = m_j W_v^T (H heads of d_v/H),  r_h = Σ_rank α_{h,rank} v_{h, idx_{h,rank}},  r = [r_0; …]
+
+The backward holds every discrete choice (idx, capacity mask) at its forward value, so gradient
+reaches the memory only through the κ·H rows that were read; the cache stores those rows alone.
+"""
+import numpy as np
+
+GUMBEL_EPS = 1e-9
+
+
+def gumbel_noise(uniform, dtype):
+    """−log(−log(U + 1e-9) + 1e-9), computed in float64 and cast once."""
+    U = np.asarray(uniform, dtype=np.float64)
+    return (-np.log(-np.log(U + GUMBEL_EPS) + GUMBEL_EPS)).astype(dtype)
+
+
+def top_k_desc(scores, k):
+    """Indices of the k largest entries along the last axis, descending; ties go to the lower index."""
+    return np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+
+
+def apply_slot_capacity(alpha, idx, capacity):
+    """Walk heads 0..H-1 and ranks 0..κ-1 in order per sequence; a pick whose slot already served
+    ``capacity`` picks gets weight 0; each head's weights are renormalised by their sum (a head left
+    with sum 0 keeps its uncapped weights). Returns (alpha_capped, mask, used_mask [B, H] bool)."""
+    B, H, kappa = idx.shape
+    mask = np.ones_like(alpha)
+    for b in range(B):
+        served = {}
+        for h in range(H):
+            for rank in range(kappa):
+                j = int(idx[b, h, rank])
+                if served.get(j, 0) >= capacity:
+                    mask[b, h, rank] = 0.0
+                else:
+                    served[j] = served.get(j, 0) + 1
+    masked = alpha * mask
+    total = masked.sum(axis=-1, keepdims=True)
+    used = total[..., 0] > 0
+    out = np.where(used[..., None], masked / np.where(total > 0, total, 1.0), alpha)
+    return out, mask, used
+
+
+def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, topk, load_penalty,
+                   capacity=None, gumbel=None):
+    """u [B, d_u], memory [B, J, d_m], read_ema [B, J] → (r [B, d_v], alpha [B, H, κ], idx [B, H, κ], cache).
+
+    ``gumbel`` is the noise term [B, H, J] already transformed by ``gumbel_noise`` (training mode) or None.
+    """
+    B, J, d_m = memory.shape
+    H, d_h = num_heads, head_dim
+    q = (u @ W_q.T).reshape(B, H, d_h)
+    keys = (memory @ W_k.T).reshape(B, J, H, d_h)
+    scale = 1.0 / np.sqrt(d_h)
+    scores = np.einsum("bjhd,bhd->bhj", keys, q) * scale - load_penalty * read_ema[:, None, :]
+    if gumbel is not None:
+        scores = scores + gumbel
+    idx = top_k_desc(scores, topk)                                     # [B, H, κ]
+    picked = np.take_along_axis(scores, idx, axis=-1)
+    ex = np.exp(picked - picked[..., :1])                              # picked[..., 0] is the max
+    alpha_soft = ex / ex.sum(axis=-1, keepdims=True)
+    if capacity is not None:
+        alpha, cap_mask, cap_used = apply_slot_capacity(alpha_soft, idx, capacity)
+    else:
+        alpha, cap_mask, cap_used = alpha_soft, None, None
+    b_ix = np.arange(B)[:, None, None]
+    m_sel = memory[b_ix, idx]                                          # [B, H, κ, d_m]
+    h_ix = np.arange(H)[None, :, None]
+    k_sel = keys[b_ix, idx, h_ix]                                      # [B, H, κ, d_h]
+    W_v_heads = W_v.reshape(H, -1, d_m)                                # [H, d_v/H, d_m]
+    v_sel = np.einsum("bhrm,hvm->bhrv", m_sel, W_v_heads)
+    r = np.einsum("bhr,bhrv->bhv", alpha, v_sel).reshape(B, -1)
+    cache = (u, q, idx, m_sel, k_sel, v_sel, alpha_soft, alpha, cap_mask, cap_used, scale)
+    return r, alpha, idx, cache
+
+
+def router_backward(d_r, d_alpha_extra, cache, W_q, W_k, W_v, *, num_heads, head_dim, load_penalty):
+    """d_r [B, d_v] and d_alpha_extra [B, H, κ] (from read_ema / the load-balance term) →
+    (d_u, d_m_sel [B, H, κ, d_m] to scatter at idx, d_read_ema_sel [B, H, κ] to scatter at idx,
+     dW_q, dW_k, dW_v)."""
+    u, q, idx, m_sel, k_sel, v_sel, alpha_soft, alpha, cap_mask, cap_used, scale = cache
+    B, H, kappa, d_m = m_sel.shape
+    d_h = head_dim
+    d_r = d_r.reshape(B, H, -1)
+    d_alpha = np.einsum("bhv,bhrv->bhr", d_r, v_sel) + d_alpha_extra
+    d_v_sel = alpha[..., None] * d_r[:, :, None, :]
+    W_v_heads = W_v.reshape(H, -1, d_m)
+    dW_v = np.einsum("bhrv,bhrm->hvm", d_v_sel, m_sel).reshape(W_v.shape)
+    d_m_sel = np.einsum("bhrv,hvm->bhrm", d_v_sel, W_v_heads)
+    if cap_mask is not None:
+        # α_cap = α·mask / Σ α·mask  →  dα = mask·(dα_cap − Σ dα_cap·α_cap) / Σ α·mask
+        total = (alpha_soft * cap_mask).sum(axis=-1, keepdims=True)
+        d_capped = cap_mask * (d_alpha - (d_alpha * alpha).sum(axis=-1, keepdims=True)) / np.where(
+            total > 0, total, 1.0)
+        d_alpha = np.where(cap_used[..., None], d_capped, d_alpha)
+    d_picked = alpha_soft * (d_alpha - (alpha_soft * d_alpha).sum(axis=-1, keepdims=True))
+    # score = k·q·scale − λ·read_ema (+ constant noise)
+    d_q = np.einsum("bhr,bhrd->bhd", d_picked, k_sel) * scale
+    d_k_sel = d_picked[..., None] * q[:, :, None, :] * scale          # [B, H, κ, d_h]
+    W_k_heads = W_k.reshape(H, d_h, d_m)
+    d_m_sel = d_m_sel + np.einsum("bhrd,hdm->bhrm", d_k_sel, W_k_heads)
+    dW_k = np.einsum("bhrd,bhrm->hdm", d_k_sel, m_sel).reshape(W_k.shape)
+    d_read_ema_sel = -load_penalty * d_picked
+    d_q = d_q.reshape(B, H * d_h)
+    d_u = d_q @ W_q
+    dW_q = d_q.T @ u
+    return d_u, d_m_sel, d_read_ema_sel, dW_q, dW_k, dW_v
+
+
+def read_weights_per_slot(alpha, idx, num_slots):
+    """A_j = Σ of α over every (head, rank) pick of slot j  →  [B, J]."""
+    B = alpha.shape[0]
+    A = np.zeros((B, num_slots), dtype=alpha.dtype)
+    np.add.at(A, (np.repeat(np.arange(B), idx[0].size), idx.reshape(-1)), alpha.reshape(-1))
+    return A
+
+
+def read_meta_forward(read_ema, last_read, alpha, idx, t, decay):
+    """Spec §4.4: read_ema ← ρ_r·read_ema + (1−ρ_r)·A;  last_read_j ← t for every picked slot."""
+    A = read_weights_per_slot(alpha, idx, read_ema.shape[1])
+    new_ema = decay * read_ema + (1.0 - decay) * A
+    new_last = last_read.copy()
+    new_last[np.arange(idx.shape[0])[:, None, None], idx] = t
+    return new_ema, new_last, A
+
+
+def read_meta_backward(d_new_ema, d_A_extra, idx, decay):
+    """→ (d_read_ema_prev [B, J], d_alpha [B, H, κ]). ``d_A_extra`` [B, J] is the load-balance term's."""
+    d_A = (1.0 - decay) * d_new_ema
+    if d_A_extra is not None:
+        d_A = d_A + d_A_extra
+    d_alpha = d_A[np.arange(idx.shape[0])[:, None, None], idx]
+    return decay * d_new_ema, d_alpha
