@@ -1,3 +1,263 @@
-"""`thl-np` commands (filled in by its owner)."""
+"""`thl-np init`, `thl-np info` and `thl-np generate`: make a model, look inside it, sample from it.
 
-COMMANDS = []
+Heavy modules (the model, the safetensors reader) are imported inside the commands, so that
+`thl-np --help` stays instant and one missing piece does not take the whole CLI down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..config import DTYPES, THLConfig
+from ..errors import InputError, WeightsError
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+BYTE_VOCAB_SIZE = 259  # the byte tokenizer's 256 bytes + pad, eos, unk
+WIDTH_FIELDS = ("embedding_dim", "hidden_dim", "memory_dim", "value_dim", "tier_dims")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """The folder to load: --model, or the packaged default model; a one-line error if neither exists."""
+    if model is None:
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise WeightsError(
+                f"no --model given and the default model is not installed (looked in {DEFAULT_MODEL_DIR}): "
+                "pass --model DIR, or create a model with `thl-np init --out DIR`"
+            )
+        return DEFAULT_MODEL_DIR
+    path = Path(model)
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise WeightsError(
+            f"model folder {model} {what}: pass a folder holding config.json + model.safetensors "
+            "(`thl-np init --out DIR` makes one)"
+        )
+    return path
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB': sizes a reader can compare at a glance."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def build_init_config(config_file, overrides: dict, dim: int | None, num_tiers: int | None) -> THLConfig:
+    """A config from an optional config.json plus flags. Flags win; --dim sets every width.
+
+    Without a config file the vocabulary defaults to the byte tokenizer's 259. When --dim or --num-tiers
+    is given, per-tier lists from the file are rebuilt (d per tier, timescales 8**k) so they agree.
+    """
+    data = THLConfig.load(config_file).to_dict() if config_file else {"vocab_size": BYTE_VOCAB_SIZE}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if dim is not None:
+        for name in WIDTH_FIELDS:
+            data.pop(name, None)
+    if num_tiers is not None:
+        data["num_tiers"] = num_tiers
+        widths = data.get("tier_dims") or [dim or data.get("embedding_dim", 768)]
+        if len(widths) != num_tiers:
+            data["tier_dims"] = [widths[0]] * num_tiers
+        if len(data.get("tier_timescales") or []) != num_tiers:
+            data["tier_timescales"] = [8**k for k in range(num_tiers)]
+    return THLConfig(dim=dim, **data)
+
+
+def check_output_dir(out: str, force: bool) -> None:
+    """Refuse to write into a file or into a non-empty folder (unless --force)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder: choose another path")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise InputError(
+            f"--out {out} exists and is not empty: pass --force to overwrite, or choose another path"
+        )
+
+
+def model_summary(model_dir: Path) -> dict:
+    """Everything `info` shows, as plain JSON-able values. Reads config.json and the weights header only."""
+    from ..inference.state import InferenceState
+    from ..io.safetensors import list_tensors
+    from ..params import num_parameters
+
+    config = THLConfig.load(str(model_dir))
+    n = num_parameters(config)
+    weights = model_dir / "model.safetensors"
+    if not weights.is_file():
+        raise WeightsError(
+            f"no model.safetensors in {model_dir}: a model folder needs config.json + model.safetensors"
+        )
+    tensors = [
+        {"name": t.name, "dtype": str(t.dtype), "shape": [int(s) for s in t.shape], "nbytes": int(t.nbytes)}
+        for t in list_tensors(str(weights))
+    ]
+    return {
+        "model": str(model_dir),
+        "config": config.to_dict(),
+        "num_parameters": n,
+        "parameter_bytes": {dt: n * (4 if dt == "float32" else 8) for dt in DTYPES},
+        "state_bytes_per_sequence": {dt: InferenceState.init(1, config, dtype=dt).nbytes for dt in DTYPES},
+        "weights_file": {"path": str(weights), "bytes": weights.stat().st_size, "num_tensors": len(tensors)},
+        "tensors": tensors,
+    }
+
+
+def print_summary(info: dict) -> None:
+    config, pbytes, sbytes = info["config"], info["parameter_bytes"], info["state_bytes_per_sequence"]
+    click.echo(f"model: {info['model']}")
+    click.echo("config:")
+    for key, value in config.items():
+        click.echo(f"  {key}: {json.dumps(value)}")
+    click.echo(f"parameters: {info['num_parameters']:,} "
+               f"({human_bytes(pbytes['float32'])} float32, {human_bytes(pbytes['float64'])} float64)")
+    click.echo(f"state per sequence: {sbytes['float32']:,} bytes float32, "
+               f"{sbytes['float64']:,} bytes float64 (fixed, whatever the context length)")
+    wf = info["weights_file"]
+    click.echo(f"weights: {wf['path']} ({human_bytes(wf['bytes'])}, {wf['num_tensors']} tensors)")
+    rows = [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", f"{t['nbytes']:,}")
+            for t in info["tensors"]]
+    header = ("name", "dtype", "shape", "bytes")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row[:3], widths[:3], strict=True)]
+        click.echo("  " + "  ".join([*cells, row[3].rjust(widths[3])]))
+
+
+def read_prompt(prompt: str) -> str | bytes:
+    """`-` means stdin, read as bytes so that any input (even invalid UTF-8) reaches the model as is."""
+    if prompt == "-":
+        return click.get_binary_stream("stdin").read()
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(), help="Folder for config.json + model.safetensors.")
+@click.option("--dim", type=int, help="Every width at once: embedding, hidden, memory, value, tier widths.")
+@click.option("--vocab-size", type=int, help="Vocabulary size [default: 259, the byte tokenizer].")
+@click.option("--num-tiers", type=int, help="Number of GRU tiers K (timescales 1, 8, 64, ...).")
+@click.option("--memory-slots", type=int, help="Memory slots J.")
+@click.option("--local-window", type=int, help="Tier-0 local attention window (0 disables it).")
+@click.option("--num-heads", type=int, help="Router heads H (value width must be divisible by H).")
+@click.option("--head-dim", type=int, help="Router query/key width per head.")
+@click.option("--read-topk", type=int, help="Slots read per head.")
+@click.option("--config", "config_file", type=click.Path(), help="Start from this config.json; flags win.")
+@click.option("--seed", type=int, help="Seed for the initial weights (same seed, same model).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Compute and storage dtype [default: float32].")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+def init(out, dim, vocab_size, num_tiers, memory_slots, local_window, num_heads, head_dim, read_topk,
+         config_file, seed, dtype, force):
+    """Write a freshly initialised (untrained) model folder.
+
+    Unset fields take THLConfig's defaults (or the --config file's values).
+
+    \b
+    Examples:
+      thl-np init --out tiny --dim 64 --memory-slots 32 --local-window 16 --seed 0
+      thl-np init --out big --config my_config.json --dtype float64 --force
+    """
+    from ..model import THLModel
+
+    check_output_dir(out, force)
+    overrides = dict(vocab_size=vocab_size, memory_slots=memory_slots, local_window=local_window,
+                     num_heads=num_heads, head_dim=head_dim, read_topk=read_topk, dtype=dtype)
+    config = build_init_config(config_file, overrides, dim, num_tiers)
+    model = THLModel(config, seed=seed)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    n = model.num_parameters()
+    click.echo(f"wrote {out}: {n:,} parameters ({human_bytes(n * model.dtype.itemsize)} {model.dtype})")
+    click.echo(f"try: thl-np generate --model {out} \"Hello\"")
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(), help="Model folder [default: the packaged model].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def info(model_dir, as_json):
+    """Show a model's config, size, per-sequence state size and stored tensors.
+
+    Reads config.json and the safetensors header only: fast, even for large models.
+
+    \b
+    Examples:
+      thl-np info --model tiny
+      thl-np info --model tiny --json | python -m json.tool
+    """
+    summary = model_summary(resolve_model_dir(model_dir))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        print_summary(summary)
+
+
+@click.command()
+@click.argument("prompt", default="", required=False)
+@click.option("--model", "model_dir", type=click.Path(), help="Model folder [default: the packaged model].")
+@click.option("--max-length", type=int, default=100, show_default=True, help="Number of new tokens (bytes).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy.")
+@click.option("--top-k", type=int, help="Sample among the K most likely tokens only.")
+@click.option("--top-p", type=float, help="Nucleus sampling: the fewest tokens with probability >= P.")
+@click.option("--seed", type=int, help="Seed for sampling (same seed, same text).")
+@click.option("--state-in", type=click.Path(), help="Continue the context saved in this .npz state file.")
+@click.option("--state-out", type=click.Path(), help="Save the context (prompt + new text) to this .npz.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: the model's].")
+def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, state_in, state_out, dtype):
+    """Continue PROMPT with text sampled from the model, streamed as it is produced.
+
+    PROMPT '-' reads the prompt from stdin; an empty prompt starts a new document. Only the
+    continuation is printed. --state-out/--state-in carry a context from one run to the next.
+
+    \b
+    Examples:
+      thl-np generate "def fibonacci(n):" --max-length 200 --temperature 0.8 --top-p 0.95
+      thl-np generate "Once upon a time" --model tiny --temperature 0 --state-out ctx.npz
+      thl-np generate " and then" --model tiny --state-in ctx.npz --state-out ctx.npz
+      echo "Hello" | thl-np generate - --seed 1
+    """
+    from ..generation import check_sampling_args, stream_text
+    from ..inference.state import InferenceState
+    from ..model import THLModel
+    from ..tokenizer import Tokenizer
+
+    if max_length < 0:
+        raise InputError(f"--max-length {max_length} must be >= 0 (the number of new tokens)")
+    check_sampling_args(temperature, top_k, top_p)
+    text = read_prompt(prompt)
+    state = InferenceState.load(state_in) if state_in else None
+    model = THLModel.from_pretrained(str(resolve_model_dir(model_dir)), dtype=dtype)
+    vocab = model.config.vocab_size
+    if vocab > BYTE_VOCAB_SIZE:
+        click.echo(f"warning: the model's vocab_size {vocab} is not the byte tokenizer's {BYTE_VOCAB_SIZE}; "
+                   f"only ids < {BYTE_VOCAB_SIZE} will be sampled", err=True)
+    pieces = stream_text(model, Tokenizer(), text, max_length=max_length, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, state=state, return_state=state_out is not None)
+    final_state = yield_to_stdout(pieces)
+    if sys.stdout.isatty():
+        click.echo()
+    if state_out:
+        final_state.save(state_out)
+
+
+def yield_to_stdout(pieces):
+    """Write each piece as soon as it exists (click.echo flushes); return the generator's return value."""
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as stop:
+            return stop.value
+        click.echo(piece, nl=False)
+
+
+COMMANDS = [init, info, generate]

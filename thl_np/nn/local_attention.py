@@ -5,12 +5,14 @@
 The buffer update (row n := e, or drop row 0 and append) is bookkeeping in the model's step; the
 backward reaches the stored embeddings through ``d_buffer``.
 """
+import math
+
 import numpy as np
 
 
 def local_attention_forward(e, buffer, Wq, Wk, Wv):
     """e [B, d_e], buffer [B, n, d_e] (n ≥ 1) → ℓ [B, d_v], cache."""
-    scale = 1.0 / np.sqrt(Wq.shape[0])
+    scale = 1.0 / math.sqrt(Wq.shape[0])  # a Python float: keeps float32 inputs float32
     q = e @ Wq.T                                   # [B, d_lq]
     k = buffer @ Wk.T                              # [B, n, d_lq]
     v = buffer @ Wv.T                              # [B, n, d_v]

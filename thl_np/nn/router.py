@@ -9,6 +9,8 @@
 The backward holds every discrete choice (idx, capacity mask) at its forward value, so gradient
 reaches the memory only through the κ·H rows that were read; the cache stores those rows alone.
 """
+import math
+
 import numpy as np
 
 GUMBEL_EPS = 1e-9
@@ -57,7 +59,7 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
     keys = (memory @ W_k.T).reshape(B, J, H, d_h)
-    scale = 1.0 / np.sqrt(d_h)
+    scale = 1.0 / math.sqrt(d_h)  # a Python float: keeps float32 inputs float32
     scores = np.einsum("bjhd,bhd->bhj", keys, q) * scale - load_penalty * read_ema[:, None, :]
     if gumbel is not None:
         scores = scores + gumbel
