@@ -346,22 +346,28 @@ class THLModel:
         return U
 
     # ----------------------------------------------------------------- forward
-    def __call__(self, input_ids, state=None, gumbel_uniform=None):
+    def __call__(self, input_ids, state=None, gumbel_uniform=None, path: str = "auto"):
         """Run input_ids [B, T] from ``state`` (zeros if None) → (logits [B, T, V], the state after T steps).
 
-        ``gumbel_uniform`` [T, B, H, J] of uniforms in [0, 1) selects training-mode routing (spec §4.3).
+        ``gumbel_uniform`` [T, B, H, J] of uniforms in [0, 1) selects training-mode routing (spec §4.3),
+        which runs on the plain path. ``path`` is "auto" (the fast path where it applies), "fast" or
+        "plain" (this file's step, the spec itself); both give the same numbers.
         """
         ids = self._check_ids(input_ids)
         B, T = ids.shape
         U = self._check_gumbel(gumbel_uniform, B, T)
-        state = self._prepare_state(state, B)
-        tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
-        logits, _, _ = output_forward(self.params, tier_states)
-        return logits, state
+        if self._use_plain(path, U):
+            state = self._prepare_state(state, B)
+            tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
+            logits, _, _ = output_forward(self.params, tier_states)
+            return logits, state
+        decoder = self._decoder(state, B)
+        logits = decoder.prompt(ids, logits="all")
+        return logits, _state_with_cache(decoder)
 
     forward = __call__
 
-    def forward_step(self, token_ids, state=None):
+    def forward_step(self, token_ids, state=None, path: str = "auto"):
         """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state)."""
         ids = _as_int_array(token_ids, "token_ids")
         if ids.ndim == 2 and ids.shape[1] == 1:
@@ -369,10 +375,42 @@ class THLModel:
         elif ids.ndim == 0:
             ids = ids[None]
         ids = self._check_ids(ids, "token_ids", ndim=1)
-        state = self._prepare_state(state, ids.shape[0])
-        tier_states, state, _ = thl_step(self.params, self.config, ids, state)
-        logits, _, _ = output_forward(self.params, tier_states)
-        return logits, state
+        if self._use_plain(path, None):
+            state = self._prepare_state(state, ids.shape[0])
+            tier_states, state, _ = thl_step(self.params, self.config, ids, state)
+            logits, _, _ = output_forward(self.params, tier_states)
+            return logits, state
+        decoder = self._decoder(state, ids.shape[0])
+        logits = decoder.step(ids)
+        return logits, _state_with_cache(decoder)
+
+    def decoder(self, state=None, batch_size: int = 1):
+        """A mutable fast decoding session (``thl_np.inference.fast.FastDecoder``) starting at ``state``."""
+        return self._decoder(state, batch_size if state is None else state.batch_size)
+
+    @staticmethod
+    def _use_plain(path, gumbel):
+        if path not in ("auto", "fast", "plain"):
+            raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
+        if path == "fast" and gumbel is not None:
+            raise InputError("training-mode routing (gumbel_uniform) runs on the plain path: use path='auto'")
+        return path == "plain" or gumbel is not None
+
+    def _decoder(self, state, batch_size):
+        from .inference.fast import FastDecoder
+
+        if state is None:
+            return FastDecoder(self, batch_size=batch_size)
+        if not isinstance(state, InferenceState):
+            raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
+        state.check(self.config, batch_size)
+        cached = getattr(state, "_fast", None)
+        if cached is not None and cached.model is self:
+            # the state's arrays are read-only while it carries a cache, so the cache is still exact;
+            # it is handed over (not copied), so a second use of the same state rebuilds it
+            state._fast = None
+            return cached
+        return FastDecoder(self, state=state)
 
     # ----------------------------------------------------------------- files
     def save_pretrained(self, directory: str, dtype: str | None = None) -> None:
@@ -463,6 +501,18 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     if return_state_grad:
         out.append(d_state)
     return tuple(out)
+
+
+def _state_with_cache(decoder) -> InferenceState:
+    """The decoder's state as an InferenceState that carries the decoder (its slot-key cache) along, so
+    the next step from it starts without rebuilding. Its arrays are made read-only to keep the two in
+    agreement; ``state.copy()`` gives a writable state without the cache."""
+    state = decoder.state()
+    for arr in state.arrays().values():
+        if isinstance(arr, np.ndarray) and arr.ndim:
+            arr.flags.writeable = False
+    state._fast = decoder
+    return state
 
 
 def _as_int_array(x, name):

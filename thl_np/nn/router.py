@@ -58,9 +58,9 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
     B, J, d_m = memory.shape
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
-    keys = (memory @ W_k.T).reshape(B, J, H, d_h)
+    keys = (memory.reshape(B * J, d_m) @ W_k.T).reshape(B, J, H, d_h)
     scale = 1.0 / math.sqrt(d_h)  # a Python float: keeps float32 inputs float32
-    scores = np.einsum("bjhd,bhd->bhj", keys, q) * scale - load_penalty * read_ema[:, None, :]
+    scores = np.matmul(keys.transpose(0, 2, 1, 3), q[..., None])[..., 0] * scale - load_penalty * read_ema[:, None, :]
     if gumbel is not None:
         scores = scores + gumbel
     idx = top_k_desc(scores, topk)                                     # [B, H, κ]

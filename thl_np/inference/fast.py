@@ -1,0 +1,216 @@
+"""The fast path: the same function as the plain step (spec §4), computed with less work.
+
+What it does less of, and why that is exact:
+- Slot keys ``m_j W_k^T`` are cached and recomputed only for the rows a step writes. The global decay
+  ``M ← γM`` scales every key by γ too, so the bank and its keys are stored divided by a running
+  scalar ``scale`` and the decay costs one multiplication; the stored rows are renormalised before
+  the scalar gets small.
+- Slot norms are cached the same way (squared norms of the stored rows).
+- Values are projected only for what is read: ``r_h = W_v,h (Σ_rank α m_idx)``, one product per head.
+- The local buffer keeps its keys and values (``E Wk^T``, ``E Wv^T``) in a ring, computed once per token.
+- The output head runs only where logits are asked for, once over all positions of a prompt.
+
+``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
+``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
+(Gumbel noise) and the tape for gradients stay on the plain path.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..nn.gru import sigmoid
+from ..nn.output import layer_norm_forward
+from . import kernels
+from .state import InferenceState
+
+RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
+
+
+class FastDecoder:
+    """A decoding session over ``model``: ``step(ids)`` advances every sequence by one token in place.
+
+    >>> dec = FastDecoder(model, batch_size=1)
+    >>> logits = dec.prompt(ids[None, :], logits="last")   # [1, V]
+    >>> logits = dec.step([next_id])                         # [1, V]
+    >>> state = dec.state()                                  # an InferenceState (spec §3)
+    """
+
+    def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None):
+        self.model = model
+        c = self.config = model.config
+        P = model.params
+        dt = self.dtype = model.dtype
+        self.renorm_below = RENORM_BELOW[dt] if renorm_below is None else float(renorm_below)
+        H = c.num_heads
+        self.emb = P["embedding.weight"]
+        self.lq = P["local_attn.q.weight"]
+        self.lk = P["local_attn.k.weight"]
+        self.lv = P["local_attn.v.weight"]
+        self.W_q = P["router.W_q.weight"]
+        self.W_k = np.ascontiguousarray(P["router.W_k.weight"])
+        self.W_v_heads_T = np.ascontiguousarray(P["router.W_v.weight"].reshape(H, -1, c.memory_dim).transpose(0, 2, 1))
+        # update and reset gates read the same input: one product for both
+        self.W_zr = [np.concatenate([P[f"tiers.cells.{k}.W_z.weight"], P[f"tiers.cells.{k}.W_r.weight"]])
+                     for k in range(c.num_tiers)]
+        self.b_zr = [np.concatenate([P[f"tiers.cells.{k}.W_z.bias"], P[f"tiers.cells.{k}.W_r.bias"]])
+                     for k in range(c.num_tiers)]
+        self.W_h = [P[f"tiers.cells.{k}.W_h.weight"] for k in range(c.num_tiers)]
+        self.b_h = [P[f"tiers.cells.{k}.W_h.bias"] for k in range(c.num_tiers)]
+        self.W_w = P["writer.W_w.weight"]
+        self.b_w = P["writer.W_w.bias"]
+        self.ln_w = P["layer_norm.weight"]
+        self.ln_b = P["layer_norm.bias"]
+        self.W_o = P["output_head.weight"]
+        self.b_o = P["output_head.bias"]
+        self.offsets = np.cumsum([0] + list(c.tier_dims)).tolist()
+        self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt))
+
+    # ------------------------------------------------------------------ state conversion
+    def load(self, state: InferenceState) -> None:
+        """Take ``state`` (copied, never modified) as the session's state and build the caches."""
+        c, dt = self.config, self.dtype
+        state.check(c)
+        B, J, H = state.batch_size, c.memory_slots, c.num_heads
+        self.B = B
+        self.t = int(state.timestep)
+        self.S = np.ascontiguousarray(np.concatenate([np.asarray(s, dt) for s in state.tiers], axis=1))
+        self.memory = np.array(state.memory, dtype=dt)
+        self.scale = 1.0
+        self.norm2 = np.einsum("bjm,bjm->bj", self.memory, self.memory)
+        self.keys = np.ascontiguousarray((self.memory @ self.W_k.T).reshape(B, J, H, c.head_dim).transpose(0, 2, 1, 3))
+        self.read_ema = np.array(state.read_ema, dtype=dt)
+        self.write_ema = np.array(state.write_ema, dtype=dt)
+        self.last_read = np.array(state.last_read, dtype=np.int64)
+        self.last_write = np.array(state.last_write, dtype=np.int64)
+        self.ring_e = np.array(state.local_buffer, dtype=dt)
+        self.ring_start = 0
+        self.ring_n = int(state.local_valid)
+        self.ring_k = self.ring_e @ self.lk.T
+        self.ring_v = self.ring_e @ self.lv.T
+        # per-step scratch, allocated once
+        self._mix = np.empty((B, H, c.memory_dim), dt)
+        self._idx = np.empty((B, H, c.read_topk), np.int64)
+        self._alpha = np.empty((B, H, c.read_topk), dt)
+        self._loc = np.zeros((B, c.value_dim), dt)
+        self._targets = np.empty((B, c.write_slots), np.int64)
+        self._g = np.empty(B, dt)
+
+    def state(self) -> InferenceState:
+        """The session's state as a spec §3 ``InferenceState`` (a copy: the session may go on)."""
+        c = self.config
+        buf = np.roll(self.ring_e, -self.ring_start, axis=1) if self.ring_start else self.ring_e.copy()
+        return InferenceState(
+            timestep=self.t,
+            tiers=[self.S[:, a:b].copy() for a, b in zip(self.offsets[:-1], self.offsets[1:])],
+            memory=self.memory * self.dtype.type(self.scale),
+            read_ema=self.read_ema.copy(), write_ema=self.write_ema.copy(),
+            last_read=self.last_read.copy(), last_write=self.last_write.copy(),
+            local_buffer=buf, local_valid=self.ring_n if c.local_window else 0)
+
+    def clone(self) -> FastDecoder:
+        """An independent copy of the session (the caches included, so no rebuild)."""
+        new = object.__new__(FastDecoder)
+        new.__dict__.update(self.__dict__)
+        for name, value in self.__dict__.items():
+            if isinstance(value, np.ndarray) and name not in _SHARED_WEIGHTS:
+                setattr(new, name, value.copy())
+        return new
+
+    # ------------------------------------------------------------------ stepping
+    def advance(self, token_ids) -> np.ndarray:
+        """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
+        c = self.config
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        t = self.t
+        e = self.emb[ids]
+        # 2. local attention over the ring, then the ring takes e
+        W = c.local_window
+        if W > 0:
+            n = self.ring_n
+            if n > 0:
+                q = e @ self.lq.T
+                kernels.local_attend(q, self.ring_k, self.ring_v, self.ring_start, n,
+                                     1.0 / math.sqrt(c.query_dim), self._loc)
+            else:
+                self._loc[:] = 0
+            if n < W:
+                pos = (self.ring_start + n) % W
+                self.ring_n = n + 1
+            else:
+                pos = self.ring_start
+                self.ring_start = (self.ring_start + 1) % W
+            self.ring_e[:, pos] = e
+            self.ring_k[:, pos] = e @ self.lk.T
+            self.ring_v[:, pos] = e @ self.lv.T
+        # 3-4. router read and read metadata
+        o = self.offsets
+        u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
+        q = (u @ self.W_q.T).reshape(self.B, c.num_heads, c.head_dim)
+        kernels.route(q, self.keys, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty,
+                      1.0 / math.sqrt(c.head_dim), c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay,
+                      self._mix, self._idx, self._alpha)
+        r = np.matmul(self._mix[:, :, None, :], self.W_v_heads_T)[:, :, 0, :].reshape(self.B, c.value_dim)
+        # 5. tiers under their clocks
+        lower = e
+        for k in range(c.num_tiers):
+            s_k = self.S[:, o[k]:o[k + 1]]
+            if t % c.tier_timescales[k] == 0:
+                d = o[k + 1] - o[k]
+                ctx = r + self._loc if k == 0 else r
+                p = np.concatenate([s_k, lower, ctx], axis=1)
+                zr = p @ self.W_zr[k].T + self.b_zr[k]
+                z = sigmoid(zr[:, :d])
+                r_g = sigmoid(zr[:, d:])
+                p[:, :d] *= r_g
+                s_tilde = np.tanh(p @ self.W_h[k].T + self.b_h[k])
+                s_k[...] = (1.0 - z) * s_k + z * s_tilde
+            lower = s_k
+        # 6-7. writer, memory decay (lazy) and write
+        x_w = np.concatenate([self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
+        w_raw = x_w @ self.W_w.T + self.b_w
+        self.scale = kernels.write(
+            w_raw, self.memory, self.norm2, self.keys, self.W_k, self.scale, self.read_ema, self.write_ema,
+            self.last_write, t, c.write_slots, c.write_clip_max, c.novelty_beta, c.novelty_theta, c.stale_weight,
+            c.underuse_weight, c.memory_decay, c.write_rate, c.write_ema_decay, self._targets, self._g)
+        if self.scale < self.renorm_below:
+            self._renormalise()
+        self.t = t + 1
+        return self.S
+
+    def _renormalise(self) -> None:
+        s = self.dtype.type(self.scale)
+        self.memory *= s
+        self.keys *= s
+        self.norm2 = np.einsum("bjm,bjm->bj", self.memory, self.memory)
+        self.scale = 1.0
+
+    def logits(self, tier_states: np.ndarray) -> np.ndarray:
+        """Spec §4.8 over any leading shape: LayerNorm then the output head."""
+        h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
+        if h.ndim == 2 and h.shape[0] == 1:
+            return (self.W_o @ h[0] + self.b_o)[None]  # a GEMV reads the head once at full bandwidth
+        return h @ self.W_o.T + self.b_o
+
+    def step(self, token_ids, want_logits: bool = True):
+        """One token per sequence → logits [B, V] (or None with want_logits=False)."""
+        S = self.advance(token_ids)
+        return self.logits(S) if want_logits else None
+
+    def prompt(self, input_ids, logits: str = "all"):
+        """Consume input_ids [B, T]; logits "all" → [B, T, V], "last" → [B, V], "none" → None.
+        The recurrence runs step by step; the head runs once over the positions asked for."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        B, T = ids.shape
+        if logits == "all":
+            hidden = np.empty((B, T, self.S.shape[1]), self.dtype)
+            for t in range(T):
+                hidden[:, t] = self.advance(ids[:, t])
+            return self.logits(hidden)
+        for t in range(T):
+            self.advance(ids[:, t])
+        return self.logits(self.S) if logits == "last" else None
+
+
+_SHARED_WEIGHTS = {"emb", "lq", "lk", "lv", "W_q", "W_k", "W_v_heads_T", "W_w", "b_w", "ln_w", "ln_b", "W_o", "b_o"}

@@ -1,0 +1,169 @@
+"""Numba kernels of the fast path: the loops NumPy cannot express without waste (top-κ over J, the
+scatter into a few rows, the writer's scan of the bank). Each mirrors a plain-path function in
+``thl_np.nn`` and is tested equal to it; dense products stay in BLAS, outside these kernels.
+"""
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
+    """Spec §4.2 over cached keys/values: out[b] = Σ_i softmax(k_i·q/√d)_i v_i, i in logical buffer order."""
+    B, W, _ = ring_k.shape
+    s = np.empty(n, dtype=q.dtype)
+    for b in range(B):
+        m = -np.inf
+        for i in range(n):
+            row = (start + i) % W
+            s[i] = np.dot(ring_k[b, row], q[b]) * inv_sqrt
+            if s[i] > m:
+                m = s[i]
+        tot = 0.0
+        for i in range(n):
+            s[i] = np.exp(s[i] - m)
+            tot += s[i]
+        out[b, :] = 0.0
+        for i in range(n):
+            row = (start + i) % W
+            out[b] += (s[i] / tot) * ring_v[b, row]
+
+
+@njit(cache=True)
+def route(q, keys, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+          mix, idx_out, alpha_out):
+    """Spec §4.3-4.4 for every sequence: scores from the cached keys [B, H, J, d_h] (true keys =
+    scale·keys), top-κ per
+    head (descending, ties to the lower index), softmax, optional slot capacity, the α-weighted mix of
+    the picked memory rows per head (the value projection is linear, so it is applied once to the mix),
+    then read_ema and last_read in place."""
+    B, H, J, D = keys.shape
+    scores = np.empty(J, dtype=np.float64)
+    A = np.zeros(J, dtype=np.float64)
+    for b in range(B):
+        A[:] = 0.0
+        for h in range(H):
+            dots = np.dot(keys[b, h], q[b, h])
+            for j in range(J):
+                scores[j] = (scale * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
+            # insertion into a sorted list of κ: strict '>' keeps an earlier (lower) index ahead on ties
+            count = 0
+            for j in range(J):
+                v = scores[j]
+                if count == kappa and not v > scores[idx_out[b, h, kappa - 1]]:
+                    continue
+                p = count if count < kappa else kappa - 1
+                while p > 0 and v > scores[idx_out[b, h, p - 1]]:
+                    idx_out[b, h, p] = idx_out[b, h, p - 1]
+                    p -= 1
+                idx_out[b, h, p] = j
+                if count < kappa:
+                    count += 1
+            top = scores[idx_out[b, h, 0]]
+            tot = 0.0
+            for r in range(kappa):
+                alpha_out[b, h, r] = np.exp(scores[idx_out[b, h, r]] - top)
+                tot += alpha_out[b, h, r]
+            for r in range(kappa):
+                alpha_out[b, h, r] /= tot
+        if capacity > 0:
+            # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0
+            served = np.zeros(J, dtype=np.int64)
+            for h in range(H):
+                keep = np.zeros(kappa, dtype=np.bool_)
+                tot = 0.0
+                for r in range(kappa):
+                    j = idx_out[b, h, r]
+                    if served[j] < capacity:
+                        served[j] += 1
+                        keep[r] = True
+                        tot += alpha_out[b, h, r]
+                if tot > 0:
+                    for r in range(kappa):
+                        alpha_out[b, h, r] = alpha_out[b, h, r] / tot if keep[r] else 0.0
+        for h in range(H):
+            mix[b, h, :] = 0.0
+            for r in range(kappa):
+                j = idx_out[b, h, r]
+                a = alpha_out[b, h, r]
+                A[j] += a
+                mix[b, h] += (a * scale) * memory[b, j]
+                last_read[b, j] = t
+        for j in range(J):
+            read_ema[b, j] = rho * read_ema[b, j] + (1.0 - rho) * A[j]
+
+
+@njit(cache=True)
+def write(w_raw, memory, norm2, keys, W_k, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+          beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
+    """Spec §4.6-4.7 on the scaled bank (true memory = scale·memory). Returns the new scale γ·scale; the
+    targets' rows, norms and cached keys are updated in place, the decay itself costs nothing."""
+    B, J, Dm = memory.shape
+    new_scale = scale * decay
+    aff = np.empty(J, dtype=np.float64)
+    prio = np.empty(J, dtype=np.float64)
+    for b in range(B):
+        w = w_raw[b].copy()
+        n_raw = np.sqrt(np.dot(w, w))
+        ratio = clip_max / (n_raw + 1e-6)
+        if ratio < 1.0:
+            w *= ratio
+        n_w = np.sqrt(np.dot(w, w))
+        j_star = 0
+        any_empty = False
+        for j in range(J):
+            n_m = scale * np.sqrt(norm2[b, j])
+            if n_m <= 1e-6:
+                any_empty = True
+            aff[j] = (scale * np.dot(memory[b, j], w)) / ((n_w + 1e-8) * (n_m + 1e-8))
+            if aff[j] > aff[j_star]:
+                j_star = j
+        novelty = 1.0 - aff[j_star]
+        if novelty > theta:
+            g = 1.0 / (1.0 + np.exp(-beta * (novelty - theta)))
+            if any_empty:
+                count = 0
+                for pass_empty in (True, False):
+                    for j in range(J):
+                        if count < write_slots and ((scale * np.sqrt(norm2[b, j]) <= 1e-6) == pass_empty):
+                            targets_out[b, count] = j
+                            count += 1
+            else:
+                for j in range(J):
+                    prio[j] = stale_weight * (t - last_write[b, j]) + underuse_weight / (1e-8 + read_ema[b, j])
+                _top_desc(prio, write_slots, targets_out[b])
+        else:
+            g = 1.0
+            _top_desc(aff, write_slots, targets_out[b])
+        g_out[b] = g
+        # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
+        step = write_rate * g / new_scale
+        for s in range(write_slots):
+            j = targets_out[b, s]
+            memory[b, j] += step * w
+            norm2[b, j] = np.dot(memory[b, j], memory[b, j])
+            k_row = np.dot(W_k, memory[b, j])
+            for h in range(keys.shape[1]):
+                keys[b, h, j] = k_row[h * keys.shape[3]:(h + 1) * keys.shape[3]]
+            last_write[b, j] = t
+        for j in range(J):
+            write_ema[b, j] *= ema_decay
+        for s in range(write_slots):
+            write_ema[b, targets_out[b, s]] += 1.0 - ema_decay
+    return new_scale
+
+
+@njit(cache=True)
+def _top_desc(values, k, out):
+    """The k largest entries, descending, ties to the lower index (insertion into a sorted list)."""
+    count = 0
+    for j in range(values.shape[0]):
+        v = values[j]
+        if count == k and not v > values[out[k - 1]]:
+            continue
+        p = count if count < k else k - 1
+        while p > 0 and v > values[out[p - 1]]:
+            out[p] = out[p - 1]
+            p -= 1
+        out[p] = j
+        if count < k:
+            count += 1
