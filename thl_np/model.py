@@ -30,6 +30,7 @@ from .nn.writer import memory_write_backward, memory_write_forward, writer_backw
 from .params import check_params, init_params, num_parameters, param_shapes
 
 FORMAT_VERSION = "1"
+VERIFY_BELOW_BYTES = 64 << 20  # from_pretrained reads (and NaN-checks) every page of files this small
 
 
 @dataclass(frozen=True)
@@ -427,9 +428,11 @@ class THLModel:
         config.save(os.path.join(directory, "config.json"))
 
     @classmethod
-    def from_pretrained(cls, directory: str, dtype: str | None = None) -> THLModel:
-        """Load a model folder (config.json + model.safetensors). Weights are memory-mapped; with
-        ``dtype`` (float32 | float64) they are cast to that compute dtype."""
+    def from_pretrained(cls, directory: str, dtype: str | None = None, verify: bool | None = None) -> THLModel:
+        """Load a model folder (config.json + model.safetensors). Weights are memory-mapped (pages are read
+        when a step first touches them); with ``dtype`` (float32 | float64) they are cast to that compute
+        dtype. ``verify`` checks every weight is finite (WeightsError otherwise): by default only for
+        files under 64 MB, since it reads every page; pass True to check a large file too."""
         from .io.safetensors import check_finite, read_safetensors
 
         directory = os.fspath(directory)
@@ -441,7 +444,8 @@ class THLModel:
             raise WeightsError(f"{path} is missing: a model folder needs model.safetensors next to config.json")
         tensors, _ = read_safetensors(path)
         check_params(config, tensors, source=path)
-        check_finite(tensors, source=path)
+        if verify or (verify is None and os.path.getsize(path) < VERIFY_BELOW_BYTES):
+            check_finite(tensors, source=path)
         compute = dtype or config.dtype
         if compute not in ("float32", "float64"):
             raise InputError(f"dtype {compute!r} is not a compute dtype: use float32 or float64")

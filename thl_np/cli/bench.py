@@ -1,3 +1,52 @@
-"""`thl-np` commands (filled in by its owner)."""
+"""`thl-np bench`: decode, prompt and training throughput against the machine's bandwidth bound."""
+import json
 
-COMMANDS = []
+import click
+
+from ..errors import InputError
+
+
+@click.command()
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="Model folder to measure (default: a fresh model of the default config, 174M parameters).")
+@click.option("--dim", type=int, default=None, help="Width for a fresh model (default config's 768).")
+@click.option("--memory-slots", type=int, default=None, help="J for a fresh model.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--decode-steps", type=int, default=32, show_default=True)
+@click.option("--prompt-len", type=int, default=128, show_default=True)
+@click.option("--no-train", is_flag=True, help="Skip the training throughput figure.")
+@click.option("--json", "as_json", is_flag=True, help="Also print the figures as one JSON object.")
+def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, as_json):
+    """Measure decode (batch 1 and 8), prompt and training tokens/s, the GEMV bandwidth, the bandwidth
+    bound of a decode step and the ratio to it, and peak memory, all in one run.
+
+    \b
+    Examples:
+      thl-np bench                      # the default config (174M parameters, float32)
+      thl-np bench --dim 256 --memory-slots 128 --no-train
+      thl-np bench --model my-model --json
+    """
+    from .. import bench as B
+    from ..config import THLConfig
+    from ..model import THLModel
+
+    if decode_steps < 1 or prompt_len < 1:
+        raise InputError("--decode-steps and --prompt-len must be >= 1")
+    model = None
+    config = None
+    if model_dir:
+        model = THLModel.from_pretrained(model_dir, dtype=dtype)
+    else:
+        kw = {"dtype": dtype}
+        if dim:
+            kw["dim"] = dim
+        if memory_slots:
+            kw["memory_slots"] = memory_slots
+        config = THLConfig(**kw)
+    figures = B.run(model=model, config=config, echo=click.echo, decode_steps=decode_steps,
+                    prompt_len=prompt_len, train=not no_train)
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+
+
+COMMANDS = [bench]

@@ -1,3 +1,40 @@
-"""`thl-np` commands (filled in by its owner)."""
+"""`thl-np convert`: turn a PyTorch THL checkpoint into a thl-np model folder.
 
-COMMANDS = []
+The conversion module (and NumPy) is imported inside the command so that `thl-np --help` stays instant.
+"""
+from __future__ import annotations
+
+import click
+
+# The storage precisions write_safetensors accepts (thl_np.io.safetensors.STORAGE_DTYPES, which a test
+# keeps equal to this), spelled out here so the CLI does not import NumPy just to build its help.
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@click.command("convert")
+@click.argument("pytorch_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=None,
+              help="Storage precision of model.safetensors (default: the checkpoint's own, "
+                   "bfloat16 widened to float32).")
+def convert(pytorch_dir, out_dir, dtype):
+    """Convert a PyTorch THL save_pretrained folder into a thl-np model folder.
+
+    PYTORCH_DIR holds config.json and pytorch_model.bin; OUT_DIR receives config.json and
+    model.safetensors. The checkpoint is read without torch and without running its pickle: anything
+    but a plain tensor state_dict is refused. The PyTorch THL ignores write_rate (it behaves as
+    write_rate = 1.0), so the converted config sets write_rate to 1.0.
+
+    \b
+    Example:
+      thl-np convert ./thl-pytorch-ckpt ./thl-np-model --dtype float32
+      thl-np info --model ./thl-np-model
+    """
+    from ..io.convert import convert_pytorch_checkpoint
+
+    config = convert_pytorch_checkpoint(pytorch_dir, out_dir, dtype=dtype, log=click.echo)
+    click.echo(f"done: {out_dir} is a thl-np model (vocab {config.vocab_size}, tiers {config.tier_dims}); "
+               f"load it with THLModel.from_pretrained({out_dir!r})")
+
+
+COMMANDS = [convert]
