@@ -1,10 +1,12 @@
 """thl-np: THL (Transformer Hierarchical Layers) in NumPy."""
 from .config import THLConfig
 from .errors import ConfigError, InputError, StateError, THLError, WeightsError
+from .generation import generate_text, stream_text
 from .inference.state import InferenceState
 from .model import THLModel, value_and_grad
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["THLConfig", "THLModel", "InferenceState", "value_and_grad",
-           "THLError", "ConfigError", "WeightsError", "StateError", "InputError"]
+__all__ = ["THLConfig", "THLModel", "InferenceState", "Tokenizer", "generate_text", "stream_text",
+           "value_and_grad", "THLError", "ConfigError", "WeightsError", "StateError", "InputError"]
