@@ -25,6 +25,7 @@ from ..nn.output import layer_norm_forward
 from . import kernels
 from .state import InferenceState
 
+SMALL_BATCH_HEAD = 16  # up to this batch the head runs in kernels.head_small_batch, above it in BLAS GEMM
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 
 
@@ -191,6 +192,10 @@ class FastDecoder:
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
         if h.ndim == 2 and h.shape[0] == 1:
             return (self.W_o @ h[0] + self.b_o)[None]  # a GEMV reads the head once at full bandwidth
+        if h.ndim == 2 and h.shape[0] <= SMALL_BATCH_HEAD and self.W_o.flags.c_contiguous:
+            out = np.empty((h.shape[0], self.W_o.shape[0]), self.dtype)
+            kernels.head_small_batch(self.W_o, self.b_o, np.ascontiguousarray(h), out)
+            return out
         return h @ self.W_o.T + self.b_o
 
     def step(self, token_ids, want_logits: bool = True):

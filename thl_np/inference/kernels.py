@@ -3,7 +3,7 @@ scatter into a few rows, the writer's scan of the bank). Each mirrors a plain-pa
 ``thl_np.nn`` and is tested equal to it; dense products stay in BLAS, outside these kernels.
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 
 @njit(cache=True)
@@ -110,11 +110,12 @@ def write(w_raw, memory, norm2, keys, W_k, scale, read_ema, write_ema, last_writ
         n_w = np.sqrt(np.dot(w, w))
         j_star = 0
         any_empty = False
+        dots = np.dot(memory[b], w)  # one GEMV over the bank
         for j in range(J):
             n_m = scale * np.sqrt(norm2[b, j])
             if n_m <= 1e-6:
                 any_empty = True
-            aff[j] = (scale * np.dot(memory[b, j], w)) / ((n_w + 1e-8) * (n_m + 1e-8))
+            aff[j] = (scale * dots[j]) / ((n_w + 1e-8) * (n_m + 1e-8))
             if aff[j] > aff[j_star]:
                 j_star = j
         novelty = 1.0 - aff[j_star]
@@ -167,3 +168,39 @@ def _top_desc(values, k, out):
         out[p] = j
         if count < k:
             count += 1
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def head_small_batch(W, b_o, h, out):
+    """out[b, i] = W[i]·h[b] + b_o[i] for a handful of sequences: four vocabulary rows at a time, so each
+    row of the head is streamed from memory once for the whole batch (BLAS's GEMM handles this thin
+    shape poorly). fastmath lets the dot products be vectorised; it reorders sums only."""
+    V, D = W.shape
+    B = h.shape[0]
+    zero = np.zeros(1, dtype=W.dtype)[0]  # accumulate in the weights' dtype (float32 stays 16 lanes wide)
+    blocks = (V + 3) // 4
+    for blk in prange(blocks):
+        i0 = blk * 4
+        if i0 + 4 <= V:
+            for b in range(B):
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
+                for k in range(D):
+                    x = h[b, k]
+                    a0 += W[i0, k] * x
+                    a1 += W[i0 + 1, k] * x
+                    a2 += W[i0 + 2, k] * x
+                    a3 += W[i0 + 3, k] * x
+                out[b, i0] = a0 + b_o[i0]
+                out[b, i0 + 1] = a1 + b_o[i0 + 1]
+                out[b, i0 + 2] = a2 + b_o[i0 + 2]
+                out[b, i0 + 3] = a3 + b_o[i0 + 3]
+        else:
+            for i in range(i0, V):
+                for b in range(B):
+                    acc = zero
+                    for k in range(D):
+                        acc += W[i, k] * h[b, k]
+                    out[b, i] = acc + b_o[i]
