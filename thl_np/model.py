@@ -301,6 +301,12 @@ class THLModel:
     def memory_bank(self) -> MemoryBank:
         return MemoryBank(self.config.memory_slots, self.config.memory_dim)
 
+    def weights_key(self) -> tuple:
+        """Identifies the current parameter arrays. A decoder cache (derived from the weights) is reused
+        only while this is unchanged: optimisers replace arrays, which changes it. After editing a
+        parameter array in place, pass states through ``state.copy()`` to drop their caches."""
+        return tuple(id(v) for v in self.params.values())
+
     def num_parameters(self) -> int:
         return num_parameters(self.config)
 
@@ -406,7 +412,7 @@ class THLModel:
             raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
         state.check(self.config, batch_size)
         cached = getattr(state, "_fast", None)
-        if cached is not None and cached.model is self:
+        if cached is not None and cached.model is self and cached.weights_key == self.weights_key():
             # the state's arrays are read-only while it carries a cache, so the cache is still exact;
             # it is handed over (not copied), so a second use of the same state rebuilds it
             state._fast = None

@@ -40,6 +40,7 @@ class FastDecoder:
 
     def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None):
         self.model = model
+        self.weights_key = model.weights_key()
         c = self.config = model.config
         P = model.params
         dt = self.dtype = model.dtype

@@ -1,0 +1,98 @@
+"""`thl-np train` and `thl-np eval` end to end on a small text file, and their one-line errors."""
+import json
+
+import pytest
+
+from thl_np.cli import main
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, "
+        "it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.\n") * 8
+TINY = ["--dim", "16", "--memory-slots", "8", "--seq-len", "16", "--batch-size", "2", "--dtype", "float64",
+        "--eval-every", "2", "--warmup", "1", "--log-every", "1"]
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_then_eval_then_resume(tmp_path, text_file, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--data", text_file, "--out", out_dir, "--steps", 4, *TINY)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("training from step 0 to 4")
+    assert any(line.startswith("step 2/4  loss") and "tok/s" in line and "ETA" in line for line in lines)
+    assert any("held-out" in line and "bits/byte" in line for line in lines[1:-1])  # the periodic eval
+    assert lines[-1].startswith("done: step 4/4, train loss") and "held-out bits/byte" in lines[-1]
+    assert "time" in lines[-1]
+
+    code, out, err = run(capsys, "eval", "--model", out_dir, "--data", text_file, "--seq-len", 32)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("bits_per_byte: ") and 0 < float(last.split()[-1]) < 10
+
+    code, out, err = run(capsys, "eval", "--model", out_dir, "--data", text_file, "--max-bytes", 100,
+                         "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["bytes"] == 96 and res["lanes"] == 4 and res["bits_per_byte"] > 0
+
+    code, out, err = run(capsys, "train", "--data", text_file, "--out", out_dir, "--steps", 6, "--resume")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("resuming at step 4 to 6")
+    assert out.strip().splitlines()[-1].startswith("done: step 6/6")
+
+
+def test_train_config_file_and_flags(tmp_path, text_file, capsys):
+    from thl_np.config import THLConfig
+    from thl_np.training import latest_checkpoint
+
+    cfg = tmp_path / "config.json"
+    THLConfig(dim=16, vocab_size=300, memory_slots=8, head_dim=8, query_dim=8, local_window=4).save(str(cfg))
+    out_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--data", text_file, "--out", out_dir, "--config", cfg, "--steps", 1,
+                       "--seq-len", 8, "--batch-size", 2, "--write-rate", 0.5, "--no-carry-state")
+    assert code == 0, err
+    saved = THLConfig.load(str(tmp_path / latest_checkpoint(str(out_dir)) / "model"))
+    assert (saved.vocab_size, saved.local_window, saved.memory_slots, saved.write_rate) == (300, 4, 8, 0.5)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "seq_len_0", "exists"])
+def test_train_bad_input_is_one_clear_error(tmp_path, text_file, capsys, case):
+    data, extra, code_want, words = text_file, [], 1, None
+    if case == "missing":
+        data, words = tmp_path / "nope.txt", "does not exist"
+    elif case == "empty":
+        data, words = tmp_path / "empty.txt", "empty"
+        data.write_text("")
+    elif case == "seq_len_0":
+        extra, code_want, words = ["--seq-len", "0"], 2, "--seq-len"
+    else:
+        run(capsys, "train", "--data", text_file, "--out", tmp_path / "run", "--steps", 1, *TINY)
+        words = "--resume"
+    code, out, err = run(capsys, "train", "--data", data, "--out", tmp_path / "run", "--steps", 1,
+                         *TINY, *extra)
+    assert code == code_want
+    assert words in err and "Traceback" not in err
+    if code_want == 1:
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+
+
+def test_eval_bad_model_folder(tmp_path, text_file, capsys):
+    code, _, err = run(capsys, "eval", "--model", tmp_path / "nothing", "--data", text_file)
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_help_shows_an_example(capsys, command):
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and "Example" in out and f"thl-np {command}" in out

@@ -1,0 +1,146 @@
+"""Training checkpoints that an interruption can never leave half written.
+
+Layout of a training output folder::
+
+    OUT/
+      LATEST              one line: the name of the newest complete checkpoint
+      step-000600/        one checkpoint (the newest ``keep`` are kept)
+        model/            save_pretrained: config.json + model.safetensors
+        optimizer.npz     AdamW.state_dict()
+        train_state.npz   the recurrent state carried into the next chunk (absent when there is none)
+        trainer.json      step, data position, RNG state, train config, data fingerprint, elapsed time
+        log.csv           step, loss, lr, grad_norm, tokens_per_s: one row per step so far
+        eval.csv          step, bits_per_byte: one row per held-out evaluation so far
+      loss.png            the loss curve (when matplotlib is installed)
+
+Why it is atomic: a checkpoint is written into a temporary folder, renamed to ``step-NNNNNN`` (a rename
+is atomic), and only then is ``LATEST`` replaced (write a temp file, ``os.replace``: atomic too). A
+crash at any point leaves ``LATEST`` naming a complete checkpoint; the previous one is deleted only after
+``LATEST`` moved on. Readers follow ``LATEST``, never the folder listing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+
+from ..errors import InputError
+
+LATEST = "LATEST"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write a small text file so readers see either the old or the new content, never a mix."""
+    tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The path of the newest complete checkpoint in ``out_dir``, or None when there is none."""
+    pointer = os.path.join(out_dir, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(out_dir, name)
+    if not _STEP_DIR.match(name) or not os.path.isdir(path):
+        raise InputError(f"{pointer} names {name!r}, which is not a checkpoint folder in {out_dir}")
+    return path
+
+
+def write_checkpoint(out_dir: str, step: int, write: Callable[[str], None], keep: int = 1) -> str:
+    """Create checkpoint ``step`` by calling ``write(folder)`` on a temporary folder, then publish it.
+
+    If ``write`` raises (or the process is interrupted), the temporary folder is removed and the
+    previous checkpoint stays the latest. Returns the new checkpoint's path.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_temps(out_dir)
+    name = step_dir_name(step)
+    final = os.path.join(out_dir, name)
+    tmp = os.path.join(out_dir, f"{_TMP_PREFIX}{name}-{os.getpid()}")
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        if os.path.exists(final):  # a leftover not named by LATEST (or being rewritten): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(os.path.join(out_dir, LATEST), name + "\n")
+    _prune(out_dir, keep=max(1, keep), current=name)
+    return final
+
+
+def _remove_stale_temps(out_dir: str) -> None:
+    """Temporary folders left by a process that was killed mid-save are garbage: drop them."""
+    for entry in os.listdir(out_dir):
+        if entry.startswith(_TMP_PREFIX) and os.path.isdir(os.path.join(out_dir, entry)):
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+
+
+def _prune(out_dir: str, keep: int, current: str) -> None:
+    steps = sorted(
+        (int(m.group(1)), entry) for entry in os.listdir(out_dir) if (m := _STEP_DIR.match(entry))
+    )
+    for _, entry in steps[:-keep]:
+        if entry != current:
+            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+
+
+def resolve_model_dir(path: str) -> str:
+    """A model folder as given, or the model of the latest checkpoint when ``path`` is a training output."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    if os.path.isdir(path):
+        ckpt = latest_checkpoint(path)
+        if ckpt is not None:
+            return os.path.join(ckpt, "model")
+    return path  # let the model loader say what is missing
+
+
+# ---------------------------------------------------------------------- small file formats
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"cannot read checkpoint file {path}: {exc}") from None
+
+
+def write_csv(path: str, fields: list[str], rows: Iterable[dict]) -> None:
+    """Floats are written with ``repr`` so a log read back is the same numbers."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        for row in rows:
+            writer.writerow([repr(row[k]) if isinstance(row[k], float) else row[k] for k in fields])
+
+
+def read_csv(path: str) -> list[dict]:
+    """Rows as dicts; ``step`` becomes int, every other column float."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: int(v) if k == "step" else float(v) for k, v in row.items()} for row in rows]

@@ -1,0 +1,478 @@
+"""The training loop: truncated BPTT over byte lanes, AdamW, periodic held-out bits per byte, checkpoints.
+
+One step (``_train_step``), in this order:
+
+1. the next chunk of every lane (``LaneBatches``); the carried state is dropped when the lanes wrap;
+2. Gumbel uniforms [T, B, H, J] from the run's own seeded ``np.random.Generator`` (training-mode routing);
+3. ``value_and_grad(model, inputs, targets, state, gumbel_uniform, return_state=True)``: the loss, the
+   gradients, and the state after the chunk (the gradient does not flow back into the state passed in);
+4. global-norm clipping, the learning rate of the step (a pure function of it), AdamW;
+5. the state after the chunk is carried into the next one (``carry_state``), or dropped.
+
+Everything a step depends on (weights, optimiser moments, data position, RNG state, carried state, step
+count) is in the checkpoint, so a resumed run reaches bit for bit the weights of an uninterrupted one.
+Ctrl-C is deferred to the end of the running step, then a checkpoint is written and the run stops; a
+second Ctrl-C stops at once, keeping the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import THLConfig
+from ..errors import ConfigError, InputError
+from . import checkpoint as ckpt
+from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
+from .optim import AdamW, clip_grad_norm
+from .schedule import lr_at
+
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s"]
+EVAL_FIELDS = ["step", "bits_per_byte"]
+#: The reported training loss is the mean over this many last steps (one step's loss is noisy).
+LOSS_WINDOW = 20
+
+
+@dataclass
+class TrainConfig:
+    """The knobs of a training run (the model's own hyper-parameters live in THLConfig).
+
+    ``steps`` is the step count to reach (a resumed run continues up to it). The cosine decays over
+    ``lr_decay_steps`` (default: ``steps``) to ``min_lr_ratio · lr``. ``eval_every`` / ``checkpoint_every``
+    of 0 mean "only at the end". ``eval_tokens`` caps the held-out bytes of the periodic evaluations (the
+    final one reads all of it). ``beta2 = 0.99`` rather than PyTorch's 0.999: short runs on small models
+    adapt faster with it (nanoGPT's character-level setting).
+    """
+
+    steps: int = 1000
+    seq_len: int = 128
+    batch_size: int = 8
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    lr_decay_steps: int | None = None
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    held_out_fraction: float = 0.1
+    eval_every: int = 100
+    eval_tokens: int | None = None
+    eval_lanes: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 1
+    carry_state: bool = True
+    resume: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("steps", "seq_len", "batch_size", "eval_lanes", "keep_checkpoints"):
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
+            _check_int(name, getattr(self, name), 0)
+        if self.lr_decay_steps is not None:
+            _check_int("lr_decay_steps", self.lr_decay_steps, 1)
+        if self.eval_tokens is not None:
+            _check_int("eval_tokens", self.eval_tokens, 2)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InputError(f"lr = {self.lr} must be a positive number")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0 or (name != "min_lr_ratio" and v == 1.0):
+                raise InputError(f"{name} = {v} must lie in [0, 1{']' if name == 'min_lr_ratio' else ')'}")
+        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
+            raise InputError(
+                f"weight_decay ({self.weight_decay}) and grad_clip ({self.grad_clip}) must be >= 0, "
+                f"eps ({self.eps}) > 0 (grad_clip 0 disables clipping)"
+            )
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise InputError(f"held_out_fraction = {self.held_out_fraction} must lie in [0, 1)")
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"{name} = {value!r} must be an integer >= {minimum}")
+
+
+@dataclass
+class TrainResult:
+    """What a run reached. ``train_loss`` is the mean loss of the last ``LOSS_WINDOW`` steps (nats)."""
+
+    out_dir: str
+    step: int
+    steps: int
+    train_loss: float | None
+    last_loss: float | None
+    held_out_bpb: float | None
+    wall_time_s: float
+    tokens_per_s: float
+    checkpoint: str | None
+    interrupted: bool = False
+    history: list = field(default_factory=list, repr=False)
+    evals: list = field(default_factory=list, repr=False)
+
+
+@dataclass
+class _Run:
+    """The mutable state of a run: exactly what a checkpoint stores."""
+
+    model: object
+    optimizer: AdamW
+    batches: LaneBatches
+    rng: np.random.Generator
+    state: object  # InferenceState or None
+    step: int
+    history: list
+    evals: list
+    elapsed_before: float = 0.0
+
+
+# ---------------------------------------------------------------------- evaluation
+def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Σ −log softmax(logits)[target] over every position, in float64 (nats)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=-1))
+    picked = np.take_along_axis(z, targets[..., None].astype(np.int64), axis=-1)[..., 0]
+    return float((lse - picked).sum())
+
+
+def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None) -> dict:
+    """Bits per byte of ``model`` on a byte stream: mean next-byte cross-entropy (nats) / ln 2.
+
+    Eval-mode routing (no Gumbel noise). The stream is cut into ``lanes`` contiguous lanes run in
+    parallel, each read in chunks of ``seq_len`` with its state carried from chunk to chunk, so every
+    byte but a lane's first is predicted with all of its lane's preceding text as context.
+    Returns ``{"bits_per_byte", "nats_per_byte", "bytes", "lanes", "seconds"}``.
+    """
+    if seq_len < 1:
+        raise InputError(f"seq_len = {seq_len} must be >= 1")
+    ids = eval_lanes(data, lanes, max_bytes)
+    n_lanes, lane_len = ids.shape
+    t0 = time.perf_counter()
+    state, total, count = None, 0.0, 0
+    for start in range(0, lane_len - 1, seq_len):
+        stop = min(start + seq_len, lane_len - 1)
+        logits, state = model(ids[:, start:stop], state=state)
+        total += cross_entropy_sum(logits, ids[:, start + 1 : stop + 1])
+        count += n_lanes * (stop - start)
+    nats = total / count
+    return {"bits_per_byte": nats / math.log(2), "nats_per_byte": nats, "bytes": count,
+            "lanes": n_lanes, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------- the loop
+def train(
+    model_or_config,
+    data,
+    out_dir: str,
+    config: TrainConfig | None = None,
+    log: Callable[[dict], None] | None = None,
+    **overrides,
+) -> TrainResult:
+    """Train a THL model on bytes and checkpoint it to ``out_dir``.
+
+    ``model_or_config``: a THLModel, or a THLConfig for a fresh model seeded with ``config.seed`` (ignored,
+    may be None, when resuming: the model comes from the checkpoint). ``data``: a path (file or folder)
+    or the bytes themselves. ``config`` plus keyword ``overrides`` (``steps=6, seq_len=16, ...``) make the
+    TrainConfig. ``log`` receives one dict per event (``event`` = start, step, eval, checkpoint, message,
+    done). Returns a TrainResult; with ``interrupted=True`` after Ctrl-C (a checkpoint was written).
+    """
+    from ..model import THLModel, value_and_grad
+
+    tc = (config or TrainConfig()).replace(**overrides)
+    emit = log or (lambda event: None)
+    train_bytes, held_bytes = split_bytes(_as_bytes(data), tc.held_out_fraction)
+    out_dir = os.fspath(out_dir)
+    latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    if tc.resume:
+        if latest is None:
+            raise InputError(f"nothing to resume in {out_dir!r}: no checkpoint there; drop --resume to start")
+        run = _restore(latest, tc, train_bytes, THLModel, emit)
+    else:
+        if latest is not None:
+            raise InputError(
+                f"{out_dir!r} already holds a training run ({os.path.basename(latest)}): pass --resume to "
+                "continue it, or choose another output folder"
+            )
+        model = model_or_config
+        if isinstance(model, THLConfig):
+            model = THLModel(model, seed=tc.seed)
+        if model is None:
+            raise InputError("train() needs a THLModel or a THLConfig for a new run")
+        run = _fresh_run(model, tc, train_bytes)
+    _check_vocab(run.model.config)
+
+    emit({"event": "start", "step": run.step, "steps": tc.steps, "resumed": tc.resume,
+          "train_bytes": len(train_bytes), "held_out_bytes": len(held_bytes),
+          "parameters": int(sum(p.size for p in run.model.params.values()))})
+    return _loop(run, tc, value_and_grad, train_bytes, held_bytes, out_dir, emit)
+
+
+def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, out_dir, emit) -> TrainResult:
+    fp = fingerprint(train_bytes)
+    t_start = time.perf_counter()
+    step_time, tokens, first_step = 0.0, 0, run.step
+    saved_step = run.step if tc.resume else None
+    interrupted, in_step, checkpoint_path = False, False, ckpt.latest_checkpoint(out_dir)
+
+    def elapsed():
+        return run.elapsed_before + time.perf_counter() - t_start
+
+    def save():
+        nonlocal saved_step, checkpoint_path
+        if saved_step != run.step:
+            checkpoint_path = _save(run, tc, out_dir, fp, elapsed(), len(held_bytes), emit)
+            saved_step = run.step
+            emit({"event": "checkpoint", "step": run.step, "path": checkpoint_path})
+
+    with _DeferredInterrupt() as stop:
+        try:
+            while run.step < tc.steps:
+                in_step = True
+                row, dt = _train_step(run, tc, value_and_grad, emit)
+                in_step = False
+                step_time += dt
+                tokens += tc.batch_size * tc.seq_len
+                eta = step_time / (run.step - first_step) * (tc.steps - run.step)
+                emit({"event": "step", "steps": tc.steps, "eta_s": eta, "elapsed_s": elapsed(), **row})
+                if stop.requested:
+                    interrupted = True
+                    break
+                last = run.step == tc.steps  # the final evaluation and save follow the loop
+                if tc.eval_every and run.step % tc.eval_every == 0 and len(held_bytes) >= 2 and not last:
+                    _eval(run, tc, held_bytes, tc.eval_tokens, emit)
+                if tc.checkpoint_every and run.step % tc.checkpoint_every == 0 and not last:
+                    save()
+        except KeyboardInterrupt:
+            interrupted = True
+            if in_step:  # the step was cut half way: its weights are not consistent, keep the last save
+                emit({"event": "message", "text": f"interrupted inside step {run.step + 1}: keeping the last "
+                      f"checkpoint ({checkpoint_path or 'none'})"})
+                return _result(run, tc, out_dir, checkpoint_path, time.perf_counter() - t_start,
+                               step_time, tokens, interrupted)
+        if not interrupted and len(held_bytes) >= 2:
+            if not (run.evals and run.evals[-1]["step"] == run.step):  # a resume at the end: done already
+                _eval(run, tc, held_bytes, None, emit)
+        save()
+    if interrupted:
+        emit({"event": "message", "text": f"interrupted: checkpoint at step {run.step} in {checkpoint_path}; "
+              "run again with --resume to continue"})
+    result = _result(run, tc, out_dir, checkpoint_path, time.perf_counter() - t_start, step_time, tokens,
+                     interrupted)
+    emit({"event": "done", **{f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                              if f.name not in ("history", "evals")}})
+    return result
+
+
+def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit) -> tuple[dict, float]:
+    """One truncated-BPTT step (module docstring). Returns the log row and the step's wall time."""
+    t0 = time.perf_counter()
+    cfg = run.model.config
+    batch = run.batches.next_batch()
+    state_in = run.state if (tc.carry_state and not batch.reset) else None
+    uniforms = run.rng.random((tc.seq_len, tc.batch_size, cfg.num_heads, cfg.memory_slots))
+    loss, grads, state_out = value_and_grad(run.model, batch.inputs, batch.targets, state=state_in,
+                                            gumbel_uniform=uniforms, return_state=True)
+    loss = float(loss)
+    grads = dict(grads)
+    norm = clip_grad_norm(grads, tc.grad_clip)
+    lr = lr_at(run.step, tc.lr, tc.warmup, tc.lr_decay_steps or tc.steps, tc.min_lr_ratio)
+    if math.isfinite(loss) and math.isfinite(norm):
+        run.optimizer.step(run.model.params, grads, lr)
+        run.state = state_out if tc.carry_state else None
+    else:  # a diverged step teaches nothing: skip its update and start the lanes' state afresh
+        run.state = None
+        emit({"event": "message", "text": f"step {run.step + 1}: non-finite loss/gradient "
+              f"(loss {loss}, grad norm {norm}); update skipped"})
+    run.step += 1
+    dt = time.perf_counter() - t0
+    row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm,
+           "tokens_per_s": tc.batch_size * tc.seq_len / max(dt, 1e-9)}
+    run.history.append(row)
+    return row, dt
+
+
+def _eval(run: _Run, tc: TrainConfig, held_bytes, max_bytes, emit) -> float:
+    res = evaluate(run.model, held_bytes, tc.seq_len, tc.eval_lanes, max_bytes)
+    run.evals.append({"step": run.step, "bits_per_byte": res["bits_per_byte"]})
+    emit({"event": "eval", "step": run.step, **res})
+    return res["bits_per_byte"]
+
+
+def _result(run, tc, out_dir, checkpoint_path, wall, step_time, tokens, interrupted) -> TrainResult:
+    losses = [r["loss"] for r in run.history[-LOSS_WINDOW:]]
+    final_eval = run.evals[-1]["bits_per_byte"] if run.evals and run.evals[-1]["step"] == run.step else None
+    return TrainResult(
+        out_dir=out_dir, step=run.step, steps=tc.steps,
+        train_loss=float(np.mean(losses)) if losses else None,
+        last_loss=run.history[-1]["loss"] if run.history else None,
+        held_out_bpb=final_eval, wall_time_s=wall,
+        tokens_per_s=tokens / step_time if step_time > 0 else 0.0,
+        checkpoint=checkpoint_path, interrupted=interrupted,
+        history=list(run.history), evals=list(run.evals),
+    )
+
+
+# ---------------------------------------------------------------------- set-up, save, restore
+def _as_bytes(data) -> np.ndarray:
+    if isinstance(data, (str, os.PathLike)):
+        return load_bytes(data)
+    return as_byte_array(data)
+
+
+def _check_vocab(config: THLConfig) -> None:
+    if config.vocab_size < 256:
+        raise ConfigError(
+            f"vocab_size = {config.vocab_size}, but byte training needs ids 0..255: use vocab_size >= 256 "
+            "(259 for the byte tokenizer with its specials)"
+        )
+
+
+def _new_rng(seed: int) -> np.random.Generator:
+    """The Gumbel noise stream: seeded separately from the weights' initialisation."""
+    return np.random.default_rng([int(seed), 0x6E6F6973])
+
+
+def _new_optimizer(model, tc: TrainConfig) -> AdamW:
+    return AdamW(model.params, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+
+
+def _fresh_run(model, tc: TrainConfig, train_bytes) -> _Run:
+    return _Run(model=model, optimizer=_new_optimizer(model, tc),
+                batches=LaneBatches(train_bytes, tc.batch_size, tc.seq_len), rng=_new_rng(tc.seed),
+                state=None, step=0, history=[], evals=[])
+
+
+def _save(run: _Run, tc: TrainConfig, out_dir, fp, elapsed, held_len, emit) -> str:
+    def write(folder):
+        run.model.save_pretrained(os.path.join(folder, "model"))
+        with open(os.path.join(folder, "optimizer.npz"), "wb") as f:
+            np.savez(f, **run.optimizer.state_dict())
+        if run.state is not None:
+            run.state.save(os.path.join(folder, "train_state.npz"))
+        ckpt.write_csv(os.path.join(folder, "log.csv"), LOG_FIELDS, run.history)
+        ckpt.write_csv(os.path.join(folder, "eval.csv"), EVAL_FIELDS, run.evals)
+        ckpt.write_json(os.path.join(folder, "trainer.json"), {
+            "format": "thl-np training checkpoint", "version": 1, "step": run.step,
+            "data_position": run.batches.position, "rng_state": run.rng.bit_generator.state,
+            "has_train_state": run.state is not None, "elapsed_s": elapsed,
+            "data": {"train_bytes": len(run.batches.data), "held_out_bytes": held_len, "fingerprint": fp},
+            "train_config": tc.to_dict(),
+        })
+
+    path = ckpt.write_checkpoint(out_dir, run.step, write, keep=tc.keep_checkpoints)
+    _plot_losses(out_dir, run.history, run.evals, emit)
+    return path
+
+
+def saved_train_config(out_dir: str) -> TrainConfig | None:
+    """The TrainConfig stored in the latest checkpoint of ``out_dir`` (None without one): a resumed
+    command line starts from it, so flags not given again keep their values."""
+    latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    if latest is None:
+        return None
+    return TrainConfig.from_dict(ckpt.read_json(os.path.join(latest, "trainer.json"))["train_config"])
+
+
+def _restore(path: str, tc: TrainConfig, train_bytes, model_cls, emit) -> _Run:
+    from ..inference.state import InferenceState
+
+    info = ckpt.read_json(os.path.join(path, "trainer.json"))
+    saved = info.get("train_config", {})
+    if saved.get("batch_size") != tc.batch_size:
+        raise InputError(
+            f"the checkpoint was trained with batch_size {saved.get('batch_size')}, not {tc.batch_size}: "
+            "resume with the same batch size (the carried state and the lanes depend on it)"
+        )
+    model = model_cls.from_pretrained(os.path.join(path, "model"))
+    optimizer = _new_optimizer(model, tc)
+    with np.load(os.path.join(path, "optimizer.npz"), allow_pickle=False) as z:
+        optimizer.load_state_dict({k: z[k] for k in z.files})
+    rng = _new_rng(tc.seed)
+    rng.bit_generator.state = info["rng_state"]
+    batches = LaneBatches(train_bytes, tc.batch_size, tc.seq_len)
+    state = None
+    if info["data"]["fingerprint"] == fingerprint(train_bytes):
+        batches.position = info["data_position"]
+        if info.get("has_train_state"):
+            state = InferenceState.load(os.path.join(path, "train_state.npz"))
+    else:
+        emit({"event": "message", "text": "the training data differs from the checkpoint's: its lanes start "
+              "from the beginning with a fresh state"})
+    return _Run(model=model, optimizer=optimizer, batches=batches, rng=rng, state=state,
+                step=int(info["step"]), history=ckpt.read_csv(os.path.join(path, "log.csv")),
+                evals=ckpt.read_csv(os.path.join(path, "eval.csv")), elapsed_before=float(info["elapsed_s"]))
+
+
+def _plot_losses(out_dir: str, history: list, evals: list, emit) -> None:
+    """``loss.png``: training loss and held-out loss (both nats/byte) against the step. Needs matplotlib
+    (the optional ``[plot]`` extra); without it nothing is drawn and nothing is said."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return
+    try:
+        fig = Figure(figsize=(7, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1, label="train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["bits_per_byte"] * math.log(2) for r in evals],
+                    "o-", label="held-out")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/byte)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        tmp = os.path.join(out_dir, ".loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, os.path.join(out_dir, "loss.png"))
+    except Exception as exc:  # a plot is a convenience: never let it stop a run
+        emit({"event": "message", "text": f"loss.png not written ({type(exc).__name__}: {exc})"})
+
+
+class _DeferredInterrupt:
+    """First Ctrl-C: set ``requested`` (the loop finishes its step, checkpoints and stops).
+    Second Ctrl-C: KeyboardInterrupt at once. Only the main thread can own SIGINT; elsewhere this is
+    a no-op and Ctrl-C behaves as usual."""
+
+    def __enter__(self):
+        self.requested, self._installed, self._previous = False, False, None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+        return False
