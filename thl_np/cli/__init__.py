@@ -32,7 +32,8 @@ for _module in _MODULES:
 def main(argv=None) -> int:
     """Entry point: THL errors become one clear line and a non-zero exit, never a traceback."""
     try:
-        cli.main(args=argv, standalone_mode=False)
+        # without standalone mode click returns (not raises) the code a command passed to ctx.exit(n)
+        rc = cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -48,8 +49,21 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except BrokenPipeError:
+        _silence_stdout()
         return 0
-    return 0
+    return rc if isinstance(rc, int) else 0
+
+
+def _silence_stdout():
+    """After a closed pipe (thl-np ... | head), point stdout at /dev/null so the interpreter's final flush
+    does not print another BrokenPipeError."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

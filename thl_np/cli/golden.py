@@ -1,3 +1,63 @@
-"""`thl-np` commands (filled in by its owner)."""
+"""`thl-np golden` (write the reference vectors) and `thl-np check-port` (compare a port's results with
+them). The logic lives in ``thl_np.reference``; docs/PORTING.md tells a porter how to use both."""
+from __future__ import annotations
 
-COMMANDS = []
+import os
+
+import click
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+@click.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write (the repository keeps its copy in reference/).")
+@click.option("-q", "--quiet", is_flag=True, help="Do not list the cases as they are written.")
+def golden(out_dir, quiet):
+    """Regenerate the reference vectors for ports into OUT.
+
+    Deterministic (fixed seeds): the same files every time, so the committed reference/ can be checked
+    against a fresh run. Writes manifest.json, cases/, components/ and training/ (see docs/PORTING.md).
+    """
+    from ..reference import generate
+
+    log = None if quiet else (lambda name: click.echo(f"  {name}"))
+    manifest = generate(out_dir, log=log)
+    size = _folder_bytes(out_dir) / 1e6
+    click.echo(f"wrote {len(manifest['cases'])} reference cases to {out_dir} ({size:.2f} MB)")
+
+
+@click.command("check-port")
+@click.argument("results_dir", type=click.Path())
+@click.option("--reference", "reference_dir", type=click.Path(), default=None,
+              help="Reference folder (default: reference/ of this checkout).")
+@click.option("--case", "cases", multiple=True, metavar="NAME",
+              help="Check only this case: a full id (components/gru_cell), its name (gru_cell) or a glob "
+                   "(components/writer_*). Repeatable.")
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Which results to compare: RESULTS_DIR/<case>/outputs_<dtype>.npz.")
+@click.option("--atol", type=float, default=None,
+              help="Absolute tolerance for values (default: the manifest's, 1e-9 / 2e-3).")
+@click.option("--rtol", type=float, default=None,
+              help="Tolerance for gradients, relative to the tensor's largest entry (default 1e-8 / 3e-2).")
+@click.option("-q", "--quiet", is_flag=True, help="List only the tensors that fail.")
+def check_port(results_dir, reference_dir, cases, dtype, atol, rtol, quiet):
+    """Compare a port's results (laid out like reference/) with the reference vectors.
+
+    Prints OK / NOT OK per tensor with the max absolute and relative difference, then
+    "N passed, M failed"; exits with status 1 if anything failed or a result file is missing.
+    """
+    from ..reference import compare_results, format_report
+
+    report = compare_results(results_dir, reference_dir=reference_dir, cases=list(cases) or None, dtype=dtype,
+                             atol=atol, rtol=rtol)
+    click.echo(format_report(report, verbose=not quiet))
+    if not report.ok:
+        # SystemExit rather than ctx.exit(1): thl_np.cli.main runs click with standalone_mode=False, where
+        # click returns ctx.exit's code instead of raising it, and main() does not pass that code on.
+        raise SystemExit(1)
+
+
+COMMANDS = [golden, check_port]

@@ -1,0 +1,177 @@
+"""The fast decode path (thl_np.inference.fast) computes the plain path's function (spec §4).
+
+DESIGN.md: float64 within 1e-10, float32 logits within 1e-5, over runs long enough to fill the memory,
+force least-recently-used writes and renormalise the lazily applied decay.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from thl_np import THLConfig, THLModel
+from thl_np.inference.fast import FastDecoder
+from thl_np.model import output_forward, run_sequence, thl_step
+
+
+def small_config(**kw):
+    base = dict(vocab_size=37, embedding_dim=8, hidden_dim=8, num_tiers=3, tier_dims=[8, 6, 5],
+                tier_timescales=[1, 2, 3], local_window=3, memory_slots=6, memory_dim=7, query_dim=4,
+                value_dim=6, num_heads=2, head_dim=3, read_topk=2, write_slots=1, dtype="float64")
+    base.update(kw)
+    return THLConfig(**base)
+
+
+def max_rel(a, b):
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@st.composite
+def configs(draw):
+    J = draw(st.integers(2, 8))
+    K = draw(st.integers(1, 3))
+    H = draw(st.integers(1, 3))
+    return small_config(
+        num_tiers=K, tier_dims=[draw(st.integers(2, 7)) for _ in range(K)],
+        tier_timescales=[1] + [draw(st.integers(1, 4)) for _ in range(K - 1)],
+        memory_slots=J, read_topk=draw(st.integers(1, J)), write_slots=draw(st.integers(1, J)),
+        num_heads=H, value_dim=H * draw(st.integers(1, 3)), local_window=draw(st.integers(0, 4)),
+        read_slot_capacity=draw(st.one_of(st.none(), st.integers(1, 2))),
+        write_rate=draw(st.sampled_from([0.05, 0.5, 1.0])), memory_decay=draw(st.sampled_from([0.9995, 0.8])),
+        load_penalty=draw(st.sampled_from([0.0, 0.1, 1.0])), novelty_theta=draw(st.sampled_from([0.3, 0.9, -0.5])))
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=configs(), seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 60))
+def test_fast_equals_plain_float64(cfg, seed, B, T):
+    """Spec §4, whole step: logits and every state array, fast vs plain, from a zero state."""
+    model = THLModel(cfg, seed=seed)
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
+    lp, sp = model(ids, path="plain")
+    lf, sf = model(ids, path="fast")
+    assert max_rel(lf, lp) < 1e-10
+    for key, want in sp.arrays().items():
+        assert np.allclose(sf.arrays()[key], want, rtol=0, atol=1e-10), key
+
+
+def contractive_model(dtype="float64", seed=7):
+    """A small model whose tier weights are halved so its dynamics forget: rounding differences between
+    two correct implementations then stay at rounding level instead of being amplified (see below).
+    novelty_theta < 0 makes every write novel, so once the bank is full each write picks its slot by
+    staleness/underuse (the least-recently-used branch)."""
+    cfg = small_config(memory_decay=0.99, novelty_theta=-0.5, write_rate=0.5, dtype=dtype)
+    model = THLModel(cfg, seed=seed)
+    model.params = {k: v * 0.5 if k.startswith("tiers.") else v for k, v in model.params.items()}
+    return model
+
+
+def run_fast(model, ids, renorm_below=1e-3):
+    dec = FastDecoder(model, batch_size=ids.shape[0], renorm_below=renorm_below)
+    hidden = np.empty((ids.shape[0], ids.shape[1], dec.S.shape[1]), dec.dtype)
+    renorms = 0
+    for t in range(ids.shape[1]):
+        before = dec.scale
+        hidden[:, t] = dec.advance(ids[:, t])
+        renorms += dec.scale > before
+    return dec, hidden, renorms
+
+
+def test_long_run_fills_memory_forces_lru_and_renormalises():
+    """10,000 steps: the bank (J = 6) fills, novel writes then choose by staleness/underuse, and with
+    γ = 0.99 the lazy decay scalar is renormalised every ~690 steps. float64 within 1e-10."""
+    model = contractive_model()
+    cfg = model.config
+    T = 10_000
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, T))
+    state, hidden_plain, lru_writes = model.init_state(2), [], 0
+    for t in range(T):
+        bank_full = np.linalg.norm(state.memory, axis=-1).min(axis=-1) > 1e-6
+        h, state, rec = thl_step(model.params, cfg, ids[:, t], state, record=True)
+        hidden_plain.append(h)
+        lru_writes += int((rec.writer["novel"] & bank_full).sum())
+    sp = state
+    lp, _, _ = output_forward(model.params, np.stack(hidden_plain, axis=1))
+    dec, hidden, renorms = run_fast(model, ids)
+    lf = dec.logits(hidden)
+    assert renorms >= 10
+    assert lru_writes > 10_000, "novel writes into a full bank choose their slot by staleness/underuse"
+    assert max_rel(lf, lp) < 1e-10
+    sf = dec.state()
+    for key, want in sp.arrays().items():
+        assert np.allclose(sf.arrays()[key], want, rtol=0, atol=1e-10), key
+
+
+def test_long_run_float32_logits():
+    """float32: logits of the fast path within 1e-5 of the plain path over 10,000 steps."""
+    model = contractive_model(dtype="float32", seed=5)
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, size=(1, 10_000))
+    lp, _ = model(ids, path="plain")
+    lf, _ = model(ids, path="fast")
+    assert np.abs(lf - lp).max() < 1e-5
+
+
+def test_chaotic_regime_diverges_no_faster_than_rounding():
+    """At its default initialisation this small model is chaotic: a 1e-16 nudge of the plain path's
+    initial state grows ~10x per 2,000 steps. Any two correct float64 implementations (other summation
+    orders) separate at that rate, so here the check is that fast vs plain stays within the plain
+    path's own sensitivity to a one-ulp nudge."""
+    cfg = small_config(memory_decay=0.99, novelty_theta=0.05, write_rate=0.5)
+    model = THLModel(cfg, seed=7)
+    T = 6000
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, T))
+    tiers, _, _ = run_sequence(model.params, cfg, ids, model.init_state(2))
+    nudged = model.init_state(2)
+    nudged.tiers[0] = nudged.tiers[0] + 1e-16
+    tiers_nudged, _, _ = run_sequence(model.params, cfg, ids, nudged)
+    _, hidden, _ = run_fast(model, ids)
+    sensitivity = np.abs(tiers_nudged - tiers).max()
+    assert sensitivity > 1e-13, "the premise: this model amplifies rounding differences"
+    assert np.abs(hidden - tiers).max() <= 10 * sensitivity
+
+
+def test_forward_step_chain_equals_one_call_and_keeps_inputs():
+    """forward_step T times (each reusing the previous state's cache) equals one call over T tokens."""
+    cfg = small_config(vocab_size=40)
+    model = THLModel(cfg, seed=1)
+    ids = np.random.default_rng(3).integers(0, 40, size=(2, 30))
+    want, _ = model(ids, path="plain")
+    state = None
+    for t in range(30):
+        logits, state = model.forward_step(ids[:, t], state)
+        assert np.abs(logits - want[:, t]).max() < 1e-12
+    # a state can be used twice: the second use rebuilds the cache and gives the same numbers
+    _, s = model(ids[:, :10])
+    a, _ = model.forward_step(ids[:, 10], s)
+    b, _ = model.forward_step(ids[:, 10], s)
+    assert np.array_equal(a, b)
+
+
+def test_cached_state_is_read_only_and_copy_is_writable():
+    model = THLModel(small_config(), seed=0)
+    _, state = model(np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(ValueError):
+        state.memory[0, 0, 0] = 1.0
+    fresh = state.copy()
+    fresh.memory[0, 0, 0] = 1.0
+    assert getattr(fresh, "_fast", None) is None
+
+
+def test_cache_is_not_reused_after_the_weights_change():
+    """An optimiser replaces parameter arrays; a state made before must not step with the old weights."""
+    model = THLModel(small_config(), seed=0)
+    ids = np.arange(12)[None] % 37
+    _, state = model(ids)
+    model.params = {k: v * 1.05 for k, v in model.params.items()}
+    fast, _ = model.forward_step([5], state)
+    plain, _ = model.forward_step([5], state.copy(), path="plain")
+    assert np.abs(fast - plain).max() < 1e-12
+
+
+def test_small_batch_head_kernel_matches_blas():
+    """The small-batch head kernel (batch 2..16) equals the BLAS product."""
+    model = THLModel(small_config(vocab_size=1001, dtype="float32"), seed=0)
+    dec = model.decoder(batch_size=8)
+    h = np.random.default_rng(0).random((8, dec.S.shape[1]), dtype=np.float32)
+    from thl_np.nn.output import layer_norm_forward
+
+    hn, _ = layer_norm_forward(h, dec.ln_w, dec.ln_b)
+    assert np.abs(dec.logits(h) - (hn @ dec.W_o.T + dec.b_o)).max() < 1e-4

@@ -1,0 +1,316 @@
+"""Reference vectors for ports: the committed reference/ folder, `thl-np golden`, `thl-np check-port`,
+and the two documents built on them (docs/PORTING.md runs as written, docs/SPEC_MAP.md is up to date)."""
+import importlib.util
+import itertools
+import json
+import math
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from thl_np import reference as R
+from thl_np.cli import cli, main
+from thl_np.io.safetensors import read_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+REF = ROOT / "reference"
+DOCS = ROOT / "docs"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((REF / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """A fresh `thl-np golden` run (once per module: it takes a few seconds)."""
+    out = tmp_path_factory.mktemp("golden") / "reference"
+    result = invoke("golden", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "wrote 22 reference cases" in result.output
+    return out
+
+
+# ------------------------------------------------------------------------------------------ regeneration
+def _files(folder: Path) -> set:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _close(a: np.ndarray, b: np.ndarray, what: str):
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{a.shape} != {b.dtype}{b.shape}"
+    if a.dtype.kind != "f":
+        assert np.array_equal(a, b), f"{what} differs"
+        return
+    scale = max(1.0, float(np.abs(b).max()) if b.size else 0.0)
+    tol = 1e-12 if a.dtype == np.float64 else 1e-5   # float32 runs may differ in the last bits elsewhere
+    err = float(np.abs(a.astype(np.float64) - b).max()) if b.size else 0.0
+    assert err <= tol * scale, f"{what} differs by {err:.2e} (scale {scale:.2e})"
+
+
+def _json_close(a, b, where="manifest"):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for k in a:
+            _json_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _json_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300), f"{where}: {a} != {b}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_committed_reference_equals_a_fresh_generation(fresh):
+    assert _files(fresh) == _files(REF), "file sets differ: regenerate with `thl-np golden --out reference`"
+    identical = 0
+    for rel in sorted(_files(REF)):
+        a, b = fresh / rel, REF / rel
+        if a.read_bytes() == b.read_bytes():
+            identical += 1
+            continue
+        if rel.endswith(".npz"):
+            za, zb = R.load_npz(a), R.load_npz(b)
+            assert za.keys() == zb.keys(), rel
+            for k in za:
+                _close(za[k], zb[k], f"{rel}:{k}")
+        elif rel.endswith(".safetensors"):
+            ta, tb = read_safetensors(a)[0], read_safetensors(b)[0]
+            assert ta.keys() == tb.keys(), rel
+            for k in ta:
+                _close(np.asarray(ta[k]), np.asarray(tb[k]), f"{rel}:{k}")
+        elif rel.endswith(".json"):
+            _json_close(json.loads(a.read_text(encoding="utf-8")), json.loads(b.read_text(encoding="utf-8")),
+                        rel)
+        else:
+            assert a.read_text(encoding="utf-8") == b.read_text(encoding="utf-8"), rel
+    assert identical > 0
+
+
+# ------------------------------------------------------------------------------------------ the folder
+def test_manifest_describes_every_file_and_key(manifest):
+    listed = {"manifest.json", "README.md"}
+    for cid, case in manifest["cases"].items():
+        for name in case["inputs"]:
+            listed.add(f"{cid}/{name}")
+        for dt in R.DTYPES:
+            listed.add(f"{cid}/outputs_{dt}.npz")
+            arrays = R.load_npz(REF / cid / f"outputs_{dt}.npz")
+            assert arrays.keys() == case["outputs"].keys(), cid
+            for key, info in case["outputs"].items():
+                assert list(arrays[key].shape) == info["shape"], f"{cid}:{key}"
+                assert (arrays[key].dtype.kind == "i") == (info["kind"] == "exact"), f"{cid}:{key}"
+                if info["kind"] != "exact":
+                    assert arrays[key].dtype == np.dtype(dt), f"{cid}:{key}"
+        if "inputs.npz" in case["inputs"]:
+            arrays = R.load_npz(REF / cid / "inputs.npz")
+            assert {k: list(v.shape) for k, v in arrays.items()} == {
+                k: v["shape"] for k, v in case["inputs"]["inputs.npz"].items()}, cid
+    assert listed == _files(REF)
+    size = sum((REF / f).stat().st_size for f in listed)
+    assert size < 3_000_000, f"reference/ is {size / 1e6:.2f} MB"
+    assert manifest["tolerances"] == {"float64": {"atol": 1e-9, "rtol": 1e-8},
+                                      "float32": {"atol": 2e-3, "rtol": 3e-2}}
+
+
+def test_every_discrete_choice_is_far_from_a_tie_and_every_branch_is_reached(manifest):
+    thresholds = manifest["margins"]["thresholds"]
+    for case in R.SEQUENCE_CASES:
+        entry = manifest["cases"][f"cases/{case.name}"]
+        for key, value in entry["margins"].items():
+            assert value is None or value >= thresholds[key], (case.name, key, value)   # None: never decided
+        for key, need in case.require.items():
+            assert entry["counts"][key] >= need, (case.name, key)
+    counts = {c.name: manifest["cases"][f"cases/{c.name}"]["counts"] for c in R.SEQUENCE_CASES}
+    assert counts["long_lru"]["novel_lru"] >= 20 and counts["small_default"]["novel_empty"] >= 1
+    assert counts["multi_write_capacity"]["capacity_fallback_heads"] >= 1
+    assert manifest["cases"]["training/adamw_10"]["margins"]["grad_clip"] >= thresholds["grad_clip"]
+    norms = R.load_npz(REF / "training/adamw_10/outputs_float64.npz")["grad_norm"]
+    clip = manifest["cases"]["training/adamw_10"]["inputs"]["train.json"]["grad_clip"]
+    assert (norms > clip).any() and (norms < clip).any(), "the trajectory should clip some steps, not all"
+
+
+def test_float32_reference_sits_well_inside_the_float32_tolerance_of_float64(manifest):
+    tol = manifest["tolerances"]["float32"]
+    for cid, case in manifest["cases"].items():
+        a64 = R.load_npz(REF / cid / "outputs_float64.npz")
+        a32 = R.load_npz(REF / cid / "outputs_float32.npz")
+        for key, info in case["outputs"].items():
+            ok, d_abs, d_rel, msg = R.compare_arrays(a32[key], a64[key], info["kind"], tol["atol"] / 10,
+                                                     tol["rtol"] / 10)
+            assert ok, f"{cid}:{key} float32 is {d_abs:.1e} / {d_rel:.1e} from float64 {msg}"
+
+
+# ------------------------------------------------------------------------------------------ check-port
+def test_check_port_on_the_reference_itself_passes(manifest):
+    total = sum(len(c["outputs"]) for c in manifest["cases"].values())
+    for dt in R.DTYPES:
+        report = R.compare_results(REF, REF, dtype=dt)
+        assert report.ok and report.failed == 0 and report.passed == total
+    result = invoke("check-port", REF, "--reference", REF, "--case", "components/writer_*",
+                    "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().endswith("44 passed, 0 failed")
+    assert result.output.count("components/writer_") == 4
+
+
+def _copy_case(case: str, results: Path, dtype="float64") -> Path:
+    dst = results / case / f"outputs_{dtype}.npz"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REF / case / f"outputs_{dtype}.npz", dst)
+    return dst
+
+
+def test_a_gradient_off_by_one_part_in_a_million_fails_and_is_named(tmp_path, manifest):
+    case, key = "cases/small_default", "grad.router.W_q.weight"
+    path = _copy_case(case, tmp_path)
+    arrays = R.load_npz(path)
+    arrays[key] = arrays[key] * (1 + 1e-6)
+    R.save_npz(path, arrays)
+    result = invoke("check-port", tmp_path, "--case", case)
+    assert result.exit_code == 1, result.output
+    failing = [ln for ln in result.output.splitlines() if "NOT OK" in ln]
+    assert len(failing) == 1, result.output
+    assert re.match(r"\s+NOT OK\s+grad\.router\.W_q\.weight\s", failing[0]), result.output
+    assert "max rel 1.0e-06" in failing[0]
+    n = len(manifest["cases"][case]["outputs"])
+    assert result.output.rstrip().endswith(f"{n - 1} passed, 1 failed")
+    # the same key, off by 1e-10 relative, is within the float64 gradient tolerance (1e-8)
+    arrays[key] = R.load_npz(REF / case / "outputs_float64.npz")[key] * (1 + 1e-10)
+    R.save_npz(path, arrays)
+    assert invoke("check-port", tmp_path, "--case", case).exit_code == 0
+    # ... and --rtol tightens it
+    assert invoke("check-port", tmp_path, "--case", case, "--rtol", "1e-12").exit_code == 1
+
+
+def test_missing_files_and_keys_are_reported_with_the_expected_path(tmp_path):
+    path = _copy_case("components/gru_cell", tmp_path)
+    arrays = R.load_npz(path)
+    del arrays["grad.W_h"], arrays["z"]            # a required key and an optional one
+    R.save_npz(path, arrays)
+    result = invoke("check-port", tmp_path, "--case", "gru_cell", "--case", "components/router")
+    assert result.exit_code == 1
+    out = result.output
+    expected = tmp_path / "components" / "router" / "outputs_float64.npz"
+    assert f"missing file: expected {expected}" in out
+    assert re.search(r"NOT OK\s+grad\.W_h\s.*key 'grad\.W_h' not in", out), out
+    assert re.search(r"--\s+z\s+\(optional, not provided\)", out), out
+    # passed: gru_cell's other 8 required and its 2 remaining optional keys; failed: grad.W_h + the router's 9
+    assert out.rstrip().endswith("10 passed, 10 failed")
+
+
+def test_check_port_errors_are_one_line(tmp_path, capsys):
+    assert main(["check-port", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "outputs_float64.npz" in err and len(err.strip().splitlines()) == 1
+    assert main(["check-port", str(tmp_path), "--case", "no_such_case"]) == 1
+    err = capsys.readouterr().err
+    assert "no reference case matches 'no_such_case'" in err and "components/gru_cell" in err
+    assert main(["check-port", str(tmp_path), "--reference", str(tmp_path)]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_compare_arrays_kinds():
+    ref = np.array([[1.0, -2.0], [0.5, 4.0]])
+    assert R.compare_arrays(ref + 1e-10, ref, "value", 1e-9, 1e-8)[0]
+    assert not R.compare_arrays(ref + 1e-8, ref, "value", 1e-9, 1e-8)[0]
+    ok, d_abs, d_rel, _ = R.compare_arrays(ref + 2e-8, ref, "grad", 1e-9, 1e-8)
+    assert ok and d_abs == pytest.approx(2e-8) and d_rel == pytest.approx(5e-9)   # relative to max|ref| = 4
+    assert not R.compare_arrays(ref + 1e-7, ref, "grad", 1e-9, 1e-8)[0]
+    ok, _, _, msg = R.compare_arrays(ref[:1], ref, "value", 1, 1)
+    assert not ok and "shape [1, 2], expected [2, 2]" in msg
+    bad = ref.copy()
+    bad[0, 0] = np.nan
+    assert "non-finite" in R.compare_arrays(bad, ref, "value", 1, 1)[3]
+    idx = np.array([3, 1, 2])
+    assert R.compare_arrays(idx.astype(np.float32), idx, "exact", 0, 0)[0]
+    assert not R.compare_arrays(np.array([3, 2, 1]), idx, "exact", 0, 0)[0]
+    assert R.compare_arrays(np.array([0.5]), np.array(0.5), "value", 1e-9, 1e-8)[0]   # 1-element "scalar"
+    assert R.compare_arrays(np.zeros(3), np.zeros(3), "grad", 1e-9, 1e-8)[0]           # all-zero gradient
+
+
+def test_select_cases(manifest):
+    assert R.select_cases(manifest, ["gru_cell"]) == ["components/gru_cell"]
+    assert R.select_cases(manifest, ["cases/*"]) == [f"cases/{c.name}" for c in R.SEQUENCE_CASES]
+    assert len(R.select_cases(manifest, ["router*"])) == 3
+    assert R.select_cases(manifest, None) == list(manifest["cases"])
+
+
+# ------------------------------------------------------------------------------------------ the docs
+def _expand(text: str) -> set:
+    """`a.{x,y}.b, c` → {a.x.b, a.y.b, c}: the PORTING.md table's shorthand."""
+    out = set()
+    for item in re.split(r",\s*(?![^{]*\})", text):
+        item = item.strip()
+        if not item:
+            continue
+        parts = re.split(r"(\{[^}]*\})", item)
+        choices = [p[1:-1].split(",") if p.startswith("{") else [p] for p in parts]
+        out |= {"".join(c) for c in itertools.product(*choices)}
+    return out
+
+
+def test_porting_doc_component_table_matches_the_manifest(manifest):
+    text = (DOCS / "PORTING.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(components/\w+)` \| (§[\d.]+) \|(.*?)\|(.*?)\|(.*?)\|$", text, re.M)
+    components = [cid for cid, c in manifest["cases"].items() if c["kind"] == "component"]
+    assert [r[0] for r in rows] == components
+    for cid, spec, inputs, required, optional in rows:
+        case = manifest["cases"][cid]
+        assert case["spec"] == [spec], cid
+        assert _expand(inputs) == set(case["inputs"]["inputs.npz"]), cid
+        assert _expand(required) == {k for k, v in case["outputs"].items() if v["required"]}, cid
+        assert _expand(optional) == {k for k, v in case["outputs"].items() if not v["required"]}, cid
+
+
+def test_porting_doc_runs_as_written(tmp_path, monkeypatch, capsys):
+    text = (DOCS / "PORTING.md").read_text(encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "reference").symlink_to(REF, target_is_directory=True)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        exec(compile(block, str(DOCS / "PORTING.md"), "exec"), {"__name__": "porting_doc"})
+    commands = [ln for block in re.findall(r"```bash\n(.*?)```", text, re.S) for ln in block.splitlines()
+                if ln.startswith("thl-np ")]
+    assert len(commands) >= 3
+    for line in commands:
+        assert main(shlex.split(line)[1:]) == 0, line
+        out = capsys.readouterr().out
+        assert ", 0 failed" in out and "NOT OK" not in out, out
+    # the listing the doc shows is the one the command prints (up to the last digits)
+    shown = re.search(r"```text\nreference /path/to/thl-np/reference\n(.*?)```", text, re.S).group(1)
+    main(["check-port", "my_port_results", "--case", "components/gru_cell"])
+    printed = capsys.readouterr().out.split("\n", 1)[1]
+
+    def shape(s):
+        return re.sub(r"\d\.\de[+-]\d\d", "#", s)
+
+    assert shape(printed.strip()) == shape(shown.strip())
+
+
+def test_spec_map_is_up_to_date():
+    spec = importlib.util.spec_from_file_location("make_spec_map", DOCS / "make_spec_map.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module           # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    expected = module.render()
+    current = (DOCS / "SPEC_MAP.md").read_text(encoding="utf-8")
+    assert current == expected, "docs/SPEC_MAP.md is out of date: run `python docs/make_spec_map.py`"
+    for section in ("§4.1", "§4.2", "§4.3", "§4.4", "§4.5", "§4.6", "§4.7", "§4.8", "§4.9", "§5"):
+        assert f"\n## {section} " in current
