@@ -27,7 +27,7 @@ def decode_bytes_per_step(config: THLConfig, batch_size: int = 1, itemsize: int 
         "writer": c.memory_dim * (c.writer_input_dim + 1),
         "local_attn": (2 * c.query_dim + d_v) * c.embedding_dim if c.local_window else 0,
         "tiers": sum(3 * d * (d + c.tier_input_dim(k) + d_v + 1) / tau
-                     for k, (d, tau) in enumerate(zip(c.tier_dims, c.tier_timescales))),
+                     for k, (d, tau) in enumerate(zip(c.tier_dims, c.tier_timescales, strict=True))),
     }
     per_sequence = c.memory_slots * (c.memory_dim + c.num_heads * c.head_dim) + c.embedding_dim
     out = {k: v * itemsize for k, v in weights.items()}

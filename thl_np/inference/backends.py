@@ -33,8 +33,8 @@ import re
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -77,7 +77,7 @@ def parse_bytes(value, name: str = "vram_budget") -> int:
     KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024 (units are case-insensitive).
     Raises InputError for anything else, or for a size below one byte.
     """
-    hint = f"give bytes as an int or a string such as '64MB', '1.5GB' or '512MiB'"
+    hint = "give bytes as an int or a string such as '64MB', '1.5GB' or '512MiB'"
     if isinstance(value, (bool, np.bool_)):
         raise InputError(f"{name} = {value!r} is not a size: {hint}")
     if isinstance(value, (int, np.integer)):
@@ -190,8 +190,8 @@ def read_meta_forward_xp(xp, read_ema, last_read, alpha, idx, t, decay):
     return new_ema, new_last
 
 
-def writer_forward_xp(xp, x_w, memory, read_ema, last_write, t, W_w, b_w, *, write_slots, clip_max, beta, theta,
-                      stale_weight, underuse_weight):
+def writer_forward_xp(xp, x_w, memory, read_ema, last_write, t, W_w, b_w, *, write_slots, clip_max, beta,
+                      theta, stale_weight, underuse_weight):
     """Spec §4.6 as ``thl_np.nn.writer.writer_forward`` computes it → (w, g, targets), with the
     per-sequence target choice vectorised: one stable argsort of a key per row, where the key is
     0/1 "not empty" (novel with an empty slot: empty slots by index, then the rest by index), or
@@ -222,7 +222,8 @@ def writer_forward_xp(xp, x_w, memory, read_ema, last_write, t, W_w, b_w, *, wri
     return w, g, targets
 
 
-def memory_write_forward_xp(xp, memory, write_ema, last_write, targets, g, w, t, *, decay, write_rate, ema_decay):
+def memory_write_forward_xp(xp, memory, write_ema, last_write, targets, g, w, t, *, decay, write_rate,
+                            ema_decay):
     """Spec §4.7 as ``thl_np.nn.writer.memory_write_forward`` computes it (arrays made with ``xp``)."""
     B = memory.shape[0]
     rows = xp.arange(B)[:, None]
@@ -246,7 +247,7 @@ class Ops:
     read_meta: Callable         # (read_ema, last_read, alpha, idx, t, decay) → (read_ema, last_read)
     gru: Callable               # (s_prev, x, W_z, b_z, W_r, b_r, W_h, b_h) → s_new
     writer: Callable            # (x_w, memory, read_ema, last_write, t, W_w, b_w, **kw) → (w, g, targets)
-    memory_write: Callable      # (memory, write_ema, last_write, targets, g, w, t, **kw) → (M, write_ema, last_write)
+    memory_write: Callable      # (memory, write_ema, last_write, targets, g, w, t, **kw) → new M, EMA, last
     layer_norm: Callable        # (x, gamma, beta) → h
     linear: Callable            # (x, W, b) → x W^T + b
 
@@ -349,7 +350,8 @@ class NumpyBackend:
         self.budget = available_host_memory() if budget is None else int(budget)
         self.meter = _Meter(self.budget)
         if ops not in ("nn", "generic"):
-            raise InputError(f"ops = {ops!r}: use 'nn' (the thl_np.nn functions) or 'generic' (the CuPy path's ops)")
+            raise InputError(f"ops = {ops!r}: use 'nn' (the thl_np.nn functions) or 'generic' (the CuPy "
+                             "path's ops)")
         self.ops = nn_ops() if ops == "nn" else generic_ops(np)
         self._owned: dict[int, weakref.ref] = {}
         self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="thl-np-layered-copy")
@@ -470,9 +472,16 @@ class NumpyBackend:
     def synchronize(self) -> None:
         pass
 
-    def measure_copy_bandwidth(self, nbytes: int = 256 << 20, repeats: int = 3) -> float:
-        """Host→"device" copy bandwidth in bytes/s (a memcpy between two RAM buffers: the CPU's bound)."""
-        src = np.ones(nbytes, np.uint8)
+    def measure_copy_bandwidth(self, nbytes: int = 256 << 20, repeats: int = 3, source=None) -> float:
+        """Host→"device" copy bandwidth in bytes/s, best of ``repeats``: a memcpy of ``nbytes`` from
+        ``source`` (e.g. a memory-mapped weight, as streaming reads it) or from a RAM buffer. The
+        destination is a scratch buffer outside the pool."""
+        if source is None:
+            src = np.ones(nbytes, np.uint8)
+        else:
+            flat = np.asarray(source).reshape(-1).view(np.uint8)
+            src = flat[:min(nbytes, flat.size)]
+            nbytes = src.size
         dst = np.empty(nbytes, np.uint8)
         best = float("inf")
         for _ in range(repeats):
@@ -530,7 +539,8 @@ class CupyBackend:
         cp = self.cp = self.xp = import_cupy()
         try:
             self.cuda_device = cp.cuda.Device(device_id)
-            self.cuda_device.use()
+            with self.cuda_device:            # cudaSetDevice: fails here for a device that is not there
+                pass
         except Exception as exc:
             raise InputError(f"CUDA device {device_id} is not usable ({type(exc).__name__}: {exc})") from None
         with self.cuda_device:
@@ -568,7 +578,7 @@ class CupyBackend:
     # ----------------------------------------------------------------- memory
     @contextlib.contextmanager
     def activate(self):
-        """Device, compute stream, this pool as the allocator, and the peak hook, for the block (re-entrant)."""
+        """Device, compute stream, this pool as allocator and the peak hook, for the block (re-entrant)."""
         cp = self.cp
         if getattr(self._active, "depth", 0):
             yield
@@ -584,8 +594,8 @@ class CupyBackend:
                 yield
             except cp.cuda.memory.OutOfMemoryError as exc:
                 raise DeviceBudgetError(
-                    f"device budget exceeded: the engine's memory pool hit its limit of {self.budget:,} bytes "
-                    f"({exc}); raise vram_budget", budget=self.budget) from None
+                    f"device budget exceeded: the engine's memory pool hit its limit of {self.budget:,} "
+                    f"bytes ({exc}); raise vram_budget", budget=self.budget) from None
 
     def begin_step(self) -> None:
         self._peak = max(self._peak, self.pool.used_bytes())
@@ -700,10 +710,12 @@ class CupyBackend:
         self.compute_stream.synchronize()
         self.copy_stream.synchronize()
 
-    def measure_copy_bandwidth(self, nbytes: int = 256 << 20, repeats: int = 5) -> float:
-        """Pinned host → device bandwidth on the copy stream, bytes/s (best of ``repeats``)."""
+    def measure_copy_bandwidth(self, nbytes: int = 256 << 20, repeats: int = 5, source=None) -> float:
+        """Pinned host → device bandwidth on the copy stream, bytes/s (best of ``repeats``); the
+        ``cudaMemcpyAsync`` leg of streaming (``source`` is ignored). The buffers come from CuPy's default
+        pool, outside the engine's budget and peak."""
         cp = self.cp
-        with self.activate():
+        with self.cuda_device:
             mem = cp.cuda.alloc_pinned_memory(nbytes)
             host = np.ndarray((nbytes,), np.uint8, buffer=mem)
             host[:] = 1
@@ -717,7 +729,8 @@ class CupyBackend:
                 stop.record(self.copy_stream)
                 stop.synchronize()
                 best = min(best, cp.cuda.get_elapsed_time(start, stop) / 1e3)
-            del dev
+            del dev, host, mem
+            cp.get_default_memory_pool().free_all_blocks()
         return nbytes / best
 
     def close(self) -> None:

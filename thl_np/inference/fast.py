@@ -105,7 +105,7 @@ class FastDecoder:
         buf = np.roll(self.ring_e, -self.ring_start, axis=1) if self.ring_start else self.ring_e.copy()
         return InferenceState(
             timestep=self.t,
-            tiers=[self.S[:, a:b].copy() for a, b in zip(self.offsets[:-1], self.offsets[1:])],
+            tiers=[self.S[:, a:b].copy() for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)],
             memory=self.memory * self.dtype.type(self.scale),
             read_ema=self.read_ema.copy(), write_ema=self.write_ema.copy(),
             last_read=self.last_read.copy(), last_write=self.last_write.copy(),

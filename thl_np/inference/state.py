@@ -118,17 +118,20 @@ class InferenceState:
                 f"the state holds {B} sequence(s) but the input has batch size {batch_size}: "
                 f"use InferenceState.init({batch_size}, config) or a state from a batch-{batch_size} run"
             )
-        expect = InferenceState.init(B, config)
-        if len(self.tiers) != len(expect.tiers):
+        if len(self.tiers) != config.num_tiers:
             raise StateError(
-                f"the state has {len(self.tiers)} tier(s) but the model has {len(expect.tiers)}: "
+                f"the state has {len(self.tiers)} tier(s) but the model has {config.num_tiers}: "
                 "it was made for another config"
             )
-        for key, want in expect.arrays().items():
-            got = self.arrays()[key]
-            if got.shape != want.shape:
+        J = config.memory_slots
+        expect = {f"tier_state_{k}": (B, d) for k, d in enumerate(config.tier_dims)}
+        expect.update(memory=(B, J, config.memory_dim), read_ema=(B, J), write_ema=(B, J), last_read=(B, J),
+                      last_write=(B, J), local_buffer=(B, config.local_window, config.embedding_dim))
+        arrays = self.arrays()
+        for key, want in expect.items():
+            if arrays[key].shape != want:
                 raise StateError(
-                    f"state {key} has shape {list(got.shape)}, the model needs {list(want.shape)}: "
+                    f"state {key} has shape {list(arrays[key].shape)}, the model needs {list(want)}: "
                     "the state was made for another config"
                 )
         if not 0 <= int(self.local_valid) <= config.local_window:
