@@ -348,8 +348,9 @@ class THLModel:
         want = (T, B, self.config.num_heads, self.config.memory_slots)
         if U.shape != want:
             raise InputError(f"gumbel_uniform must have shape [T, B, H, J] = {list(want)}, got {list(U.shape)}")
-        if not np.issubdtype(U.dtype, np.floating) or U.size and (U.min() < 0 or U.max() >= 1):
-            raise InputError("gumbel_uniform must hold floats in [0, 1)")
+        # written so that NaN fails too (every comparison with NaN is False)
+        if not np.issubdtype(U.dtype, np.floating) or not np.all((U >= 0) & (U < 1)):
+            raise InputError("gumbel_uniform must hold floats in [0, 1) (no NaN)")
         return U
 
     # ----------------------------------------------------------------- forward

@@ -155,10 +155,10 @@ def router_forward_xp(xp, u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head
     B, J, d_m = memory.shape
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
-    keys = (memory @ W_k.T).reshape(B, J, H, d_h)
+    # as thl_np.nn.router.slot_scores: m_j·(W_k,h^T q_h), so identical rows get identical scores
+    q_mem = xp.einsum("bhd,hdm->bhm", q, W_k.reshape(H, d_h, d_m))
     scale = 1.0 / math.sqrt(d_h)
-    scores = xp.einsum("bjhd,bhd->bhj", keys, q) * scale - load_penalty * read_ema[:, None, :]
-    del keys
+    scores = xp.einsum("bjm,bhm->bhj", memory, q_mem) * scale - load_penalty * read_ema[:, None, :]
     idx = argsort_stable(xp, -scores + 0.0)[..., :topk]
     picked = xp.take_along_axis(scores, idx, axis=-1)
     ex = xp.exp(picked - picked[..., :1])

@@ -1,11 +1,11 @@
 """The fast path: the same function as the plain step (spec §4), computed with less work.
 
 What it does less of, and why that is exact:
-- Slot keys ``m_j W_k^T`` are cached and recomputed only for the rows a step writes. The global decay
-  ``M ← γM`` scales every key by γ too, so the bank and its keys are stored divided by a running
-  scalar ``scale`` and the decay costs one multiplication; the stored rows are renormalised before
-  the scalar gets small.
-- Slot norms are cached the same way (squared norms of the stored rows).
+- The global decay ``M ← γM`` is a running scalar: the bank is stored divided by ``scale`` and the
+  decay costs one multiplication; the stored rows are renormalised before the scalar gets small.
+- Router scores are ``m_j·(W_k,h^T q_h)``: the query is mapped into memory space once per head, so no
+  slot keys are computed at all (see ``thl_np.nn.router.slot_scores``).
+- Slot norms are cached (squared norms of the stored rows), updated only where a step writes.
 - Values are projected only for what is read: ``r_h = W_v,h (Σ_rank α m_idx)``, one product per head.
 - The local buffer keeps its keys and values (``E Wk^T``, ``E Wv^T``) in a ring, computed once per token.
 - The output head runs only where logits are asked for, once over all positions of a prompt.
@@ -51,7 +51,7 @@ class FastDecoder:
         self.lk = P["local_attn.k.weight"]
         self.lv = P["local_attn.v.weight"]
         self.W_q = P["router.W_q.weight"]
-        self.W_k = np.ascontiguousarray(P["router.W_k.weight"])
+        self.W_k_heads = P["router.W_k.weight"].reshape(H, c.head_dim, c.memory_dim)
         self.W_v_heads_T = np.ascontiguousarray(P["router.W_v.weight"].reshape(H, -1, c.memory_dim).transpose(0, 2, 1))
         # update and reset gates read the same input: one product for both
         self.W_zr = [np.concatenate([P[f"tiers.cells.{k}.W_z.weight"], P[f"tiers.cells.{k}.W_r.weight"]])
@@ -80,8 +80,8 @@ class FastDecoder:
         self.S = np.ascontiguousarray(np.concatenate([np.asarray(s, dt) for s in state.tiers], axis=1))
         self.memory = np.array(state.memory, dtype=dt)
         self.scale = 1.0
-        self.norm2 = np.einsum("bjm,bjm->bj", self.memory, self.memory)
-        self.keys = np.ascontiguousarray((self.memory @ self.W_k.T).reshape(B, J, H, c.head_dim).transpose(0, 2, 1, 3))
+        self.norm2 = np.empty((B, J), dt)
+        kernels.row_norms2(self.memory, self.norm2)
         self.read_ema = np.array(state.read_ema, dtype=dt)
         self.write_ema = np.array(state.write_ema, dtype=dt)
         self.last_read = np.array(state.last_read, dtype=np.int64)
@@ -149,8 +149,9 @@ class FastDecoder:
         # 3-4. router read and read metadata
         o = self.offsets
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
-        q = (u @ self.W_q.T).reshape(self.B, c.num_heads, c.head_dim)
-        kernels.route(q, self.keys, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty,
+        q = (u @ self.W_q.T).reshape(self.B, c.num_heads, 1, c.head_dim)
+        q_mem = np.ascontiguousarray(np.matmul(q, self.W_k_heads)[:, :, 0, :])     # [B, H, d_m]
+        kernels.route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty,
                       1.0 / math.sqrt(c.head_dim), c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay,
                       self._mix, self._idx, self._alpha)
         r = np.matmul(self._mix[:, :, None, :], self.W_v_heads_T)[:, :, 0, :].reshape(self.B, c.value_dim)
@@ -173,7 +174,7 @@ class FastDecoder:
         x_w = np.concatenate([self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         w_raw = x_w @ self.W_w.T + self.b_w
         self.scale = kernels.write(
-            w_raw, self.memory, self.norm2, self.keys, self.W_k, self.scale, self.read_ema, self.write_ema,
+            w_raw, self.memory, self.norm2, self.scale, self.read_ema, self.write_ema,
             self.last_write, t, c.write_slots, c.write_clip_max, c.novelty_beta, c.novelty_theta, c.stale_weight,
             c.underuse_weight, c.memory_decay, c.write_rate, c.write_ema_decay, self._targets, self._g)
         if self.scale < self.renorm_below:
@@ -182,10 +183,8 @@ class FastDecoder:
         return self.S
 
     def _renormalise(self) -> None:
-        s = self.dtype.type(self.scale)
-        self.memory *= s
-        self.keys *= s
-        self.norm2 = np.einsum("bjm,bjm->bj", self.memory, self.memory)
+        self.memory *= self.dtype.type(self.scale)
+        kernels.row_norms2(self.memory, self.norm2)
         self.scale = 1.0
 
     def logits(self, tier_states: np.ndarray) -> np.ndarray:
@@ -219,4 +218,4 @@ class FastDecoder:
         return self.logits(self.S) if logits == "last" else None
 
 
-_SHARED_WEIGHTS = {"emb", "lq", "lk", "lv", "W_q", "W_k", "W_v_heads_T", "W_w", "b_w", "ln_w", "ln_b", "W_o", "b_o"}
+_SHARED_WEIGHTS = {"emb", "lq", "lk", "lv", "W_q", "W_k_heads", "W_v_heads_T", "W_w", "b_w", "ln_w", "ln_b", "W_o", "b_o"}

@@ -6,6 +6,37 @@ import numpy as np
 from numba import njit, prange
 
 
+# Reassociation lets LLVM vectorise a dot product; every row still runs the same code, so identical rows
+# of the bank give identical dot products (the spec's tie rule needs that). No "no NaN/inf" assumptions.
+_VECTORISE = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(cache=True, fastmath=_VECTORISE)
+def _dot(a, b):
+    acc = a[0] - a[0]
+    for i in range(a.shape[0]):
+        acc += a[i] * b[i]
+    return acc
+
+
+@njit(cache=True, fastmath=_VECTORISE)
+def row_dots(rows, v, out):
+    """out[j] = rows[j]·v, one code path for every row."""
+    for j in range(rows.shape[0]):
+        acc = rows[j, 0] - rows[j, 0]
+        for i in range(rows.shape[1]):
+            acc += rows[j, i] * v[i]
+        out[j] = acc
+
+
+@njit(cache=True)
+def row_norms2(memory, out):
+    """out[b, j] = memory[b, j]·memory[b, j]."""
+    for b in range(memory.shape[0]):
+        for j in range(memory.shape[1]):
+            out[b, j] = _dot(memory[b, j], memory[b, j])
+
+
 @njit(cache=True)
 def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
     """Spec §4.2 over cached keys/values: out[b] = Σ_i softmax(k_i·q/√d)_i v_i, i in logical buffer order."""
@@ -29,20 +60,22 @@ def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
 
 
 @njit(cache=True)
-def route(q, keys, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
           mix, idx_out, alpha_out):
-    """Spec §4.3-4.4 for every sequence: scores from the cached keys [B, H, J, d_h] (true keys =
-    scale·keys), top-κ per
+    """Spec §4.3-4.4 for every sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see
+    thl_np.nn.router.slot_scores; true memory = scale·memory), top-κ per
     head (descending, ties to the lower index), softmax, optional slot capacity, the α-weighted mix of
     the picked memory rows per head (the value projection is linear, so it is applied once to the mix),
     then read_ema and last_read in place."""
-    B, H, J, D = keys.shape
+    B, J, _ = memory.shape
+    H = q_mem.shape[1]
     scores = np.empty(J, dtype=np.float64)
+    dots = np.empty(J, dtype=memory.dtype)
     A = np.zeros(J, dtype=np.float64)
     for b in range(B):
         A[:] = 0.0
         for h in range(H):
-            dots = np.dot(keys[b, h], q[b, h])
+            row_dots(memory[b], q_mem[b, h], dots)
             for j in range(J):
                 scores[j] = (scale * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
             # insertion into a sorted list of κ: strict '>' keeps an earlier (lower) index ahead on ties
@@ -93,14 +126,15 @@ def route(q, keys, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt
 
 
 @njit(cache=True)
-def write(w_raw, memory, norm2, keys, W_k, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
           beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
     """Spec §4.6-4.7 on the scaled bank (true memory = scale·memory). Returns the new scale γ·scale; the
-    targets' rows, norms and cached keys are updated in place, the decay itself costs nothing."""
+    targets' rows and squared norms are updated in place, the decay itself costs nothing."""
     B, J, Dm = memory.shape
     new_scale = scale * decay
     aff = np.empty(J, dtype=np.float64)
     prio = np.empty(J, dtype=np.float64)
+    dots = np.empty(J, dtype=memory.dtype)
     for b in range(B):
         w = w_raw[b].copy()
         n_raw = np.sqrt(np.dot(w, w))
@@ -110,7 +144,7 @@ def write(w_raw, memory, norm2, keys, W_k, scale, read_ema, write_ema, last_writ
         n_w = np.sqrt(np.dot(w, w))
         j_star = 0
         any_empty = False
-        dots = np.dot(memory[b], w)  # one GEMV over the bank
+        row_dots(memory[b], w, dots)
         for j in range(J):
             n_m = scale * np.sqrt(norm2[b, j])
             if n_m <= 1e-6:
@@ -141,10 +175,7 @@ def write(w_raw, memory, norm2, keys, W_k, scale, read_ema, write_ema, last_writ
         for s in range(write_slots):
             j = targets_out[b, s]
             memory[b, j] += step * w
-            norm2[b, j] = np.dot(memory[b, j], memory[b, j])
-            k_row = np.dot(W_k, memory[b, j])
-            for h in range(keys.shape[1]):
-                keys[b, h, j] = k_row[h * keys.shape[3]:(h + 1) * keys.shape[3]]
+            norm2[b, j] = _dot(memory[b, j], memory[b, j])
             last_write[b, j] = t
         for j in range(J):
             write_ema[b, j] *= ema_decay

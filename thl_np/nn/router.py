@@ -2,6 +2,7 @@
 
     u = [e; s^0; s^{K-1}],  q = u W_q^T  (H heads of d_h),  k_{h,j} = m_j W_k^T (split likewise)
     score_{h,j} = (k_{h,j}·q_h)/√d_h − λ_load · read_ema_j          (+ Gumbel noise in training)
+                computed as m_j·(W_k,h^T q_h) (see slot_scores)
     idx_h = the κ largest scores of head h, descending, equal scores ranked by lower slot index
     α_h = softmax(score_{h, idx_h})  →  optional per-sequence slot capacity mask, renormalised
     v_j = m_j W_v^T (H heads of d_v/H),  r_h = Σ_rank α_{h,rank} v_{h, idx_{h,rank}},  r = [r_0; …]
@@ -58,9 +59,7 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
     B, J, d_m = memory.shape
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
-    keys = (memory.reshape(B * J, d_m) @ W_k.T).reshape(B, J, H, d_h)
-    scale = 1.0 / math.sqrt(d_h)  # a Python float: keeps float32 inputs float32
-    scores = np.matmul(keys.transpose(0, 2, 1, 3), q[..., None])[..., 0] * scale - load_penalty * read_ema[:, None, :]
+    q_mem, scores = slot_scores(memory, q, W_k, read_ema, load_penalty)
     if gumbel is not None:
         scores = scores + gumbel
     idx = top_k_desc(scores, topk)                                     # [B, H, κ]
@@ -73,20 +72,30 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
         alpha, cap_mask, cap_used = alpha_soft, None, None
     b_ix = np.arange(B)[:, None, None]
     m_sel = memory[b_ix, idx]                                          # [B, H, κ, d_m]
-    h_ix = np.arange(H)[None, :, None]
-    k_sel = keys[b_ix, idx, h_ix]                                      # [B, H, κ, d_h]
     W_v_heads = W_v.reshape(H, -1, d_m)                                # [H, d_v/H, d_m]
     v_sel = np.einsum("bhrm,hvm->bhrv", m_sel, W_v_heads)
     r = np.einsum("bhr,bhrv->bhv", alpha, v_sel).reshape(B, -1)
-    cache = (u, q, idx, m_sel, k_sel, v_sel, alpha_soft, alpha, cap_mask, cap_used, scale)
+    cache = (u, q, q_mem, idx, m_sel, v_sel, alpha_soft, alpha, cap_mask, cap_used, 1.0 / math.sqrt(d_h))
     return r, alpha, idx, cache
+
+
+def slot_scores(memory, q, W_k, read_ema, load_penalty):
+    """score_{h,j} = (k_{h,j}·q_h)/√d_h − λ_load·read_ema_j for every slot, computed as m_j·(W_k,h^T q_h):
+    the same number (k_{h,j} = m_j W_k,h^T), but every slot's score is one dot product of its own row
+    with one shared vector, so identical rows get identical scores and the tie rule (lower index first)
+    holds exactly; it is also J·d_m work per head instead of J·d_m·d_h. Returns (q_mem [B, H, d_m], scores)."""
+    B, H, d_h = q.shape
+    q_mem = np.einsum("bhd,hdm->bhm", q, W_k.reshape(H, d_h, memory.shape[2]))
+    scale = 1.0 / math.sqrt(d_h)  # a Python float: keeps float32 inputs float32
+    scores = np.einsum("bjm,bhm->bhj", memory, q_mem) * scale - load_penalty * read_ema[:, None, :]
+    return q_mem, scores
 
 
 def router_backward(d_r, d_alpha_extra, cache, W_q, W_k, W_v, *, num_heads, head_dim, load_penalty):
     """d_r [B, d_v] and d_alpha_extra [B, H, κ] (from read_ema / the load-balance term) →
     (d_u, d_m_sel [B, H, κ, d_m] to scatter at idx, d_read_ema_sel [B, H, κ] to scatter at idx,
      dW_q, dW_k, dW_v)."""
-    u, q, idx, m_sel, k_sel, v_sel, alpha_soft, alpha, cap_mask, cap_used, scale = cache
+    u, q, q_mem, idx, m_sel, v_sel, alpha_soft, alpha, cap_mask, cap_used, scale = cache
     B, H, kappa, d_m = m_sel.shape
     d_h = head_dim
     d_r = d_r.reshape(B, H, -1)
@@ -102,12 +111,12 @@ def router_backward(d_r, d_alpha_extra, cache, W_q, W_k, W_v, *, num_heads, head
             total > 0, total, 1.0)
         d_alpha = np.where(cap_used[..., None], d_capped, d_alpha)
     d_picked = alpha_soft * (d_alpha - (alpha_soft * d_alpha).sum(axis=-1, keepdims=True))
-    # score = k·q·scale − λ·read_ema (+ constant noise)
-    d_q = np.einsum("bhr,bhrd->bhd", d_picked, k_sel) * scale
-    d_k_sel = d_picked[..., None] * q[:, :, None, :] * scale          # [B, H, κ, d_h]
+    # score = m·q_mem·scale − λ·read_ema (+ constant noise), q_mem_h = W_k,h^T q_h
+    d_q_mem = np.einsum("bhr,bhrm->bhm", d_picked, m_sel) * scale
+    d_m_sel = d_m_sel + d_picked[..., None] * q_mem[:, :, None, :] * scale
     W_k_heads = W_k.reshape(H, d_h, d_m)
-    d_m_sel = d_m_sel + np.einsum("bhrd,hdm->bhrm", d_k_sel, W_k_heads)
-    dW_k = np.einsum("bhrd,bhrm->hdm", d_k_sel, m_sel).reshape(W_k.shape)
+    d_q = np.einsum("bhm,hdm->bhd", d_q_mem, W_k_heads)
+    dW_k = np.einsum("bhd,bhm->hdm", q, d_q_mem).reshape(W_k.shape)
     d_read_ema_sel = -load_penalty * d_picked
     d_q = d_q.reshape(B, H * d_h)
     d_u = d_q @ W_q
