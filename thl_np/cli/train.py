@@ -87,6 +87,26 @@ class _Progress:
                    f"checkpoint {e['checkpoint']}")
 
 
+def _data_filters(f):
+    """--include / --exclude: repeatable glob patterns that select a data folder's files."""
+    f = click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
+                     help="Skip files whose name, folder names or relative path match (repeatable): "
+                          "--exclude test --exclude 'site-packages'.")(f)
+    f = click.option("--include", "include", multiple=True, metavar="GLOB",
+                     help="Read only a folder's files whose name (or relative path, if GLOB has a '/') "
+                          "matches (repeatable): --include '*.py'.")(f)
+    return f
+
+
+def _load_data(data, include, exclude):
+    """The path itself when no filter is given (the trainer reads it), else the selected bytes."""
+    if not include and not exclude:
+        return data
+    from ..training.data import load_bytes
+
+    return load_bytes(data, include, exclude)
+
+
 def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfig:
     """A new run's model: vocab 259 (byte tokenizer), every width ``dim``, ``memory_slots`` slots, the
     rest THLConfig defaults; or ``--config``'s fields with only the flags actually given on top."""
@@ -126,7 +146,9 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
               help="Carry the recurrent state between chunks (gradient cut).  [default: carry]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, help="Line period when not on a TTY.")
-def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, **flags):
+@_data_filters
+def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, include, exclude,
+          **flags):
     """Train a byte-level THL model on a text file or folder (first 90% trained on, last 10% held out).
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
@@ -138,6 +160,7 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
       thl-np train --data /usr/share/common-licenses/GPL-3 --out runs/gpl \\
           --dim 128 --memory-slots 64 --steps 600 --batch-size 8 --seq-len 128
       thl-np eval --model runs/gpl --data held-out.txt
+      thl-np train --data /usr/lib/python3.11 --include "*.py" --exclude test --out runs/py
     """
     from ..training.trainer import saved_train_config
     from ..training.trainer import train as run_training
@@ -151,46 +174,134 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
     elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype)):
         click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype are ignored with --resume "
                    "(the model comes from the checkpoint)", err=True)
-    result = run_training(model_config, data, out, tc, log=_Progress(log_every))
+    result = run_training(model_config, _load_data(data, include, exclude), out, tc,
+                          log=_Progress(log_every))
     if result.interrupted:
         click.get_current_context().exit(130)
 
 
+def _int_list(ctx, param, value):
+    """'256,1024,4096' -> [256, 1024, 4096] (a usage error names the flag otherwise)."""
+    if value is None:
+        return None
+    try:
+        out = [int(v) for v in str(value).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r} must list positive integers, e.g. 256,1024,4096")
+    return out
+
+
 @click.command("eval")
-@click.option("--model", "model_dir", required=True,
-              help="Model folder (config.json + model.safetensors) or a `thl-np train` output folder.")
-@click.option("--data", "data", required=True, help="Text file, or folder of text files (read recursively).")
+@click.option("--model", "model_dir",
+              help="Model folder (config.json + model.safetensors) or a `thl-np train` output folder "
+                   "[default: the packaged model].")
+@click.option("--data", "data", help="Text file, or folder of text files (read recursively): bits per byte.")
+@_data_filters
+@click.option("--held-out", "held_out", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="Evaluate only the last FRACTION of the byte stream: the part `thl-np train --held-out "
+                   "FRACTION` held out of the same --data/--include/--exclude.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Bytes per forward call (the state is carried across calls).")
 @click.option("--lanes", type=click.IntRange(min=1), default=4, show_default=True,
               help="Contiguous lanes evaluated in parallel (each starts from an empty state).")
 @click.option("--max-bytes", type=click.IntRange(min=2), help="Evaluate only the first N bytes.")
+@click.option("--passkey", is_flag=True, help="Passkey retrieval: a 5-digit key hidden in filler, asked for "
+                                               "at the end, at each --lengths.")
+@click.option("--lengths", callback=_int_list, default="256,1024,4096", show_default=True,
+              help="Passkey context lengths (bytes).")
+@click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Passkey trials per length.")
+@click.option("--depth", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
+              help="Where the key sits in the filler (0 = start, 1 = just before the question).")
+@click.option("--filler", type=click.Choice(["python", "prose"]), default="python", show_default=True,
+              help="Passkey filler text.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the passkey keys and filler.")
+@click.option("--memory-plot", "memory_plot", type=click.Path(dir_okay=False),
+              help="Measure memory after each --plot-lengths tokens and draw it against a Transformer's "
+                   "KV cache into this PNG (needs matplotlib).")
+@click.option("--plot-lengths", callback=_int_list, default="256,1024,4096,16384,65536", show_default=True,
+              help="Context lengths (tokens) measured for --memory-plot.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def eval_(model_dir, data, seq_len, lanes, max_bytes, dtype, as_json):
-    """Bits per byte of a model on a text file or folder (next-byte cross-entropy / ln 2).
+def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
+          depth, filler, seed, memory_plot, plot_lengths, dtype, as_json):
+    """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
+    context length (--memory-plot). Give at least one of the three.
+
+    Bits per byte is the next-byte cross-entropy / ln 2. Passkey accuracy is the fraction of trials whose
+    greedy 5-byte answer is the key (chance: 1e-5; per digit 0.1); each length also reports the process's
+    resident memory and the THL state's bytes (fixed, whatever the length).
 
     \b
     Example:
       thl-np eval --model runs/gpl --data /usr/share/common-licenses/MPL-2.0 --max-bytes 20000
+      thl-np eval --data /usr/lib/python3.11 --include "*.py" --exclude test --held-out 0.05
+      thl-np eval --passkey --lengths 256,1024,4096 --trials 10 --json
+      thl-np eval --memory-plot docs/memory_vs_context.png
     """
     from ..model import THLModel
-    from ..training.checkpoint import resolve_model_dir
-    from ..training.data import load_bytes
-    from ..training.trainer import evaluate
 
+    if data is None and not passkey and memory_plot is None:
+        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey and/or --memory-plot PATH")
+    if data is None and (include or exclude or held_out or max_bytes):
+        raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
     t0 = time.perf_counter()
-    path = resolve_model_dir(model_dir)
+    path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
-    stream = load_bytes(data)
-    res = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
-    res.update(model=os.fspath(path), data=data, seconds=time.perf_counter() - t0)
+    res = {"model": os.fspath(path)}
+    say = (lambda text: None) if as_json else click.echo
+    if passkey:
+        from ..evaluation import passkey_eval, passkey_lines
+
+        report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler)
+        res["passkey"] = report
+        for line in passkey_lines(report):
+            say(line)
+    if memory_plot is not None:
+        from ..evaluation import format_bytes, memory_vs_context, plot_memory
+
+        report = memory_vs_context(model, plot_lengths, seed=seed)
+        report["plot"] = plot_memory(report, memory_plot)
+        res["memory"] = report
+        tf = report["transformer"]
+        say(f"memory vs context (batch 1); Transformer KV cache computed for {tf['layers']} layers x "
+            f"width {tf['width']}, float32:")
+        for r in report["results"]:
+            say(f"  T={r['length']:>7}: THL state {format_bytes(r['state_bytes'])}, session "
+                f"{format_bytes(r['session_bytes'])}, RSS {format_bytes(r['rss_bytes'])}; "
+                f"KV cache {format_bytes(r['kv_cache_bytes'])}")
+        say(f"wrote {report['plot']}")
+    if data is not None:
+        from ..training.data import load_bytes, split_bytes
+        from ..training.trainer import evaluate
+
+        stream = load_bytes(data, include, exclude)
+        if held_out:
+            stream = split_bytes(stream, held_out)[1]
+        bpb = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
+        res.update(bpb, data=data)
+        if include or exclude or held_out:
+            res.update(include=list(include), exclude=list(exclude), held_out=held_out)
+        say(f"model {path}: {bpb['bytes']:,} bytes predicted over {bpb['lanes']} lane(s) "
+            f"in {_fmt_time(bpb['seconds'])}")
+    res["seconds"] = time.perf_counter() - t0
     if as_json:
         click.echo(json.dumps(res))
-        return
-    click.echo(f"model {path}: {res['bytes']:,} bytes predicted over {res['lanes']} lane(s) "
-               f"in {_fmt_time(res['seconds'])}")
-    click.echo(f"bits_per_byte: {res['bits_per_byte']:.4f}")
+    elif data is not None:
+        click.echo(f"bits_per_byte: {res['bits_per_byte']:.4f}")
+
+
+def _eval_model_dir(model_dir):
+    """--model as given (a model folder or a training output folder), or the packaged default model."""
+    from ..training.checkpoint import resolve_model_dir
+    from .basic import resolve_model_dir as packaged_or_given
+
+    if model_dir is None:
+        return packaged_or_given(None)
+    return resolve_model_dir(model_dir)
 
 
 COMMANDS = [train, eval_]

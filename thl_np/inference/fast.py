@@ -150,7 +150,7 @@ class FastDecoder:
         o = self.offsets
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         q = (u @ self.W_q.T).reshape(self.B, c.num_heads, 1, c.head_dim)
-        q_mem = np.ascontiguousarray(np.matmul(q, self.W_k_heads)[:, :, 0, :])     # [B, H, d_m]
+        q_mem = np.ascontiguousarray(np.matmul(q, self.W_k_heads)[:, :, 0, :])  # [B, H, d_m]
         kernels.route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty,
                       1.0 / math.sqrt(c.head_dim), c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay,
                       self._mix, self._idx, self._alpha)
@@ -218,4 +218,6 @@ class FastDecoder:
         return self.logits(self.S) if logits == "last" else None
 
 
-_SHARED_WEIGHTS = {"emb", "lq", "lk", "lv", "W_q", "W_k_heads", "W_v_heads_T", "W_w", "b_w", "ln_w", "ln_b", "W_o", "b_o"}
+# weights (and views of them) that a clone shares with its original instead of copying
+_SHARED_WEIGHTS = {"emb", "lq", "lk", "lv", "W_q", "W_k_heads", "W_v_heads_T", "W_w", "b_w", "ln_w", "ln_b",
+                   "W_o", "b_o"}

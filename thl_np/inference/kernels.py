@@ -5,7 +5,6 @@ scatter into a few rows, the writer's scan of the bank). Each mirrors a plain-pa
 import numpy as np
 from numba import njit, prange
 
-
 # Reassociation lets LLVM vectorise a dot product; every row still runs the same code, so identical rows
 # of the bank give identical dot products (the spec's tie rule needs that). No "no NaN/inf" assumptions.
 _VECTORISE = {"reassoc", "contract", "nsz", "arcp"}

@@ -10,6 +10,7 @@ contiguous lanes and walks all lanes forward together, T bytes at a time.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 from dataclasses import dataclass
@@ -28,32 +29,66 @@ def _is_text_like(path: str) -> bool:
         return b"\x00" not in f.read(_SNIFF_BYTES)
 
 
-def list_text_files(path: str) -> list[str]:
-    """The text-like files under ``path`` (itself if a file), recursively, sorted; hidden names skipped."""
+def _matches(rel: str, patterns, folders: bool) -> bool:
+    """Whether the path ``rel`` (relative to the data root, ``/``-separated) matches one of ``patterns``.
+
+    A pattern holding a ``/`` is matched (``fnmatch``, where ``*`` also crosses ``/``) against the whole
+    relative path; one without is matched against the file name and, when ``folders``, against the name of
+    every folder on the way (so ``--exclude test`` drops every ``test/`` folder at any depth).
+    """
+    parts = rel.split("/")
+    for pat in patterns:
+        if "/" in pat:
+            if fnmatch.fnmatchcase(rel, pat.strip("/")):
+                return True
+        elif any(fnmatch.fnmatchcase(name, pat) for name in (parts if folders else parts[-1:])):
+            return True
+    return False
+
+
+def list_text_files(path: str, include=None, exclude=None) -> list[str]:
+    """The text-like files under ``path`` (itself if a file), recursively, sorted; hidden names skipped.
+
+    ``include`` (glob patterns): keep only files whose name (or relative path, for a pattern with a
+    ``/``) matches one of them. ``exclude``: drop files whose name, any of whose folders' names, or whose
+    relative path matches one of them. Both only filter the files of a folder; a single file named
+    directly is read as is.
+    """
     if os.path.isfile(path):
         return [path]
+    include, exclude = list(include or ()), list(exclude or ())
     found = []
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             full = os.path.join(root, name)
+            rel = os.path.relpath(full, path).replace(os.sep, "/")
+            if include and not _matches(rel, include, folders=False):
+                continue
+            if exclude and _matches(rel, exclude, folders=True):
+                continue
             if not name.startswith(".") and os.path.isfile(full) and _is_text_like(full):
                 found.append(full)
     return found
 
 
-def load_bytes(path: str | os.PathLike) -> np.ndarray:
+def load_bytes(path: str | os.PathLike, include=None, exclude=None) -> np.ndarray:
     """A text file, or every text-like file of a folder concatenated, as a uint8 array of byte ids.
 
-    A single file is read as is (even if it looks binary: the caller named it). Raises InputError for a
-    missing path, a folder without text files, or no bytes at all.
+    A single file is read as is (even if it looks binary: the caller named it). ``include`` / ``exclude``
+    are glob patterns that select a folder's files (see :func:`list_text_files`). Raises InputError for a
+    missing path, a folder without (matching) text files, or no bytes at all.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"data path {path!r} does not exist: give a text file or a folder of text files")
-    files = list_text_files(path)
+    files = list_text_files(path, include, exclude)
     if not files:
-        raise InputError(f"data folder {path!r} holds no text files (hidden and binary files are skipped)")
+        filters = ""
+        if include or exclude:
+            filters = f" matching include {list(include or [])} / exclude {list(exclude or [])}"
+        raise InputError(f"data folder {path!r} holds no text files{filters} "
+                         "(hidden and binary files are skipped)")
     chunks = []
     for name in files:
         with open(name, "rb") as f:
