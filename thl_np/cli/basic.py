@@ -136,7 +136,7 @@ def print_summary(info: dict) -> None:
 def read_prompt(prompt: str) -> str | bytes:
     """`-` means stdin, read as bytes so that any input (even invalid UTF-8) reaches the model as is."""
     if prompt == "-":
-        return click.get_binary_stream("stdin").read()
+        return sys.stdin.buffer.read()
     return prompt
 
 
