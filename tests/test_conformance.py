@@ -10,6 +10,7 @@ import pytest
 
 CONFORMANCE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance").resolve()
 RUNNER = CONFORMANCE / "run_conformance.py"
+CASES = CONFORMANCE / "cases"
 
 
 @pytest.mark.parametrize("args", [
@@ -31,3 +32,35 @@ def test_conformance_cases(args):
     passed, failed = int(m.group(1)), int(m.group(2))
     assert proc.returncode == 0 and failed == 0, f"conformance failed (exit {proc.returncode}):\n{out}"
     assert passed == len(cases) and passed > 0, f"{passed} passed but {len(cases)} cases exist:\n{out}"
+
+
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_value_and_grad_paths_match_recorded_gradients(path):
+    """Both gradient paths, in-process, against the recorded PyTorch THL runs (float64): the runner above
+    goes through the default path only."""
+    import json
+
+    import numpy as np
+
+    import thl_np
+
+    cases = sorted(p.parent for p in CASES.glob("*/expected.npz")) if CASES.is_dir() else []
+    if not cases:
+        pytest.skip(f"no conformance cases at {CASES}")
+    for case in cases:
+        inp, exp = np.load(case / "inputs.npz"), np.load(case / "expected.npz")
+        kw = {"gumbel_uniform": inp["gumbel_uniform"]} if "gumbel_uniform" in inp else {}
+        model = thl_np.THLModel.from_pretrained(case, dtype="float64")
+        state = thl_np.InferenceState.load(case / "state_in.npz")
+        loss, grads, out = thl_np.value_and_grad(model, inp["input_ids"], inp["targets"], state=state,
+                                                 return_state=True, path=path, **kw)
+        assert abs(loss - float(exp["loss"])) < 1e-12, case.name
+        for key in exp.files:
+            if key.startswith("grad."):
+                ref = exp[key]
+                rel = np.abs(grads[key[5:]] - ref).max() / max(np.abs(ref).max(), 1e-12)
+                assert rel < 1e-12, (case.name, key, rel)
+        skip = json.loads((case / "meta.json").read_text()).get("tie_sensitive_state", [])
+        for key, value in out.arrays().items():
+            if key not in skip and f"state_out.{key}" in exp.files:
+                assert np.abs(np.asarray(value, float) - exp[f"state_out.{key}"]).max() < 1e-12, (case.name, key)

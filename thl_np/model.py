@@ -470,13 +470,22 @@ class THLModel:
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
-                   return_state_grad=False):
+                   return_state_grad=False, path: str = "auto"):
     """Loss (spec §5: mean cross-entropy over B·T, plus the load-balance term when its weight is non-zero)
     and the exact gradient of every parameter, by back-propagation through all T steps.
 
     Returns ``(loss, grads)``; with ``return_state=True`` also the final state (to carry into the next
     chunk of truncated BPTT); with ``return_state_grad=True`` also the gradient w.r.t. the initial state.
+    ``path``: "auto" / "fast" run ``thl_np.training.fast_grad`` (the same numbers with much less work),
+    "plain" runs this file's tape and ``sequence_backward`` (the spec, step by step).
     """
+    if path not in ("auto", "fast", "plain"):
+        raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
+    if path != "plain":
+        from .training.fast_grad import fast_value_and_grad  # imported here: fast_grad imports this module
+
+        return fast_value_and_grad(model, input_ids, targets, state=state, gumbel_uniform=gumbel_uniform,
+                                   return_state=return_state, return_state_grad=return_state_grad)
     ids = model._check_ids(input_ids)
     tg = model._check_ids(targets, name="targets")
     if tg.shape != ids.shape:
