@@ -19,6 +19,10 @@ import math
 import numpy as np
 from numba import njit
 
+# One definition of the per-row dot order and of the tie rule for both fast paths. (Numba caches by the
+# calling module's file: after editing these in thl_np/inference/kernels.py, clear __pycache__ here too.)
+from ..inference.kernels import _dot, _top_desc, row_dots, row_norms2  # noqa: F401
+
 
 @njit(cache=True)
 def _sigmoid(x):
@@ -26,55 +30,6 @@ def _sigmoid(x):
         return 1.0 / (1.0 + math.exp(-x))
     ex = math.exp(x)
     return ex / (1.0 + ex)
-
-
-# Reassociation lets LLVM vectorise a dot product; every row still runs the same code, so identical rows
-# give identical dot products. No "no NaN/inf" assumptions.
-_VECTORISE = {"reassoc", "contract", "nsz", "arcp"}
-
-
-@njit(cache=True, fastmath=_VECTORISE)
-def _dot(x, y):
-    """x·y of two short vectors (a BLAS call costs more than the loop here)."""
-    acc = x[0] - x[0]
-    for m in range(x.shape[0]):
-        acc += x[m] * y[m]
-    return acc
-
-
-@njit(cache=True, fastmath=_VECTORISE)
-def row_dots(rows, v, out):
-    """out[j] = rows[j]·v, one code path for every row."""
-    for j in range(rows.shape[0]):
-        acc = rows[j, 0] - rows[j, 0]
-        for m in range(rows.shape[1]):
-            acc += rows[j, m] * v[m]
-        out[j] = acc
-
-
-@njit(cache=True)
-def row_norms2(mem, out):
-    """out[b, j] = mem[b, j]·mem[b, j] (the same code for every row)."""
-    for b in range(mem.shape[0]):
-        for j in range(mem.shape[1]):
-            out[b, j] = _dot(mem[b, j], mem[b, j])
-
-
-@njit(cache=True)
-def _top_desc(values, k, out):
-    """The k largest entries of ``values``, descending, ties to the lower index."""
-    count = 0
-    for j in range(values.shape[0]):
-        v = values[j]
-        if count == k and not v > values[out[k - 1]]:
-            continue
-        p = count if count < k else k - 1
-        while p > 0 and v > values[out[p - 1]]:
-            out[p] = out[p - 1]
-            p -= 1
-        out[p] = j
-        if count < k:
-            count += 1
 
 
 # ---------------------------------------------------------------------------------------------------
