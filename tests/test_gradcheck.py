@@ -71,10 +71,20 @@ def _branches(model, ids, state, U):
 
 
 def check_model_gradients(model, ids, targets, state, U, rng, reports=None):
-    """Compare value_and_grad's parameter and initial-state gradients with central differences."""
+    """Compare value_and_grad's parameter and initial-state gradients with central differences (the plain
+    path, the spec), and the fast path's (the default) with the plain path's."""
     c = model.config
     loss, grads, d_state = value_and_grad(model, ids, targets, state=state, gumbel_uniform=U,
-                                          return_state_grad=True)
+                                          return_state_grad=True, path="plain")
+    loss_f, grads_f, d_state_f = value_and_grad(model, ids, targets, state=state, gumbel_uniform=U,
+                                                return_state_grad=True, path="fast")
+    assert abs(loss_f - loss) <= 1e-12 * max(1.0, abs(loss))
+    for plain, fast in ((grads, grads_f), (d_state, d_state_f)):
+        scale = max([float(np.abs(g).max()) for g in plain.values() if g.size] + [1e-300])
+        for name, g in plain.items():
+            assert fast[name].shape == g.shape, name
+            if g.size:
+                assert np.abs(fast[name] - g).max() <= 1e-9 * scale, f"fast path differs from plain at {name}"
     loss0, _ = loss_and_choices(model.params, c, ids, targets, state, U)
     assert abs(loss - loss0) <= 1e-12 * max(1.0, abs(loss)), (loss, loss0)
     assert set(grads) == set(model.params)
@@ -213,7 +223,7 @@ def test_gradcheck_catches_a_broken_backward(monkeypatch):
     model = THLModel(cfg, params=random_params(cfg, rng))
     state = random_state(cfg, 1, rng)
     ids = rng.integers(0, cfg.vocab_size, (1, 4))
-    loss, grads = value_and_grad(model, ids, ids, state=state)
+    loss, grads = value_and_grad(model, ids, ids, state=state, path="plain")
 
     def f(_):
         return loss_and_choices(model.params, cfg, ids, ids, state)

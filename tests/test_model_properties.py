@@ -171,8 +171,10 @@ def test_plain_and_fast_paths_agree(cfg, data):
     lf, sf = model(ids, state=state)
     _same(lf, lp, FAST_RTOL, "logits")
     _same_state(sf, sp, FAST_RTOL)
-    _, _, vg_state = value_and_grad(model, ids, ids, state=state, return_state=True)
+    _, _, vg_state = value_and_grad(model, ids, ids, state=state, return_state=True, path="plain")
     _same_state(vg_state, sp, EXACT)
+    _, _, vg_fast = value_and_grad(model, ids, ids, state=state, return_state=True)
+    _same_state(vg_fast, sp, FAST_RTOL)
 
 
 @PATHS

@@ -199,7 +199,7 @@ def _int_list(ctx, param, value):
                    "[default: the packaged model].")
 @click.option("--data", "data", help="Text file, or folder of text files (read recursively): bits per byte.")
 @_data_filters
-@click.option("--held-out", "held_out", type=click.FloatRange(min=0, max=1, min_open=True),
+@click.option("--held-out", "held_out", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
               help="Evaluate only the last FRACTION of the byte stream: the part `thl-np train --held-out "
                    "FRACTION` held out of the same --data/--include/--exclude.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
@@ -232,8 +232,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     context length (--memory-plot). Give at least one of the three.
 
     Bits per byte is the next-byte cross-entropy / ln 2. Passkey accuracy is the fraction of trials whose
-    greedy 5-byte answer is the key (chance: 1e-5; per digit 0.1); each length also reports the process's
-    resident memory and the THL state's bytes (fixed, whatever the length).
+    greedy 5-byte answer is the key (chance: 1e-5; per digit 0.1); the key's teacher-forced bits per digit
+    are shown next to a control prompt holding another key (equal: the key did not reach the question).
+    Each length also reports the process's resident memory and the THL state's bytes (fixed).
 
     \b
     Example:
@@ -271,7 +272,8 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
             f"width {tf['width']}, float32:")
         for r in report["results"]:
             say(f"  T={r['length']:>7}: THL state {format_bytes(r['state_bytes'])}, session "
-                f"{format_bytes(r['session_bytes'])}, RSS {format_bytes(r['rss_bytes'])}; "
+                f"{format_bytes(r['session_bytes'])}, RSS {format_bytes(r['rss_bytes'])} (grew "
+                f"{format_bytes(r['rss_growth_bytes'])} over the T tokens); "
                 f"KV cache {format_bytes(r['kv_cache_bytes'])}")
         say(f"wrote {report['plot']}")
     if data is not None:

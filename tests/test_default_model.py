@@ -1,0 +1,56 @@
+"""The packaged default model (thl_np/assets/default_model): present, small, loads, writes Python-ish text,
+and is what `thl-np generate` uses without --model."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from thl_np import THLModel, Tokenizer, generate_text
+from thl_np.cli import main
+from thl_np.cli.basic import DEFAULT_MODEL_DIR
+
+MAX_PARAMETERS = 5_000_000
+MAX_BYTES_ON_DISK = 20_000_000
+
+
+@pytest.fixture(scope="module")
+def model():
+    return THLModel.from_pretrained(str(DEFAULT_MODEL_DIR))
+
+
+def test_the_default_model_folder_is_complete_and_small():
+    names = set(os.listdir(DEFAULT_MODEL_DIR))
+    assert {"config.json", "model.safetensors", "MODEL_CARD.md"} <= names
+    on_disk = sum(os.path.getsize(DEFAULT_MODEL_DIR / n) for n in names if (DEFAULT_MODEL_DIR / n).is_file())
+    assert on_disk <= MAX_BYTES_ON_DISK
+
+
+def test_the_default_model_loads_and_has_at_most_5m_parameters(model):
+    assert model.num_parameters() <= MAX_PARAMETERS
+    assert model.config.vocab_size == Tokenizer().vocab_size == 259
+    assert str(model.dtype) == "float32"  # stored as float16, computed in float32
+
+
+def test_greedy_continuation_is_mostly_printable_ascii(model):
+    text = generate_text(model, Tokenizer(), "def fibonacci(n):", max_length=40, temperature=0)
+    assert len(text) >= 20
+    printable = sum(ch == "\n" or ch == "\t" or " " <= ch <= "~" for ch in text)
+    assert printable / len(text) >= 0.9, repr(text)
+    assert text == generate_text(model, Tokenizer(), "def fibonacci(n):", max_length=40, temperature=0)
+
+
+def test_generate_without_model_uses_the_packaged_model(capsys):
+    code = main(["generate", "def fibonacci(n):", "--max-length", "30", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert len(out) >= 10 and out.isascii()
+
+
+def test_the_installed_command_runs_without_model():
+    exe = os.path.join(os.path.dirname(sys.executable), "thl-np")
+    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "thl_np.cli"]
+    proc = subprocess.run([*argv, "generate", "def fibonacci(n):", "--max-length", "20", "--seed", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
