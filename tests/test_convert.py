@@ -464,3 +464,24 @@ def test_cli_convert_error_is_one_line(tmp_path, capsys):
     assert main(["convert", str(FIXTURES / "torch_malicious"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "posix.system" in err and "Traceback" not in err
+
+
+def test_recorded_pytorch_thl_checkpoint_reproduces_its_logits(tmp_path):
+    """A PyTorch-format checkpoint (torch.save of the state_dict + config.json) holding the weights of a
+    recorded PyTorch THL run converts without torch and reproduces that run's own logits: float64 to 1e-9,
+    float32 compute to 1e-4."""
+    import thl_np
+
+    src = FIXTURES / "pytorch_thl_recorded"
+    convert_pytorch_checkpoint(src, tmp_path / "converted")
+    run = np.load(src / "recorded_run.npz")
+    state = thl_np.InferenceState(
+        timestep=int(run["state_in.timestep"]),
+        tiers=[run[k] for k in sorted(run.files) if k.startswith("state_in.tier_state_")],
+        memory=run["state_in.memory"], read_ema=run["state_in.read_ema"], write_ema=run["state_in.write_ema"],
+        last_read=run["state_in.last_read"], last_write=run["state_in.last_write"],
+        local_buffer=run["state_in.local_buffer"], local_valid=int(run["state_in.local_valid"]))
+    for dtype, tol in (("float64", 1e-9), ("float32", 1e-4)):
+        model = thl_np.THLModel.from_pretrained(tmp_path / "converted", dtype=dtype)
+        logits, _ = model(run["input_ids"], state=state)
+        assert np.abs(logits - run["logits"]).max() < tol, dtype
