@@ -495,9 +495,7 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     state0 = model._prepare_state(state, B)
     P, c = model.params, model.config
     tier_states, state_out, tape = run_sequence(P, c, ids, state0, U, record=True)
-    logits, ln_cache, h = output_forward(P, tier_states)
-    loss, d_logits = cross_entropy_forward(logits, tg)
-    del logits
+    loss, d_tiers, head_grads = head_loss_and_backward(P, tier_states.reshape(B * T, -1), tg.reshape(-1))
     d_A_steps = None
     lam = c.router_load_balance_lambda
     if lam:
@@ -508,13 +506,27 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
             kl_total += kl.sum()
             d_A_steps.append(d_A * (lam / (B * T)))
         loss = loss + lam * kl_total / (B * T)
-    d_h, dW_o, db_o = linear_backward(d_logits, h, P["output_head.weight"])
-    d_tiers, d_gamma, d_beta = layer_norm_backward(d_h, ln_cache, P["layer_norm.weight"])
-    grads, d_state = sequence_backward(P, c, tape, d_tiers, d_A_steps, ids, state0)
-    grads["output_head.weight"] = dW_o
-    grads["output_head.bias"] = db_o
-    grads["layer_norm.weight"] = d_gamma
-    grads["layer_norm.bias"] = d_beta
+    grads, d_state = sequence_backward(P, c, tape, d_tiers.reshape(B, T, -1), d_A_steps, ids, state0)
+    grads.update(head_grads)
+    return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
+
+
+def head_loss_and_backward(params, tier_states, targets):
+    """Spec §4.8 and §5's cross-entropy over every position at once, as 2-D products: tier states
+    [N, Σ d_k] and targets [N] → (mean cross-entropy, d tier states [N, Σ d_k], the gradients of the
+    LayerNorm and the output head)."""
+    logits, ln_cache, h = output_forward(params, tier_states)
+    loss, d_logits = cross_entropy_forward(logits, targets)
+    del logits
+    d_h, dW_o, db_o = linear_backward(d_logits, h, params["output_head.weight"])
+    del d_logits
+    d_tiers, d_gamma, d_beta = layer_norm_backward(d_h, ln_cache, params["layer_norm.weight"])
+    return loss, d_tiers, {"output_head.weight": dW_o, "output_head.bias": db_o,
+                           "layer_norm.weight": d_gamma, "layer_norm.bias": d_beta}
+
+
+def pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad):
+    """value_and_grad's return value: (loss, grads[, final state][, initial-state gradient])."""
     out = [float(loss), grads]
     if return_state:
         out.append(state_out)

@@ -72,8 +72,8 @@ import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that Numba's np.dot cal
 
 from ..errors import InputError
 from ..inference.state import InferenceState
-from ..model import output_forward
-from ..nn.output import cross_entropy_forward, layer_norm_backward, linear_backward, load_balance_forward
+from ..model import head_loss_and_backward, pack_value_and_grad
+from ..nn.output import load_balance_forward
 from ..nn.router import gumbel_noise
 from . import grad_kernels as gk
 
@@ -505,30 +505,16 @@ def fast_value_and_grad(model, input_ids, targets, state=None, gumbel_uniform=No
 def _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad):
     B, T = ids.shape
     tier_states, state_out, tape = fast_forward(model, ids, state0, U, Wt)
-    # the head over all positions as 2-D products ([T, B, ·] @ W would loop over T small products)
-    logits, ln_cache, h = output_forward(P, tier_states.reshape(T * B, -1))
-    loss, d_logits = cross_entropy_forward(logits, tg.T.reshape(-1))
-    del logits
+    loss, d_tiers, head_grads = head_loss_and_backward(P, tier_states.reshape(T * B, -1), tg.T.reshape(-1))
     d_A = None
     lam = c.router_load_balance_lambda
     if lam:
         kl, d_A = load_balance_forward(tape.AW)
         loss = loss + lam * kl.sum() / (B * T)
         d_A = d_A * (lam / (B * T))
-    d_h, dW_o, db_o = linear_backward(d_logits, h, P["output_head.weight"])
-    del d_logits
-    d_tiers, d_gamma, d_beta = layer_norm_backward(d_h, ln_cache, P["layer_norm.weight"])
     grads, d_state = fast_backward(model, tape, d_tiers.reshape(T, B, -1), d_A, ids, Wt)
-    grads["output_head.weight"] = dW_o
-    grads["output_head.bias"] = db_o
-    grads["layer_norm.weight"] = d_gamma
-    grads["layer_norm.bias"] = d_beta
-    out = [float(loss), grads]
-    if return_state:
-        out.append(state_out)
-    if return_state_grad:
-        out.append(d_state)
-    return tuple(out)
+    grads.update(head_grads)
+    return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
 
 
 def training_memory_bytes(config, batch_size, seq_len, dtype=None, gumbel=True, local_valid=0, breakdown=False):
