@@ -133,13 +133,7 @@ def generate_ids(model, prompt_ids, max_length: int = 100, temperature: float = 
     """Token-level generation: :func:`iter_ids` collected into a :class:`GenerationResult`."""
     stream = iter_ids(model, prompt_ids, max_length, temperature, top_k, top_p, seed, state, eos_id,
                       vocab_limit, return_state)
-    ids = []
-    while True:
-        try:
-            ids.append(next(stream))
-        except StopIteration as stop:
-            final_state = stop.value
-            break
+    ids, final_state = _drain(stream)
     stopped = bool(ids) and eos_id is not None and ids[-1] == eos_id
     return GenerationResult(np.asarray(ids, dtype=np.int64), stopped, final_state)
 
@@ -246,13 +240,7 @@ def generate_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_l
     """
     stream = stream_text(model, tokenizer, prompt, max_length, temperature, top_k, top_p, seed, state,
                          return_state)
-    pieces = []
-    while True:
-        try:
-            pieces.append(next(stream))
-        except StopIteration as stop:
-            final_state = stop.value
-            break
+    pieces, final_state = _drain(stream)
     text = "".join(pieces)
     return (text, final_state) if return_state else text
 
@@ -297,3 +285,13 @@ def _check_state(state, config) -> None:
             "pass a batch-1 state (InferenceState.init(1, config) or one saved from a generation)"
         )
     check(config, batch_size=1)
+
+
+def _drain(generator):
+    """Run a generator to its end → (the items it yielded, the value it returned)."""
+    items = []
+    while True:
+        try:
+            items.append(next(generator))
+        except StopIteration as stop:
+            return items, stop.value

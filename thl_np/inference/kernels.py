@@ -141,33 +141,8 @@ def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write
         if ratio < 1.0:
             w *= ratio
         n_w = np.sqrt(np.dot(w, w))
-        j_star = 0
-        any_empty = False
-        row_dots(memory[b], w, dots)
-        for j in range(J):
-            n_m = scale * np.sqrt(norm2[b, j])
-            if n_m <= 1e-6:
-                any_empty = True
-            aff[j] = (scale * dots[j]) / ((n_w + 1e-8) * (n_m + 1e-8))
-            if aff[j] > aff[j_star]:
-                j_star = j
-        novelty = 1.0 - aff[j_star]
-        if novelty > theta:
-            g = 1.0 / (1.0 + np.exp(-beta * (novelty - theta)))
-            if any_empty:
-                count = 0
-                for pass_empty in (True, False):
-                    for j in range(J):
-                        if count < write_slots and ((scale * np.sqrt(norm2[b, j]) <= 1e-6) == pass_empty):
-                            targets_out[b, count] = j
-                            count += 1
-            else:
-                for j in range(J):
-                    prio[j] = stale_weight * (t - last_write[b, j]) + underuse_weight / (1e-8 + read_ema[b, j])
-                _top_desc(prio, write_slots, targets_out[b])
-        else:
-            g = 1.0
-            _top_desc(aff, write_slots, targets_out[b])
+        g, _, _ = choose_write(memory[b], norm2[b], w, n_w, scale, read_ema[b], last_write[b], t, write_slots,
+                               beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets_out[b])
         g_out[b] = g
         # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
         step = write_rate * g / new_scale
@@ -181,6 +156,44 @@ def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write
         for s in range(write_slots):
             write_ema[b, targets_out[b, s]] += 1.0 - ema_decay
     return new_scale
+
+
+@njit(cache=True)
+def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, write_slots, beta, theta,
+                 stale_weight, underuse_weight, aff, prio, dots, targets):
+    """Spec §4.6's discrete part for one sequence, shared by the decode and training kernels: cosine
+    affinities against the scaled bank (true memory = scale·memory_b), the arg-max slot j*, the branch
+    and the W_w targets (novel: empty slots first, else λ_s·staleness + λ_u·underuse; refine: largest
+    affinity; ties to the lower index). Fills aff and dots; returns (g, j*, novel)."""
+    row_dots(memory_b, w, dots)
+    j_star = 0
+    any_empty = False
+    for j in range(memory_b.shape[0]):
+        n_m = scale * np.sqrt(norm2_b[j])
+        if n_m <= 1e-6:
+            any_empty = True
+        aff[j] = (scale * dots[j]) / ((n_w + 1e-8) * (n_m + 1e-8))
+        if aff[j] > aff[j_star]:
+            j_star = j
+    novelty = 1.0 - aff[j_star]
+    novel = novelty > theta
+    if not novel:
+        _top_desc(aff, write_slots, targets)
+        return 1.0, j_star, novel
+    g = 1.0 / (1.0 + np.exp(-beta * (novelty - theta)))
+    if any_empty:
+        count = 0
+        for pass_empty in (True, False):
+            for j in range(memory_b.shape[0]):
+                if count < write_slots and ((scale * np.sqrt(norm2_b[j]) <= 1e-6) == pass_empty):
+                    targets[count] = j
+                    count += 1
+    else:
+        for j in range(memory_b.shape[0]):
+            # as the plain path: λ_u times underuse = 1/(1e-8 + read_ema), so the priorities round alike
+            prio[j] = stale_weight * (t - last_write_b[j]) + underuse_weight * (1.0 / (1e-8 + read_ema_b[j]))
+        _top_desc(prio, write_slots, targets)
+    return g, j_star, novel
 
 
 @njit(cache=True)

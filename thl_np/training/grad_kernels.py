@@ -21,7 +21,7 @@ from numba import njit
 
 # One definition of the per-row dot order and of the tie rule for both fast paths. (Numba caches by the
 # calling module's file: after editing these in thl_np/inference/kernels.py, clear __pycache__ here too.)
-from ..inference.kernels import _dot, _top_desc, row_dots, row_norms2  # noqa: F401
+from ..inference.kernels import _dot, _top_desc, choose_write, row_dots, row_norms2  # noqa: F401
 
 
 @njit(cache=True)
@@ -382,34 +382,8 @@ def write_forward(i, t, S, off0, d0, offK, dK, WwqT, b_w, XW, QS, mem, norm2, sc
         for m in range(Dm):
             w[m] = w_raw[m] * sc
         n_w = math.sqrt(_dot(w, w))
-        row_dots(mem[b], w, dots)
-        j_star = 0
-        any_empty = False
-        for j in range(J):
-            n_m = scale * math.sqrt(norm2[b, j])
-            if n_m <= 1e-6:
-                any_empty = True
-            aff[j] = (scale * dots[j]) / ((n_w + 1e-8) * (n_m + 1e-8))
-            if aff[j] > aff[j_star]:
-                j_star = j
-        novelty = 1.0 - aff[j_star]
-        novel = novelty > theta
-        if novel:
-            g = 1.0 / (1.0 + math.exp(-beta * (novelty - theta)))
-            if any_empty:
-                count = 0
-                for pass_empty in (True, False):
-                    for j in range(J):
-                        if count < write_slots and ((scale * math.sqrt(norm2[b, j]) <= 1e-6) == pass_empty):
-                            tg[count] = j
-                            count += 1
-            else:
-                for j in range(J):
-                    prio[j] = stale_weight * (t - last_write[b, j]) + underuse_weight * (1.0 / (1e-8 + read_ema[b, j]))
-                _top_desc(prio, write_slots, tg)
-        else:
-            g = 1.0
-            _top_desc(aff, write_slots, tg)
+        g, j_star, novel = choose_write(mem[b], norm2[b], w, n_w, scale, read_ema[b], last_write[b], t,
+                                        write_slots, beta, theta, stale_weight, underuse_weight, aff, prio, dots, tg)
         GG[i, b] = g
         NRAW[i, b] = n_raw
         CLIP[i, b] = clipped
