@@ -236,3 +236,9 @@ def test_empty_prompt_and_foreign_vocab(tmp_path):
     assert "warning: the model's vocab_size 300" in result.stderr
     model = THLModel.from_pretrained(str(out))
     assert result.stdout == generate_text(model, Tokenizer(), "", max_length=8, seed=0)
+
+
+@pytest.mark.parametrize("path", ["plain", "fast"])
+def test_generate_path_option(model_dir, path):
+    args = ("generate", "Hello", "--model", str(model_dir), "--max-length", "12", "--temperature", "0")
+    assert run(*args, "--path", path).stdout == run(*args).stdout

@@ -178,3 +178,29 @@ def test_small_batch_head_kernel_matches_blas():
 
     hn, _ = layer_norm_forward(h, dec.ln_w, dec.ln_b)
     assert np.abs(dec.logits(h) - (hn @ dec.W_o.T + dec.b_o)).max() < 1e-4
+
+
+def test_capacity_head_left_without_picks_keeps_its_weights():
+    """Spec §4.4 slot capacity: with capacity 1, κ = 1 and two identical heads, head 1 always picks the
+    slot head 0 already took, so it is left with weight 0 and keeps its uncapped weights."""
+    cfg = small_config(num_heads=2, value_dim=6, read_topk=1, read_slot_capacity=1)
+    model = THLModel(cfg, seed=3)
+    P = dict(model.params)
+    d_h = cfg.head_dim
+    for name in ("router.W_q.weight", "router.W_k.weight"):
+        W = P[name].copy()
+        W[d_h:] = W[:d_h]
+        P[name] = W
+    model.params = P
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 40))
+    lp, sp = model(ids, path="plain")
+    lf, sf = model(ids, path="fast")
+    assert max_rel(lf, lp) < 1e-10
+    for key, want in sp.arrays().items():
+        assert np.allclose(sf.arrays()[key], want, rtol=0, atol=1e-10), key
+    # the branch was taken: both heads picked the same slot, and head 1 read it with its uncapped weight 1
+    dec = FastDecoder(model, batch_size=2)
+    for t in range(5):
+        dec.advance(ids[:, t])
+        assert np.array_equal(dec._idx[:, 0], dec._idx[:, 1])
+        assert np.all(dec._alpha == 1.0)

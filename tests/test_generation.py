@@ -370,3 +370,33 @@ def test_generation_argument_errors(model):
         generate_text(model, TOK, "a", top_p=0)
     with pytest.raises(InputError, match="str or bytes"):
         generate_text(model, TOK, 42)
+
+
+# ---------------------------------------------------------------------------------------- path choice
+
+
+def test_auto_path_is_plain_only_for_small_jobs(model):
+    from thl_np.generation import SMALL_JOB_PARAMETER_STEPS, decode_path
+
+    n = model.num_parameters()
+    small = int(SMALL_JOB_PARAMETER_STEPS // n)
+    assert decode_path(model, small) == "plain"
+    assert decode_path(model, small + 1) == "fast"
+    assert decode_path(model, 1, "fast") == "fast"
+    assert decode_path(model, 10**9, "plain") == "plain"
+    with pytest.raises(InputError, match="path"):
+        decode_path(model, 1, "quick")
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)])
+def test_every_path_generates_the_same_text(model, kw):
+    texts = {path: generate_text(model, TOK, "def f(x):", max_length=40, return_state=True, path=path, **kw)
+             for path in ("plain", "fast", "auto")}
+    assert texts["plain"][0] == texts["fast"][0] == texts["auto"][0]
+    for key, want in texts["plain"][1].arrays().items():
+        np.testing.assert_allclose(texts["fast"][1].arrays()[key], want, rtol=0, atol=1e-5, err_msg=key)
+
+
+def test_path_is_refused_for_a_model_without_paths():
+    with pytest.raises(InputError, match="THLModel"):
+        generate_text(ScriptedModel({}), TOK, "a", max_length=2, path="fast")

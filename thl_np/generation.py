@@ -21,9 +21,12 @@ Conventions, shared by :func:`generate_text`, :func:`stream_text` and :func:`gen
 - ``state`` (batch size 1) is the context to continue; it is never modified. With ``return_state=True``
   the result also carries the state after the prompt *and every generated token* (a final eos
   included), ready to be passed back in with the next prompt.
+- ``path`` is the model's ("fast", "plain"), or "auto": the fast path, except for a job so small that the
+  plain path finishes it in about a second (see :func:`decode_path`). Both give the same numbers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +35,21 @@ import numpy as np
 
 from .errors import InputError, StateError
 from .tokenizer import Tokenizer
+
+# A job of at most this many parameter-steps (parameters × tokens) runs on the plain path under "auto":
+# about a second there (the default model: ~0.5 ms per token), while the fast path's Numba kernels cost
+# 5-6 s to compile the first time they run on a machine. Larger jobs amortise that once-per-machine cost.
+SMALL_JOB_PARAMETER_STEPS = 1e9
+
+
+def decode_path(model, steps: int, path: str = "auto") -> str:
+    """The path ("fast" or "plain") a generation of ``steps`` tokens (prompt included) runs on."""
+    if path not in ("auto", "fast", "plain"):
+        raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
+    if path != "auto":
+        return path
+    return "plain" if steps * model.num_parameters() <= SMALL_JOB_PARAMETER_STEPS else "fast"
+
 
 # ---------------------------------------------------------------------------------------- sampling
 
@@ -129,10 +147,11 @@ class GenerationResult:
 
 def generate_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, state=None, eos_id: int | None = None,
-                 vocab_limit: int | None = None, return_state: bool = False) -> GenerationResult:
+                 vocab_limit: int | None = None, return_state: bool = False, path: str = "auto"
+                 ) -> GenerationResult:
     """Token-level generation: :func:`iter_ids` collected into a :class:`GenerationResult`."""
     stream = iter_ids(model, prompt_ids, max_length, temperature, top_k, top_p, seed, state, eos_id,
-                      vocab_limit, return_state)
+                      vocab_limit, return_state, path)
     ids, final_state = _drain(stream)
     stopped = bool(ids) and eos_id is not None and ids[-1] == eos_id
     return GenerationResult(np.asarray(ids, dtype=np.int64), stopped, final_state)
@@ -140,7 +159,7 @@ def generate_ids(model, prompt_ids, max_length: int = 100, temperature: float = 
 
 def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, state=None, eos_id: int | None = None,
-             vocab_limit: int | None = None, return_state: bool = False) -> Iterator[int]:
+             vocab_limit: int | None = None, return_state: bool = False, path: str = "auto") -> Iterator[int]:
     """Yield new token ids one by one; the generator's return value is the final state (or None).
 
     ``prompt_ids`` must be non-empty and fit the model's vocabulary. Sampling is restricted to ids below
@@ -154,9 +173,10 @@ def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0,
     check_sampling_args(temperature, top_k, top_p)
     prompt = _check_prompt_ids(prompt_ids, V)
     _check_state(state, model.config)
+    run_prompt, run_step = _bind_path(model, prompt.size + max_length, path)
     rng = np.random.default_rng(seed)
 
-    logits, state = model(prompt[None, :], state)
+    logits, state = run_prompt(prompt[None, :], state)
     last = np.asarray(logits)[0, -1, :limit]
     token = None
     for i in range(max_length):
@@ -164,17 +184,28 @@ def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0,
         yield token
         if token == eos_id or i == max_length - 1:
             break
-        last, state = _step(model, token, state)
+        last, state = _step(run_step, token, state)
         last = last[:limit]
     if not return_state:
         return None
     if token is not None:
-        _, state = _step(model, token, state)
+        _, state = _step(run_step, token, state)
     return state
 
 
-def _step(model, token: int, state):
-    logits, state = model.forward_step(np.array([token], dtype=np.int64), state)
+def _bind_path(model, steps: int, path: str):
+    """(prompt call, step call) of ``model`` on the path :func:`decode_path` picks. Any other object with
+    ``__call__(ids, state)`` and ``forward_step(ids, state)`` is called as it is (path must be "auto")."""
+    if not hasattr(model, "num_parameters"):
+        if path != "auto":
+            raise InputError(f"path = {path!r} needs a THLModel; {type(model).__name__} runs as it is")
+        return model, model.forward_step
+    path = decode_path(model, steps, path)
+    return functools.partial(model, path=path), functools.partial(model.forward_step, path=path)
+
+
+def _step(run_step, token: int, state):
+    logits, state = run_step(np.array([token], dtype=np.int64), state)
     return np.asarray(logits)[0], state
 
 
@@ -199,7 +230,7 @@ def prompt_to_ids(tokenizer: Tokenizer, prompt, vocab_size: int, has_state: bool
 
 def stream_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_length: int = 100,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                seed: int | None = None, state=None, return_state: bool = False) -> Iterator[str]:
+                seed: int | None = None, state=None, return_state: bool = False, path: str = "auto") -> Iterator[str]:
     """Yield the continuation as text pieces, as soon as each piece is complete UTF-8.
 
     Bytes of a character split over several tokens are held back until the character is complete (an
@@ -213,7 +244,7 @@ def stream_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_len
     eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < V else None
     decoder = tokenizer.stream_decoder()
     ids = iter_ids(model, prompt_ids, max_length, temperature, top_k, top_p, seed, state, eos,
-                   min(V, tokenizer.vocab_size), return_state)
+                   min(V, tokenizer.vocab_size), return_state, path)
     while True:
         try:
             token = next(ids)
@@ -231,7 +262,7 @@ def stream_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_len
 
 def generate_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_length: int = 100,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, state=None, return_state: bool = False):
+                  seed: int | None = None, state=None, return_state: bool = False, path: str = "auto"):
     """The generated continuation of ``prompt`` (a str, the prompt not included).
 
     With ``return_state=True``, returns ``(text, state)`` where ``state`` has consumed the prompt and
@@ -239,7 +270,7 @@ def generate_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_l
     ``tokenizer=None`` means the byte :class:`Tokenizer`. See the module docstring for the conventions.
     """
     stream = stream_text(model, tokenizer, prompt, max_length, temperature, top_k, top_p, seed, state,
-                         return_state)
+                         return_state, path)
     pieces, final_state = _drain(stream)
     text = "".join(pieces)
     return (text, final_state) if return_state else text

@@ -213,7 +213,10 @@ def info(model_dir, as_json):
 @click.option("--state-in", type=click.Path(), help="Continue the context saved in this .npz state file.")
 @click.option("--state-out", type=click.Path(), help="Save the context (prompt + new text) to this .npz.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: the model's].")
-def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, state_in, state_out, dtype):
+@click.option("--path", "path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True,
+              help="fast: the Numba decode path; plain: the spec's step; auto: fast unless the job is so small "
+                   "that the plain path finishes it in about a second. Both give the same text.")
+def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, state_in, state_out, dtype, path):
     """Continue PROMPT with text sampled from the model, streamed as it is produced.
 
     PROMPT '-' reads the prompt from stdin; an empty prompt starts a new document. Only the
@@ -242,7 +245,8 @@ def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, sta
         click.echo(f"warning: the model's vocab_size {vocab} is not the byte tokenizer's {BYTE_VOCAB_SIZE}; "
                    f"only ids < {BYTE_VOCAB_SIZE} will be sampled", err=True)
     pieces = stream_text(model, Tokenizer(), text, max_length=max_length, temperature=temperature,
-                         top_k=top_k, top_p=top_p, seed=seed, state=state, return_state=state_out is not None)
+                         top_k=top_k, top_p=top_p, seed=seed, state=state, return_state=state_out is not None,
+                         path=path)
     final_state = yield_to_stdout(pieces)
     if sys.stdout.isatty():
         click.echo()

@@ -44,8 +44,7 @@ def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
     for b in range(B):
         m = -np.inf
         for i in range(n):
-            row = (start + i) % W
-            s[i] = np.dot(ring_k[b, row], q[b]) * inv_sqrt
+            s[i] = _dot(ring_k[b, (start + i) % W], q[b]) * inv_sqrt
             if s[i] > m:
                 m = s[i]
         tot = 0.0
@@ -54,107 +53,138 @@ def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
             tot += s[i]
         out[b, :] = 0.0
         for i in range(n):
-            row = (start + i) % W
-            out[b] += (s[i] / tot) * ring_v[b, row]
+            _axpy(s[i] / tot, ring_v[b, (start + i) % W], out[b])
+
+
+# Loops, not array expressions, below: Numba compiles each array expression (and its broadcasting error
+# path) separately, which made the first decode step of a fresh install take seconds.
+@njit(cache=True)
+def _axpy(a, x, y):
+    """y += a·x, element by element (a may be float64 while x, y are float32: rounded as NumPy would)."""
+    for i in range(x.shape[0]):
+        y[i] += a * x[i]
+
+
+@njit(cache=True, fastmath=_VECTORISE)
+def multi_row_dots(rows, vs, out):
+    """out[h, j] = rows[j]·vs[h] for every head in one pass over the rows (each row is read once, and
+    every row runs the same code, so identical rows give identical dots)."""
+    H = vs.shape[0]
+    for j in range(rows.shape[0]):
+        for h in range(H):
+            acc = rows[j, 0] - rows[j, 0]
+            for i in range(rows.shape[1]):
+                acc += rows[j, i] * vs[h, i]
+            out[h, j] = acc
+
+
+@njit(cache=True)
+def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+              mix, idx_out, alpha_out, dots, scores, A, served):
+    """Spec §4.3-4.4 for one sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see
+    thl_np.nn.router.slot_scores; true memory = scale·memory), top-κ per head (descending, ties to the
+    lower index), softmax, optional slot capacity, the α-weighted mix of the picked memory rows per head
+    (the value projection is linear, so it is applied once to the mix), then read_ema and last_read in
+    place. dots [H, J], scores [J], A [J] and served [J] are scratch."""
+    J = memory.shape[0]
+    H = q_mem.shape[0]
+    multi_row_dots(memory, q_mem, dots)
+    for h in range(H):
+        for j in range(J):
+            scores[j] = (scale * dots[h, j]) * inv_sqrt - load_penalty * read_ema[j]
+        _top_desc(scores, kappa, idx_out[h])
+        top = scores[idx_out[h, 0]]
+        tot = 0.0
+        for r in range(kappa):
+            alpha_out[h, r] = np.exp(scores[idx_out[h, r]] - top)
+            tot += alpha_out[h, r]
+        for r in range(kappa):
+            alpha_out[h, r] /= tot
+    if capacity > 0:
+        # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0, and
+        # a head left with weight 0 keeps its uncapped weights (as thl_np.nn.router.apply_slot_capacity)
+        served[:] = 0
+        keep = np.empty(kappa, dtype=np.bool_)
+        for h in range(H):
+            tot = 0.0
+            for r in range(kappa):
+                j = idx_out[h, r]
+                keep[r] = served[j] < capacity
+                if keep[r]:
+                    served[j] += 1
+                    tot += alpha_out[h, r]
+            if tot > 0:
+                for r in range(kappa):
+                    alpha_out[h, r] = alpha_out[h, r] / tot if keep[r] else 0.0
+    A[:] = 0.0
+    for h in range(H):
+        mix[h, :] = 0.0
+        for r in range(kappa):
+            j = idx_out[h, r]
+            a = alpha_out[h, r]
+            A[j] += a
+            _axpy(a * scale, memory[j], mix[h])
+            last_read[j] = t
+    for j in range(J):
+        read_ema[j] = rho * read_ema[j] + (1.0 - rho) * A[j]
 
 
 @njit(cache=True)
 def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
           mix, idx_out, alpha_out):
-    """Spec §4.3-4.4 for every sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see
-    thl_np.nn.router.slot_scores; true memory = scale·memory), top-κ per
-    head (descending, ties to the lower index), softmax, optional slot capacity, the α-weighted mix of
-    the picked memory rows per head (the value projection is linear, so it is applied once to the mix),
-    then read_ema and last_read in place."""
+    """``route_one`` for every sequence of the batch, in turn."""
     B, J, _ = memory.shape
-    H = q_mem.shape[1]
+    dots = np.empty((q_mem.shape[1], J), dtype=memory.dtype)
     scores = np.empty(J, dtype=np.float64)
-    dots = np.empty(J, dtype=memory.dtype)
-    A = np.zeros(J, dtype=np.float64)
+    A = np.empty(J, dtype=np.float64)
+    served = np.empty(J, dtype=np.int64)
     for b in range(B):
-        A[:] = 0.0
-        for h in range(H):
-            row_dots(memory[b], q_mem[b, h], dots)
-            for j in range(J):
-                scores[j] = (scale * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
-            # insertion into a sorted list of κ: strict '>' keeps an earlier (lower) index ahead on ties
-            count = 0
-            for j in range(J):
-                v = scores[j]
-                if count == kappa and not v > scores[idx_out[b, h, kappa - 1]]:
-                    continue
-                p = count if count < kappa else kappa - 1
-                while p > 0 and v > scores[idx_out[b, h, p - 1]]:
-                    idx_out[b, h, p] = idx_out[b, h, p - 1]
-                    p -= 1
-                idx_out[b, h, p] = j
-                if count < kappa:
-                    count += 1
-            top = scores[idx_out[b, h, 0]]
-            tot = 0.0
-            for r in range(kappa):
-                alpha_out[b, h, r] = np.exp(scores[idx_out[b, h, r]] - top)
-                tot += alpha_out[b, h, r]
-            for r in range(kappa):
-                alpha_out[b, h, r] /= tot
-        if capacity > 0:
-            # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0
-            served = np.zeros(J, dtype=np.int64)
-            for h in range(H):
-                keep = np.zeros(kappa, dtype=np.bool_)
-                tot = 0.0
-                for r in range(kappa):
-                    j = idx_out[b, h, r]
-                    if served[j] < capacity:
-                        served[j] += 1
-                        keep[r] = True
-                        tot += alpha_out[b, h, r]
-                if tot > 0:
-                    for r in range(kappa):
-                        alpha_out[b, h, r] = alpha_out[b, h, r] / tot if keep[r] else 0.0
-        for h in range(H):
-            mix[b, h, :] = 0.0
-            for r in range(kappa):
-                j = idx_out[b, h, r]
-                a = alpha_out[b, h, r]
-                A[j] += a
-                mix[b, h] += (a * scale) * memory[b, j]
-                last_read[b, j] = t
-        for j in range(J):
-            read_ema[b, j] = rho * read_ema[b, j] + (1.0 - rho) * A[j]
+        route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
+                  capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
+
+
+@njit(cache=True)
+def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+              beta, theta, stale_weight, underuse_weight, new_scale, write_rate, ema_decay, targets, w, aff,
+              prio, dots):
+    """Spec §4.6-4.7 for one sequence on the scaled bank (true memory = scale·memory): the targets' rows
+    and squared norms are updated in place; the decay itself is the caller's new_scale. w, aff, prio and
+    dots are scratch. Returns the gate g."""
+    n_raw = np.sqrt(_dot(w_raw, w_raw))
+    ratio = clip_max / (n_raw + 1e-6)
+    for i in range(w.shape[0]):
+        w[i] = w_raw[i] * ratio if ratio < 1.0 else w_raw[i]
+    n_w = np.sqrt(_dot(w, w))
+    g, _, _ = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
+                           beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
+    # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
+    step = write_rate * g / new_scale
+    for s in range(write_slots):
+        j = targets[s]
+        _axpy(step, w, memory[j])
+        norm2[j] = _dot(memory[j], memory[j])
+        last_write[j] = t
+    for j in range(memory.shape[0]):
+        write_ema[j] *= ema_decay
+    for s in range(write_slots):
+        write_ema[targets[s]] += 1.0 - ema_decay
+    return g
 
 
 @njit(cache=True)
 def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
           beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
-    """Spec §4.6-4.7 on the scaled bank (true memory = scale·memory). Returns the new scale γ·scale; the
-    targets' rows and squared norms are updated in place, the decay itself costs nothing."""
+    """``write_one`` for every sequence of the batch, in turn. Returns the new scale γ·scale."""
     B, J, Dm = memory.shape
     new_scale = scale * decay
+    w = np.empty(Dm, dtype=w_raw.dtype)
     aff = np.empty(J, dtype=np.float64)
     prio = np.empty(J, dtype=np.float64)
     dots = np.empty(J, dtype=memory.dtype)
     for b in range(B):
-        w = w_raw[b].copy()
-        n_raw = np.sqrt(np.dot(w, w))
-        ratio = clip_max / (n_raw + 1e-6)
-        if ratio < 1.0:
-            w *= ratio
-        n_w = np.sqrt(np.dot(w, w))
-        g, _, _ = choose_write(memory[b], norm2[b], w, n_w, scale, read_ema[b], last_write[b], t, write_slots,
-                               beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets_out[b])
-        g_out[b] = g
-        # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
-        step = write_rate * g / new_scale
-        for s in range(write_slots):
-            j = targets_out[b, s]
-            memory[b, j] += step * w
-            norm2[b, j] = _dot(memory[b, j], memory[b, j])
-            last_write[b, j] = t
-        for j in range(J):
-            write_ema[b, j] *= ema_decay
-        for s in range(write_slots):
-            write_ema[b, targets_out[b, s]] += 1.0 - ema_decay
+        g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
+                             write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
     return new_scale
 
 
@@ -183,11 +213,14 @@ def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, 
     g = 1.0 / (1.0 + np.exp(-beta * (novelty - theta)))
     if any_empty:
         count = 0
-        for pass_empty in (True, False):
-            for j in range(memory_b.shape[0]):
-                if count < write_slots and ((scale * np.sqrt(norm2_b[j]) <= 1e-6) == pass_empty):
-                    targets[count] = j
-                    count += 1
+        for j in range(memory_b.shape[0]):  # empty slots first, in index order
+            if count < write_slots and scale * np.sqrt(norm2_b[j]) <= 1e-6:
+                targets[count] = j
+                count += 1
+        for j in range(memory_b.shape[0]):  # then the others, in index order
+            if count < write_slots and not scale * np.sqrt(norm2_b[j]) <= 1e-6:
+                targets[count] = j
+                count += 1
     else:
         for j in range(memory_b.shape[0]):
             # as the plain path: λ_u times underuse = 1/(1e-8 + read_ema), so the priorities round alike
