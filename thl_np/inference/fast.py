@@ -9,6 +9,9 @@ What it does less of, and why that is exact:
 - Values are projected only for what is read: ``r_h = W_v,h (Σ_rank α m_idx)``, one product per head.
 - The local buffer keeps its keys and values (``E Wk^T``, ``E Wv^T``) in a ring, computed once per token.
 - The output head runs only where logits are asked for, once over all positions of a prompt.
+- A step's products have few rows (the batch): they run in Numba kernels that stream each weight once
+  for the whole batch (``linear``), on Numba's thread pool alone (OpenBLAS is held to one thread
+  meanwhile, see ``thl_np.inference.kernels``).
 
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
@@ -20,13 +23,29 @@ import math
 
 import numpy as np
 
-from ..nn.gru import sigmoid
+from .._blas import blas_threads
 from ..nn.output import layer_norm_forward
 from . import kernels
 from .state import InferenceState
 
-SMALL_BATCH_HEAD = 16  # up to this batch the head runs in kernels.head_small_batch, above it in BLAS GEMM
+SMALL_BATCH = 16  # products with up to this many rows run in the Numba kernels, larger ones in BLAS GEMM
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
+
+
+def linear(x, W, b, out=None):
+    """out = x @ W.T + b for x [n, d_in] C-contiguous. A few rows (a decode step's batch) run in Numba
+    kernels that read W once for all rows; many rows (a prompt's positions) in BLAS."""
+    n = x.shape[0]
+    if out is None:
+        out = np.empty((n, W.shape[0]), x.dtype)
+    if n > SMALL_BATCH or not W.flags.c_contiguous:
+        np.matmul(x, W.T, out=out)
+        out += b
+    elif n == 1:
+        kernels.gemv(W, b, x[0], out[0])
+    else:
+        kernels.small_batch_linear(W, b, x, out)
+    return out
 
 
 class FastDecoder:
@@ -45,14 +64,16 @@ class FastDecoder:
         P = model.params
         dt = self.dtype = model.dtype
         self.renorm_below = RENORM_BELOW[dt] if renorm_below is None else float(renorm_below)
-        H = c.num_heads
+        H, d_h = c.num_heads, c.head_dim
         self.emb = P["embedding.weight"]
-        self.lq = P["local_attn.q.weight"]
+        # the local attention's q, k and v of a token in one product
+        self.W_qkv = np.concatenate([P["local_attn.q.weight"], P["local_attn.k.weight"], P["local_attn.v.weight"]])
         self.lk = P["local_attn.k.weight"]
         self.lv = P["local_attn.v.weight"]
         self.W_q = P["router.W_q.weight"]
-        self.W_k_heads = P["router.W_k.weight"].reshape(H, c.head_dim, c.memory_dim)
-        self.W_v_heads_T = np.ascontiguousarray(P["router.W_v.weight"].reshape(H, -1, c.memory_dim).transpose(0, 2, 1))
+        # per head: q_mem_h = W_k,h^T q_h as a product with the rows of W_k,h^T; r_h = W_v,h mix_h
+        self.W_k_heads_T = np.ascontiguousarray(P["router.W_k.weight"].reshape(H, d_h, c.memory_dim).transpose(0, 2, 1))
+        self.W_v_heads = P["router.W_v.weight"].reshape(H, -1, c.memory_dim)
         # update and reset gates read the same input: one product for both
         self.W_zr = [np.concatenate([P[f"tiers.cells.{k}.W_z.weight"], P[f"tiers.cells.{k}.W_r.weight"]])
                      for k in range(c.num_tiers)]
@@ -66,6 +87,7 @@ class FastDecoder:
         self.ln_b = P["layer_norm.bias"]
         self.W_o = P["output_head.weight"]
         self.b_o = P["output_head.bias"]
+        self.zeros = np.zeros(max(self.W_qkv.shape[0], self.W_q.shape[0], c.memory_dim, c.value_dim), dt)
         self.offsets = np.cumsum([0] + list(c.tier_dims)).tolist()
         self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt))
 
@@ -91,8 +113,10 @@ class FastDecoder:
         self.ring_n = int(state.local_valid)
         self.ring_k = self.ring_e @ self.lk.T
         self.ring_v = self.ring_e @ self.lv.T
-        # per-step scratch, allocated once
+        # per-step scratch, allocated once (the per-head products read and write head-major blocks)
+        self._q_mem_heads = np.empty((H, B, c.memory_dim), dt)
         self._mix = np.empty((B, H, c.memory_dim), dt)
+        self._r_heads = np.empty((H, B, c.value_dim // H), dt)
         self._idx = np.empty((B, H, c.read_topk), np.int64)
         self._alpha = np.empty((B, H, c.read_topk), dt)
         self._loc = np.zeros((B, c.value_dim), dt)
@@ -123,18 +147,23 @@ class FastDecoder:
     # ------------------------------------------------------------------ stepping
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
+        with blas_threads(1):
+            return self._advance(np.asarray(token_ids, dtype=np.int64).reshape(-1))
+
+    def _advance(self, ids) -> np.ndarray:
         c = self.config
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         t = self.t
+        H, d_h, zeros = c.num_heads, c.head_dim, self.zeros
         e = self.emb[ids]
         # 2. local attention over the ring, then the ring takes e
         W = c.local_window
         if W > 0:
+            d_q = c.query_dim
+            qkv = linear(e, self.W_qkv, zeros[:self.W_qkv.shape[0]])
             n = self.ring_n
             if n > 0:
-                q = e @ self.lq.T
-                kernels.local_attend(q, self.ring_k, self.ring_v, self.ring_start, n,
-                                     1.0 / math.sqrt(c.query_dim), self._loc)
+                kernels.local_attend(np.ascontiguousarray(qkv[:, :d_q]), self.ring_k, self.ring_v, self.ring_start,
+                                     n, 1.0 / math.sqrt(d_q), self._loc)
             else:
                 self._loc[:] = 0
             if n < W:
@@ -144,35 +173,37 @@ class FastDecoder:
                 pos = self.ring_start
                 self.ring_start = (self.ring_start + 1) % W
             self.ring_e[:, pos] = e
-            self.ring_k[:, pos] = e @ self.lk.T
-            self.ring_v[:, pos] = e @ self.lv.T
+            self.ring_k[:, pos] = qkv[:, d_q:2 * d_q]
+            self.ring_v[:, pos] = qkv[:, 2 * d_q:]
         # 3-4. router read and read metadata
         o = self.offsets
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
-        q = (u @ self.W_q.T).reshape(self.B, c.num_heads, 1, c.head_dim)
-        q_mem = np.ascontiguousarray(np.matmul(q, self.W_k_heads)[:, :, 0, :])  # [B, H, d_m]
+        q = linear(u, self.W_q, zeros[:self.W_q.shape[0]])
+        for h in range(H):
+            linear(np.ascontiguousarray(q[:, h * d_h:(h + 1) * d_h]), self.W_k_heads_T[h], zeros[:c.memory_dim],
+                   out=self._q_mem_heads[h])
+        q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))  # [B, H, d_m]
         kernels.route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty,
-                      1.0 / math.sqrt(c.head_dim), c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay,
+                      1.0 / math.sqrt(d_h), c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay,
                       self._mix, self._idx, self._alpha)
-        r = np.matmul(self._mix[:, :, None, :], self.W_v_heads_T)[:, :, 0, :].reshape(self.B, c.value_dim)
+        for h in range(H):
+            linear(np.ascontiguousarray(self._mix[:, h]), self.W_v_heads[h], zeros[:self._r_heads.shape[2]],
+                   out=self._r_heads[h])
+        r = self._r_heads.transpose(1, 0, 2).reshape(self.B, c.value_dim)
         # 5. tiers under their clocks
         lower = e
         for k in range(c.num_tiers):
-            s_k = self.S[:, o[k]:o[k + 1]]
             if t % c.tier_timescales[k] == 0:
                 d = o[k + 1] - o[k]
                 ctx = r + self._loc if k == 0 else r
-                p = np.concatenate([s_k, lower, ctx], axis=1)
-                zr = p @ self.W_zr[k].T + self.b_zr[k]
-                z = sigmoid(zr[:, :d])
-                r_g = sigmoid(zr[:, d:])
-                p[:, :d] *= r_g
-                s_tilde = np.tanh(p @ self.W_h[k].T + self.b_h[k])
-                s_k[...] = (1.0 - z) * s_k + z * s_tilde
-            lower = s_k
+                p = np.concatenate([self.S[:, o[k]:o[k + 1]], lower, ctx], axis=1)
+                zr = linear(p, self.W_zr[k], self.b_zr[k])
+                kernels.gru_reset(zr, p, d)
+                kernels.gru_update(self.S, o[k], zr, linear(p, self.W_h[k], self.b_h[k]))
+            lower = self.S[:, o[k]:o[k + 1]]
         # 6-7. writer, memory decay (lazy) and write
         x_w = np.concatenate([self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
-        w_raw = x_w @ self.W_w.T + self.b_w
+        w_raw = linear(x_w, self.W_w, self.b_w)
         self.scale = kernels.write(
             w_raw, self.memory, self.norm2, self.scale, self.read_ema, self.write_ema,
             self.last_write, t, c.write_slots, c.write_clip_max, c.novelty_beta, c.novelty_theta, c.stale_weight,
@@ -190,13 +221,13 @@ class FastDecoder:
     def logits(self, tier_states: np.ndarray) -> np.ndarray:
         """Spec §4.8 over any leading shape: LayerNorm then the output head."""
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
-        if h.ndim == 2 and h.shape[0] == 1:
-            return (self.W_o @ h[0] + self.b_o)[None]  # a GEMV reads the head once at full bandwidth
-        if h.ndim == 2 and h.shape[0] <= SMALL_BATCH_HEAD and self.W_o.flags.c_contiguous:
-            out = np.empty((h.shape[0], self.W_o.shape[0]), self.dtype)
-            kernels.head_small_batch(self.W_o, self.b_o, np.ascontiguousarray(h), out)
-            return out
-        return h @ self.W_o.T + self.b_o
+        flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
+        if flat.shape[0] <= SMALL_BATCH:
+            with blas_threads(1):
+                out = linear(flat, self.W_o, self.b_o)
+        else:
+            out = linear(flat, self.W_o, self.b_o)
+        return out.reshape(h.shape[:-1] + (self.W_o.shape[0],))
 
     def step(self, token_ids, want_logits: bool = True):
         """One token per sequence → logits [B, V] (or None with want_logits=False)."""
@@ -219,5 +250,5 @@ class FastDecoder:
 
 
 # weights (and views of them) that a clone shares with its original instead of copying
-_SHARED_WEIGHTS = {"emb", "lq", "lk", "lv", "W_q", "W_k_heads", "W_v_heads_T", "W_w", "b_w", "ln_w", "ln_b",
-                   "W_o", "b_o"}
+_SHARED_WEIGHTS = {"emb", "W_qkv", "lk", "lv", "W_q", "W_k_heads_T", "W_v_heads", "W_w", "b_w", "ln_w", "ln_b",
+                   "W_o", "b_o", "zeros"}

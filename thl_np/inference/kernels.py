@@ -1,6 +1,10 @@
 """Numba kernels of the fast path: the loops NumPy cannot express without waste (top-κ over J, the
-scatter into a few rows, the writer's scan of the bank). Each mirrors a plain-path function in
-``thl_np.nn`` and is tested equal to it; dense products stay in BLAS, outside these kernels.
+scatter into a few rows, the writer's scan of the bank), and the products of a decode step, whose few
+rows BLAS handles poorly (``gemv``, ``small_batch_linear``). Each mirrors a plain-path function in
+``thl_np.nn`` and is tested equal to it.
+
+The decoder runs on one thread pool, Numba's: OpenBLAS's workers spin after each call, and on a
+machine with few cores they then take the cores Numba's threads need (measured: 2× slower steps).
 """
 import numpy as np
 from numba import njit, prange
@@ -67,15 +71,26 @@ def _axpy(a, x, y):
 
 @njit(cache=True, fastmath=_VECTORISE)
 def multi_row_dots(rows, vs, out):
-    """out[h, j] = rows[j]·vs[h] for every head in one pass over the rows (each row is read once, and
-    every row runs the same code, so identical rows give identical dots)."""
-    H = vs.shape[0]
+    """out[h, j] = rows[j]·vs[h] for every head in one pass over the rows: each row is read once for four
+    heads at a time, and every row runs the same code, so identical rows give identical dots."""
+    H, n = vs.shape
     for j in range(rows.shape[0]):
-        for h in range(H):
-            acc = rows[j, 0] - rows[j, 0]
-            for i in range(rows.shape[1]):
-                acc += rows[j, i] * vs[h, i]
-            out[h, j] = acc
+        h = 0
+        while h + 4 <= H:
+            a0 = a1 = a2 = a3 = rows[j, 0] - rows[j, 0]
+            for i in range(n):
+                x = rows[j, i]
+                a0 += x * vs[h, i]
+                a1 += x * vs[h + 1, i]
+                a2 += x * vs[h + 2, i]
+                a3 += x * vs[h + 3, i]
+            out[h, j] = a0
+            out[h + 1, j] = a1
+            out[h + 2, j] = a2
+            out[h + 3, j] = a3
+            h += 4
+        for g in range(h, H):
+            out[g, j] = _dot(rows[j], vs[g])
 
 
 @njit(cache=True)
@@ -129,16 +144,17 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
         read_ema[j] = rho * read_ema[j] + (1.0 - rho) * A[j]
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
           mix, idx_out, alpha_out):
-    """``route_one`` for every sequence of the batch, in turn."""
+    """``route_one`` for every sequence of the batch, the sequences split over the cores."""
     B, J, _ = memory.shape
-    dots = np.empty((q_mem.shape[1], J), dtype=memory.dtype)
-    scores = np.empty(J, dtype=np.float64)
-    A = np.empty(J, dtype=np.float64)
-    served = np.empty(J, dtype=np.int64)
-    for b in range(B):
+    H = q_mem.shape[1]
+    for b in prange(B):
+        dots = np.empty((H, J), dtype=memory.dtype)
+        scores = np.empty(J, dtype=np.float64)
+        A = np.empty(J, dtype=np.float64)
+        served = np.empty(J, dtype=np.int64)
         route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
                   capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
 
@@ -171,17 +187,18 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
     return g
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
           beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
-    """``write_one`` for every sequence of the batch, in turn. Returns the new scale γ·scale."""
+    """``write_one`` for every sequence of the batch, the sequences split over the cores. Returns the new
+    scale γ·scale."""
     B, J, Dm = memory.shape
     new_scale = scale * decay
-    w = np.empty(Dm, dtype=w_raw.dtype)
-    aff = np.empty(J, dtype=np.float64)
-    prio = np.empty(J, dtype=np.float64)
-    dots = np.empty(J, dtype=memory.dtype)
-    for b in range(B):
+    for b in prange(B):
+        w = np.empty(Dm, dtype=w_raw.dtype)
+        aff = np.empty(J, dtype=np.float64)
+        prio = np.empty(J, dtype=np.float64)
+        dots = np.empty(J, dtype=memory.dtype)
         g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
                              write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
                              write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
@@ -246,37 +263,135 @@ def _top_desc(values, k, out):
             count += 1
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def head_small_batch(W, b_o, h, out):
-    """out[b, i] = W[i]·h[b] + b_o[i] for a handful of sequences: four vocabulary rows at a time, so each
-    row of the head is streamed from memory once for the whole batch (BLAS's GEMM handles this thin
-    shape poorly). fastmath lets the dot products be vectorised; it reorders sums only."""
+@njit(parallel=True, fastmath=_VECTORISE, cache=True)
+def gemv(W, b_o, x, out):
+    """out[i] = W[i]·x + b_o[i] (one sequence): W streamed once, four rows per iteration, split over the
+    cores. A BLAS GEMV does the same, but the decoder keeps to one thread pool (see the module docstring)."""
     V, D = W.shape
-    B = h.shape[0]
-    zero = np.zeros(1, dtype=W.dtype)[0]  # accumulate in the weights' dtype (float32 stays 16 lanes wide)
-    blocks = (V + 3) // 4
-    for blk in prange(blocks):
+    zero = W[0, 0] - W[0, 0]  # accumulate in the weights' dtype (float32 stays 16 lanes wide)
+    for blk in prange((V + 3) // 4):
         i0 = blk * 4
         if i0 + 4 <= V:
-            for b in range(B):
-                a0 = zero
-                a1 = zero
-                a2 = zero
-                a3 = zero
-                for k in range(D):
-                    x = h[b, k]
-                    a0 += W[i0, k] * x
-                    a1 += W[i0 + 1, k] * x
-                    a2 += W[i0 + 2, k] * x
-                    a3 += W[i0 + 3, k] * x
-                out[b, i0] = a0 + b_o[i0]
-                out[b, i0 + 1] = a1 + b_o[i0 + 1]
-                out[b, i0 + 2] = a2 + b_o[i0 + 2]
-                out[b, i0 + 3] = a3 + b_o[i0 + 3]
+            a0 = zero
+            a1 = zero
+            a2 = zero
+            a3 = zero
+            for k in range(D):
+                xk = x[k]
+                a0 += W[i0, k] * xk
+                a1 += W[i0 + 1, k] * xk
+                a2 += W[i0 + 2, k] * xk
+                a3 += W[i0 + 3, k] * xk
+            out[i0] = a0 + b_o[i0]
+            out[i0 + 1] = a1 + b_o[i0 + 1]
+            out[i0 + 2] = a2 + b_o[i0 + 2]
+            out[i0 + 3] = a3 + b_o[i0 + 3]
         else:
             for i in range(i0, V):
+                out[i] = _dot(W[i], x) + b_o[i]
+
+
+@njit(parallel=True, fastmath=_VECTORISE, cache=True)
+def small_batch_linear(W, b_o, h, out):
+    """out[b, i] = W[i]·h[b] + b_o[i] for a few sequences. Tiles of 6 rows of W × 4 sequences keep 24
+    accumulators in registers: each weight loaded is used 4 times and each hidden value 6 times, so the
+    multiply-adds (not the loads) set the pace, and a tile's rows are streamed from memory once for the
+    whole batch (BLAS's GEMM handles this thin shape poorly). Reassociation lets the dots be vectorised."""
+    V, D = W.shape
+    B = h.shape[0]
+    zero = W[0, 0] - W[0, 0]
+    for blk in prange((V + 5) // 6):
+        i0 = blk * 6
+        if i0 + 6 > V:
+            for i in range(i0, V):
                 for b in range(B):
-                    acc = zero
-                    for k in range(D):
-                        acc += W[i, k] * h[b, k]
-                    out[b, i] = acc + b_o[i]
+                    out[b, i] = _dot(W[i], h[b]) + b_o[i]
+            continue
+        b0 = 0
+        while b0 + 4 <= B:
+            a00 = a01 = a02 = a03 = zero
+            a10 = a11 = a12 = a13 = zero
+            a20 = a21 = a22 = a23 = zero
+            a30 = a31 = a32 = a33 = zero
+            a40 = a41 = a42 = a43 = zero
+            a50 = a51 = a52 = a53 = zero
+            for k in range(D):
+                x0 = h[b0, k]
+                x1 = h[b0 + 1, k]
+                x2 = h[b0 + 2, k]
+                x3 = h[b0 + 3, k]
+                w = W[i0, k]
+                a00 += w * x0
+                a01 += w * x1
+                a02 += w * x2
+                a03 += w * x3
+                w = W[i0 + 1, k]
+                a10 += w * x0
+                a11 += w * x1
+                a12 += w * x2
+                a13 += w * x3
+                w = W[i0 + 2, k]
+                a20 += w * x0
+                a21 += w * x1
+                a22 += w * x2
+                a23 += w * x3
+                w = W[i0 + 3, k]
+                a30 += w * x0
+                a31 += w * x1
+                a32 += w * x2
+                a33 += w * x3
+                w = W[i0 + 4, k]
+                a40 += w * x0
+                a41 += w * x1
+                a42 += w * x2
+                a43 += w * x3
+                w = W[i0 + 5, k]
+                a50 += w * x0
+                a51 += w * x1
+                a52 += w * x2
+                a53 += w * x3
+            _store4(out, b0, i0, a00, a01, a02, a03, b_o[i0])
+            _store4(out, b0, i0 + 1, a10, a11, a12, a13, b_o[i0 + 1])
+            _store4(out, b0, i0 + 2, a20, a21, a22, a23, b_o[i0 + 2])
+            _store4(out, b0, i0 + 3, a30, a31, a32, a33, b_o[i0 + 3])
+            _store4(out, b0, i0 + 4, a40, a41, a42, a43, b_o[i0 + 4])
+            _store4(out, b0, i0 + 5, a50, a51, a52, a53, b_o[i0 + 5])
+            b0 += 4
+        for b in range(b0, B):  # the last 1-3 sequences
+            for i in range(i0, i0 + 6):
+                out[b, i] = _dot(W[i], h[b]) + b_o[i]
+
+
+@njit(cache=True)
+def _store4(out, b0, i, a0, a1, a2, a3, bias):
+    out[b0, i] = a0 + bias
+    out[b0 + 1, i] = a1 + bias
+    out[b0 + 2, i] = a2 + bias
+    out[b0 + 3, i] = a3 + bias
+
+
+@njit(cache=True)
+def gru_reset(zr, p, d):
+    """Spec §4.5 reset gate, in place: p[:, :d] *= σ(zr[:, d:2d]) (zr holds the z and r pre-activations)."""
+    for b in range(p.shape[0]):
+        for i in range(d):
+            p[b, i] *= _sigmoid(zr[b, d + i])
+
+
+@njit(cache=True)
+def gru_update(S, offset, zr, pre):
+    """Spec §4.5 state update, in place: s = (1 − z)·s + z·tanh(pre), z = σ(zr[:, :d]), s = S[:, offset:offset+d]."""
+    d = pre.shape[1]
+    for b in range(S.shape[0]):
+        for i in range(d):
+            z = _sigmoid(zr[b, i])
+            S[b, offset + i] = (1.0 - z) * S[b, offset + i] + z * np.tanh(pre[b, i])
+
+
+@njit(cache=True)
+def _sigmoid(x):
+    # split by sign so neither branch overflows (as thl_np.nn.gru.sigmoid)
+    if x >= 0:
+        return 1.0 / (1.0 + np.exp(-x))
+    ex = np.exp(x)
+    return ex / (1.0 + ex)

@@ -61,15 +61,12 @@ sequence), 58 MiB in all.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg.cython_blas  # noqa: F401  (the BLAS that Numba's np.dot calls: loaded now so blas_threads sees it)
 
+from .._blas import blas_threads
 from ..errors import InputError
 from ..inference.state import InferenceState
 from ..model import head_loss_and_backward, pack_value_and_grad
@@ -83,61 +80,6 @@ BLAS_THREADS = 1
 """OpenBLAS threads while ``fast_value_and_grad`` runs (None: leave BLAS alone). Its per-step products are
 far too small to gain from threads, and on a busy machine OpenBLAS's threaded path costs up to 10× (its
 workers spin for a core that another process holds); the few large products at the end lose < 2× at most."""
-
-
-@contextmanager
-def blas_threads(n):
-    """Limit every loaded OpenBLAS (NumPy's, and SciPy's that Numba's ``np.dot`` calls) to ``n`` threads inside
-    the block, restoring each library's count afterwards. A no-op for ``n=None``, on systems without
-    ``/proc/self/maps``, and for other BLAS libraries."""
-    if n is None:
-        yield
-        return
-    changed = []
-    for get, set_ in _openblas_controls():
-        old = int(get())
-        if old != n:
-            set_(int(n))
-            changed.append((set_, old))
-    try:
-        yield
-    finally:
-        for set_, old in changed:
-            set_(old)
-
-
-_CONTROLS: dict = {}
-_FOUND: list = []
-
-
-def _openblas_controls():
-    """(get, set) thread-count functions of every OpenBLAS mapped into this process (scanned once)."""
-    if _FOUND:
-        return _FOUND[0]
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
-    except OSError:
-        return []
-    out = []
-    for path in sorted(paths):
-        if path not in _CONTROLS:
-            _CONTROLS[path] = None
-            try:
-                lib = ctypes.CDLL(path, mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_LOCAL)
-            except OSError:
-                continue
-            for pre in ("scipy_openblas", "openblas"):
-                for suf in ("64_", "_64", ""):
-                    get = getattr(lib, f"{pre}_get_num_threads{suf}", None)
-                    set_ = getattr(lib, f"{pre}_set_num_threads{suf}", None)
-                    if get is not None and set_ is not None and _CONTROLS[path] is None:
-                        get.restype, set_.argtypes, set_.restype = ctypes.c_int, [ctypes.c_int], None
-                        _CONTROLS[path] = (get, set_)
-        if _CONTROLS[path] is not None:
-            out.append(_CONTROLS[path])
-    _FOUND.append(out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
