@@ -183,9 +183,9 @@ class FastDecoder:
             linear(np.ascontiguousarray(q[:, h * d_h:(h + 1) * d_h]), self.W_k_heads_T[h], zeros[:c.memory_dim],
                    out=self._q_mem_heads[h])
         q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))  # [B, H, d_m]
-        kernels.route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty,
-                      1.0 / math.sqrt(d_h), c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay,
-                      self._mix, self._idx, self._alpha)
+        route = kernels.route if self.B == 1 else kernels.route_parallel
+        route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty, 1.0 / math.sqrt(d_h),
+              c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self._mix, self._idx, self._alpha)
         for h in range(H):
             linear(np.ascontiguousarray(self._mix[:, h]), self.W_v_heads[h], zeros[:self._r_heads.shape[2]],
                    out=self._r_heads[h])
@@ -204,7 +204,8 @@ class FastDecoder:
         # 6-7. writer, memory decay (lazy) and write
         x_w = np.concatenate([self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         w_raw = linear(x_w, self.W_w, self.b_w)
-        self.scale = kernels.write(
+        write = kernels.write if self.B == 1 else kernels.write_parallel
+        self.scale = write(
             w_raw, self.memory, self.norm2, self.scale, self.read_ema, self.write_ema,
             self.last_write, t, c.write_slots, c.write_clip_max, c.novelty_beta, c.novelty_theta, c.stale_weight,
             c.underuse_weight, c.memory_decay, c.write_rate, c.write_ema_decay, self._targets, self._g)

@@ -144,14 +144,28 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
         read_ema[j] = rho * read_ema[j] + (1.0 - rho) * A[j]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
           mix, idx_out, alpha_out):
-    """``route_one`` for every sequence of the batch, the sequences split over the cores."""
+    """``route_one`` for every sequence of the batch, in turn (``route_parallel`` splits them over the
+    cores; it costs seconds more to compile, which one sequence never pays)."""
     B, J, _ = memory.shape
-    H = q_mem.shape[1]
+    dots = np.empty((q_mem.shape[1], J), dtype=memory.dtype)
+    scores = np.empty(J, dtype=np.float64)
+    A = np.empty(J, dtype=np.float64)
+    served = np.empty(J, dtype=np.int64)
+    for b in range(B):
+        route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
+                  capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
+
+
+@njit(cache=True, parallel=True)
+def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+                   mix, idx_out, alpha_out):
+    """``route``, the sequences split over the cores."""
+    B, J, _ = memory.shape
     for b in prange(B):
-        dots = np.empty((H, J), dtype=memory.dtype)
+        dots = np.empty((q_mem.shape[1], J), dtype=memory.dtype)
         scores = np.empty(J, dtype=np.float64)
         A = np.empty(J, dtype=np.float64)
         served = np.empty(J, dtype=np.int64)
@@ -187,11 +201,28 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
     return g
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
           beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
-    """``write_one`` for every sequence of the batch, the sequences split over the cores. Returns the new
-    scale γ·scale."""
+    """``write_one`` for every sequence of the batch, in turn (``write_parallel`` splits them over the
+    cores). Returns the new scale γ·scale."""
+    B, J, Dm = memory.shape
+    new_scale = scale * decay
+    w = np.empty(Dm, dtype=w_raw.dtype)
+    aff = np.empty(J, dtype=np.float64)
+    prio = np.empty(J, dtype=np.float64)
+    dots = np.empty(J, dtype=memory.dtype)
+    for b in range(B):
+        g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
+                             write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+    return new_scale
+
+
+@njit(cache=True, parallel=True)
+def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+                   beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
+    """``write``, the sequences split over the cores."""
     B, J, Dm = memory.shape
     new_scale = scale * decay
     for b in prange(B):
