@@ -192,6 +192,37 @@ def test_linear_kernels_match_numpy(rows, dtype, tol):
     assert np.abs(linear(x, np.asfortranarray(W), b) - want).max() <= tol * np.abs(want).max()
 
 
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_packed_head_matches_the_plain_head(dtype, tol):
+    """The head of 2..16 sequences runs on a packed copy of W_o (kernels.packed_linear): equal to
+    LayerNorm + x @ W_o.T + b for every row count (padding to PACK_ROWS, two calls above it), for a
+    vocabulary that leaves a partial tile and an odd number of tiles; the copy is built once per W_o."""
+    from thl_np.nn.output import layer_norm_forward
+
+    model = THLModel(small_config(vocab_size=1001, dtype=dtype), seed=0)
+    dec = model.decoder(batch_size=2)
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 7, 8, 9, 16):
+        h = rng.standard_normal((n, dec.S.shape[1])).astype(dtype)
+        hn, _ = layer_norm_forward(h, dec.ln_w, dec.ln_b)
+        want = hn.astype(np.float64) @ dec.W_o.T.astype(np.float64) + dec.b_o
+        got = dec.logits(h)
+        assert got.dtype == np.dtype(dtype) and got.shape == (n, 1001)
+        assert np.abs(got - want).max() <= tol * np.abs(want).max(), n
+    packed = model._packed_output_head[1]
+    assert dec._packed_head() is packed and model.decoder(batch_size=3)._packed_head() is packed
+    # new weights (an optimiser replaces the arrays): the packed copy is rebuilt from them
+    model.params = {k: v * 2 for k, v in model.params.items()}
+    dec = model.decoder(batch_size=2)
+    h = rng.standard_normal((2, dec.S.shape[1])).astype(dtype)
+    hn, _ = layer_norm_forward(h, dec.ln_w, dec.ln_b)
+    assert dec._packed_head() is not packed
+    assert np.abs(dec.logits(h) - (hn @ dec.W_o.T + dec.b_o)).max() <= tol * 10
+    # packed_head=False keeps to the row-major kernel, same numbers
+    plain_kernel = FastDecoder(model, batch_size=2, packed_head=False).logits(h)
+    assert np.abs(plain_kernel - dec.logits(h)).max() <= tol * 10
+
+
 def test_capacity_head_left_without_picks_keeps_its_weights():
     """Spec §4.4 slot capacity: with capacity 1, κ = 1 and two identical heads, head 1 always picks the
     slot head 0 already took, so it is left with weight 0 and keeps its uncapped weights."""

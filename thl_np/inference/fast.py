@@ -11,7 +11,9 @@ What it does less of, and why that is exact:
 - The output head runs only where logits are asked for, once over all positions of a prompt.
 - A step's products have few rows (the batch): they run in Numba kernels that stream each weight once
   for the whole batch (``linear``), on Numba's thread pool alone (OpenBLAS is held to one thread
-  meanwhile, see ``thl_np.inference.kernels``).
+  meanwhile, see ``thl_np.inference.kernels``). For 2-16 sequences the output head runs on a copy of
+  its weights packed in tiles (``kernels.packed_linear``), built on first use and kept on the model:
+  a second V·d array (463 MB for the default config in float32); ``packed_head=False`` does without.
 
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
@@ -57,8 +59,10 @@ class FastDecoder:
     >>> state = dec.state()                                  # an InferenceState (spec §3)
     """
 
-    def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None):
+    def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None,
+                 packed_head: bool = True):
         self.model = model
+        self.packed_head = packed_head
         self.weights_key = model.weights_key()
         c = self.config = model.config
         P = model.params
@@ -223,12 +227,42 @@ class FastDecoder:
         """Spec §4.8 over any leading shape: LayerNorm then the output head."""
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
-        if flat.shape[0] <= SMALL_BATCH:
-            with blas_threads(1):
-                out = linear(flat, self.W_o, self.b_o)
+        n = flat.shape[0]
+        if n > SMALL_BATCH:
+            out = linear(flat, self.W_o, self.b_o)  # a prompt's positions: BLAS GEMM, with its threads
         else:
-            out = linear(flat, self.W_o, self.b_o)
+            with blas_threads(1):
+                out = self._head_batch(flat) if n > 1 and self.packed_head else linear(flat, self.W_o, self.b_o)
         return out.reshape(h.shape[:-1] + (self.W_o.shape[0],))
+
+    def _head_batch(self, h: np.ndarray) -> np.ndarray:
+        """The head for 2..SMALL_BATCH rows, on the packed copy of its weights (kernels.packed_linear)."""
+        V = self.W_o.shape[0]
+        Wp = self._packed_head()
+        R = kernels.PACK_ROWS
+        if getattr(self, "_pack_in", None) is None:
+            self._pack_in = np.zeros((R, h.shape[1]), self.dtype)
+            self._pack_out = np.empty((R, Wp.shape[0] * Wp.shape[2]), self.dtype)
+        out = np.empty((h.shape[0], V), self.dtype)
+        for r0 in range(0, h.shape[0], R):
+            m = min(R, h.shape[0] - r0)
+            self._pack_in[:m] = h[r0:r0 + m]
+            self._pack_in[m:] = 0
+            kernels.packed_linear(Wp, self._pack_in, self._pack_out)
+            np.add(self._pack_out[:m, :V], self.b_o, out=out[r0:r0 + m])
+        return out
+
+    def _packed_head(self) -> np.ndarray:
+        """The output head packed for kernels.packed_linear: built once per weight array and kept on the
+        model (it is a second copy of the head: V·d values, 463 MB for the default config in float32)."""
+        cached = getattr(self.model, "_packed_output_head", None)
+        if cached is None or cached[0] is not self.W_o:
+            lanes = kernels.lanes(self.dtype)
+            V, D = self.W_o.shape
+            Wp = np.empty((-(-V // lanes), D, lanes), self.dtype)
+            kernels.pack_rows(self.W_o, lanes, Wp)
+            cached = self.model._packed_output_head = (self.W_o, Wp)
+        return cached[1]
 
     def step(self, token_ids, want_logits: bool = True):
         """One token per sequence → logits [B, V] (or None with want_logits=False)."""
