@@ -96,3 +96,21 @@ def test_eval_bad_model_folder(tmp_path, text_file, capsys):
 def test_help_shows_an_example(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and "Example" in out and f"thl-np {command}" in out
+
+
+def test_bench_prints_every_figure_of_one_run(capsys):
+    """`thl-np bench` on a small fresh model: the decode figures at batch 1 and 8 with their bound and
+    ratio, prompt and training throughput, the GEMV bandwidth and peak memory, consistent with each other."""
+    code, out, err = run(capsys, "bench", "--dim", 16, "--memory-slots", 8, "--decode-steps", 3, "--prompt-len", 4,
+                         "--json")
+    assert code == 0, err
+    text, _, blob = out.partition("{")
+    figures = json.loads("{" + blob)
+    for B in (1, 8):
+        assert f"decode batch {B}:" in text
+        tps, bound = figures[f"decode_b{B}_tok_s"], figures[f"decode_b{B}_bound_tok_s"]
+        assert tps > 0 and bound > 0
+        assert figures[f"decode_b{B}_ratio_to_bound"] == pytest.approx(tps / bound)
+    assert figures["prompt_tok_s"] > 0 and figures["train_tok_s"] > 0
+    assert figures["gemv_bandwidth_GBps"] > 0 and figures["peak_rss_MB"] > 0
+    assert "GEMV bandwidth" in text and "train fwd+bwd" in text
