@@ -54,3 +54,24 @@ def test_the_installed_command_runs_without_model():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_the_default_command_compiles_nothing(tmp_path):
+    """Issue 8: on a fresh install the first `thl-np generate "def fibonacci(n):"` must print within a few
+    seconds, and compiling the fast path's Numba kernels takes ~8 s. A job this small runs on the plain
+    path: with an empty Numba cache, the command leaves the cache empty (nothing was compiled)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "thl-np")
+    argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "thl_np.cli"]
+    cache = tmp_path / "numba-cache"
+    cache.mkdir()
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
+    proc = subprocess.run([*argv, "generate", "def fibonacci(n):"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # (Numba makes empty folders at import)
+    # the same command on the fast path does compile (and cache) the kernels: the check above has teeth
+    proc = subprocess.run([*argv, "generate", "def f", "--max-length", "2", "--path", "fast"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
