@@ -174,9 +174,9 @@ def test_cache_is_not_reused_after_the_weights_change():
 
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 40, 64, 65])
 def test_linear_kernels_match_numpy(rows, dtype, tol):
-    """fast.linear (GEMV for one row, 6×4 tiles for up to 16 rows, BLAS above) equals x @ W.T + b, for
+    """fast.linear (GEMV for one row, 6×4 tiles for up to SMALL_BATCH rows, BLAS above) equals x @ W.T + b, for
     widths that leave remainders of the tiles (1001 = 6·166 + 5 rows of W, 37 columns)."""
     from thl_np.inference.fast import linear
 
@@ -194,7 +194,7 @@ def test_linear_kernels_match_numpy(rows, dtype, tol):
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 def test_packed_head_matches_the_plain_head(dtype, tol):
-    """The head of 2..16 sequences runs on a packed copy of W_o (kernels.packed_linear): equal to
+    """The head of 2..SMALL_BATCH sequences runs on a packed copy of W_o (kernels.packed_linear): equal to
     LayerNorm + x @ W_o.T + b for every row count (padding to PACK_ROWS, two calls above it), for a
     vocabulary that leaves a partial tile and an odd number of tiles; the copy is built once per W_o."""
     from thl_np.nn.output import layer_norm_forward
@@ -202,7 +202,7 @@ def test_packed_head_matches_the_plain_head(dtype, tol):
     model = THLModel(small_config(vocab_size=1001, dtype=dtype), seed=0)
     dec = model.decoder(batch_size=2)
     rng = np.random.default_rng(0)
-    for n in (2, 3, 7, 8, 9, 16):
+    for n in (2, 3, 7, 8, 9, 16, 41, 64, 65):
         h = rng.standard_normal((n, dec.S.shape[1])).astype(dtype)
         hn, _ = layer_norm_forward(h, dec.ln_w, dec.ln_b)
         want = hn.astype(np.float64) @ dec.W_o.T.astype(np.float64) + dec.b_o
