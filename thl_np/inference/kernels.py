@@ -15,6 +15,8 @@ from numba.extending import intrinsic
 # Reassociation lets LLVM vectorise a dot product; every row still runs the same code, so identical rows
 # of the bank give identical dot products (the spec's tie rule needs that). No "no NaN/inf" assumptions.
 _VECTORISE = {"reassoc", "contract", "nsz", "arcp"}
+# The kernels are written as loops, not array expressions: Numba compiles each array expression (and its
+# broadcasting error path) separately, which had made the first decode step take seconds more to compile.
 
 
 @njit(cache=True, fastmath=_VECTORISE)
@@ -63,8 +65,6 @@ def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
             _axpy(s[i] / tot, ring_v[b, (start + i) % W], out[b])
 
 
-# Loops, not array expressions, below: Numba compiles each array expression (and its broadcasting error
-# path) separately, which made the first decode step of a fresh install take seconds.
 @njit(cache=True)
 def _axpy(a, x, y):
     """y += a·x, element by element (a may be float64 while x, y are float32: rounded as NumPy would)."""
