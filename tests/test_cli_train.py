@@ -112,5 +112,8 @@ def test_bench_prints_every_figure_of_one_run(capsys):
         assert tps > 0 and bound > 0
         assert figures[f"decode_b{B}_ratio_to_bound"] == pytest.approx(tps / bound)
     assert figures["prompt_tok_s"] > 0 and figures["train_tok_s"] > 0
-    assert figures["gemv_bandwidth_GBps"] > 0 and figures["peak_rss_MB"] > 0
+    assert figures["peak_rss_MB"] > 0
+    # the bound uses the better of the two GEMVs measured, so it is never easier than either
+    assert figures["gemv_bandwidth_GBps"] == max(figures["gemv_bandwidth_blas_GBps"],
+                                                 figures["gemv_bandwidth_kernel_GBps"]) > 0
     assert "GEMV bandwidth" in text and "train fwd+bwd" in text

@@ -6,6 +6,7 @@ read against what the hardware allows.
 """
 from __future__ import annotations
 
+import functools
 import platform
 import resource
 import time
@@ -36,21 +37,64 @@ def decode_bytes_per_step(config: THLConfig, batch_size: int = 1, itemsize: int 
     return out
 
 
-def gemv_bandwidth(nbytes: int = 256 << 20, repeats: int = 7, warmup_s: float = 1.0) -> float:
-    """Best bytes/s of a float32 GEMV (NumPy's BLAS) over a matrix far larger than the caches, after a
-    warm-up of at least ``warmup_s`` seconds, as the decode figures (freshly allocated memory reads
-    slower at first on some machines, which would make the bound too easy)."""
-    cols = 2048
-    rows = max(1, nbytes // (4 * cols))
-    A = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
-    x = np.ones(cols, np.float32)
+class _Gemv:
+    """A float32 GEMV over a matrix far larger than the caches, by NumPy's BLAS and by the decoder's own
+    kernel (``kernels.gemv``); ``sample()`` times each a few times."""
+
+    def __init__(self, nbytes: int = 256 << 20, cols: int = 2048):
+        from .inference import kernels
+
+        rows = max(1, nbytes // (4 * cols))
+        self.A = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
+        self.x = np.ones(cols, np.float32)
+        self._out, self._zeros = np.empty(rows, np.float32), np.zeros(rows, np.float32)
+        self._kernel = kernels.gemv
+        self.times = {"blas": [], "kernel": []}
+
+    def sample(self, repeats: int = 3) -> None:
+        from ._blas import blas_threads
+
+        self.times["blas"] += [_timed(lambda: self.A @ self.x) for _ in range(repeats)]
+        time.sleep(0.2)  # OpenBLAS's workers spin for a while after a call: let them sleep before what follows
+        with blas_threads(1):
+            self.times["kernel"] += [_timed(lambda: self._kernel(self.A, self._zeros, self.x, self._out))
+                                     for _ in range(repeats)]
+
+    def rates(self) -> dict:
+        """Median bytes/s of each; "best" is the larger, the machine's bandwidth for the bound."""
+        out = {k: self.A.nbytes / float(np.median(v)) for k, v in self.times.items()}
+        out["best"] = max(out.values())
+        return out
+
+
+def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps: int = 8,
+                               warmup_s: float = 1.0) -> tuple[dict, dict]:
+    """Tokens/s of the fast decode path (logits every step) at each batch size, and the GEMV bandwidth,
+    measured in alternating rounds so that both see the same machine (on a shared machine the memory
+    bandwidth moves by 1.5× within seconds). Each figure is a median over all rounds, after a warm-up of
+    at least ``warmup_s`` seconds per decoder and for the GEMVs (freshly allocated memory reads slower at
+    first on some machines)."""
+    gemv = _Gemv()
+    decoders = {B: model.decoder(batch_size=B) for B in batch_sizes}
+    ids = {B: np.arange(B) % model.config.vocab_size for B in batch_sizes}
+    for B, dec in decoders.items():
+        t_end = time.perf_counter() + warmup_s
+        for i in range(1_000_000):
+            dec.step(ids[B])
+            if i >= 7 and time.perf_counter() > t_end:
+                break
     t_end = time.perf_counter() + warmup_s
-    while True:
-        A @ x
-        if time.perf_counter() > t_end:
-            break
-    best = min(_timed(lambda: A @ x) for _ in range(repeats))
-    return A.nbytes / best
+    while time.perf_counter() < t_end:
+        gemv.sample(1)
+    gemv.times = {"blas": [], "kernel": []}
+    step_times = {B: [] for B in batch_sizes}
+    for _ in range(rounds):
+        gemv.sample()
+        for B, dec in decoders.items():
+            dec.step(ids[B])  # the first step after the GEMVs finds its weights out of the caches: not timed
+            step_times[B] += [_timed(functools.partial(dec.step, ids[B])) for _ in range(steps)]
+    tokens_per_s = {B: B / float(np.median(t)) for B, t in step_times.items()}
+    return tokens_per_s, gemv.rates()
 
 
 def _timed(fn) -> float:
@@ -61,21 +105,6 @@ def _timed(fn) -> float:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def bench_decode(model, batch_size: int, steps: int = 64, warmup_s: float = 1.0) -> float:
-    """Tokens/s of the fast decode path (logits every step): the median step after a warm-up of at least
-    ``warmup_s`` seconds (and 8 steps). The first steps over freshly mapped or allocated weights run up to
-    1.5× slower on some machines (page-table and cache warm-up), which a long generation never sees."""
-    dec = model.decoder(batch_size=batch_size)
-    ids = np.arange(batch_size) % model.config.vocab_size
-    t_end = time.perf_counter() + warmup_s
-    for i in range(1_000_000):
-        dec.step(ids)
-        if i >= 7 and time.perf_counter() > t_end:
-            break
-    times = [_timed(lambda: dec.step(ids)) for _ in range(steps)]
-    return batch_size / float(np.median(times))
 
 
 def bench_prompt(model, length: int = 128, repeats: int = 3) -> float:
@@ -114,12 +143,15 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     itemsize = model.dtype.itemsize
     figures = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
                "dtype": str(model.dtype), "parameters": model.num_parameters()}
-    bw = gemv_bandwidth()
+    decode, rates = bench_decode_and_bandwidth(model, (1, 8), rounds=max(1, decode_steps // 8))
+    bw = rates["best"]
     figures["gemv_bandwidth_GBps"] = bw / 1e9
+    figures["gemv_bandwidth_blas_GBps"] = rates["blas"] / 1e9
+    figures["gemv_bandwidth_kernel_GBps"] = rates["kernel"] / 1e9
     for B in (1, 8):
         need = decode_bytes_per_step(c, B, itemsize)
         bound = B * bw / need["total"]
-        tps = bench_decode(model, B, decode_steps)
+        tps = decode[B]
         figures[f"decode_b{B}_tok_s"] = tps
         figures[f"decode_b{B}_bound_tok_s"] = bound
         figures[f"decode_b{B}_ratio_to_bound"] = tps / bound
@@ -133,8 +165,8 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
         echo(f"train fwd+bwd (d={tc.embedding_dim}, J={tc.memory_slots}, T=128, B=8): "
              f"{figures['train_tok_s']:.0f} tokens/s")
     figures["peak_rss_MB"] = peak_rss_bytes() / 1e6
-    echo(f"GEMV bandwidth {bw / 1e9:.1f} GB/s; peak resident memory {figures['peak_rss_MB']:.0f} MB; "
-         f"{figures['machine']}")
+    echo(f"GEMV bandwidth {bw / 1e9:.1f} GB/s (the better of OpenBLAS {rates['blas'] / 1e9:.1f} and thl-np's kernel "
+         f"{rates['kernel'] / 1e9:.1f}); peak resident memory {figures['peak_rss_MB']:.0f} MB; {figures['machine']}")
     return figures
 
 

@@ -13,7 +13,8 @@ from ..errors import InputError
 @click.option("--memory-slots", type=int, default=None, help="J for a fresh model.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--decode-steps", type=int, default=64, show_default=True,
-              help="Timed decode steps (after a warm-up of at least 1 s); the median is reported.")
+              help="Timed decode steps per batch size (in rounds of 8, alternating with the GEMV bandwidth "
+                   "measurement, after a warm-up of at least 1 s); the median is reported.")
 @click.option("--prompt-len", type=int, default=128, show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip the training throughput figure.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the figures as one JSON object.")

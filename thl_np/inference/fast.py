@@ -79,7 +79,7 @@ class FastDecoder:
         self.W_q = P["router.W_q.weight"]
         # per head: q_mem_h = W_k,h^T q_h as a product with the rows of W_k,h^T; r_h = W_v,h mix_h
         self.W_k_heads_T = np.ascontiguousarray(P["router.W_k.weight"].reshape(H, d_h, c.memory_dim).transpose(0, 2, 1))
-        self.W_v_heads = P["router.W_v.weight"].reshape(H, -1, c.memory_dim)
+        self.W_v_heads = np.ascontiguousarray(P["router.W_v.weight"].reshape(H, -1, c.memory_dim))
         # update and reset gates read the same input: one product for both
         self.W_zr = [np.concatenate([P[f"tiers.cells.{k}.W_z.weight"], P[f"tiers.cells.{k}.W_r.weight"]])
                      for k in range(c.num_tiers)]
@@ -93,7 +93,7 @@ class FastDecoder:
         self.ln_b = P["layer_norm.bias"]
         self.W_o = P["output_head.weight"]
         self.b_o = P["output_head.bias"]
-        self.zeros = np.zeros(max(self.W_qkv.shape[0], self.W_q.shape[0], c.memory_dim, c.value_dim), dt)
+        self.zeros = np.zeros(max(self.W_qkv.shape[0], self.W_q.shape[0]), dt)  # the bias of bias-free products
         self.offsets = np.cumsum([0] + list(c.tier_dims)).tolist()
         self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt))
 
@@ -153,8 +153,11 @@ class FastDecoder:
     # ------------------------------------------------------------------ stepping
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if self.B <= SMALL_BATCH:
+            return self._advance(ids)  # every product in the Numba kernels: no BLAS call
         with blas_threads(1):
-            return self._advance(np.asarray(token_ids, dtype=np.int64).reshape(-1))
+            return self._advance(ids)
 
     def _advance(self, ids) -> np.ndarray:
         c = self.config
@@ -185,16 +188,13 @@ class FastDecoder:
         o = self.offsets
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         q = linear(u, self.W_q, zeros[:self.W_q.shape[0]])
-        for h in range(H):
-            linear(np.ascontiguousarray(q[:, h * d_h:(h + 1) * d_h]), self.W_k_heads_T[h], zeros[:c.memory_dim],
-                   out=self._q_mem_heads[h])
-        q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))  # [B, H, d_m]
+        q_heads = np.ascontiguousarray(q.reshape(self.B, H, d_h).transpose(1, 0, 2))            # [H, B, d_h]
+        kernels.per_head_linear(q_heads, self.W_k_heads_T, self._q_mem_heads)                    # [H, B, d_m]
+        q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))                       # [B, H, d_m]
         route = kernels.route if self.B == 1 else kernels.route_parallel
         route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty, 1.0 / math.sqrt(d_h),
               c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self._mix, self._idx, self._alpha)
-        for h in range(H):
-            linear(np.ascontiguousarray(self._mix[:, h]), self.W_v_heads[h], zeros[:self._r_heads.shape[2]],
-                   out=self._r_heads[h])
+        kernels.per_head_linear(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
         r = self._r_heads.transpose(1, 0, 2).reshape(self.B, c.value_dim)
         # 5. tiers under their clocks
         lower = e
@@ -230,11 +230,10 @@ class FastDecoder:
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
         n = flat.shape[0]
-        if n > SMALL_BATCH:
-            out = linear(flat, self.W_o, self.b_o)  # a prompt's positions: BLAS GEMM, with its threads
+        if n > 1 and n <= SMALL_BATCH and self.packed_head:
+            out = self._head_batch(flat)
         else:
-            with blas_threads(1):
-                out = self._head_batch(flat) if n > 1 and self.packed_head else linear(flat, self.W_o, self.b_o)
+            out = linear(flat, self.W_o, self.b_o)  # one row: kernels.gemv; a prompt's positions: BLAS GEMM
         return out.reshape(h.shape[:-1] + (self.W_o.shape[0],))
 
     def _head_batch(self, h: np.ndarray) -> np.ndarray:

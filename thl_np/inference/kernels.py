@@ -299,30 +299,23 @@ def _top_desc(values, k, out):
 
 @njit(parallel=True, fastmath=_VECTORISE, cache=True)
 def gemv(W, b_o, x, out):
-    """out[i] = W[i]·x + b_o[i] (one sequence): W streamed once, four rows per iteration, split over the
-    cores. A BLAS GEMV does the same, but the decoder keeps to one thread pool (see the module docstring)."""
-    V, D = W.shape
-    zero = W[0, 0] - W[0, 0]  # accumulate in the weights' dtype (float32 stays 16 lanes wide)
-    for blk in prange((V + 3) // 4):
-        i0 = blk * 4
-        if i0 + 4 <= V:
-            a0 = zero
-            a1 = zero
-            a2 = zero
-            a3 = zero
-            for k in range(D):
-                xk = x[k]
-                a0 += W[i0, k] * xk
-                a1 += W[i0 + 1, k] * xk
-                a2 += W[i0 + 2, k] * xk
-                a3 += W[i0 + 3, k] * xk
-            out[i0] = a0 + b_o[i0]
-            out[i0 + 1] = a1 + b_o[i0 + 1]
-            out[i0 + 2] = a2 + b_o[i0 + 2]
-            out[i0 + 3] = a3 + b_o[i0 + 3]
-        else:
-            for i in range(i0, V):
-                out[i] = _dot(W[i], x) + b_o[i]
+    """out[i] = W[i]·x + b_o[i] (one sequence), the rows split over the cores. One row per iteration keeps
+    each core's reads one sequential stream, which the hardware prefetches best (measured on the default
+    head: 0.65-0.85× the time of four rows per iteration, and faster than OpenBLAS's GEMV)."""
+    for i in prange(W.shape[0]):
+        out[i] = _dot(W[i], x) + b_o[i]
+
+
+@njit(parallel=True, fastmath=_VECTORISE, cache=True)
+def per_head_linear(X, W, out):
+    """out[h, b, i] = W[h, i]·X[h, b] for every head h at once (the router's per-head query and value
+    products: one call instead of one per head)."""
+    H, R, _ = W.shape
+    for hi in prange(H * R):
+        h = hi // R
+        i = hi - h * R
+        for b in range(X.shape[1]):
+            out[h, b, i] = _dot(W[h, i], X[h, b])
 
 
 @njit(parallel=True, fastmath=_VECTORISE, cache=True)
