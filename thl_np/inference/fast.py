@@ -10,10 +10,11 @@ What it does less of, and why that is exact:
 - The local buffer keeps its keys and values (``E Wk^T``, ``E Wv^T``) in a ring, computed once per token.
 - The output head runs only where logits are asked for, once over all positions of a prompt.
 - A step's products have few rows (the batch): they run in Numba kernels that stream each weight once
-  for the whole batch (``linear``), on Numba's thread pool alone (OpenBLAS is held to one thread
-  meanwhile, see ``thl_np.inference.kernels``). For 2-64 sequences the output head runs on a copy of
-  its weights packed in tiles (``kernels.packed_linear``), built on first use and kept on the model:
-  a second V·d array (463 MB for the default config in float32); ``packed_head=False`` does without.
+  for the whole batch (``linear``), on Numba's thread pool alone: up to SMALL_BATCH sequences a step
+  makes no BLAS call (see ``thl_np.inference.kernels`` for why), above it OpenBLAS runs on one thread.
+  For 2..SMALL_BATCH sequences the output head runs on a copy of its weights packed in tiles
+  (``kernels.packed_linear``), built on first use and kept on the model: a second V·d array (463 MB
+  for the default config in float32); ``packed_head=False`` does without.
 
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
