@@ -58,7 +58,7 @@ def test_the_installed_command_runs_without_model():
 
 def test_the_default_command_compiles_nothing(tmp_path):
     """Issue 8: on a fresh install the first `thl-np generate "def fibonacci(n):"` must print within a few
-    seconds, and compiling the fast path's Numba kernels takes ~8 s. A job this small runs on the plain
+    seconds, and compiling the fast path's Numba kernels takes ~10 s. A job this small runs on the plain
     path: with an empty Numba cache, the command leaves the cache empty (nothing was compiled)."""
     exe = os.path.join(os.path.dirname(sys.executable), "thl-np")
     argv = [exe] if os.path.exists(exe) else [sys.executable, "-m", "thl_np.cli"]

@@ -38,7 +38,7 @@ from .tokenizer import Tokenizer
 
 # A job of at most this many parameter-steps (parameters × tokens) runs on the plain path under "auto":
 # about a second there (the default model: ~0.5 ms per token), while the fast path's Numba kernels cost
-# 5-6 s to compile the first time they run on a machine. Larger jobs amortise that once-per-machine cost.
+# about 10 s to compile the first time they run on a machine. Larger jobs amortise that once-per-machine cost.
 SMALL_JOB_PARAMETER_STEPS = 1e9
 
 
