@@ -21,15 +21,7 @@ from numba import njit
 
 # One definition of the per-row dot order and of the tie rule for both fast paths. (Numba caches by the
 # calling module's file: after editing these in thl_np/inference/kernels.py, clear __pycache__ here too.)
-from ..inference.kernels import _dot, _top_desc, choose_write, row_dots, row_norms2  # noqa: F401
-
-
-@njit(cache=True)
-def _sigmoid(x):
-    if x >= 0.0:
-        return 1.0 / (1.0 + math.exp(-x))
-    ex = math.exp(x)
-    return ex / (1.0 + ex)
+from ..inference.kernels import _dot, _sigmoid, _top_desc, choose_write, row_dots, row_norms2  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------------
