@@ -36,7 +36,7 @@ class Section:
     note: str = ""              # where the step is composed, when that is not obvious
 
 
-NN = "thl_np.nn"
+NN = "thl_np.components"
 SECTIONS = [
     Section("§4.1", "Embed", [f"{NN}.embedding"], [f"{NN}.embedding.embedding_forward"],
             [f"{NN}.embedding.embedding_backward"]),

@@ -1,4 +1,4 @@
-"""Per-component finite differences (float64): each ``*_backward`` in ``thl_np.nn`` against its own
+"""Per-component finite differences (float64): each ``*_backward`` in ``thl_np.components`` against its own
 ``*_forward``, by central differences of a random linear functional of the outputs.
 
 Every probe also compares the forward's discrete choices (top-κ idx, capacity mask, writer targets,
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from helpers import FDReport, fd_check
 
-from thl_np.nn.embedding import embedding_backward, embedding_forward
-from thl_np.nn.gru import gru_backward, gru_forward
-from thl_np.nn.local_attention import local_attention_backward, local_attention_forward
-from thl_np.nn.output import (
+from thl_np.components.embedding import embedding_backward, embedding_forward
+from thl_np.components.gru import gru_backward, gru_forward
+from thl_np.components.local_attention import local_attention_backward, local_attention_forward
+from thl_np.components.output import (
     cross_entropy_forward,
     layer_norm_backward,
     layer_norm_forward,
@@ -22,7 +22,7 @@ from thl_np.nn.output import (
     linear_forward,
     load_balance_forward,
 )
-from thl_np.nn.router import (
+from thl_np.components.router import (
     apply_slot_capacity,
     gumbel_noise,
     read_meta_backward,
@@ -30,7 +30,7 @@ from thl_np.nn.router import (
     router_backward,
     router_forward,
 )
-from thl_np.nn.writer import memory_write_backward, memory_write_forward, writer_backward, writer_forward
+from thl_np.components.writer import memory_write_backward, memory_write_forward, writer_backward, writer_forward
 
 SEEDS = [0, 1, 2]
 

@@ -197,7 +197,7 @@ def test_packed_head_matches_the_plain_head(dtype, tol):
     """The head of 2..SMALL_BATCH sequences runs on a packed copy of W_o (kernels.packed_linear): equal to
     LayerNorm + x @ W_o.T + b for every row count (padding to PACK_ROWS, two calls above it), for a
     vocabulary that leaves a partial tile and an odd number of tiles; the copy is built once per W_o."""
-    from thl_np.nn.output import layer_norm_forward
+    from thl_np.components.output import layer_norm_forward
 
     model = THLModel(small_config(vocab_size=1001, dtype=dtype), seed=0)
     dec = model.decoder(batch_size=2)

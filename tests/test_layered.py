@@ -25,8 +25,8 @@ from thl_np.inference.backends import (
     writer_forward_xp,
 )
 from thl_np.inference.layered import LayeredInferenceEngine, plan_layers
-from thl_np.nn.router import read_meta_forward, router_forward
-from thl_np.nn.writer import memory_write_forward, writer_forward
+from thl_np.components.router import read_meta_forward, router_forward
+from thl_np.components.writer import memory_write_forward, writer_forward
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 STEPS = 20
@@ -383,7 +383,7 @@ def test_workspace_bounds_cover_real_allocations(ops):
 
 def test_generic_variants_are_bitwise_the_nn_functions():
     """With xp = numpy, the CUDA path's router / read-metadata / writer / memory-write variants return
-    exactly what the thl_np.nn functions return, ties included (zero bank, empty slots, equal scores)."""
+    exactly what the thl_np.components functions return, ties included (zero bank, empty slots, equal scores)."""
     rng = np.random.default_rng(0)
     B, J, d_m, H, d_h, kappa, d_v = 4, 9, 6, 3, 4, 3, 6
     for trial in range(12):

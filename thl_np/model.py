@@ -1,4 +1,4 @@
-"""The THL model: one spec §4 step composed from the components in ``thl_np.nn``, sequences of steps,
+"""The THL model: one spec §4 step composed from the components in ``thl_np.components``, sequences of steps,
 and back-propagation through time over the tape those steps leave (spec §5).
 
 This file is the plain path: it is the spec, read top to bottom. ``thl_np.inference.fast`` is the
@@ -14,10 +14,10 @@ import numpy as np
 from .config import THLConfig
 from .errors import InputError, StateError, WeightsError
 from .inference.state import InferenceState
-from .nn.embedding import embedding_backward, embedding_forward
-from .nn.gru import gru_backward, gru_forward
-from .nn.local_attention import local_attention_backward, local_attention_forward
-from .nn.output import (
+from .components.embedding import embedding_backward, embedding_forward
+from .components.gru import gru_backward, gru_forward
+from .components.local_attention import local_attention_backward, local_attention_forward
+from .components.output import (
     cross_entropy_forward,
     layer_norm_backward,
     layer_norm_forward,
@@ -25,8 +25,8 @@ from .nn.output import (
     linear_forward,
     load_balance_forward,
 )
-from .nn.router import gumbel_noise, read_meta_backward, read_meta_forward, router_backward, router_forward
-from .nn.writer import memory_write_backward, memory_write_forward, writer_backward, writer_forward
+from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_backward, router_forward
+from .components.writer import memory_write_backward, memory_write_forward, writer_backward, writer_forward
 from .params import check_params, init_params, num_parameters, param_shapes
 
 FORMAT_VERSION = "1"

@@ -44,10 +44,10 @@ from .errors import InputError, THLError
 from .inference.state import InferenceState
 from .io.safetensors import write_safetensors
 from .model import THLModel, output_forward, run_sequence, thl_step, value_and_grad
-from .nn.embedding import embedding_backward, embedding_forward
-from .nn.gru import gru_backward, gru_forward
-from .nn.local_attention import local_attention_backward, local_attention_forward
-from .nn.output import (
+from .components.embedding import embedding_backward, embedding_forward
+from .components.gru import gru_backward, gru_forward
+from .components.local_attention import local_attention_backward, local_attention_forward
+from .components.output import (
     cross_entropy_forward,
     layer_norm_backward,
     layer_norm_forward,
@@ -55,8 +55,8 @@ from .nn.output import (
     linear_forward,
     load_balance_forward,
 )
-from .nn.router import gumbel_noise, read_meta_backward, read_meta_forward, router_backward, router_forward
-from .nn.writer import (
+from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_backward, router_forward
+from .components.writer import (
     EMPTY_NORM,
     memory_write_backward,
     memory_write_forward,
@@ -1230,7 +1230,7 @@ def generate_component(comp: Component, folder: str) -> dict:
 
 def _module_of(fn_name: str) -> str:
     for mod in ("embedding", "local_attention", "router", "gru", "writer", "output"):
-        module = __import__(f"thl_np.nn.{mod}", fromlist=[fn_name])
+        module = __import__(f"thl_np.components.{mod}", fromlist=[fn_name])
         if hasattr(module, fn_name):
             return module.__name__
     return "thl_np.model"  # pragma: no cover

@@ -14,13 +14,13 @@ Two backends, one interface, one engine code path:
   pool's peak of used bytes, temporaries included. Host→device copies run on a side stream through two
   pinned staging buffers. CuPy is imported here, lazily, and nowhere else in the library.
 
-Math: on the NumPy backend the engine calls the ``thl_np.nn`` component functions themselves. On
+Math: on the NumPy backend the engine calls the ``thl_np.components`` component functions themselves. On
 CuPy, the components whose NumPy calls CuPy dispatches correctly (``__array_function__`` /
 ``__array_ufunc__``: local attention, the GRU cell, LayerNorm, linear) are called as they are; the
 router, read metadata, writer and memory write use NumPy constructs CuPy does not take (``np.add.at``,
 ``np.argsort(kind="stable")``, arrays created with ``np.zeros``/``np.arange`` mixed with device arrays, a
 per-sequence Python loop), so they have backend-generic variants below, written against an array module
-``xp``. With ``xp = numpy`` each variant returns bit-for-bit what its ``thl_np.nn`` original returns
+``xp``. With ``xp = numpy`` each variant returns bit-for-bit what its ``thl_np.components`` original returns
 (``tests/test_layered.py`` checks this), so the CuPy path's logic is tested on machines without a GPU.
 """
 from __future__ import annotations
@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from ..nn.gru import gru_forward
-from ..nn.local_attention import local_attention_forward
-from ..nn.output import layer_norm_forward, linear_forward
-from ..nn.router import apply_slot_capacity, read_meta_forward, router_forward
-from ..nn.writer import EMPTY_NORM, memory_write_forward, writer_forward
+from ..components.gru import gru_forward
+from ..components.local_attention import local_attention_forward
+from ..components.output import layer_norm_forward, linear_forward
+from ..components.router import apply_slot_capacity, read_meta_forward, router_forward
+from ..components.writer import EMPTY_NORM, memory_write_forward, writer_forward
 
 ALIGN = 256  # byte alignment of each tensor inside a stream slot
 
@@ -146,7 +146,7 @@ def argsort_stable(xp, a):
 
 def router_forward_xp(xp, u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, topk, load_penalty,
                       capacity=None, to_numpy=np.asarray):
-    """Spec §4.3 as ``thl_np.nn.router.router_forward`` computes it (eval mode) → (r, alpha, idx).
+    """Spec §4.3 as ``thl_np.components.router.router_forward`` computes it (eval mode) → (r, alpha, idx).
 
     Top-κ is a stable argsort of the negated scores (ties to the lower slot); ``+ 0.0`` turns −0.0 into
     +0.0 so a radix sort (CuPy) cannot order the two zeros apart. The capacity walk is a short loop
@@ -155,7 +155,7 @@ def router_forward_xp(xp, u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head
     B, J, d_m = memory.shape
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
-    # as thl_np.nn.router.slot_scores: m_j·(W_k,h^T q_h), so identical rows get identical scores
+    # as thl_np.components.router.slot_scores: m_j·(W_k,h^T q_h), so identical rows get identical scores
     q_mem = xp.einsum("bhd,hdm->bhm", q, W_k.reshape(H, d_h, d_m))
     scale = 1.0 / math.sqrt(d_h)
     scores = xp.einsum("bjm,bhm->bhj", memory, q_mem) * scale - load_penalty * read_ema[:, None, :]
@@ -192,7 +192,7 @@ def read_meta_forward_xp(xp, read_ema, last_read, alpha, idx, t, decay):
 
 def writer_forward_xp(xp, x_w, memory, read_ema, last_write, t, W_w, b_w, *, write_slots, clip_max, beta,
                       theta, stale_weight, underuse_weight):
-    """Spec §4.6 as ``thl_np.nn.writer.writer_forward`` computes it → (w, g, targets), with the
+    """Spec §4.6 as ``thl_np.components.writer.writer_forward`` computes it → (w, g, targets), with the
     per-sequence target choice vectorised: one stable argsort of a key per row, where the key is
     0/1 "not empty" (novel with an empty slot: empty slots by index, then the rest by index), or
     −(λ_s·staleness + λ_u·underuse) in float64 (novel, bank full), or −aff (refine)."""
@@ -224,7 +224,7 @@ def writer_forward_xp(xp, x_w, memory, read_ema, last_write, t, W_w, b_w, *, wri
 
 def memory_write_forward_xp(xp, memory, write_ema, last_write, targets, g, w, t, *, decay, write_rate,
                             ema_decay):
-    """Spec §4.7 as ``thl_np.nn.writer.memory_write_forward`` computes it (arrays made with ``xp``)."""
+    """Spec §4.7 as ``thl_np.components.writer.memory_write_forward`` computes it (arrays made with ``xp``)."""
     B = memory.shape[0]
     rows = xp.arange(B)[:, None]
     new_memory = memory * decay
@@ -253,9 +253,9 @@ class Ops:
 
 
 def nn_ops() -> Ops:
-    """The ``thl_np.nn`` component functions themselves (the NumPy backend's default)."""
+    """The ``thl_np.components`` component functions themselves (the NumPy backend's default)."""
     return Ops(
-        name="thl_np.nn",
+        name="thl_np.components",
         local_attention=lambda *a: local_attention_forward(*a)[0],
         router=lambda *a, **k: router_forward(*a, **k)[:3],
         read_meta=lambda *a: read_meta_forward(*a)[:2],
@@ -268,7 +268,7 @@ def nn_ops() -> Ops:
 
 
 def generic_ops(xp, to_numpy=np.asarray) -> Ops:
-    """Backend-generic ops over the array module ``xp``: the ``thl_np.nn`` functions where CuPy's NumPy
+    """Backend-generic ops over the array module ``xp``: the ``thl_np.components`` functions where CuPy's NumPy
     dispatch covers every call they make, the ``*_xp`` variants above where it does not."""
     return Ops(
         name=f"generic[{xp.__name__}]",
@@ -350,7 +350,7 @@ class NumpyBackend:
         self.budget = available_host_memory() if budget is None else int(budget)
         self.meter = _Meter(self.budget)
         if ops not in ("nn", "generic"):
-            raise InputError(f"ops = {ops!r}: use 'nn' (the thl_np.nn functions) or 'generic' (the CuPy "
+            raise InputError(f"ops = {ops!r}: use 'nn' (the thl_np.components functions) or 'generic' (the CuPy "
                              "path's ops)")
         self.ops = nn_ops() if ops == "nn" else generic_ops(np)
         self._owned: dict[int, weakref.ref] = {}

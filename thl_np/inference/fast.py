@@ -4,7 +4,7 @@ What it does less of, and why that is exact:
 - The global decay ``M ← γM`` is a running scalar: the bank is stored divided by ``scale`` and the
   decay costs one multiplication; the stored rows are renormalised before the scalar gets small.
 - Router scores are ``m_j·(W_k,h^T q_h)``: the query is mapped into memory space once per head, so no
-  slot keys are computed at all (see ``thl_np.nn.router.slot_scores``).
+  slot keys are computed at all (see ``thl_np.components.router.slot_scores``).
 - Slot norms are cached (squared norms of the stored rows), updated only where a step writes.
 - Values are projected only for what is read: ``r_h = W_v,h (Σ_rank α m_idx)``, one product per head.
 - The local buffer keeps its keys and values (``E Wk^T``, ``E Wv^T``) in a ring, computed once per token.
@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from .._blas import blas_threads
-from ..nn.output import layer_norm_forward
+from ..components.output import layer_norm_forward
 from . import kernels
 from .state import InferenceState
 

@@ -1,7 +1,7 @@
 """Numba kernels of the fast path: the loops NumPy cannot express without waste (top-κ over J, the
 scatter into a few rows, the writer's scan of the bank), and the products of a decode step, whose few
 rows BLAS handles poorly (``gemv``, ``small_batch_linear``). Each mirrors a plain-path function in
-``thl_np.nn`` and is tested equal to it.
+``thl_np.components`` and is tested equal to it.
 
 The decoder runs on one thread pool, Numba's: OpenBLAS's workers spin after each call, and on a
 machine with few cores they then take the cores Numba's threads need (measured: 2× slower steps).
@@ -100,7 +100,7 @@ def multi_row_dots(rows, vs, out):
 def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
               mix, idx_out, alpha_out, dots, scores, A, served):
     """Spec §4.3-4.4 for one sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see
-    thl_np.nn.router.slot_scores; true memory = scale·memory), top-κ per head (descending, ties to the
+    thl_np.components.router.slot_scores; true memory = scale·memory), top-κ per head (descending, ties to the
     lower index), softmax, optional slot capacity, the α-weighted mix of the picked memory rows per head
     (the value projection is linear, so it is applied once to the mix), then read_ema and last_read in
     place. dots [H, J], scores [J], A [J] and served [J] are scratch."""
@@ -120,7 +120,7 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
             alpha_out[h, r] /= tot
     if capacity > 0:
         # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0, and
-        # a head left with weight 0 keeps its uncapped weights (as thl_np.nn.router.apply_slot_capacity)
+        # a head left with weight 0 keeps its uncapped weights (as thl_np.components.router.apply_slot_capacity)
         served[:] = 0
         keep = np.empty(kappa, dtype=np.bool_)
         for h in range(H):
@@ -417,7 +417,7 @@ def gru_update(S, offset, zr, pre):
 
 @njit(cache=True)
 def _sigmoid(x):
-    # split by sign so neither branch overflows (as thl_np.nn.gru.sigmoid)
+    # split by sign so neither branch overflows (as thl_np.components.gru.sigmoid)
     if x >= 0:
         return 1.0 / (1.0 + np.exp(-x))
     ex = np.exp(x)

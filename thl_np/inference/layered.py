@@ -15,7 +15,7 @@ chunks sized to a slot. The state (memory bank, tier states, buffers) stays on t
 steps. Every device byte is counted against the budget: weights, slots, the input and output state,
 the activations each module keeps and the temporaries each module makes (``peak_device_bytes``).
 
-The math is the ``thl_np.nn`` component functions (NumPy backend) or their backend-generic variants
+The math is the ``thl_np.components`` component functions (NumPy backend) or their backend-generic variants
 (CuPy), composed in spec §4 order exactly as ``thl_np.model.thl_step`` composes them, LayerNorm
 included (the PyTorch THL's engine skipped it, spec §6): logits and state equal the plain model's.
 Docs: docs/LAYERED.md.
@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import THLConfig
 from ..errors import InputError, StateError
-from ..nn.embedding import embedding_forward
+from ..components.embedding import embedding_forward
 from .backends import (
     ALIGN,
     DeviceBudgetError,
@@ -288,7 +288,7 @@ def _module_specs(c: THLConfig, params_shapes: dict, s: int, B: int, profile: Pr
         temps = f(B * (d_v + (n_in + d_v) + 2 * (d + n_in + d_v) + 33 * d)) + 4 * B * d
         add(f"tier.{k}", names, c.tier_timescales[k], temps, f(B * d))
     # writer: x_w, w_raw, squares, w; M⊙M [B, J, d_m] (freed inside); norms, dots, affinities; the
-    # float64 target keys (per row in thl_np.nn, all rows at once in the generic variant) and the sort.
+    # float64 target keys (per row in thl_np.components, all rows at once in the generic variant) and the sort.
     # Then the memory write: the decayed bank (state out), the target rows, the EMA terms.
     wf_temps = (f(B * (d0 + dK) + 5 * B * d_m + B * J * d_m + 9 * B * J + 20 * B) + 8 * 16 * B * J
                 + i8(B * J + B * Ww + 12 * J) + 3 * B * J + J)
@@ -534,7 +534,7 @@ class LayeredInferenceEngine:
 
     ``vram_budget``: bytes (int) or a string such as "64MB", "4GB", "512MiB"; None takes all free device
     memory (CPU: the available RAM). ``batch_size``: the batch the first plan is made for (a larger
-    batch later re-plans). ``ops``: "auto" (the ``thl_np.nn`` functions on the CPU, the backend-generic
+    batch later re-plans). ``ops``: "auto" (the ``thl_np.components`` functions on the CPU, the backend-generic
     variants on CUDA) or "generic" (the CUDA path's ops on NumPy, for testing). ``overlap``: copy the next
     streamed piece on a worker thread while the current one computes. ``extra_states``: how many device
     states the caller keeps besides the one being stepped (interleaved sessions); the plan leaves room.

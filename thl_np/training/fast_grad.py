@@ -70,8 +70,8 @@ from .._blas import blas_threads
 from ..errors import InputError
 from ..inference.state import InferenceState
 from ..model import head_loss_and_backward, pack_value_and_grad
-from ..nn.output import load_balance_forward
-from ..nn.router import gumbel_noise
+from ..components.output import load_balance_forward
+from ..components.router import gumbel_noise
 from . import grad_kernels as gk
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}

@@ -1,5 +1,5 @@
 """Numba kernels of the fast training path (``thl_np.training.fast_grad``): one forward and one backward
-kernel per component of a spec §4 step, each the same math as its plain pair in ``thl_np.nn``.
+kernel per component of a spec §4 step, each the same math as its plain pair in ``thl_np.components``.
 
 Conventions shared by every kernel:
 
@@ -7,7 +7,7 @@ Conventions shared by every kernel:
   the step index ``i``, so a step costs a few calls and no slicing in Python.
 - The memory bank is stored divided by a running scalar: forward ``true = scale · mem`` (the decay
   ``M ← γM`` is ``scale ← γ·scale``); backward ``dM = c · D`` (``dM ← γ·dM`` is ``c ← γ·c``).
-- Scores are ``m_j · q_mem_h`` with ``q_mem_h = W_k,h^T q_h`` (``thl_np.nn.router.slot_scores``), and every
+- Scores are ``m_j · q_mem_h`` with ``q_mem_h = W_k,h^T q_h`` (``thl_np.components.router.slot_scores``), and every
   per-slot dot product over the bank (scores, the writer's affinities, squared norms) runs the same code
   for every row (``row_dots`` / ``_dot``), so identical rows give identical numbers and the spec's tie rule
   (lower index first) holds exactly, as in ``thl_np.inference.kernels``.
