@@ -40,8 +40,8 @@ BIG = dict(dim=768, memory_slots=1024)
 def plain_value_and_grad(model, ids, targets, state=None, gumbel_uniform=None):
     """The plain path (spec §4 step by step, BPTT over its StepRecords), from its own pieces, so this stays
     the plain path whatever ``thl_np.model.value_and_grad`` dispatches to."""
-    from thl_np.model import output_forward, run_sequence, sequence_backward
     from thl_np.components.output import cross_entropy_forward, layer_norm_backward, linear_backward
+    from thl_np.model import output_forward, run_sequence, sequence_backward
 
     B, T = ids.shape
     P, c = model.params, model.config

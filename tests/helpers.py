@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from hypothesis import strategies as st
 
+from thl_np.components.output import cross_entropy_forward, load_balance_forward
 from thl_np.config import THLConfig
 from thl_np.inference.state import InferenceState
 from thl_np.model import output_forward, run_sequence, thl_step
-from thl_np.components.output import cross_entropy_forward, load_balance_forward
 from thl_np.params import param_shapes
 
 

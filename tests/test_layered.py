@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from thl_np import InferenceState, THLConfig, THLModel
+from thl_np.components.router import read_meta_forward, router_forward
+from thl_np.components.writer import memory_write_forward, writer_forward
 from thl_np.errors import ConfigError, InputError, StateError, THLError
 from thl_np.inference.backends import (
     DeviceBudgetError,
@@ -25,8 +27,6 @@ from thl_np.inference.backends import (
     writer_forward_xp,
 )
 from thl_np.inference.layered import LayeredInferenceEngine, plan_layers
-from thl_np.components.router import read_meta_forward, router_forward
-from thl_np.components.writer import memory_write_forward, writer_forward
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 STEPS = 20

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import THLConfig
-from .errors import InputError, StateError, WeightsError
-from .inference.state import InferenceState
 from .components.embedding import embedding_backward, embedding_forward
 from .components.gru import gru_backward, gru_forward
 from .components.local_attention import local_attention_backward, local_attention_forward
@@ -27,6 +24,9 @@ from .components.output import (
 )
 from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_backward, router_forward
 from .components.writer import memory_write_backward, memory_write_forward, writer_backward, writer_forward
+from .config import THLConfig
+from .errors import InputError, StateError, WeightsError
+from .inference.state import InferenceState
 from .params import check_params, init_params, num_parameters, param_shapes
 
 FORMAT_VERSION = "1"

@@ -39,11 +39,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import THLConfig
-from .errors import InputError, THLError
-from .inference.state import InferenceState
-from .io.safetensors import write_safetensors
-from .model import THLModel, output_forward, run_sequence, thl_step, value_and_grad
 from .components.embedding import embedding_backward, embedding_forward
 from .components.gru import gru_backward, gru_forward
 from .components.local_attention import local_attention_backward, local_attention_forward
@@ -63,6 +58,11 @@ from .components.writer import (
     writer_backward,
     writer_forward,
 )
+from .config import THLConfig
+from .errors import InputError, THLError
+from .inference.state import InferenceState
+from .io.safetensors import write_safetensors
+from .model import THLModel, output_forward, run_sequence, thl_step, value_and_grad
 from .params import param_shapes
 
 FORMAT = "thl-np reference vectors"

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
 from ..components.gru import gru_forward
 from ..components.local_attention import local_attention_forward
 from ..components.output import layer_norm_forward, linear_forward
 from ..components.router import apply_slot_capacity, read_meta_forward, router_forward
 from ..components.writer import EMPTY_NORM, memory_write_forward, writer_forward
+from ..errors import ConfigError, InputError
 
 ALIGN = 256  # byte alignment of each tensor inside a stream slot
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..components.embedding import embedding_forward
 from ..config import THLConfig
 from ..errors import InputError, StateError
-from ..components.embedding import embedding_forward
 from .backends import (
     ALIGN,
     DeviceBudgetError,

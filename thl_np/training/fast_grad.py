@@ -67,11 +67,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._blas import blas_threads
+from ..components.output import load_balance_forward
+from ..components.router import gumbel_noise
 from ..errors import InputError
 from ..inference.state import InferenceState
 from ..model import head_loss_and_backward, pack_value_and_grad
-from ..components.output import load_balance_forward
-from ..components.router import gumbel_noise
 from . import grad_kernels as gk
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
