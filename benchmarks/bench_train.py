@@ -41,7 +41,7 @@ def plain_value_and_grad(model, ids, targets, state=None, gumbel_uniform=None):
     """The plain path (spec §4 step by step, BPTT over its StepRecords), from its own pieces, so this stays
     the plain path whatever ``thl_np.model.value_and_grad`` dispatches to."""
     from thl_np.components.output import cross_entropy_forward, layer_norm_backward, linear_backward
-    from thl_np.model import output_forward, run_sequence, sequence_backward
+    from thl_np.step import output_forward, run_sequence, sequence_backward
 
     B, T = ids.shape
     P, c = model.params, model.config
@@ -76,7 +76,7 @@ def maxrss_mb() -> float:
 def plain_record_bytes(model, ids, U) -> int:
     """Bytes held by the plain path's StepRecords for these steps (each distinct array once, views count
     their whole base array, as that is what they keep alive)."""
-    from thl_np.model import run_sequence
+    from thl_np.step import run_sequence
 
     _, _, tape = run_sequence(model.params, model.config, ids, model.init_state(ids.shape[0]), U, record=True)
     seen, total = set(), 0

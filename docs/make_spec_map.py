@@ -43,38 +43,37 @@ SECTIONS = [
     Section("§4.2", "Local attention (Tier-0 sliding window)", [f"{NN}.local_attention"],
             [f"{NN}.local_attention.local_attention_forward"],
             [f"{NN}.local_attention.local_attention_backward"],
-            note="The buffer update (row n := e, or drop row 0 and append) is in `thl_np.model.thl_step`; "
-                 "the "
-                 "gradient reaching the stored embeddings is routed to earlier tokens by "
-                 "`thl_np.model.sequence_backward`."),
+            helpers=[f"{NN}.local_attention.buffer_push"],
+            note="The gradient reaching the stored embeddings is routed to earlier tokens by "
+                 "`thl_np.step.sequence_backward`."),
     Section("§4.3", "Router read", [f"{NN}.router"], [f"{NN}.router.router_forward"],
             [f"{NN}.router.router_backward"],
-            helpers=[f"{NN}.router.gumbel_noise", f"{NN}.router.top_k_desc",
-                     f"{NN}.router.apply_slot_capacity"]),
+            helpers=[f"{NN}.router.gumbel_noise", f"{NN}.primitives.top_k_desc",
+                     f"{NN}.router.slot_scores", f"{NN}.router.apply_slot_capacity"]),
     Section("§4.4", "Read metadata", [f"{NN}.router.read_meta_forward"], [f"{NN}.router.read_meta_forward"],
             [f"{NN}.router.read_meta_backward"], helpers=[f"{NN}.router.read_weights_per_slot"]),
-    Section("§4.5", "Tiers (GRU cells under their clocks)", [f"{NN}.gru"], [f"{NN}.gru.gru_forward"],
-            [f"{NN}.gru.gru_backward"], helpers=[f"{NN}.gru.sigmoid"],
-            note="The clock (`t mod τ_k`), the inactive tier (`s_new = s_prev`) and `lower_{k+1} = s_new^k` "
-                 "are in `thl_np.model.thl_step`; their gradient (top tier first) in "
-                 "`thl_np.model.sequence_backward`."),
+    Section("§4.5", "Tiers (GRU cells under their clocks)", [f"{NN}.gru", "thl_np.step.tiers_forward"],
+            [f"{NN}.gru.gru_forward", "thl_np.step.tiers_forward"],
+            [f"{NN}.gru.gru_backward", "thl_np.step.tiers_backward"], helpers=[f"{NN}.primitives.sigmoid"]),
     Section("§4.6", "Writer", [f"{NN}.writer"], [f"{NN}.writer.writer_forward"],
             [f"{NN}.writer.writer_backward"],
-            note="`thl_np.model.sequence_backward` adds the writer's `d_m_star` to the memory gradient at "
+            helpers=[f"{NN}.primitives.top_k_desc"],
+            note="`thl_np.step.sequence_backward` adds the writer's `d_m_star` to the memory gradient at "
                  "row j*."),
     Section("§4.7", "Memory decay and write", [f"{NN}.writer.memory_write_forward"],
             [f"{NN}.writer.memory_write_forward"], [f"{NN}.writer.memory_write_backward"]),
     Section("§4.8", "Output (LayerNorm + head)", [f"{NN}.output"],
-            [f"{NN}.output.layer_norm_forward", f"{NN}.output.linear_forward", "thl_np.model.output_forward"],
+            [f"{NN}.output.layer_norm_forward", f"{NN}.output.linear_forward", "thl_np.step.output_forward"],
             [f"{NN}.output.layer_norm_backward", f"{NN}.output.linear_backward"]),
     Section("§4.9", "Advance (t ← t + 1, tier states ← s_new), and the whole step",
-            ["thl_np.model.thl_step"],
-            ["thl_np.model.thl_step", "thl_np.model.run_sequence"], ["thl_np.model.sequence_backward"],
-            note="`thl_np.inference.state.InferenceState` holds the spec §3 state."),
-    Section("§5", "Losses and gradients", ["thl_np.model.value_and_grad"],
+            ["thl_np.step.thl_step"],
+            ["thl_np.step.thl_step", "thl_np.step.run_sequence"], ["thl_np.step.sequence_backward"],
+            note="`thl_np.inference.state.InferenceState` holds the spec §3 state. Which implementation of "
+                 "each component the step calls is the config's choice (`thl_np.components.registry`)."),
+    Section("§5", "Losses and gradients", ["thl_np.step.loss_and_grads"],
             [f"{NN}.output.cross_entropy_forward", f"{NN}.output.load_balance_forward",
-             "thl_np.model.value_and_grad"],
-            ["thl_np.model.sequence_backward"],
+             "thl_np.step.loss_and_grads", "thl_np.model.value_and_grad"],
+            ["thl_np.step.sequence_backward", "thl_np.step.head_loss_and_backward"],
             note="`cross_entropy_forward` returns d loss / d logits and `load_balance_forward` returns "
                  "d KL / d A with their values: each is its own backward."),
 ]

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from thl_np.components.output import cross_entropy_forward, load_balance_forward
 from thl_np.config import THLConfig
 from thl_np.inference.state import InferenceState
-from thl_np.model import output_forward, run_sequence, thl_step
 from thl_np.params import param_shapes
+from thl_np.step import output_forward, run_sequence, thl_step
 
 
 def examples(n: int) -> int:
@@ -161,9 +161,9 @@ def discrete_choices(tape) -> list:
     the novel/refine branch, the arg-max slot j*, the clip branch."""
     out = []
     for rec in tape:
-        cap_mask = rec.router[8]
-        out.append((rec.idx, None if cap_mask is None else cap_mask != 0, rec.targets, rec.writer["novel"],
-                    rec.writer["j_star"], rec.writer["clipped"]))
+        cap_mask = rec.router.cap_mask
+        out.append((rec.idx, None if cap_mask is None else cap_mask != 0, rec.targets, rec.writer.novel,
+                    rec.writer.j_star, rec.writer.clipped))
     return out
 
 

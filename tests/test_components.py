@@ -117,12 +117,12 @@ def test_router(seed, noise, capacity):
 
     def f(x):
         r, alpha, idx, cache = _route(x, kw)
-        mask = cache[8]
+        mask = cache.cap_mask
         return float((r * R_r).sum() + (alpha * R_a).sum()), (idx, None if mask is None else mask != 0)
 
     r, alpha, idx, cache = _route(x, kw)
     if capacity is not None:
-        assert (cache[8] == 0).any(), "the inputs were meant to make the capacity mask a pick"
+        assert (cache.cap_mask == 0).any(), "the inputs were meant to make the capacity mask a pick"
     d_u, d_m_sel, d_ema_sel, dWq, dWk, dWv = router_backward(
         R_r, R_a, cache, x["W_q"], x["W_k"], x["W_v"], num_heads=H, head_dim=2, load_penalty=lam)
     rows = np.arange(B)[:, None, None]
@@ -151,10 +151,10 @@ def test_router_capacity_whole_head_masked():
 
     def f(x):
         r, alpha, idx, cache = _route(x, kw)
-        return float((r * R_r).sum() + (alpha * R_a).sum()), (idx, cache[8] != 0)
+        return float((r * R_r).sum() + (alpha * R_a).sum()), (idx, cache.cap_mask != 0)
 
     r, alpha, idx, cache = _route(x, kw)
-    assert np.all(idx == 3) and not cache[9][:, 1:].any() and cache[9][:, 0].all()
+    assert np.all(idx == 3) and not cache.cap_used[:, 1:].any() and cache.cap_used[:, 0].all()
     np.testing.assert_array_equal(alpha, np.ones_like(alpha))
     d_u, d_m_sel, d_ema_sel, dWq, dWk, dWv = router_backward(
         R_r, R_a, cache, x["W_q"], x["W_k"], x["W_v"], num_heads=H, head_dim=2, load_penalty=4.0)
@@ -307,7 +307,7 @@ def _writer_case(branch, clip, seed):
     else:  # just under each row's novelty so the gate σ(β(novelty − θ)) is far from saturation
         _, _, _, cache = writer_forward(x["x_w"], x["memory"], read_ema, last_write, 7, x["W_w"], x["b_w"],
                                         theta=0.0, **kw)
-        nov = 1.0 - cache["dot_star"] / ((cache["n_w"] + 1e-8) * (cache["n_m_star"] + 1e-8))
+        nov = 1.0 - cache.dot_star / ((cache.n_w + 1e-8) * (cache.n_m_star + 1e-8))
         theta = float(nov.min()) - 0.2
     kw["theta"] = theta
     return x, read_ema, last_write, kw, rng
@@ -330,23 +330,23 @@ def test_writer(branch, clip, seed):
 
     def f(x):
         w, g, targets, c = run(x)
-        return float((w * R_w).sum() + (g * R_g).sum()), (targets, c["novel"], c["j_star"], c["clipped"])
+        return float((w * R_w).sum() + (g * R_g).sum()), (targets, c.novel, c.j_star, c.clipped)
 
     w, g, targets, cache = run(x)
     empty = np.linalg.norm(x["memory"], axis=2) <= 1e-6
-    assert cache["clipped"].all() == clip and (~cache["clipped"]).all() == (not clip)
+    assert cache.clipped.all() == clip and (~cache.clipped).all() == (not clip)
     if branch == "refine":
-        assert not cache["novel"].any() and np.all(g == 1.0)
-        assert np.all(targets[:, 0] == 2) and np.all(cache["j_star"] == 2)
+        assert not cache.novel.any() and np.all(g == 1.0)
+        assert np.all(targets[:, 0] == 2) and np.all(cache.j_star == 2)
     else:
-        assert cache["novel"].all() and np.all((g > 0.05) & (g < 0.95))
+        assert cache.novel.all() and np.all((g > 0.05) & (g < 0.95))
         if branch == "novel_empty":
             np.testing.assert_array_equal(targets, [[1, 4], [1, 4]])
         else:
             assert not empty.any()
     d_x, d_m_star, dW, db = writer_backward(R_w, R_g, cache, x["W_w"])
     dM = np.zeros_like(x["memory"])
-    dM[np.arange(B), cache["j_star"]] += d_m_star
+    dM[np.arange(B), cache.j_star] += d_m_star
     coords = {"memory": np.flatnonzero(np.repeat(~empty[..., None], x["memory"].shape[2], axis=2))}
     rep = fd_check(f, x, {"x_w": d_x, "W_w": dW, "b_w": db, "memory": dM}, coords=coords)
     rep.assert_ok(0.8)
@@ -365,7 +365,7 @@ def test_writer_targets_rules():
     kw = dict(clip_max=10.0, beta=8.0, theta=0.3, stale_weight=1.0, underuse_weight=0.0)
     ema, last = np.full((1, 4), 0.5), np.array([[3, 1, 1, 0]])
     _, g, targets, c = writer_forward(w_dir, mem, ema, last, 5, W_w, b_w, write_slots=3, **kw)
-    assert c["novel"][0]
+    assert c.novel[0]
     np.testing.assert_array_equal(targets, [[1, 3, 0]])
     full = mem + np.array([0.0, 1e-3])[None, None] * (np.linalg.norm(mem, axis=2, keepdims=True) == 0)
     full[0, 1] = [0.0, 2.0]
@@ -373,7 +373,7 @@ def test_writer_targets_rules():
     np.testing.assert_array_equal(targets, [[3, 1]])   # staleness 5 - last: [2, 4, 4, 5]; tie 1 vs 2 → 1
     near = np.array([[[1.0, 0.1], [1.0, -0.1], [0.0, 1.0], [1.0, 0.5]]])
     _, g, targets, c = writer_forward(w_dir, near, ema, last, 5, W_w, b_w, write_slots=2, **kw)
-    assert not c["novel"][0] and g[0] == 1.0
+    assert not c.novel[0] and g[0] == 1.0
     np.testing.assert_array_equal(targets, [[0, 1]])   # aff tie between rows 0 and 1 → lower index first
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from thl_np import THLConfig, THLModel
 from thl_np.inference.fast import FastDecoder
-from thl_np.model import output_forward, run_sequence, thl_step
+from thl_np.step import output_forward, run_sequence, thl_step
 
 
 def small_config(**kw):
@@ -87,7 +87,7 @@ def test_long_run_fills_memory_forces_lru_and_renormalises():
         bank_full = np.linalg.norm(state.memory, axis=-1).min(axis=-1) > 1e-6
         h, state, rec = thl_step(model.params, cfg, ids[:, t], state, record=True)
         hidden_plain.append(h)
-        lru_writes += int((rec.writer["novel"] & bank_full).sum())
+        lru_writes += int((rec.writer.novel & bank_full).sum())
     sp = state
     lp, _, _ = output_forward(model.params, np.stack(hidden_plain, axis=1))
     dec, hidden, renorms = run_fast(model, ids)

@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from thl_np.components.output import cross_entropy_forward, layer_norm_backward, linear_backward, load_balance_forward
 from thl_np.errors import InputError
 from thl_np.inference.state import InferenceState
-from thl_np.model import THLModel, output_forward, run_sequence, sequence_backward
+from thl_np.model import THLModel
+from thl_np.step import output_forward, run_sequence, sequence_backward
 from thl_np.training import fast_grad
 from thl_np.training.fast_grad import blas_threads, fast_value_and_grad, training_memory_bytes
 

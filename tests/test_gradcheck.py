@@ -24,7 +24,8 @@ from helpers import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from thl_np.model import THLModel, run_sequence, value_and_grad
+from thl_np.model import THLModel, value_and_grad
+from thl_np.step import run_sequence
 
 EPS = 1e-6
 RTOL = 1e-6
@@ -55,14 +56,14 @@ def _branches(model, ids, state, U):
     _, _, tape = run_sequence(model.params, c, ids, state.copy(), U, record=True)
     out = set()
     for rec in tape:
-        out.add("novel" if rec.writer["novel"].any() else "refine")
-        if (~rec.writer["novel"]).any():
+        out.add("novel" if rec.writer.novel.any() else "refine")
+        if (~rec.writer.novel).any():
             out.add("refine")
-        if rec.writer["clipped"].any():
+        if rec.writer.clipped.any():
             out.add("clipped")
-        if (~rec.writer["clipped"]).any():
+        if (~rec.writer.clipped).any():
             out.add("unclipped")
-        if rec.router[8] is not None and (rec.router[8] == 0).any():
+        if rec.router.cap_mask is not None and (rec.router.cap_mask == 0).any():
             out.add("capacity-masked")
     n0 = int(state.local_valid)
     if c.local_window and n0 + ids.shape[1] > c.local_window:
@@ -206,19 +207,19 @@ def test_fixed_cases(name):
     assert want <= seen, f"{name} was meant to take {sorted(want)}, took {sorted(seen)}"
 
 
-def test_gradcheck_catches_a_broken_backward(monkeypatch):
-    """The check itself: a 1% error in one backward (the GRU's update-gate bias) is caught."""
-    import thl_np.model as M
-
-    real = M.gru_backward
+def test_gradcheck_catches_a_broken_backward():
+    """The check itself: a 1% error in one backward (the GRU's update-gate bias), registered as a GRU
+    variant and chosen by the config, is caught."""
+    from thl_np.components.gru import gru_backward, gru_forward
+    from thl_np.components.registry import register
 
     def broken(*a, **k):
-        d_s, d_x, g = real(*a, **k)
+        d_s, d_x, g = gru_backward(*a, **k)
         g["b_z"] = g["b_z"] * 1.01
         return d_s, d_x, g
 
-    monkeypatch.setattr(M, "gru_backward", broken)
-    cfg = tiny_config()
+    register("gru", "test_broken_b_z", gru_forward, broken, replace=True)
+    cfg = tiny_config(components={"gru": "test_broken_b_z"})
     rng = np.random.default_rng(5)
     model = THLModel(cfg, params=random_params(cfg, rng))
     state = random_state(cfg, 1, rng)

@@ -49,6 +49,9 @@ class THLConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"
     device: str = "cpu"
+    # Component variants, {kind: registered name} (thl_np.components.registry); {} composes the spec's
+    # components. Written to config.json only when it names a variant.
+    components: dict = field(default=None)
 
     def __init__(self, dim: int | None = None, **kwargs):
         names = {f.name for f in dataclasses.fields(self)}
@@ -143,6 +146,9 @@ class THLConfig:
             raise ConfigError(f"write_clip_max = {self.write_clip_max} must be > 0")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype = {self.dtype!r} is not supported: use one of {list(DTYPES)}")
+        from .components.registry import check_choice  # imported here: the components import nothing of this
+
+        self.components = check_choice(self.components)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -171,7 +177,10 @@ class THLConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if not out["components"]:
+            del out["components"]  # the spec's components: config.json stays as the PyTorch THL writes it
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> THLConfig:
@@ -249,6 +258,8 @@ def _int_list(name, values):
 def _plain(v):
     if isinstance(v, list):
         return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
     if hasattr(v, "item"):
         return v.item()
     return v

@@ -62,8 +62,9 @@ from .config import THLConfig
 from .errors import InputError, THLError
 from .inference.state import InferenceState
 from .io.safetensors import write_safetensors
-from .model import THLModel, output_forward, run_sequence, thl_step, value_and_grad
+from .model import THLModel, value_and_grad
 from .params import param_shapes
+from .step import output_forward, run_sequence, thl_step, tiers_backward, tiers_forward
 
 FORMAT = "thl-np reference vectors"
 FORMAT_VERSION = 1
@@ -357,24 +358,24 @@ def trace_sequence(params, config, input_ids, state, gumbel_uniform=None) -> Tra
         scores = router_scores(params, c, e, prev, gumbel)
         margins["score_gap"] = min(margins["score_gap"], float(_desc_gaps(scores, c.read_topk).min()))
         wm, branches = writer_margins(
-            rec.w, rec.writer["n_raw"], prev.memory, state.read_ema, prev.last_write, int(prev.timestep),
+            rec.w, rec.writer.n_raw, prev.memory, state.read_ema, prev.last_write, int(prev.timestep),
             write_slots=c.write_slots, clip_max=c.write_clip_max, theta=c.novelty_theta,
             stale_weight=c.stale_weight, underuse_weight=c.underuse_weight)
         for k, v in wm.items():
             margins[k] = min(margins[k], float(v))
         for br in branches:
             counts[br] += 1
-        n_clip = int(rec.writer["clipped"].sum())
+        n_clip = int(rec.writer.clipped.sum())
         counts["clipped"] += n_clip
         counts["unclipped"] += B - n_clip
         counts["local_attention_steps"] += int(rec.local is not None)
         choices["idx"].append(rec.idx)
         choices["targets"].append(rec.targets)
-        choices["novel"].append(rec.writer["novel"])
-        choices["j_star"].append(rec.writer["j_star"])
-        choices["clipped"].append(rec.writer["clipped"])
+        choices["novel"].append(rec.writer.novel)
+        choices["j_star"].append(rec.writer.j_star)
+        choices["clipped"].append(rec.writer.clipped)
         if c.read_slot_capacity is not None:
-            cap_mask, cap_used = rec.router[8], rec.router[9]
+            cap_mask, cap_used = rec.router.cap_mask, rec.router.cap_used
             choices["capacity_mask"].append(cap_mask)
             counts["capacity_masked_picks"] += int((cap_mask == 0).sum())
             counts["capacity_fallback_heads"] += int((~cap_used).sum())
@@ -740,7 +741,7 @@ def _component_local_attention(rng):
     def fn(x):
         l, cache = local_attention_forward(x["e"], x["buffer"], x["Wq"], x["Wk"], x["Wv"])
         d_e, d_buf, dWq, dWk, dWv = local_attention_backward(x["d_l"], cache, x["Wq"], x["Wk"], x["Wv"])
-        return {"l": l, "attention": cache[5], "grad.e": d_e, "grad.buffer": d_buf, "grad.Wq": dWq,
+        return {"l": l, "attention": cache.attention, "grad.e": d_e, "grad.buffer": d_buf, "grad.Wq": dWq,
                 "grad.Wk": dWk, "grad.Wv": dWv}
 
     out = _Outputs()
@@ -834,8 +835,8 @@ def _router_fn(x, H, d_h, kappa, lam, capacity, train):
     if gumbel is not None:
         res["gumbel"] = gumbel
     if capacity is not None:
-        res["capacity_mask"] = cache[8]
-        res["_cap_used"] = cache[9]
+        res["capacity_mask"] = cache.cap_mask
+        res["_cap_used"] = cache.cap_used
     return res
 
 
@@ -886,7 +887,7 @@ def _component_gru_cell(rng):
     def fn(x):
         s_new, cache = gru_forward(x["s_prev"], x["x"], *(x[k] for k in GRU_KEYS))
         d_s, d_x, g = gru_backward(x["d_s_new"], cache, x["W_z"], x["W_r"], x["W_h"])
-        res = {"s_new": s_new, "z": cache[2], "r_g": cache[3], "s_tilde": cache[5],
+        res = {"s_new": s_new, "z": cache.z, "r_g": cache.r_g, "s_tilde": cache.s_tilde,
                "grad.s_prev": d_s, "grad.x": d_x}
         res.update({f"grad.{k}": g[k] for k in GRU_KEYS})
         return res
@@ -903,49 +904,6 @@ def _component_gru_cell(rng):
 
 
 TIER_CFG = {"embedding_dim": 4, "value_dim": 6, "tier_dims": [5, 4, 6], "tier_timescales": [1, 3, 2]}
-
-
-def tiers_forward(P, t, e, r, loc, s_prev, dims, timescales):
-    """Spec §4.5 over all K tiers at step t (the loop of ``thl_step``): → (s_new list, caches)."""
-    s_new, caches, lower = [], [], e
-    for k in range(len(dims)):
-        if t % timescales[k] == 0:
-            ctx = r + loc if k == 0 else r
-            pre = f"tiers.cells.{k}."
-            s_k, cache = gru_forward(s_prev[k], np.concatenate([lower, ctx], axis=1),
-                                     *(P[pre + ("W" + g[1:] + (".weight" if g[0] == "W" else ".bias"))]
-                                       for g in GRU_KEYS))
-        else:
-            s_k, cache = s_prev[k], None
-        s_new.append(s_k)
-        caches.append(cache)
-        lower = s_k
-    return s_new, caches
-
-
-def tiers_backward(P, caches, d_s_new, dims, n_e):
-    """The tier part of ``sequence_backward``: top down, so tier k+1's input gradient reaches tier k first."""
-    K = len(dims)
-    ds = [d.copy() for d in d_s_new]
-    grads, d_prev = {}, [None] * K
-    d_r = d_e = d_loc = None
-    for k in range(K - 1, -1, -1):
-        if caches[k] is None:
-            d_prev[k] = ds[k]
-            continue
-        pre = f"tiers.cells.{k}."
-        d_sp, d_x, g = gru_backward(ds[k], caches[k], P[pre + "W_z.weight"], P[pre + "W_r.weight"],
-                                    P[pre + "W_h.weight"])
-        for key, val in g.items():
-            grads[pre + ("W" + key[1:] + ".weight" if key[0] == "W" else "W" + key[1:] + ".bias")] = val
-        d_prev[k] = d_sp
-        n_in = n_e if k == 0 else dims[k - 1]
-        d_r = d_x[:, n_in:] if d_r is None else d_r + d_x[:, n_in:]
-        if k > 0:
-            ds[k - 1] = ds[k - 1] + d_x[:, :n_in]
-        else:
-            d_e, d_loc = d_x[:, :n_in], d_x[:, n_in:]
-    return d_prev, d_e, d_r, d_loc, grads
 
 
 def _component_tiers(rng, name, t, description):
@@ -966,9 +924,9 @@ def _component_tiers(rng, name, t, description):
 
     def fn(x):
         s_prev = [x[f"tier_state_{k}"] for k in range(K)]
-        s_new, caches = tiers_forward(x, t, x["e"], x["r"], x["l"], s_prev, dims, taus)
+        s_new, caches = tiers_forward(x, t, x["e"], x["r"], x["l"], s_prev, taus)
         d_s_new = [x[f"d_tier_state_{k}"] for k in range(K)]
-        d_prev, d_e_, d_r, d_loc, grads = tiers_backward(x, caches, d_s_new, dims, d_e)
+        d_prev, d_e_, d_r, d_loc, grads = tiers_backward(x, caches, d_s_new, [d_e] + dims[:-1])
         res = {f"tier_state_{k}": s_new[k] for k in range(K)}
         res.update({"grad.e": d_e_, "grad.r": d_r, "grad.l": d_loc})
         res.update({f"grad.tier_state_{k}": d_prev[k] for k in range(K)})
@@ -990,8 +948,8 @@ def _component_tiers(rng, name, t, description):
               for k in range(K) for g in ("W_z", "W_r", "W_h") for s in (".weight", ".bias")]
     _fill(out, _run_both(inputs, fn, {f"tier_state_{k}": f"d_tier_state_{k}" for k in range(K)}), table)
     cfg = dict(TIER_CFG, t=t, active=active)
-    return Component(name, description, "§4.5", ["thl_np.model.thl_step (step 5)", "gru_forward",
-                                                   "gru_backward"], cfg, inputs, out)
+    return Component(name, description, "§4.5", ["thl_np.step.tiers_forward", "thl_np.step.tiers_backward",
+                                                   "gru_forward", "gru_backward"], cfg, inputs, out)
 
 
 WRITER_CFG = {"write_slots": 2, "write_clip_max": 1.0, "novelty_beta": 8.0, "novelty_theta": 0.3,
@@ -1049,10 +1007,10 @@ def _component_writer(rng, name, description, rows):
             theta=c["novelty_theta"], stale_weight=c["stale_weight"], underuse_weight=c["underuse_weight"])
         d_xw, d_m_star, dW, db = writer_backward(x["d_w"], x["d_g"], cache, x["W_w"])
         d_mem = np.zeros_like(x["memory"])
-        d_mem[np.arange(B), cache["j_star"]] += d_m_star
-        return {"w": w, "g": g, "targets": targets, "novel": cache["novel"], "j_star": cache["j_star"],
-                "clipped": cache["clipped"], "novelty": 1.0 - cache["dot_star"] / (
-                    (cache["n_w"] + 1e-8) * (cache["n_m_star"] + 1e-8)),
+        d_mem[np.arange(B), cache.j_star] += d_m_star
+        return {"w": w, "g": g, "targets": targets, "novel": cache.novel, "j_star": cache.j_star,
+                "clipped": cache.clipped, "novelty": 1.0 - cache.dot_star / (
+                    (cache.n_w + 1e-8) * (cache.n_m_star + 1e-8)),
                 "grad.x_w": d_xw, "grad.memory": d_mem, "grad.W_w": dW, "grad.b_w": db}
 
     empty = np.abs(inputs["memory"]).sum(axis=2, keepdims=True) > 0

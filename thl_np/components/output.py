@@ -1,22 +1,35 @@
 """Spec §4.8, output: ``h = LayerNorm([s^0; …; s^{K-1}])`` (eps 1e-5, affine), ``logits = h W_o^T + b_o``;
 and spec §5's losses: mean cross-entropy and the optional router load-balance term."""
-import numpy as np
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .primitives import array_module
 
 LN_EPS = 1e-5
 
 
+@dataclass
+class LayerNormCache:
+    """What ``layer_norm_backward`` needs from ``layer_norm_forward``."""
+
+    x_hat: object    # [..., D] normalised input
+    inv_std: object  # [..., 1] 1/√(var + eps)
+
+
 def layer_norm_forward(x, gamma, beta, eps=LN_EPS):
     """x [..., D] → y, cache (biased variance, as LayerNorm defines it)."""
+    xp = array_module(x)
     mu = x.mean(axis=-1, keepdims=True)
     xc = x - mu
-    inv_std = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    inv_std = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
     x_hat = xc * inv_std
-    return x_hat * gamma + beta, (x_hat, inv_std)
+    return x_hat * gamma + beta, LayerNormCache(x_hat=x_hat, inv_std=inv_std)
 
 
-def layer_norm_backward(d_y, cache, gamma):
+def layer_norm_backward(d_y, cache: LayerNormCache, gamma):
     """d_y [..., D] → (d_x, d_gamma, d_beta)."""
-    x_hat, inv_std = cache
+    x_hat, inv_std = cache.x_hat, cache.inv_std
     flat = d_y.reshape(-1, d_y.shape[-1])
     d_gamma = (flat * x_hat.reshape(flat.shape)).sum(axis=0)
     d_beta = flat.sum(axis=0)
@@ -39,31 +52,34 @@ def linear_backward(d_y, x, W):
 
 
 def log_softmax(logits):
+    xp = array_module(logits)
     z = logits - logits.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
 
 
 def cross_entropy_forward(logits, targets):
     """Mean over every position of −log softmax(logits)[target]; returns (loss, d_logits)."""
+    xp = array_module(logits)
     logp = log_softmax(logits)
     n = targets.size
-    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    picked = xp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     loss = -picked.mean()
-    d_logits = np.exp(logp)
-    np.put_along_axis(d_logits, targets[..., None],
-                      np.take_along_axis(d_logits, targets[..., None], axis=-1) - 1.0, axis=-1)
+    d_logits = xp.exp(logp)
+    xp.put_along_axis(d_logits, targets[..., None],
+                      xp.take_along_axis(d_logits, targets[..., None], axis=-1) - 1.0, axis=-1)
     return loss, d_logits / n
 
 
 def load_balance_forward(A):
     """KL(p ‖ uniform) with p_j = A_j / Σ A over the J slots of each row of A [B, J]; returns
     (kl [B], d_kl/d_A [B, J]). Slots never picked have A_j = 0 and contribute 0 (0·log 0 = 0)."""
+    xp = array_module(A)
     J = A.shape[-1]
     S = A.sum(axis=-1, keepdims=True)
     p = A / S
     picked = p > 0
-    logpJ = np.where(picked, np.log(np.where(picked, p, 1.0) * J), 0.0)
+    logpJ = xp.where(picked, xp.log(xp.where(picked, p, 1.0) * J), 0.0)
     kl = (p * logpJ).sum(axis=-1)
-    d_p = np.where(picked, logpJ + 1.0, 0.0)
+    d_p = xp.where(picked, logpJ + 1.0, 0.0)
     d_A = (d_p - (d_p * p).sum(axis=-1, keepdims=True)) / S
     return kl, d_A

@@ -11,84 +11,106 @@ Every ranking breaks ties by the lower slot index. The backward holds the branch
 arg-max slot j* and the clip branch fixed; gradient reaches the old memory only at row j* (through
 the novelty gate) and through the decay.
 """
-import numpy as np
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .primitives import array_module, top_k_desc
 
 EMPTY_NORM = 1e-6
 
 
-def _top_desc(values, k):
-    return np.argsort(-values, kind="stable")[:k]
+@dataclass
+class WriterCache:
+    """What ``writer_backward`` needs from ``writer_forward`` (per sequence b of B)."""
+
+    x_w: object        # [B, d_0 + d_{K-1}] writer input
+    w_raw: object      # [B, d_m] before the clip
+    n_raw: object      # [B] ‖w_raw‖
+    clipped: object    # [B] bool: the clip scaled w_raw down
+    scale: object      # [B] the clip factor (1 where not clipped)
+    w: object          # [B, d_m] the write vector
+    n_w: object        # [B] ‖w‖
+    j_star: object     # [B] arg-max affinity slot (the row d_m_star belongs to)
+    m_star: object     # [B, d_m] memory row j*
+    n_m_star: object   # [B] ‖m_j*‖
+    dot_star: object   # [B] m_j*·w
+    novel: object      # [B] bool: the novel branch was taken
+    g: object          # [B] write gate
+    beta: float
+    clip_max: float
 
 
 def writer_forward(x_w, memory, read_ema, last_write, t, W_w, b_w, *, write_slots, clip_max, beta, theta,
                    stale_weight, underuse_weight):
     """x_w = [s_new^0; s_new^{K-1}] [B, d_0 + d_{K-1}], memory [B, J, d_m] (before this step's decay),
-    read_ema [B, J] (after §4.4) → (w [B, d_m], g [B], targets [B, W_w], cache)."""
+    read_ema [B, J] (after §4.4) → (w [B, d_m], g [B], targets [B, W_w], WriterCache).
+
+    The three target rules are one ranking (``top_k_desc``) of a per-row key: "is empty" (novel with an
+    empty slot: empty slots by index, then the rest by index), λ_s·staleness + λ_u·underuse in float64
+    (novel, bank full), or the affinity (refine)."""
+    xp = array_module(memory)
     B, J, _ = memory.shape
     w_raw = x_w @ W_w.T + b_w
-    n_raw = np.sqrt((w_raw * w_raw).sum(axis=1))
+    n_raw = xp.sqrt((w_raw * w_raw).sum(axis=1))
     ratio = clip_max / (n_raw + 1e-6)
     clipped = ratio < 1.0
-    scale = np.where(clipped, ratio, 1.0)
+    scale = xp.where(clipped, ratio, 1.0)
     w = w_raw * scale[:, None]
-    n_w = np.sqrt((w * w).sum(axis=1))
-    n_m = np.sqrt((memory * memory).sum(axis=2))                  # [B, J]
-    dots = np.einsum("bjm,bm->bj", memory, w)
+    n_w = xp.sqrt((w * w).sum(axis=1))
+    n_m = xp.sqrt((memory * memory).sum(axis=2))                  # [B, J]
+    dots = xp.einsum("bjm,bm->bj", memory, w)
     aff = dots / ((n_w[:, None] + 1e-8) * (n_m + 1e-8))
-    j_star = np.argmax(aff, axis=1)                                # first maximum: the lower index
-    novelty = 1.0 - aff[np.arange(B), j_star]
+    rows = xp.arange(B)
+    j_star = xp.argmax(aff, axis=1)                                # first maximum: the lower index
+    novelty = 1.0 - aff[rows, j_star]
     novel = novelty > theta
-    g = np.where(novel, 1.0 / (1.0 + np.exp(-beta * (novelty - theta))), 1.0).astype(w.dtype)
-    targets = np.empty((B, write_slots), dtype=np.int64)
-    staleness = (t - last_write).astype(np.float64)
-    for b in range(B):
-        if novel[b]:
-            empty = n_m[b] <= EMPTY_NORM
-            if empty.any():
-                order = np.concatenate([np.flatnonzero(empty), np.flatnonzero(~empty)])
-                targets[b] = order[:write_slots]
-            else:
-                underuse = 1.0 / (1e-8 + read_ema[b].astype(np.float64))
-                targets[b] = _top_desc(stale_weight * staleness[b] + underuse_weight * underuse, write_slots)
-        else:
-            targets[b] = _top_desc(aff[b], write_slots)
-    cache = dict(x_w=x_w, w_raw=w_raw, n_raw=n_raw, clipped=clipped, scale=scale, w=w, n_w=n_w,
-                 j_star=j_star, m_star=memory[np.arange(B), j_star], n_m_star=n_m[np.arange(B), j_star],
-                 dot_star=dots[np.arange(B), j_star], novel=novel, g=g, beta=beta, clip_max=clip_max)
+    g = xp.where(novel, 1.0 / (1.0 + xp.exp(-beta * (novelty - theta))), 1.0).astype(w.dtype)
+    empty = n_m <= EMPTY_NORM
+    staleness = (t - last_write).astype(xp.float64)
+    underuse = 1.0 / (1e-8 + read_ema.astype(xp.float64))
+    evict = xp.where(empty.any(axis=1)[:, None], empty.astype(xp.float64),
+                     stale_weight * staleness + underuse_weight * underuse)
+    targets = top_k_desc(xp.where(novel[:, None], evict, aff.astype(xp.float64)), write_slots)
+    cache = WriterCache(x_w=x_w, w_raw=w_raw, n_raw=n_raw, clipped=clipped, scale=scale, w=w, n_w=n_w,
+                        j_star=j_star, m_star=memory[rows, j_star], n_m_star=n_m[rows, j_star],
+                        dot_star=dots[rows, j_star], novel=novel, g=g, beta=beta, clip_max=clip_max)
     return w, g, targets, cache
 
 
-def writer_backward(d_w, d_g, cache, W_w):
-    """d_w [B, d_m], d_g [B] → (d_x_w, d_m_star [B, d_m] at row j*, dW_w, db_w)."""
+def writer_backward(d_w, d_g, cache: WriterCache, W_w):
+    """d_w [B, d_m], d_g [B] → (d_x_w, d_m_star [B, d_m] at row cache.j_star, dW_w, db_w)."""
     c = cache
-    w, n_w, m_star, n_m_star = c["w"], c["n_w"], c["m_star"], c["n_m_star"]
+    xp = array_module(d_w)
+    w, n_w, m_star, n_m_star = c.w, c.n_w, c.m_star, c.n_m_star
     d_w = d_w.copy()
     # novelty gate (novel branch only): g = σ(β(1 − aff* − θ))  →  d aff* = −β g (1 − g) d g
-    d_aff = np.where(c["novel"], -c["beta"] * c["g"] * (1.0 - c["g"]) * d_g, 0.0)
+    d_aff = xp.where(c.novel, -c.beta * c.g * (1.0 - c.g) * d_g, 0.0)
     denom = (n_w + 1e-8) * (n_m_star + 1e-8)
     d_dot = d_aff / denom
-    d_denom = -d_aff * c["dot_star"] / denom**2
+    d_denom = -d_aff * c.dot_star / denom**2
     d_w += d_dot[:, None] * m_star
     d_m_star = d_dot[:, None] * w
     d_n_w = d_denom * (n_m_star + 1e-8)
     d_n_m = d_denom * (n_w + 1e-8)
-    d_w += (d_n_w / np.where(n_w > 0, n_w, 1.0))[:, None] * w
-    d_m_star += (d_n_m / np.where(n_m_star > 0, n_m_star, 1.0))[:, None] * m_star
+    d_w += (d_n_w / xp.where(n_w > 0, n_w, 1.0))[:, None] * w
+    d_m_star += (d_n_m / xp.where(n_m_star > 0, n_m_star, 1.0))[:, None] * m_star
     # clip: w = w_raw · Δ/(‖w_raw‖ + 1e-6) when clipped, else w = w_raw
-    w_raw, n_raw = c["w_raw"], c["n_raw"]
+    w_raw, n_raw = c.w_raw, c.n_raw
     proj = (d_w * w_raw).sum(axis=1)
-    d_scale_factor = -c["clip_max"] / (n_raw + 1e-6) ** 2 * proj / np.where(n_raw > 0, n_raw, 1.0)
-    d_w_raw = np.where(c["clipped"][:, None], c["scale"][:, None] * d_w + d_scale_factor[:, None] * w_raw, d_w)
-    return d_w_raw @ W_w, d_m_star, d_w_raw.T @ c["x_w"], d_w_raw.sum(axis=0)
+    d_scale_factor = -c.clip_max / (n_raw + 1e-6) ** 2 * proj / xp.where(n_raw > 0, n_raw, 1.0)
+    d_w_raw = xp.where(c.clipped[:, None], c.scale[:, None] * d_w + d_scale_factor[:, None] * w_raw, d_w)
+    return d_w_raw @ W_w, d_m_star, d_w_raw.T @ c.x_w, d_w_raw.sum(axis=0)
 
 
 def memory_write_forward(memory, write_ema, last_write, targets, g, w, t, *, decay, write_rate, ema_decay):
-    """Spec §4.7: M ← γ·M, then m_j += η·g·w for each target; write_ema and last_write bookkeeping."""
-    B = memory.shape[0]
-    rows = np.arange(B)[:, None]
+    """Spec §4.7: M ← γ·M, then m_j += η·g·w for each target; write_ema and last_write bookkeeping.
+    A row's W_w targets are distinct, so the scatter has no repeated index."""
+    xp = array_module(memory)
+    rows = xp.arange(memory.shape[0])[:, None]
     new_memory = memory * decay
     new_memory[rows, targets] += (write_rate * g)[:, None, None] * w[:, None, :]
-    is_target = np.zeros(write_ema.shape, dtype=write_ema.dtype)
+    is_target = xp.zeros(write_ema.shape, dtype=write_ema.dtype)
     is_target[rows, targets] = 1.0
     new_write_ema = ema_decay * write_ema + (1.0 - ema_decay) * is_target
     new_last_write = last_write.copy()
@@ -98,7 +120,8 @@ def memory_write_forward(memory, write_ema, last_write, targets, g, w, t, *, dec
 
 def memory_write_backward(d_new_memory, targets, g, w, *, decay, write_rate):
     """→ (d_memory_before [B, J, d_m], d_w [B, d_m], d_g [B])."""
-    rows = np.arange(d_new_memory.shape[0])[:, None]
+    xp = array_module(d_new_memory)
+    rows = xp.arange(d_new_memory.shape[0])[:, None]
     d_rows = d_new_memory[rows, targets].sum(axis=1)                 # [B, d_m]
     d_w = (write_rate * g)[:, None] * d_rows
     d_g = write_rate * (d_rows * w).sum(axis=1)

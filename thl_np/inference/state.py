@@ -7,7 +7,7 @@ internal step, which always works on a copy it owns.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,12 @@ class InferenceState:
     last_write: np.ndarray    # [B, J] int64
     local_buffer: np.ndarray  # [B, W_loc, d_e]
     local_valid: int
+    # Not part of the spec's state: the fast decoding session (``FastDecoder``) that produced this state,
+    # so that the next fast step from it starts without rebuilding the decoder's caches (the bank stored
+    # divided by a running decay scalar, the slot norms, the local keys and values). ``THLModel`` sets it
+    # on the states its fast path returns and makes their arrays read-only meanwhile, so the cache can
+    # never disagree with them; ``copy()`` gives a writable state without it. Never saved.
+    decoder: object = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod

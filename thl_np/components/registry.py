@@ -1,0 +1,130 @@
+"""Component variants: the spec's components by default, and the researcher's own, chosen by config.
+
+Each swappable component of the step is a *kind* with a forward and a backward of a fixed signature
+(the spec's own functions define it):
+
+    kind             spec   forward / backward (the "spec" variant)
+    local_attention  §4.2   local_attention.local_attention_forward / _backward
+    router           §4.3   router.router_forward / router_backward
+    gru              §4.5   gru.gru_forward / gru_backward
+    writer           §4.6   writer.writer_forward / writer_backward
+    memory_write     §4.7   writer.memory_write_forward / memory_write_backward
+
+A variant is registered once by name (``register``) and chosen per model by the config field
+``components`` (``{"router": "my_router"}``); kinds not named there use "spec". The plain path, the
+layered engine and training compose whatever variants the config names (``thl_np.step``); the fast
+path's Numba kernels compute the spec variants only, so a model with another variant runs on the plain
+path (``has_fast_path``). ``docs/CHANGING_A_COMPONENT.md`` is a worked example.
+
+A variant's forward returns what the spec's does, with its own cache as the last value; its backward
+takes that cache. Two things of a cache are read outside the component: a writer cache's ``j_star``
+(the row its backward's memory gradient belongs to) and, for the reference vectors and tests, the
+router cache's ``cap_mask`` and the writer cache's ``novel``/``clipped`` (None or absent is fine there).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from . import gru, local_attention, router, writer
+
+SPEC = "spec"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation of a component kind."""
+
+    kind: str
+    name: str
+    forward: Callable
+    backward: Callable
+    fast: bool = False     # the fast path's kernels compute exactly this variant
+    doc: str = ""
+
+
+_REGISTRY: dict[str, dict[str, Variant]] = {
+    "local_attention": {SPEC: Variant("local_attention", SPEC, local_attention.local_attention_forward,
+                                      local_attention.local_attention_backward, fast=True)},
+    "router": {SPEC: Variant("router", SPEC, router.router_forward, router.router_backward, fast=True)},
+    "gru": {SPEC: Variant("gru", SPEC, gru.gru_forward, gru.gru_backward, fast=True)},
+    "writer": {SPEC: Variant("writer", SPEC, writer.writer_forward, writer.writer_backward, fast=True)},
+    "memory_write": {SPEC: Variant("memory_write", SPEC, writer.memory_write_forward,
+                                   writer.memory_write_backward, fast=True)},
+}
+KINDS = tuple(_REGISTRY)
+
+
+def register(kind: str, name: str, forward: Callable, backward: Callable, *, doc: str = "",
+             replace: bool = False) -> Variant:
+    """Register ``forward``/``backward`` as variant ``name`` of component ``kind`` and return it.
+
+    Registering a name twice is an error unless ``replace=True`` (a notebook re-running a cell)."""
+    if kind not in _REGISTRY:
+        raise ConfigError(f"no component kind {kind!r}: the kinds are {list(KINDS)}")
+    if not isinstance(name, str) or not name or name == SPEC:
+        raise ConfigError(f"variant name {name!r} must be a non-empty string other than {SPEC!r}")
+    if not (callable(forward) and callable(backward)):
+        raise ConfigError(f"variant {kind}={name}: forward and backward must be callables")
+    if name in _REGISTRY[kind] and not replace:
+        raise ConfigError(f"variant {kind}={name} is already registered (pass replace=True to redefine it)")
+    v = Variant(kind, name, forward, backward, fast=False, doc=doc)
+    _REGISTRY[kind][name] = v
+    return v
+
+
+def variants(kind: str) -> list[str]:
+    """The registered variant names of ``kind``."""
+    return sorted(_REGISTRY[kind])
+
+
+def check_choice(choice) -> dict:
+    """A config's ``components`` value, checked: {kind: registered variant name}, "spec" entries dropped."""
+    if choice is None:
+        return {}
+    if not isinstance(choice, dict):
+        raise ConfigError(f"components = {choice!r} must be an object mapping a component kind to a variant "
+                          f"name, e.g. {{\"router\": \"my_router\"}}")
+    out = {}
+    for kind, name in choice.items():
+        if kind not in _REGISTRY:
+            raise ConfigError(f"components: no component kind {kind!r}; the kinds are {list(KINDS)}")
+        if not isinstance(name, str) or name not in _REGISTRY[kind]:
+            raise ConfigError(
+                f"components: {kind} variant {name!r} is not registered (registered: {variants(kind)}); "
+                "import the module that registers it first (thl-np: --plugin FILE)")
+        if name != SPEC:
+            out[kind] = name
+    return out
+
+
+@dataclass(frozen=True)
+class Components:
+    """The variant of every kind that one config composes."""
+
+    local_attention: Variant
+    router: Variant
+    gru: Variant
+    writer: Variant
+    memory_write: Variant
+
+    @property
+    def fast(self) -> bool:
+        """True when the fast path's kernels compute every chosen variant."""
+        return all(getattr(self, k).fast for k in KINDS)
+
+    def custom(self) -> list[str]:
+        """"kind=name" for every variant that is not the spec's."""
+        return [f"{k}={getattr(self, k).name}" for k in KINDS if getattr(self, k).name != SPEC]
+
+
+def components_for(config) -> Components:
+    """The variants ``config.components`` chooses (the spec's for every kind it does not name)."""
+    choice = check_choice(getattr(config, "components", None))
+    return Components(**{k: _REGISTRY[k][choice.get(k, SPEC)] for k in KINDS})
+
+
+def has_fast_path(config) -> bool:
+    """True when the fast path computes this config's model (every component is the spec's)."""
+    return components_for(config).fast
