@@ -241,6 +241,22 @@ def test_compare_arrays_kinds():
     assert R.compare_arrays(np.zeros(3), np.zeros(3), "grad", 1e-9, 1e-8)[0]           # all-zero gradient
 
 
+def test_the_checker_stands_alone():
+    """check.py is the file a porter reads (docs/PORTING.md): NumPy, the standard library and thl-np's
+    errors only, so it can be read in one sitting and its rule copied."""
+    import ast
+
+    tree = ast.parse((ROOT / "thl_np" / "reference" / "check.py").read_text(encoding="utf-8"))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or ""))
+    outside = {m for m in imported if m.split(".")[0] not in sys.stdlib_module_names | {"numpy", "__future__"}}
+    assert outside == {"..errors"}, outside
+
+
 def test_select_cases(manifest):
     assert R.select_cases(manifest, ["gru_cell"]) == ["components/gru_cell"]
     assert R.select_cases(manifest, ["cases/*"]) == [f"cases/{c.name}" for c in R.SEQUENCE_CASES]

@@ -1,5 +1,6 @@
 """`thl-np golden` (write the reference vectors) and `thl-np check-port` (compare a port's results with
-them). The logic lives in ``thl_np.reference``; docs/PORTING.md tells a porter how to use both."""
+them). The logic lives in ``thl_np.reference`` (the checker alone in ``thl_np/reference/check.py``);
+docs/PORTING.md tells a porter how to use both."""
 from __future__ import annotations
 
 import os
