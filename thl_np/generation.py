@@ -44,10 +44,11 @@ SMALL_JOB_PARAMETER_STEPS = 1e9
 
 def decode_path(model, steps: int, path: str = "auto") -> str:
     """The path ("fast" or "plain") a generation of ``steps`` tokens (prompt included) runs on."""
-    if path not in ("auto", "fast", "plain"):
-        raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
-    if path != "auto":
-        return path
+    from .model import choose_fast
+
+    fast_possible = choose_fast(model.config, path)   # checks the name; "fast" without kernels is an error
+    if path != "auto" or not fast_possible:
+        return "fast" if fast_possible else "plain"
     return "plain" if steps * model.num_parameters() <= SMALL_JOB_PARAMETER_STEPS else "fast"
 
 

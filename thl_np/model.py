@@ -160,8 +160,17 @@ class THLModel:
         return logits, _state_with_cache(decoder)
 
     def decoder(self, state=None, batch_size: int = 1):
-        """A mutable fast decoding session (``thl_np.inference.fast.FastDecoder``) starting at ``state``."""
-        return self._decoder(state, batch_size if state is None else state.batch_size)
+        """A mutable decoding session starting at ``state``: ``thl_np.inference.fast.FastDecoder``, or, for a
+        config whose component variants have no fast kernels, ``thl_np.inference.plain_decoder.PlainDecoder``
+        (the same interface on the plain path)."""
+        B = batch_size if state is None else state.batch_size
+        if not choose_fast(self.config, "auto"):
+            from .inference.plain_decoder import PlainDecoder
+
+            if state is not None and not isinstance(state, InferenceState):
+                raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
+            return PlainDecoder(self, state=state, batch_size=B)
+        return self._decoder(state, B)
 
     def _use_plain(self, path, gumbel):
         return not choose_fast(self.config, path, gumbel_given=gumbel is not None)

@@ -13,7 +13,10 @@ _MODULES = (basic, train, weights, bench, golden)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="thl-np")
-def cli():
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
+              help="Import this Python file or module first: one that registers component variants "
+                   "(docs/CHANGING_A_COMPONENT.md). Repeatable.")
+def cli(plugins):
     """thl-np: THL (Transformer Hierarchical Layers) in NumPy.
 
     \b
@@ -21,7 +24,12 @@ def cli():
       thl-np generate "def fibonacci(n):"
       thl-np init --out my-model --dim 128 --memory-slots 64
       thl-np info --model my-model
+      thl-np --plugin my_router.py train --data corpus.txt --out runs/mine --config my_config.json
     """
+    from ..components.registry import load_plugin
+
+    for source in plugins:
+        load_plugin(source)
 
 
 for _module in _MODULES:

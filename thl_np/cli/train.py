@@ -23,7 +23,7 @@ NEW_RUN_SLOTS = 64
 _POS = click.IntRange(min=1)
 _NONNEG = click.IntRange(min=0)
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
-                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state")
+                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -145,6 +145,9 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--carry-state/--no-carry-state", default=None,
               help="Carry the recurrent state between chunks (gradient cut).  [default: carry]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--path", type=click.Choice(["auto", "fast", "plain"]),
+              help="Gradient path: fast kernels, or the spec's composition (plain); auto takes fast where the "
+                   "model's components have kernels.  [default: auto]")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, help="Line period when not on a TTY.")
 @_data_filters
 def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, include, exclude,

@@ -125,6 +125,31 @@ def components_for(config) -> Components:
     return Components(**{k: _REGISTRY[k][choice.get(k, SPEC)] for k in KINDS})
 
 
+def load_plugin(source: str):
+    """Import a Python file (``path/to/file.py``) or an importable module name, for the variants it
+    registers (``thl-np --plugin``). Returns the module."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+
+    try:
+        if source.endswith(".py") or os.sep in source:
+            if not os.path.isfile(source):
+                raise ConfigError(f"plugin {source!r}: no such file")
+            name = "thl_np_plugin_" + os.path.splitext(os.path.basename(source))[0]
+            spec = importlib.util.spec_from_file_location(name, source)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(source)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the plugin's own error, reported on one line
+        raise ConfigError(f"plugin {source!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
 def has_fast_path(config) -> bool:
     """True when the fast path computes this config's model (every component is the spec's)."""
     return components_for(config).fast

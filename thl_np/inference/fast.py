@@ -28,6 +28,8 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..components.output import layer_norm_forward
+from ..components.registry import components_for, has_fast_path
+from ..errors import InputError
 from . import kernels
 from .state import InferenceState
 
@@ -64,6 +66,10 @@ class FastDecoder:
 
     def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None,
                  packed_head: bool = True):
+        if not has_fast_path(model.config):
+            raise InputError(f"FastDecoder computes the spec's components; this model's config chooses "
+                             f"{components_for(model.config).custom()}: use model.decoder(), which runs them "
+                             "on the plain path")
         self.model = model
         self.packed_head = packed_head
         self.weights_key = model.weights_key()

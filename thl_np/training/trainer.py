@@ -17,6 +17,7 @@ second Ctrl-C stops at once, keeping the last complete checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..components.registry import components_for
 from ..config import THLConfig
 from ..errors import ConfigError, InputError
 from . import checkpoint as ckpt
@@ -72,6 +74,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     carry_state: bool = True
     resume: bool = False
+    path: str = "auto"            # "auto" | "fast" | "plain": where value_and_grad runs (thl_np.model.choose_fast)
 
     def __post_init__(self):
         self.validate()
@@ -98,6 +101,8 @@ class TrainConfig:
             )
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise InputError(f"held_out_fraction = {self.held_out_fraction} must lie in [0, 1)")
+        if self.path not in ("auto", "fast", "plain"):
+            raise InputError(f"path = {self.path!r}: use 'auto', 'fast' or 'plain'")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -200,7 +205,7 @@ def train(
     TrainConfig. ``log`` receives one dict per event (``event`` = start, step, eval, checkpoint, message,
     done). Returns a TrainResult; with ``interrupted=True`` after Ctrl-C (a checkpoint was written).
     """
-    from ..model import THLModel, value_and_grad
+    from ..model import THLModel, choose_fast, value_and_grad
 
     tc = (config or TrainConfig()).replace(**overrides)
     emit = log or (lambda event: None)
@@ -224,6 +229,12 @@ def train(
             raise InputError("train() needs a THLModel or a THLConfig for a new run")
         run = _fresh_run(model, tc, train_bytes)
     _check_vocab(run.model.config)
+    if tc.path == "auto" and not choose_fast(run.model.config, "auto"):
+        custom = components_for(run.model.config).custom()
+        emit({"event": "message", "text": f"training on the plain path: the fast path has no kernels for {custom}"})
+    elif tc.path == "fast":
+        choose_fast(run.model.config, "fast")  # an InputError before any work when it cannot
+    value_and_grad = functools.partial(value_and_grad, path=tc.path)
 
     emit({"event": "start", "step": run.step, "steps": tc.steps, "resumed": tc.resume,
           "train_bytes": len(train_bytes), "held_out_bytes": len(held_bytes),
