@@ -25,8 +25,9 @@ import tracemalloc
 import numpy as np
 
 from thl_np import InferenceState, THLConfig, THLModel
-from thl_np.inference.backends import cuda_available, format_bytes, parse_bytes
 from thl_np.inference.layered import LayeredInferenceEngine
+from thl_np.inference.layered.backends import cuda_available
+from thl_np.inference.layered.units import format_bytes, parse_bytes
 
 
 def load_model(args):

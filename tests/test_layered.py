@@ -17,16 +17,14 @@ from thl_np import InferenceState, THLConfig, THLModel
 from thl_np.components.router import read_meta_forward, router_forward
 from thl_np.components.writer import memory_write_forward, writer_forward
 from thl_np.errors import ConfigError, InputError, StateError, THLError
-from thl_np.inference.backends import (
-    DeviceBudgetError,
-    cuda_available,
+from thl_np.inference.layered import DeviceBudgetError, LayeredInferenceEngine, parse_bytes, plan_layers
+from thl_np.inference.layered._ops import (
     memory_write_forward_xp,
-    parse_bytes,
     read_meta_forward_xp,
     router_forward_xp,
     writer_forward_xp,
 )
-from thl_np.inference.layered import LayeredInferenceEngine, plan_layers
+from thl_np.inference.layered.backends import cuda_available
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 STEPS = 20
@@ -596,14 +594,14 @@ def test_cuda_backend_logic_on_a_numpy_stand_in(monkeypatch):
     """The CuPy backend's code (pinned staging, memcpy into slot views, events, the generic ops on
     device-array types, state and logits transfers) run against a NumPy stand-in for CuPy: the engine
     equals the plain model at the CUDA minimal budget. CuPy itself is not exercised here."""
-    from thl_np.inference import backends
+    from thl_np.inference.layered.backends import cuda as cuda_backend
 
-    monkeypatch.setattr(backends, "import_cupy", _fake_cupy)
-    monkeypatch.setattr(backends.CupyBackend, "STAGE_BYTES", 1000)   # many staging rounds per piece
+    monkeypatch.setattr(cuda_backend, "import_cupy", _fake_cupy)
+    monkeypatch.setattr(cuda_backend.CupyBackend, "STAGE_BYTES", 1000)   # many staging rounds per piece
     model = THLModel(small_config("float64", read_slot_capacity=1, write_slots=2), seed=8)
     budget = LayeredInferenceEngine.minimum_budget(model, batch_size=2, device="cuda")
     with LayeredInferenceEngine(model, device="cuda", vram_budget=budget, batch_size=2) as engine:
-        assert isinstance(engine.backend, backends.CupyBackend) and engine.plan().streamed
+        assert isinstance(engine.backend, cuda_backend.CupyBackend) and engine.plan().streamed
         rng = np.random.default_rng(0)
         s_ref, s = None, None
         for _ in range(12):
