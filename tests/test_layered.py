@@ -18,12 +18,6 @@ from thl_np.components.router import read_meta_forward, router_forward
 from thl_np.components.writer import memory_write_forward, writer_forward
 from thl_np.errors import ConfigError, InputError, StateError, THLError
 from thl_np.inference.layered import DeviceBudgetError, LayeredInferenceEngine, parse_bytes, plan_layers
-from thl_np.inference.layered._ops import (
-    memory_write_forward_xp,
-    read_meta_forward_xp,
-    router_forward_xp,
-    writer_forward_xp,
-)
 from thl_np.inference.layered.backends import cuda_available
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
@@ -113,13 +107,12 @@ def test_engine_equals_plain_model(dtype, kind):
     dict(local_window=0, num_tiers=1, tier_dims=[6], tier_timescales=[1], write_slots=3),
     dict(novelty_theta=1.2, load_penalty=0.0, memory_slots=4, read_topk=4),
 ])
-@pytest.mark.parametrize("ops", ["auto", "generic"])
-def test_branches_and_generic_ops(overrides, ops):
-    """Slot capacity, W_w > 1, no local window, one tier, both writer branches; ``ops="generic"`` runs the
-    CUDA path's backend-generic ops on NumPy, at the minimal budget, without the copy thread."""
+def test_branches(overrides):
+    """Slot capacity, W_w > 1, no local window, one tier, both writer branches, at the minimal budget,
+    without the copy thread."""
     model = THLModel(small_config("float64", **overrides), seed=2)
     budget = LayeredInferenceEngine.minimum_budget(model, batch_size=3)
-    with LayeredInferenceEngine(model, vram_budget=budget, batch_size=3, ops=ops, overlap=False) as engine:
+    with LayeredInferenceEngine(model, vram_budget=budget, batch_size=3, overlap=False) as engine:
         run_both(model, engine, steps=12, batch_size=3, seed=5)
 
 
@@ -332,8 +325,7 @@ def test_holding_extra_device_states_cannot_pass_the_budget():
 # ---------------------------------------------------------------------------------------------------
 # The accounting against real allocations
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ops", ["auto", "generic"])
-def test_workspace_bounds_cover_real_allocations(ops):
+def test_workspace_bounds_cover_real_allocations():
     """Each module's planned workspace bounds what it really allocates (tracemalloc sees NumPy's
     allocations), and the whole engine allocates no more than its accounted peak plus the host logits."""
     cfg = small_config("float32", vocab_size=400, embedding_dim=40, tier_dims=[24, 32, 40], memory_slots=96,
@@ -349,7 +341,7 @@ def test_workspace_bounds_cover_real_allocations(ops):
     tracemalloc.start()
     try:
         base, _ = tracemalloc.get_traced_memory()
-        engine = LayeredInferenceEngine(model, vram_budget=budget, batch_size=B, ops=ops, overlap=False)
+        engine = LayeredInferenceEngine(model, vram_budget=budget, batch_size=B, overlap=False)
         be = engine.backend
         reserve = be.workspace
 
@@ -379,49 +371,6 @@ def test_workspace_bounds_cover_real_allocations(ops):
     engine.close()
 
 
-def test_generic_variants_are_bitwise_the_nn_functions():
-    """With xp = numpy, the CUDA path's router / read-metadata / writer / memory-write variants return
-    exactly what the thl_np.components functions return, ties included (zero bank, empty slots, equal scores)."""
-    rng = np.random.default_rng(0)
-    B, J, d_m, H, d_h, kappa, d_v = 4, 9, 6, 3, 4, 3, 6
-    for trial in range(12):
-        memory = rng.standard_normal((B, J, d_m))
-        if trial % 3 == 0:
-            memory[:] = 0.0                                    # every score ties
-        elif trial % 3 == 1:
-            memory[:, ::2] = 0.0                               # empty slots
-        read_ema = rng.random((B, J)) * (trial % 2)
-        u = rng.standard_normal((B, 7))
-        W_q, W_k, W_v = (rng.standard_normal((H * d_h, 7)), rng.standard_normal((H * d_h, d_m)),
-                         rng.standard_normal((d_v, d_m)))
-        cap = [None, 1, 2][trial % 3]
-        kw = dict(num_heads=H, head_dim=d_h, topk=kappa, load_penalty=0.3, capacity=cap)
-        r0, a0, i0, _ = router_forward(u, memory, read_ema, W_q, W_k, W_v, **kw)
-        r1, a1, i1 = router_forward_xp(np, u, memory, read_ema, W_q, W_k, W_v, **kw)
-        for x, y in ((r0, r1), (a0, a1), (i0, i1)):
-            np.testing.assert_array_equal(x, y)
-        last_read = rng.integers(0, 5, size=(B, J))
-        e0, l0, _ = read_meta_forward(read_ema, last_read, a0, i0, 7, 0.9)
-        e1, l1 = read_meta_forward_xp(np, read_ema, last_read, a0, i0, 7, 0.9)
-        np.testing.assert_array_equal(e0, e1)
-        np.testing.assert_array_equal(l0, l1)
-        x_w = rng.standard_normal((B, 5)) * (0.1 if trial % 2 else 3.0)
-        W_w, b_w = rng.standard_normal((d_m, 5)), rng.standard_normal(d_m)
-        last_write = rng.integers(0, 3, size=(B, J))
-        wkw = dict(write_slots=1 + trial % 3, clip_max=1.0, beta=8.0, theta=[-0.5, 0.3, 0.9, 1.5][trial % 4],
-                   stale_weight=1.0, underuse_weight=1.0)
-        w0, g0, t0, _ = writer_forward(x_w, memory, e0, last_write, 9, W_w, b_w, **wkw)
-        w1, g1, t1 = writer_forward_xp(np, x_w, memory, e0, last_write, 9, W_w, b_w, **wkw)
-        for x, y in ((w0, w1), (g0, g1), (t0, t1)):
-            np.testing.assert_array_equal(x, y)
-        write_ema = rng.random((B, J))
-        mkw = dict(decay=0.9, write_rate=0.5, ema_decay=0.8)
-        out0 = memory_write_forward(memory, write_ema, last_write, t0, g0, w0, 9, **mkw)
-        out1 = memory_write_forward_xp(np, memory, write_ema, last_write, t0, g0, w0, 9, **mkw)
-        for x, y in zip(out0, out1, strict=True):
-            np.testing.assert_array_equal(x, y)
-
-
 # ---------------------------------------------------------------------------------------------------
 # CUDA (CuPy): skipped without CuPy and a GPU
 # ---------------------------------------------------------------------------------------------------
@@ -448,7 +397,9 @@ def test_cuda_engine_equals_plain_model(dtype, tol, kind):
 
 
 @needs_cuda
-def test_cuda_generic_variants_match_numpy():
+def test_cuda_components_match_numpy():
+    """The component functions themselves on CuPy arrays: router (with capacity, an empty slot), read
+    metadata, writer and memory write equal their NumPy results."""
     import cupy as cp
 
     rng = np.random.default_rng(1)
@@ -456,13 +407,23 @@ def test_cuda_generic_variants_match_numpy():
     memory = rng.standard_normal((B, J, d_m))
     memory[:, 3] = 0.0
     read_ema = rng.random((B, J))
+    last = rng.integers(0, 5, size=(B, J))
     u, W_q = rng.standard_normal((B, 5)), rng.standard_normal((H * d_h, 5))
     W_k, W_v = rng.standard_normal((H * d_h, d_m)), rng.standard_normal((4, d_m))
+    x_w, W_w, b_w = rng.standard_normal((B, 6)), rng.standard_normal((d_m, 6)), rng.standard_normal(d_m)
     kw = dict(num_heads=H, head_dim=d_h, topk=3, load_penalty=0.3, capacity=1)
-    ref = router_forward_xp(np, u, memory, read_ema, W_q, W_k, W_v, **kw)
-    got = router_forward_xp(cp, *(cp.asarray(a) for a in (u, memory, read_ema, W_q, W_k, W_v)),
-                            to_numpy=cp.asnumpy, **kw)
-    for x, y in zip(ref, got, strict=True):
+    wkw = dict(write_slots=2, clip_max=1.0, beta=8.0, theta=0.3, stale_weight=1.0, underuse_weight=1.0)
+    mkw = dict(decay=0.9, write_rate=0.5, ema_decay=0.8)
+
+    def run(xp):
+        a = [xp.asarray(v) for v in (u, memory, read_ema, W_q, W_k, W_v, last, x_w, W_w, b_w)]
+        r, alpha, idx, _ = router_forward(*a[:6], **kw)
+        ema, last_read, _ = read_meta_forward(a[2], a[6], alpha, idx, 7, 0.9)
+        w, g, targets, _ = writer_forward(a[7], a[1], ema, a[6], 9, a[8], a[9], **wkw)
+        out = memory_write_forward(a[1], ema, a[6], targets, g, w, 9, **mkw)
+        return [r, alpha, idx, ema, last_read, w, g, targets, *out]
+
+    for x, y in zip(run(np), run(cp), strict=True):
         np.testing.assert_allclose(cp.asnumpy(y), x, atol=1e-12, rtol=0)
 
 

@@ -15,8 +15,8 @@ chunks sized to a slot. The state (memory bank, tier states, buffers) stays on t
 steps. Every device byte is counted against the budget: weights, slots, the input and output state,
 the activations each module keeps and the temporaries each module makes (``peak_device_bytes``).
 
-The math is the ``thl_np.components`` component functions (NumPy backend) or their backend-generic variants
-(CuPy), composed in spec §4 order exactly as ``thl_np.model.thl_step`` composes them, LayerNorm
+The step is the plain path's own composition, ``thl_np.step.thl_step``, with the weights streamed into it
+(``weights.py``); the ``thl_np.components`` functions run on NumPy or CuPy arrays alike. LayerNorm is
 included (the PyTorch THL's engine skipped it, spec §6): logits and state equal the plain model's.
 Docs: docs/LAYERED.md.
 
@@ -25,8 +25,7 @@ One concern per file:
 - ``plan.py``: the modules, their sizes and workspace bounds, and ``plan_layers`` (shapes only);
 - ``stream.py``: the double-buffered streamer;
 - ``engine.py``: ``LayeredInferenceEngine`` (inputs, states, plan, stats);
-- ``_ops.py``: the math run on device arrays (``nn_ops``, the backend-generic ``generic_ops``) and the
-  step composed from it (``layered_step``);
+- ``weights.py``: the weight provider that fetches or streams each module's weights into the step;
 - ``backends/``: ``cpu.NumpyBackend``, ``cuda.CupyBackend`` (the one place CuPy is imported, lazily),
   ``accounting`` (``DeviceBudgetError``, the sizing ``Profile``, the byte ``Meter``), ``make_backend``;
 - ``units.py``: byte sizes (``parse_bytes``, ``format_bytes``), alignment, the host's free RAM.

@@ -2,8 +2,8 @@
 
 The engine owns a plan (``plan.py``), the resident weights, the streamer (``stream.py``) and a backend
 (``backends/``); it checks tokens and states, moves states on and off the device, re-plans for a larger
-batch and keeps the stats. The step itself (the modules in spec §4 order, each with its weights fetched
-around its math) is ``_ops.layered_step``.
+batch and keeps the stats. The step itself is the plain path's ``thl_np.step.thl_step``, with the
+weights streamed into it (``weights.py``), then §4.8's LayerNorm and the output head, chunk by chunk.
 """
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ import time
 
 import numpy as np
 
+from ...components.output import layer_norm_forward, linear_forward
 from ...config import THLConfig
 from ...errors import InputError, StateError
+from ...step import thl_step
 from ..state import InferenceState
-from ._ops import layered_step
 from .backends import make_backend
 from .plan import LayeredPlan, plan_layers
 from .stream import Streamer
 from .units import format_bytes, parse_bytes
+from .weights import StreamedWeights
 
 
 class LayeredInferenceEngine:
@@ -26,14 +28,13 @@ class LayeredInferenceEngine:
 
     ``vram_budget``: bytes (int) or a string such as "64MB", "4GB", "512MiB"; None takes all free device
     memory (CPU: the available RAM). ``batch_size``: the batch the first plan is made for (a larger
-    batch later re-plans). ``ops``: "auto" (the ``thl_np.components`` functions on the CPU, the backend-generic
-    variants on CUDA) or "generic" (the CUDA path's ops on NumPy, for testing). ``overlap``: copy the next
+    batch later re-plans). ``overlap``: copy the next
     streamed piece on a worker thread while the current one computes. ``extra_states``: how many device
     states the caller keeps besides the one being stepped (interleaved sessions); the plan leaves room.
     """
 
     def __init__(self, model, device: str = "cpu", vram_budget=None, *, batch_size: int = 1,
-                 ops: str = "auto", overlap: bool = True, extra_states: int = 0):
+                 overlap: bool = True, extra_states: int = 0):
         if not (hasattr(model, "params") and isinstance(getattr(model, "config", None), THLConfig)):
             raise InputError(f"LayeredInferenceEngine needs a THLModel, got {type(model).__name__}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -47,7 +48,7 @@ class LayeredInferenceEngine:
         self.dtype = np.dtype(model.dtype)
         budget = None if vram_budget is None else parse_bytes(vram_budget)
         self.device = device
-        self.backend = make_backend(device, budget, ops=ops, overlap=overlap)
+        self.backend = make_backend(device, budget, overlap=overlap)
         self.budget = self.backend.budget
         self._plan: LayeredPlan | None = None
         self._resident: dict = {}
@@ -252,7 +253,36 @@ class LayeredInferenceEngine:
     __call__ = step
 
     def _step(self, ids: np.ndarray, state):
-        return layered_step(self, ids, state)
+        c, plan, be = self.config, self._plan, self.backend
+        st = self._state_to_device(state, int(ids.shape[0]))
+        if self._streamer is not None:
+            self._streamer.begin(self._queue(int(st.timestep), int(st.local_valid)))
+        weights = StreamedWeights(self)
+        tier_states, next_state, _ = thl_step(weights, c, ids, st)       # spec §4 steps 1-7 and 9
+        weights.keep(tier_states)
+        # 8. output: LayerNorm over [s^0; …; s^{K-1}], then the head (whole, or chunk by chunk)
+        with weights.module("layer_norm") as W:
+            h, _ = layer_norm_forward(tier_states, W["layer_norm.weight"], W["layer_norm.bias"])
+        weights.keep(h)
+        del tier_states
+        with be.workspace(weights.workspace["output_head"]):
+            if "output_head" in self._resident:
+                W = self._resident["output_head"]
+                logits = linear_forward(h, W["output_head.weight"], W["output_head.bias"])
+            else:
+                logits = be.xp.empty((h.shape[0], c.vocab_size), dtype=h.dtype)
+                for a, b in plan.head_chunks:
+                    W = self._streamer.acquire("output_head")
+                    logits[:, a:b] = linear_forward(h, W["output_head.weight"], W["output_head.bias"])
+                    del W
+                    self._streamer.release()
+            del h
+        weights.keep(logits)
+        logits_host = be.to_host(logits)
+        del logits
+        if self._streamer is not None:
+            self._streamer.end_step(self._queue(int(next_state.timestep), int(next_state.local_valid)))
+        return logits_host, next_state
 
     def _queue(self, t: int, n: int) -> list:
         plan, P = self._plan, self.model.params

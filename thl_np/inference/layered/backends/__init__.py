@@ -1,6 +1,6 @@
 """Array backends for the layered engine: where "device" arrays live, how they are counted against the
-budget, how weights get there, and which ops (``.._ops``) run on them. Two backends, one interface, one
-engine code path:
+budget, and how weights get there. They implement array primitives only, never model math (the
+components run on either array module). Two backends, one interface, one engine code path:
 
 - ``cpu.NumpyBackend`` (device ``"cpu"``): NumPy arrays from a byte-counting pool, a worker thread for
   the copies;
@@ -20,17 +20,16 @@ from .cpu import NumpyBackend
 from .cuda import CupyBackend, cuda_available, import_cupy
 
 
-def make_backend(device: str, budget, ops: str = "auto", overlap: bool = True):
+def make_backend(device: str, budget, overlap: bool = True):
     """The backend for ``device`` ("cpu" or "cuda[:N]")."""
     if not isinstance(device, str):
         raise InputError(f"device = {device!r} must be 'cpu' or 'cuda' (or 'cuda:N')")
     dev = device.strip().lower()
     if dev == "cpu":
-        return NumpyBackend(budget, ops="nn" if ops == "auto" else ops, overlap=overlap)
+        return NumpyBackend(budget, overlap=overlap)
     m = re.fullmatch(r"cuda(?::(\d+))?", dev)
     if m:
-        return CupyBackend(budget, device_id=int(m.group(1) or 0), ops="generic" if ops == "auto" else ops,
-                           overlap=overlap)
+        return CupyBackend(budget, device_id=int(m.group(1) or 0), overlap=overlap)
     raise InputError(f"device = {device!r} is not known: use 'cpu' or 'cuda' (or 'cuda:N')")
 
 

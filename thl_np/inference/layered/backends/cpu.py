@@ -15,8 +15,6 @@ import weakref
 
 import numpy as np
 
-from ....errors import InputError
-from .._ops import generic_ops, nn_ops
 from ..units import available_host_memory
 from .accounting import PROFILES, Meter
 
@@ -28,13 +26,9 @@ class NumpyBackend:
     profile = PROFILES["cpu"]
     xp = np
 
-    def __init__(self, budget=None, ops: str = "nn", overlap: bool = True):
+    def __init__(self, budget=None, overlap: bool = True):
         self.budget = available_host_memory() if budget is None else int(budget)
         self.meter = Meter(self.budget)
-        if ops not in ("nn", "generic"):
-            raise InputError(f"ops = {ops!r}: use 'nn' (the thl_np.components functions) or 'generic' (the CuPy "
-                             "path's ops)")
-        self.ops = nn_ops() if ops == "nn" else generic_ops(np)
         self._owned: dict[int, weakref.ref] = {}
         self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="thl-np-layered-copy")
                           if overlap else None)
@@ -178,4 +172,4 @@ class NumpyBackend:
             self._executor = None
 
     def describe(self) -> str:
-        return f"cpu (NumPy arrays from a counted pool; ops: {self.ops.name})"
+        return "cpu (NumPy arrays from a counted pool)"

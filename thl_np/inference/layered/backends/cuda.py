@@ -15,7 +15,6 @@ import threading
 import numpy as np
 
 from ....errors import InputError
-from .._ops import generic_ops
 from .accounting import PROFILES, DeviceBudgetError
 
 
@@ -52,7 +51,7 @@ class CupyBackend:
     profile = PROFILES["cuda"]
     STAGE_BYTES = 64 << 20
 
-    def __init__(self, budget=None, device_id: int = 0, ops: str = "generic", overlap: bool = True):
+    def __init__(self, budget=None, device_id: int = 0, overlap: bool = True):
         cp = self.cp = self.xp = import_cupy()
         try:
             self.cuda_device = cp.cuda.Device(device_id)
@@ -69,9 +68,6 @@ class CupyBackend:
             self.pool.set_limit(size=self.budget)
             self.compute_stream = cp.cuda.Stream(non_blocking=True)
             self.copy_stream = cp.cuda.Stream(non_blocking=True)
-        if ops not in ("generic",):
-            raise InputError(f"ops = {ops!r}: the CuPy backend runs the backend-generic ops ('generic')")
-        self.ops = generic_ops(cp, to_numpy=cp.asnumpy)
         self._peak = 0
         self._hook = self._make_hook()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="thl-np-layered-h2d")
@@ -262,4 +258,4 @@ class CupyBackend:
         name = "?"
         with contextlib.suppress(Exception):
             name = self.cp.cuda.runtime.getDeviceProperties(self.cuda_device.id)["name"].decode()
-        return f"cuda:{self.cuda_device.id} ({name}; CuPy {self.cp.__version__}; ops: {self.ops.name})"
+        return f"cuda:{self.cuda_device.id} ({name}; CuPy {self.cp.__version__})"
