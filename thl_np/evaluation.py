@@ -88,9 +88,10 @@ def session_bytes(decoder) -> int:
     """Bytes of the arrays a decoding session owns (the state, its key/norm caches, the local ring, per-step
     scratch), weights excluded. Like the state, fixed by the config and batch size."""
     from .inference.fast import _SHARED_WEIGHTS
+    from .inference.state import InferenceState
 
     return int(sum(v.nbytes for k, v in vars(decoder).items()
-                   if isinstance(v, np.ndarray) and k not in _SHARED_WEIGHTS))
+                   if isinstance(v, InferenceState) or (isinstance(v, np.ndarray) and k not in _SHARED_WEIGHTS)))
 
 
 def matched_transformer(config) -> dict:

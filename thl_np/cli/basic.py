@@ -24,7 +24,8 @@ WIDTH_FIELDS = ("embedding_dim", "hidden_dim", "memory_dim", "value_dim", "tier_
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """The folder to load: --model, or the packaged default model; a one-line error if neither exists."""
+    """The folder to load: --model (a model folder, or a training run's output folder: its latest
+    checkpoint's model), or the packaged default model; a one-line error if neither exists."""
     if model is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise WeightsError(
@@ -39,7 +40,9 @@ def resolve_model_dir(model: str | None) -> Path:
             f"model folder {model} {what}: pass a folder holding config.json + model.safetensors "
             "(`thl-np init --out DIR` makes one)"
         )
-    return path
+    from ..training.checkpoint import resolve_model_dir as run_or_model
+
+    return Path(run_or_model(str(path)))
 
 
 def human_bytes(n: int) -> str:
