@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from .components.output import log_softmax
 from .errors import InputError
 
 KEY_DIGITS = 5
@@ -193,12 +194,10 @@ def key_digit_scores(decoder, logits, key: str) -> tuple[float, int]:
     bits, top = 0.0, 0
     zero = ord("0")
     for i, ch in enumerate(key):
-        z = np.asarray(logits, dtype=np.float64)[0, zero : zero + 10]
-        z = z - z.max()
-        logp = z - np.log(np.exp(z).sum())
+        logp = log_softmax(np.asarray(logits, dtype=np.float64)[0, zero : zero + 10])
         d = ord(ch) - zero
         bits -= logp[d] / np.log(2)
-        top += int(np.argmax(z)) == d
+        top += int(np.argmax(logp)) == d
         if i < len(key) - 1:
             logits = decoder.step(np.array([ord(ch)], dtype=np.int64))
     return float(bits), top

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..components.output import log_softmax
 from ..components.registry import components_for
 from ..config import THLConfig
 from ..errors import ConfigError, InputError
@@ -157,11 +158,8 @@ class _Run:
 # ---------------------------------------------------------------------- evaluation
 def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     """Σ −log softmax(logits)[target] over every position, in float64 (nats)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=-1))
-    picked = np.take_along_axis(z, targets[..., None].astype(np.int64), axis=-1)[..., 0]
-    return float((lse - picked).sum())
+    logp = log_softmax(np.asarray(logits, dtype=np.float64))
+    return float(-np.take_along_axis(logp, targets[..., None].astype(np.int64), axis=-1).sum())
 
 
 def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None) -> dict:
