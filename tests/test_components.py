@@ -191,8 +191,8 @@ def test_identical_rows_tie_to_the_lower_index():
 
 
 def test_identical_rows_tie_to_the_lower_index_fast_kernel():
-    """The same rule in the fast path's route kernel (thl_np.inference.kernels.route)."""
-    from thl_np.inference.kernels import route
+    """The same rule in the fast path's route kernel (thl_np.fast.router.route)."""
+    from thl_np.fast.router import route
 
     rng = rng_for(12)
     broken = 0

@@ -194,7 +194,7 @@ def test_linear_kernels_match_numpy(rows, dtype, tol):
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])
 def test_packed_head_matches_the_plain_head(dtype, tol):
-    """The head of 2..SMALL_BATCH sequences runs on a packed copy of W_o (kernels.packed_linear): equal to
+    """The head of 2..SMALL_BATCH sequences runs on a packed copy of W_o (linalg.packed_linear): equal to
     LayerNorm + x @ W_o.T + b for every row count (padding to PACK_ROWS, two calls above it), for a
     vocabulary that leaves a partial tile and an odd number of tiles; the copy is built once per W_o."""
     from thl_np.components.output import layer_norm_forward

@@ -39,16 +39,16 @@ def decode_bytes_per_step(config: THLConfig, batch_size: int = 1, itemsize: int 
 
 class _Gemv:
     """A float32 GEMV over a matrix far larger than the caches, by NumPy's BLAS and by the decoder's own
-    kernel (``kernels.gemv``); ``sample()`` times each a few times."""
+    kernel (``thl_np.fast.linalg.gemv``); ``sample()`` times each a few times."""
 
     def __init__(self, nbytes: int = 256 << 20, cols: int = 2048):
-        from .inference import kernels
+        from .fast.linalg import gemv
 
         rows = max(1, nbytes // (4 * cols))
         self.A = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
         self.x = np.ones(cols, np.float32)
         self._out, self._zeros = np.empty(rows, np.float32), np.zeros(rows, np.float32)
-        self._kernel = kernels.gemv
+        self._kernel = gemv
         self.times = {"blas": [], "kernel": []}
 
     def sample(self, repeats: int = 3) -> None:

@@ -11,10 +11,10 @@ What it does less of, and why that is exact:
 - The output head runs only where logits are asked for, once over all positions of a prompt.
 - A step's products have few rows (the batch): they run in Numba kernels that stream each weight once
   for the whole batch (``linear``), on Numba's thread pool alone: up to SMALL_BATCH sequences a step
-  makes no BLAS call (see ``thl_np.inference.kernels`` for why), above it OpenBLAS runs on one thread.
+  makes no BLAS call (see ``thl_np.fast.linalg`` for why), above it OpenBLAS runs on one thread.
   For 2..SMALL_BATCH sequences the output head runs on a copy of its weights packed in tiles
-  (``kernels.packed_linear``), built on first use and kept on the model: a second V·d array (463 MB
-  for the default config in float32); ``packed_head=False`` does without.
+  (``thl_np.fast.linalg.packed_linear``), built on first use and kept on the model: a second V·d array
+  (463 MB for the default config in float32); ``packed_head=False`` does without.
 
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
@@ -30,29 +30,11 @@ from .._blas import blas_threads
 from ..components.output import layer_norm_forward
 from ..components.registry import components_for, has_fast_path
 from ..errors import InputError
-from . import kernels
+from ..fast import gru, linalg, local_attention, primitives, router, writer
+from ..fast.linalg import SMALL_BATCH, linear
 from .state import InferenceState
 
-# Products with up to this many rows run in the Numba kernels, larger ones in BLAS GEMM (measured on the
-# default head: BLAS takes 86 ms for 17 rows and 134 ms for 64, packed_linear ~15 ms per 8 rows).
-SMALL_BATCH = 64
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
-
-
-def linear(x, W, b, out=None):
-    """out = x @ W.T + b for x [n, d_in] C-contiguous. A few rows (a decode step's batch) run in Numba
-    kernels that read W once for all rows; many rows (a prompt's positions) in BLAS."""
-    n = x.shape[0]
-    if out is None:
-        out = np.empty((n, W.shape[0]), x.dtype)
-    if n > SMALL_BATCH or not W.flags.c_contiguous:
-        np.matmul(x, W.T, out=out)
-        out += b
-    elif n == 1:
-        kernels.gemv(W, b, x[0], out[0])
-    else:
-        kernels.small_batch_linear(W, b, x, out)
-    return out
 
 
 class FastDecoder:
@@ -116,7 +98,7 @@ class FastDecoder:
         self.memory = np.array(state.memory, dtype=dt)
         self.scale = 1.0
         self.norm2 = np.empty((B, J), dt)
-        kernels.row_norms2(self.memory, self.norm2)
+        primitives.row_norms2(self.memory, self.norm2)
         self.read_ema = np.array(state.read_ema, dtype=dt)
         self.write_ema = np.array(state.write_ema, dtype=dt)
         self.last_read = np.array(state.last_read, dtype=np.int64)
@@ -178,8 +160,8 @@ class FastDecoder:
             qkv = linear(e, self.W_qkv, zeros[:self.W_qkv.shape[0]])
             n = self.ring_n
             if n > 0:
-                kernels.local_attend(np.ascontiguousarray(qkv[:, :d_q]), self.ring_k, self.ring_v, self.ring_start,
-                                     n, 1.0 / math.sqrt(d_q), self._loc)
+                local_attention.local_attend(np.ascontiguousarray(qkv[:, :d_q]), self.ring_k, self.ring_v,
+                                             self.ring_start, n, 1.0 / math.sqrt(d_q), self._loc)
             else:
                 self._loc[:] = 0
             if n < W:
@@ -196,12 +178,12 @@ class FastDecoder:
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         q = linear(u, self.W_q, zeros[:self.W_q.shape[0]])
         q_heads = np.ascontiguousarray(q.reshape(self.B, H, d_h).transpose(1, 0, 2))            # [H, B, d_h]
-        kernels.per_head_linear(q_heads, self.W_k_heads_T, self._q_mem_heads)                    # [H, B, d_m]
+        linalg.per_head_linear(q_heads, self.W_k_heads_T, self._q_mem_heads)                     # [H, B, d_m]
         q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))                       # [B, H, d_m]
-        route = kernels.route if self.B == 1 else kernels.route_parallel
+        route = router.route if self.B == 1 else router.route_parallel
         route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty, 1.0 / math.sqrt(d_h),
               c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self._mix, self._idx, self._alpha)
-        kernels.per_head_linear(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
+        linalg.per_head_linear(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
         r = self._r_heads.transpose(1, 0, 2).reshape(self.B, c.value_dim)
         # 5. tiers under their clocks
         lower = e
@@ -211,13 +193,13 @@ class FastDecoder:
                 ctx = r + self._loc if k == 0 else r
                 p = np.concatenate([self.S[:, o[k]:o[k + 1]], lower, ctx], axis=1)
                 zr = linear(p, self.W_zr[k], self.b_zr[k])
-                kernels.gru_reset(zr, p, d)
-                kernels.gru_update(self.S, o[k], zr, linear(p, self.W_h[k], self.b_h[k]))
+                gru.gru_reset(zr, p, d)
+                gru.gru_update(self.S, o[k], zr, linear(p, self.W_h[k], self.b_h[k]))
             lower = self.S[:, o[k]:o[k + 1]]
         # 6-7. writer, memory decay (lazy) and write
         x_w = np.concatenate([self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         w_raw = linear(x_w, self.W_w, self.b_w)
-        write = kernels.write if self.B == 1 else kernels.write_parallel
+        write = writer.write if self.B == 1 else writer.write_parallel
         self.scale = write(
             w_raw, self.memory, self.norm2, self.scale, self.read_ema, self.write_ema,
             self.last_write, t, c.write_slots, c.write_clip_max, c.novelty_beta, c.novelty_theta, c.stale_weight,
@@ -229,7 +211,7 @@ class FastDecoder:
 
     def _renormalise(self) -> None:
         self.memory *= self.dtype.type(self.scale)
-        kernels.row_norms2(self.memory, self.norm2)
+        primitives.row_norms2(self.memory, self.norm2)
         self.scale = 1.0
 
     def logits(self, tier_states: np.ndarray) -> np.ndarray:
@@ -240,14 +222,14 @@ class FastDecoder:
         if n > 1 and n <= SMALL_BATCH and self.packed_head:
             out = self._head_batch(flat)
         else:
-            out = linear(flat, self.W_o, self.b_o)  # one row: kernels.gemv; a prompt's positions: BLAS GEMM
+            out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv; a prompt's positions: BLAS GEMM
         return out.reshape(h.shape[:-1] + (self.W_o.shape[0],))
 
     def _head_batch(self, h: np.ndarray) -> np.ndarray:
-        """The head for 2..SMALL_BATCH rows, on the packed copy of its weights (kernels.packed_linear)."""
+        """The head for 2..SMALL_BATCH rows, on the packed copy of its weights (linalg.packed_linear)."""
         V = self.W_o.shape[0]
         Wp = self._packed_head()
-        R = kernels.PACK_ROWS
+        R = linalg.PACK_ROWS
         if getattr(self, "_pack_in", None) is None:
             self._pack_in = np.zeros((R, h.shape[1]), self.dtype)
             self._pack_out = np.empty((R, Wp.shape[0] * Wp.shape[2]), self.dtype)
@@ -256,19 +238,19 @@ class FastDecoder:
             m = min(R, h.shape[0] - r0)
             self._pack_in[:m] = h[r0:r0 + m]
             self._pack_in[m:] = 0
-            kernels.packed_linear(Wp, self._pack_in, self._pack_out)
+            linalg.packed_linear(Wp, self._pack_in, self._pack_out)
             np.add(self._pack_out[:m, :V], self.b_o, out=out[r0:r0 + m])
         return out
 
     def _packed_head(self) -> np.ndarray:
-        """The output head packed for kernels.packed_linear: built once per weight array and kept on the
+        """The output head packed for linalg.packed_linear: built once per weight array and kept on the
         model (it is a second copy of the head: V·d values, 463 MB for the default config in float32)."""
         cached = getattr(self.model, "_packed_output_head", None)
         if cached is None or cached[0] is not self.W_o:
-            lanes = kernels.lanes(self.dtype)
+            lanes = linalg.lanes(self.dtype)
             V, D = self.W_o.shape
             Wp = np.empty((-(-V // lanes), D, lanes), self.dtype)
-            kernels.pack_rows(self.W_o, lanes, Wp)
+            linalg.pack_rows(self.W_o, lanes, Wp)
             cached = self.model._packed_output_head = (self.W_o, Wp)
         return cached[1]
 

@@ -19,7 +19,7 @@ Every discrete choice is the forward's (spec §5), so the savings are exact rear
 - **Weight gradients are accumulated as tape rows**, not per step: each step records the gradient of a
   product's output (d pre-activations, d q, d w_raw, d r, the local keys/values …) and one product per
   weight at the end turns them into dW (and into the embedding gradient).
-- **Few calls per step**: one Numba kernel per component and direction (``grad_kernels.py``), with the
+- **Few calls per step**: one Numba kernel per component and direction (``thl_np.fast``), with the
   small dense products inside them on BLAS.
 
 Supported: every config the plain path supports (K = 1..n tiers with any clocks, local_window 0,
@@ -70,9 +70,9 @@ from .._blas import blas_threads
 from ..components.output import load_balance_forward
 from ..components.router import gumbel_noise
 from ..errors import InputError
+from ..fast import embedding, gru, local_attention, primitives, router, writer
 from ..inference.state import InferenceState
 from ..model import head_loss_and_backward, pack_value_and_grad
-from . import grad_kernels as gk
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 MIN_DECAY = 1e-6
@@ -197,7 +197,7 @@ def fast_forward(model, ids, state0: InferenceState, U=None, weights=None):
     a["S"] = S
     mem = np.array(state0.memory, dtype=dt)
     norm2 = np.empty((B, J), dt)
-    gk.row_norms2(mem, norm2)
+    primitives.row_norms2(mem, norm2)
     read_ema = np.array(state0.read_ema, dtype=dt)
     write_ema = np.array(state0.write_ema, dtype=dt)
     last_read = np.array(state0.last_read, dtype=np.int64)
@@ -255,21 +255,21 @@ def fast_forward(model, ids, state0: InferenceState, U=None, weights=None):
         # 2. local attention over the window's precomputed keys/values
         n = int(n_steps[i])
         if n > 0:
-            gk.local_forward(i, n0 + i - n, n, a["QL"], a["KL"], a["VL"], inv_lq, a["LA"], a["LOC"])
+            local_attention.local_forward(i, n0 + i - n, n, a["QL"], a["KL"], a["VL"], inv_lq, a["LA"], a["LOC"])
         # 3-4. router read (scores m_j·q_mem_h over the scaled bank), read metadata
-        gk.route_forward(i, t, a["QE"], QS, scale, read_ema, last_read, mem, G, use_gumbel, *route_args)
+        router.route_forward(i, t, a["QE"], QS, scale, read_ema, last_read, mem, G, use_gumbel, *route_args)
         # 5. tiers under their clocks
         for k in active[i]:
             tk = tiers[k]
-            gk.gru_forward(i, slots[k][i], S, offs[k], dims[k], tk["off_lo"], tk["d_lo"], a["R"], a["LOC"],
-                           k == 0 and n > 0, tk["extra"], i if k == 0 else 0, Wt.W1T[k], Wt.W2T[k], tk["P"],
-                           tk["Z"], tk["RG"], tk["ST"])
+            gru.gru_forward(i, slots[k][i], S, offs[k], dims[k], tk["off_lo"], tk["d_lo"], a["R"], a["LOC"],
+                            k == 0 and n > 0, tk["extra"], i if k == 0 else 0, Wt.W1T[k], Wt.W2T[k], tk["P"],
+                            tk["Z"], tk["RG"], tk["ST"])
         # 6-7. writer, lazy decay and write (and the next step's router state-part QS)
-        scale = gk.write_forward(i, t, S, off0, d0, offK, dK, Wt.WwqT, Wt.b_w, a["XW"], QS, mem, norm2, scale,
-                                 read_ema, write_ema, last_write, *write_args)
+        scale = writer.write_forward(i, t, S, off0, d0, offK, dK, Wt.WwqT, Wt.b_w, a["XW"], QS, mem, norm2,
+                                     scale, read_ema, write_ema, last_write, *write_args)
         if scale < thr:
             mem *= dt.type(scale)
-            gk.row_norms2(mem, norm2)
+            primitives.row_norms2(mem, norm2)
             scale = 1.0
     # final state
     if Wl > 0:
@@ -347,20 +347,21 @@ def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
             cD = 1.0
         c_new = cD if eager else cD * gamma
         # 8 → 7 → 6: the step's output gradient, the write (dM's target rows), the decay, the writer
-        gk.write_backward(i, dS_out, DS, D, cD, c_new, *write_args)
+        writer.write_backward(i, dS_out, DS, D, cD, c_new, *write_args)
         cD = c_new
         # 5. tiers, top down so each tier's input gradient reaches the tier below first
         for k in reversed(active[i]):
             tk = st["tiers"][k]
-            gk.gru_backward(i, slots[k][i], DS, offs[k], dims[k], tk["off_lo"], tk["d_lo"], Wt.Wh_p[k],
-                            Wt.Wzr_p[k], tk["P"], tk["Z"], tk["RG"], tk["ST"], DPRE[k], DR, DLOC, k == 0)
+            gru.gru_backward(i, slots[k][i], DS, offs[k], dims[k], tk["off_lo"], tk["d_lo"], Wt.Wh_p[k],
+                             Wt.Wzr_p[k], tk["P"], tk["Z"], tk["RG"], tk["ST"], DPRE[k], DR, DLOC, k == 0)
         # 4-3. read metadata and router: the rows read, read_ema, d q (and d u's state part into DS)
-        gk.route_backward(i, DR, d_ema, DA, use_DA, float(c.read_ema_decay), float(c.load_penalty), inv_h, cap,
-                          *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
+        router.route_backward(i, DR, d_ema, DA, use_DA, float(c.read_ema_decay), float(c.load_penalty), inv_h,
+                              cap, *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
         # 2. local attention: its query, and the keys/values of the window's rows
         n = int(n_steps[i])
         if n > 0:
-            gk.local_backward(i, n0 + i - n, n, a["QL"], a["KL"], a["VL"], inv_lq, a["LA"], DLOC, DQL, DKL, DVL)
+            local_attention.local_backward(i, n0 + i - n, n, a["QL"], a["KL"], a["VL"], inv_lq, a["LA"], DLOC, DQL,
+                                           DKL, DVL)
     # one product per weight over all B·T rows
     TB = T * B
     grads = {name: np.zeros_like(p) for name, p in P.items()}
@@ -398,7 +399,7 @@ def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
         grads["local_attn.k.weight"] = DKL2.T @ hist2
         grads["local_attn.v.weight"] = DVL2.T @ hist2
     dW_emb = np.zeros_like(P["embedding.weight"])
-    gk.scatter_rows(dW_emb, np.ascontiguousarray(ids.T).reshape(-1), dE)
+    embedding.scatter_rows(dW_emb, np.ascontiguousarray(ids.T).reshape(-1), dE)
     grads["embedding.weight"] = dW_emb
     U_all = np.concatenate([a["E"], S[:-1, :, off0:off0 + d0], S[:-1, :, offK:offK + dK]], axis=2).reshape(TB, -1)
     grads["router.W_q.weight"] = DQ2.T @ U_all

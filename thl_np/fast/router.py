@@ -1,0 +1,274 @@
+"""Spec §4.3 (router read) and §4.4 (read metadata) as Numba kernels, mirroring
+``thl_np.components.router``: ``route`` for a decode step (``route_parallel`` splits the batch over the
+cores), ``route_forward`` / ``route_backward`` for a training step.
+
+Both compute scores as m_j·q_mem_h with q_mem_h = W_k,h^T q_h (``slot_scores``) over a bank stored divided
+by a running scalar (true memory = scale·memory), one code path per row, so identical rows tie exactly and
+go to the lower index (``primitives.top_k_desc``). Tested kernel by kernel in tests/fast/test_router_kernels.py.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .primitives import axpy, dot, multi_row_dots, row_dots, top_k_desc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode: one step for a batch, in place on the decoder's state
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+              mix, idx_out, alpha_out, dots, scores, A, served):
+    """Mirrors thl_np.components.router.router_forward (spec §4.3, no Gumbel noise) and read_meta_forward
+    (§4.4) for one sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see slot_scores; true memory =
+    scale·memory), top-κ per head (descending, ties to the lower index), softmax, optional slot capacity,
+    the α-weighted mix of the picked memory rows per head (the value projection is linear, so the caller
+    applies it once to the mix), then read_ema and last_read in place. dots [H, J], scores [J], A [J] and
+    served [J] are scratch."""
+    J = memory.shape[0]
+    H = q_mem.shape[0]
+    multi_row_dots(memory, q_mem, dots)
+    for h in range(H):
+        for j in range(J):
+            scores[j] = (scale * dots[h, j]) * inv_sqrt - load_penalty * read_ema[j]
+        top_k_desc(scores, kappa, idx_out[h])
+        top = scores[idx_out[h, 0]]
+        tot = 0.0
+        for r in range(kappa):
+            alpha_out[h, r] = np.exp(scores[idx_out[h, r]] - top)
+            tot += alpha_out[h, r]
+        for r in range(kappa):
+            alpha_out[h, r] /= tot
+    if capacity > 0:
+        # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0, and
+        # a head left with weight 0 keeps its uncapped weights (as thl_np.components.router.apply_slot_capacity)
+        served[:] = 0
+        keep = np.empty(kappa, dtype=np.bool_)
+        for h in range(H):
+            tot = 0.0
+            for r in range(kappa):
+                j = idx_out[h, r]
+                keep[r] = served[j] < capacity
+                if keep[r]:
+                    served[j] += 1
+                    tot += alpha_out[h, r]
+            if tot > 0:
+                for r in range(kappa):
+                    alpha_out[h, r] = alpha_out[h, r] / tot if keep[r] else 0.0
+    A[:] = 0.0
+    for h in range(H):
+        mix[h, :] = 0.0
+        for r in range(kappa):
+            j = idx_out[h, r]
+            a = alpha_out[h, r]
+            A[j] += a
+            axpy(a * scale, memory[j], mix[h])
+            last_read[j] = t
+    for j in range(J):
+        read_ema[j] = rho * read_ema[j] + (1.0 - rho) * A[j]
+
+
+@njit(cache=True)
+def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+          mix, idx_out, alpha_out):
+    """Mirrors router_forward + read_meta_forward for a decode step: ``route_one`` for every sequence of the
+    batch, in turn (``route_parallel`` splits them over the cores; it costs seconds more to compile, which
+    one sequence never pays)."""
+    B, J, _ = memory.shape
+    dots = np.empty((q_mem.shape[1], J), dtype=memory.dtype)
+    scores = np.empty(J, dtype=np.float64)
+    A = np.empty(J, dtype=np.float64)
+    served = np.empty(J, dtype=np.int64)
+    for b in range(B):
+        route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
+                  capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
+
+
+@njit(cache=True, parallel=True)
+def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
+                   mix, idx_out, alpha_out):
+    """``route`` (router_forward + read_meta_forward), the sequences split over the cores."""
+    B, J, _ = memory.shape
+    for b in prange(B):
+        dots = np.empty((q_mem.shape[1], J), dtype=memory.dtype)
+        scores = np.empty(J, dtype=np.float64)
+        A = np.empty(J, dtype=np.float64)
+        served = np.empty(J, dtype=np.int64)
+        route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
+                  capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: one step's forward with its record, and its backward
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, load_penalty, inv_sqrt, kappa,
+                  capacity, rho, Wk_heads, WvT_heads, record_A,
+                  QV, QK, IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, MIX, AW, R):
+    """Mirrors thl_np.components.router.router_forward (spec §4.3, Gumbel noise optional) and
+    read_meta_forward (§4.4) for step i of a training sequence. Records q (QV), q_mem (QK), the picks (IDX),
+    both α (ASOFT before the capacity mask, ALPHA after), the mask (CAPM, CAPU), the true rows read (MSEL),
+    the α-mix of rows per head (MIX) and A (AW, when record_A); writes r into R[i]; read_ema / last_read
+    in place.
+
+    q = QE[i] + QS (e-part and state-part of u W_q^T); q_mem_h = W_k,h^T q_h; true row = scale·mem.
+    """
+    B, J, Dm = mem.shape
+    H, Dh = QV.shape[2], QV.shape[3]
+    dvh = WvT_heads.shape[2]
+    scores = np.empty(J, np.float64)
+    dots = np.empty(J, mem.dtype)
+    A = np.zeros(J, np.float64)
+    idx = np.empty(kappa, np.int64)
+    ex = np.empty(kappa, np.float64)
+    served = np.zeros(J, np.int64)
+    keep = np.zeros(kappa, np.bool_)
+    qh = np.empty((B, Dh), mem.dtype)
+    for h in range(H):
+        for b in range(B):
+            for a in range(Dh):
+                v = QE[i, b, h * Dh + a] + QS[b, h * Dh + a]
+                QV[i, b, h, a] = v
+                qh[b, a] = v
+        qm = np.dot(qh, Wk_heads[h])                    # [B, d_m]
+        for b in range(B):
+            QK[i, b, h] = qm[b]
+    for b in range(B):
+        A[:] = 0.0
+        for h in range(H):
+            row_dots(mem[b], QK[i, b, h], dots)
+            for j in range(J):
+                s = (scale * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
+                if use_gumbel:
+                    s += G[i, b, h, j]
+                scores[j] = s
+            top_k_desc(scores, kappa, idx)
+            top = scores[idx[0]]
+            tot = 0.0
+            for r in range(kappa):
+                ex[r] = math.exp(scores[idx[r]] - top)
+                tot += ex[r]
+            for r in range(kappa):
+                IDX[i, b, h, r] = idx[r]
+                ASOFT[i, b, h, r] = ex[r] / tot
+                ALPHA[i, b, h, r] = ASOFT[i, b, h, r]
+                CAPM[i, b, h, r] = 1.0
+            CAPU[i, b, h] = True
+        if capacity > 0:
+            # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0
+            served[:] = 0
+            for h in range(H):
+                tot = 0.0
+                for r in range(kappa):
+                    j = IDX[i, b, h, r]
+                    keep[r] = served[j] < capacity
+                    if keep[r]:
+                        served[j] += 1
+                        tot += ASOFT[i, b, h, r]
+                    else:
+                        CAPM[i, b, h, r] = 0.0
+                CAPU[i, b, h] = tot > 0.0
+                if tot > 0.0:
+                    for r in range(kappa):
+                        ALPHA[i, b, h, r] = ASOFT[i, b, h, r] / tot if keep[r] else 0.0
+        for h in range(H):
+            mix = MIX[i, h, b]
+            mix[:] = 0.0
+            for r in range(kappa):
+                j = IDX[i, b, h, r]
+                al = ALPHA[i, b, h, r]
+                A[j] += al
+                row = MSEL[i, b, h, r]
+                for m in range(Dm):
+                    v = scale * mem[b, j, m]
+                    row[m] = v
+                    mix[m] += al * v
+                last_read[b, j] = t
+        for j in range(J):
+            read_ema[b, j] = rho * read_ema[b, j] + (1.0 - rho) * A[j]
+            if record_A:
+                AW[i, b, j] = A[j]
+    # value projection applied once to each head's mix: r_h = W_v,h (Σ_rank α m_idx)
+    for h in range(H):
+        rh = np.dot(MIX[i, h], WvT_heads[h])
+        for b in range(B):
+            for v in range(dvh):
+                R[i, b, h * dvh + v] = rh[b, v]
+
+
+@njit(cache=True)
+def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capacity, Wv_heads, WkT_heads,
+                   IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, QK, D, c, DQ, MK, Wq_s, DS, off0, d0, offK, dK):
+    """Mirrors thl_np.components.router.router_backward and read_meta_backward for step i:
+    d_r = DR[i] and the read_ema gradient after the step (d_ema, updated in place to the one before it)
+    → d q_mem (MK[i], also the W_k term), d_q = W_k,h d q_mem (DQ[i]), the rows read (added into D = dM / c),
+    and d_u's state part added into the tier gradients DS. QK[i] = q_mem (the score path of d m_sel)."""
+    B = DR.shape[1]
+    H, kappa = IDX.shape[2], IDX.shape[3]
+    Dm = MSEL.shape[4]
+    Dh = WkT_heads.shape[2]
+    dvh = Wv_heads.shape[1]
+    Gs = np.empty((H, B, Dm), DR.dtype)
+    drh = np.empty((B, dvh), DR.dtype)
+    for h in range(H):
+        for b in range(B):
+            for v in range(dvh):
+                drh[b, v] = DR[i, b, h * dvh + v]
+        Gs[h] = np.dot(drh, Wv_heads[h])
+    inv_c = 1.0 / c
+    dal = np.empty(kappa, np.float64)
+    dpk = np.empty((H, kappa), np.float64)
+    for b in range(B):
+        for h in range(H):
+            g = Gs[h, b]
+            for r in range(kappa):
+                j = IDX[i, b, h, r]
+                extra = (1.0 - rho) * d_ema[b, j]
+                if use_DA:
+                    extra += DA[i, b, j]
+                dal[r] = dot(g, MSEL[i, b, h, r]) + extra
+            if capacity > 0 and CAPU[i, b, h]:
+                # α_cap = α·mask / Σ α·mask  →  dα = mask·(dα_cap − Σ dα_cap·α_cap) / Σ α·mask
+                tot = 0.0
+                sda = 0.0
+                for r in range(kappa):
+                    tot += ASOFT[i, b, h, r] * CAPM[i, b, h, r]
+                    sda += dal[r] * ALPHA[i, b, h, r]
+                for r in range(kappa):
+                    dal[r] = CAPM[i, b, h, r] * (dal[r] - sda) / tot
+            sa = 0.0
+            for r in range(kappa):
+                sa += ASOFT[i, b, h, r] * dal[r]
+            for r in range(kappa):
+                dpk[h, r] = ASOFT[i, b, h, r] * (dal[r] - sa)
+            # score = m·q_mem·inv_sqrt − λ·read_ema (+ constant noise)
+            mk = MK[i, h, b]
+            mk[:] = 0.0
+            qk = QK[i, b, h]
+            for r in range(kappa):
+                j = IDX[i, b, h, r]
+                cv = ALPHA[i, b, h, r] * inv_c
+                ck = dpk[h, r] * inv_sqrt
+                row = MSEL[i, b, h, r]
+                for m in range(Dm):
+                    mk[m] += ck * row[m]
+                    D[b, j, m] += cv * g[m] + (ck * inv_c) * qk[m]
+        # read_ema before the step: ρ·d_ema, plus −λ·d_picked at every pick (score = … − λ·read_ema_j)
+        for j in range(d_ema.shape[1]):
+            d_ema[b, j] *= rho
+        for h in range(H):
+            for r in range(kappa):
+                d_ema[b, IDX[i, b, h, r]] -= load_penalty * dpk[h, r]
+    # d q_h = W_k,h d q_mem_h, one product per head
+    for h in range(H):
+        dq = np.dot(MK[i, h], WkT_heads[h])             # [B, d_h]
+        for b in range(B):
+            for a in range(Dh):
+                DQ[i, b, h * Dh + a] = dq[b, a]
+    du = np.dot(DQ[i], Wq_s)
+    for b in range(B):
+        for a in range(d0):
+            DS[b, off0 + a] += du[b, a]
+        for a in range(dK):
+            DS[b, offK + a] += du[b, d0 + a]

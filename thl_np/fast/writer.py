@@ -1,0 +1,270 @@
+"""Spec §4.6 (writer) and §4.7 (memory decay and write) as Numba kernels, mirroring
+``thl_np.components.writer``: ``choose_write`` (the discrete part, shared by both paths), ``write`` for a
+decode step (``write_parallel`` splits the batch over the cores), ``write_forward`` / ``write_backward``
+for a training step.
+
+The bank is stored divided by a running scalar (true memory = scale·memory; the decay M ← γM is
+scale ← γ·scale) with the squared norms of the stored rows kept beside it (``primitives.row_norms2``).
+Tested kernel by kernel in tests/fast/test_writer_kernels.py.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .primitives import axpy, dot, row_dots, top_k_desc
+
+
+# ---------------------------------------------------------------------------------------------------
+# The discrete choice (branch, gate, targets), shared by the decode and training kernels
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, write_slots, beta, theta,
+                 stale_weight, underuse_weight, aff, prio, dots, targets):
+    """Mirrors the discrete part of thl_np.components.writer.writer_forward (spec §4.6) for one sequence,
+    given the clipped write vector w and its norm: cosine affinities against the scaled bank (true memory =
+    scale·memory_b), the arg-max slot j*, the branch and the W_w targets (novel: empty slots first, else
+    λ_s·staleness + λ_u·underuse; refine: largest affinity; ties to the lower index). Fills aff and dots;
+    returns (g, j*, novel)."""
+    row_dots(memory_b, w, dots)
+    j_star = 0
+    any_empty = False
+    for j in range(memory_b.shape[0]):
+        n_m = scale * np.sqrt(norm2_b[j])
+        if n_m <= 1e-6:
+            any_empty = True
+        aff[j] = (scale * dots[j]) / ((n_w + 1e-8) * (n_m + 1e-8))
+        if aff[j] > aff[j_star]:
+            j_star = j
+    novelty = 1.0 - aff[j_star]
+    novel = novelty > theta
+    if not novel:
+        top_k_desc(aff, write_slots, targets)
+        return 1.0, j_star, novel
+    g = 1.0 / (1.0 + np.exp(-beta * (novelty - theta)))
+    if any_empty:
+        count = 0
+        for j in range(memory_b.shape[0]):  # empty slots first, in index order
+            if count < write_slots and scale * np.sqrt(norm2_b[j]) <= 1e-6:
+                targets[count] = j
+                count += 1
+        for j in range(memory_b.shape[0]):  # then the others, in index order
+            if count < write_slots and not scale * np.sqrt(norm2_b[j]) <= 1e-6:
+                targets[count] = j
+                count += 1
+    else:
+        for j in range(memory_b.shape[0]):
+            # as the plain path: λ_u times underuse = 1/(1e-8 + read_ema), so the priorities round alike
+            prio[j] = stale_weight * (t - last_write_b[j]) + underuse_weight * (1.0 / (1e-8 + read_ema_b[j]))
+        top_k_desc(prio, write_slots, targets)
+    return g, j_star, novel
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode: one step for a batch, in place on the decoder's state
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+              beta, theta, stale_weight, underuse_weight, new_scale, write_rate, ema_decay, targets, w, aff,
+              prio, dots):
+    """Mirrors thl_np.components.writer.writer_forward (spec §4.6, from w_raw on) and memory_write_forward
+    (§4.7) for one sequence on the scaled bank (true memory = scale·memory): the targets' rows and squared
+    norms are updated in place; the decay itself is the caller's new_scale. w, aff, prio and dots are
+    scratch. Returns the gate g."""
+    n_raw = np.sqrt(dot(w_raw, w_raw))
+    ratio = clip_max / (n_raw + 1e-6)
+    for i in range(w.shape[0]):
+        w[i] = w_raw[i] * ratio if ratio < 1.0 else w_raw[i]
+    n_w = np.sqrt(dot(w, w))
+    g, _, _ = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
+                           beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
+    # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
+    step = write_rate * g / new_scale
+    for s in range(write_slots):
+        j = targets[s]
+        axpy(step, w, memory[j])
+        norm2[j] = dot(memory[j], memory[j])
+        last_write[j] = t
+    for j in range(memory.shape[0]):
+        write_ema[j] *= ema_decay
+    for s in range(write_slots):
+        write_ema[targets[s]] += 1.0 - ema_decay
+    return g
+
+
+@njit(cache=True)
+def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+          beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
+    """Mirrors writer_forward + memory_write_forward for a decode step: ``write_one`` for every sequence of
+    the batch, in turn (``write_parallel`` splits them over the cores). Returns the new scale γ·scale."""
+    B, J, Dm = memory.shape
+    new_scale = scale * decay
+    w = np.empty(Dm, dtype=w_raw.dtype)
+    aff = np.empty(J, dtype=np.float64)
+    prio = np.empty(J, dtype=np.float64)
+    dots = np.empty(J, dtype=memory.dtype)
+    for b in range(B):
+        g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
+                             write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+    return new_scale
+
+
+@njit(cache=True, parallel=True)
+def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
+                   beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
+    """``write`` (writer_forward + memory_write_forward), the sequences split over the cores."""
+    B, J, Dm = memory.shape
+    new_scale = scale * decay
+    for b in prange(B):
+        w = np.empty(Dm, dtype=w_raw.dtype)
+        aff = np.empty(J, dtype=np.float64)
+        prio = np.empty(J, dtype=np.float64)
+        dots = np.empty(J, dtype=memory.dtype)
+        g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
+                             write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+    return new_scale
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training: one step's forward with its record, and its backward
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def write_forward(i, t, S, off0, d0, offK, dK, WwqT, b_w, XW, QS, mem, norm2, scale, read_ema,
+                  write_ema, last_write, write_slots, clip_max, beta, theta, stale_weight, underuse_weight, decay,
+                  write_rate, ema_decay, eager, TGT, GG, WRAW, WCL, NRAW, CLIP, SC, NW, JSTAR, MSTAR, NMSTAR,
+                  DOTSTAR, NOVEL):
+    """Mirrors thl_np.components.writer.writer_forward (spec §4.6) and memory_write_forward (§4.7) for step
+    i of a training sequence: the writer against the bank before this step's decay (true = scale·mem), then
+    the lazy decay and the write. XW[i] = [s_new^0; s_new^{K-1}]; one product gives w_raw and the next step's router
+    state-part QS. Records the writer's intermediates; returns the new scale γ·scale.
+
+    ``eager`` (for γ too small to divide by, γ = 0 included): the bank and its norms are multiplied by γ
+    here instead, and the scale is returned unchanged."""
+    B, J, Dm = mem.shape
+    xw = XW[i]
+    for b in range(B):
+        for a in range(d0):
+            xw[b, a] = S[i + 1, b, off0 + a]
+        for a in range(dK):
+            xw[b, d0 + a] = S[i + 1, b, offK + a]
+    out = np.dot(xw, WwqT)
+    Q = QS.shape[1]
+    for b in range(B):
+        for a in range(Q):
+            QS[b, a] = out[b, Dm + a]
+    new_scale = scale if eager else scale * decay
+    aff = np.empty(J, np.float64)
+    prio = np.empty(J, np.float64)
+    tg = np.empty(write_slots, np.int64)
+    dots = np.empty(J, mem.dtype)
+    for b in range(B):
+        w_raw = WRAW[i, b]
+        for m in range(Dm):
+            w_raw[m] = out[b, m] + b_w[m]
+        n_raw = math.sqrt(dot(w_raw, w_raw))
+        ratio = clip_max / (n_raw + 1e-6)
+        clipped = ratio < 1.0
+        sc = ratio if clipped else 1.0
+        w = WCL[i, b]
+        for m in range(Dm):
+            w[m] = w_raw[m] * sc
+        n_w = math.sqrt(dot(w, w))
+        g, j_star, novel = choose_write(mem[b], norm2[b], w, n_w, scale, read_ema[b], last_write[b], t,
+                                        write_slots, beta, theta, stale_weight, underuse_weight, aff, prio, dots, tg)
+        GG[i, b] = g
+        NRAW[i, b] = n_raw
+        CLIP[i, b] = clipped
+        SC[i, b] = sc
+        NW[i, b] = n_w
+        JSTAR[i, b] = j_star
+        NMSTAR[i, b] = scale * math.sqrt(norm2[b, j_star])
+        DOTSTAR[i, b] = scale * dots[j_star]
+        NOVEL[i, b] = novel
+        for m in range(Dm):
+            MSTAR[i, b, m] = scale * mem[b, j_star, m]
+        # M ← γM (lazy: the scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
+        if eager:
+            mem[b] *= decay
+            norm2[b] *= decay * decay
+        step = write_rate * g / new_scale
+        for s in range(write_slots):
+            j = tg[s]
+            TGT[i, b, s] = j
+            row = mem[b, j]
+            for m in range(Dm):
+                row[m] += step * w[m]
+            norm2[b, j] = dot(row, row)
+            last_write[b, j] = t
+        for j in range(J):
+            write_ema[b, j] *= ema_decay
+        for s in range(write_slots):
+            write_ema[b, tg[s]] += 1.0 - ema_decay
+    return new_scale
+
+
+@njit(cache=True)
+def write_backward(i, dS_out, DS, D, c_old, c_new, TGT, GG, WCL, WRAW, NRAW, CLIP, SC, NW, JSTAR, MSTAR, NMSTAR,
+                   DOTSTAR, NOVEL, write_rate, beta, clip_max, W_w, DWR, off0, d0, offK, dK, eager, decay):
+    """Mirrors thl_np.components.writer.memory_write_backward and writer_backward for step i.
+    Step i's output gradient joins DS; then §4.7 and §4.6 backward: the target rows of dM = c_old·D give
+    d_w, d_g; the decay is c_new = γ·c_old (``eager``: D ← γ·D here, c_new = c_old); the novelty gate's path
+    adds d m_{j*} into D; DWR[i] = d w_raw; d x_w = DWR[i] W_w is added into the tier gradients DS."""
+    B, J, Dm = D.shape
+    DS += dS_out[i]
+    drows = np.empty(Dm, np.float64)
+    dw = np.empty(Dm, np.float64)
+    inv_new = 1.0 / c_new
+    for b in range(B):
+        drows[:] = 0.0
+        for s in range(TGT.shape[2]):
+            j = TGT[i, b, s]
+            for m in range(Dm):
+                drows[m] += c_old * D[b, j, m]
+        g = GG[i, b]
+        w = WCL[i, b]
+        dg = 0.0
+        for m in range(Dm):
+            dw[m] = write_rate * g * drows[m]
+            dg += drows[m] * w[m]
+        dg *= write_rate
+        if eager:
+            D[b] *= decay
+        # novelty gate (novel branch only): g = σ(β(1 − aff* − θ))  →  d aff* = −β g (1 − g) d g
+        d_aff = -beta * g * (1.0 - g) * dg if NOVEL[i, b] else 0.0
+        n_w = NW[i, b]
+        nms = NMSTAR[i, b]
+        denom = (n_w + 1e-8) * (nms + 1e-8)
+        d_dot = d_aff / denom
+        d_denom = -d_aff * DOTSTAR[i, b] / (denom * denom)
+        cw = d_denom * (nms + 1e-8) / (n_w if n_w > 0 else 1.0)
+        cm = d_denom * (n_w + 1e-8) / (nms if nms > 0 else 1.0)
+        ms = MSTAR[i, b]
+        for m in range(Dm):
+            dw[m] += d_dot * ms[m] + cw * w[m]
+        if d_aff != 0.0:
+            j_star = JSTAR[i, b]
+            for m in range(Dm):
+                D[b, j_star, m] += (d_dot * w[m] + cm * ms[m]) * inv_new
+        # clip: w = w_raw · Δ/(‖w_raw‖ + 1e-6) when clipped, else w = w_raw
+        w_raw = WRAW[i, b]
+        out = DWR[i, b]
+        if CLIP[i, b]:
+            n_raw = NRAW[i, b]
+            proj = 0.0
+            for m in range(Dm):
+                proj += dw[m] * w_raw[m]
+            dsf = -clip_max / (n_raw + 1e-6) ** 2 * proj / (n_raw if n_raw > 0 else 1.0)
+            sc = SC[i, b]
+            for m in range(Dm):
+                out[m] = sc * dw[m] + dsf * w_raw[m]
+        else:
+            for m in range(Dm):
+                out[m] = dw[m]
+    dxw = np.dot(DWR[i], W_w)
+    for b in range(B):
+        for a in range(d0):
+            DS[b, off0 + a] += dxw[b, a]
+        for a in range(dK):
+            DS[b, offK + a] += dxw[b, d0 + a]
