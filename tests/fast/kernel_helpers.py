@@ -1,5 +1,5 @@
 """Shared by the per-kernel tests of ``thl_np.fast``: tolerances, a comparison that names what differs, the
-fast paths' rearranged layouts built from plain inputs, and read access to a plain component's cache.
+fast paths' rearranged layouts built from plain inputs.
 
 Each kernel test feeds one kernel the layout ``FastDecoder`` / ``fast_value_and_grad`` give it (the bank
 stored divided by a scale, its squared norms, ring buffers, per-head and transposed weights), built here
@@ -38,19 +38,6 @@ def assert_equal(got, want, what: str) -> None:
     assert got.shape == want.shape and np.array_equal(got, want), f"{what}: {got.tolist()} != {want.tolist()}"
 
 
-def cache_field(cache, name: str, position: int | None = None):
-    """A named part of a plain component's cache, whether the cache is a dict, a tuple (``position``) or an
-    object with attributes."""
-    if isinstance(cache, dict):
-        return cache[name]
-    if isinstance(cache, tuple):
-        return cache[position]
-    return getattr(cache, name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The stored bank: true memory = scale · stored, squared norms of the stored rows
-# ---------------------------------------------------------------------------------------------------
 def memory_bank(rng, B, J, d_m, dtype, *, scale=1.0, empty=0, duplicates=0):
     """A stored bank [B, J, d_m] whose true memory is ``scale · stored``, with ``empty`` all-zero rows and
     ``duplicates`` extra copies of one row per sequence (exact ties). Returns (stored, true memory, norm2, the

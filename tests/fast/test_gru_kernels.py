@@ -10,7 +10,7 @@ import pytest
 from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import DTYPES, assert_close, assert_equal, cache_field, fast_gru_weights, gru_weights, tier_offsets
+from kernel_helpers import DTYPES, assert_close, assert_equal, fast_gru_weights, gru_weights, tier_offsets
 
 from thl_np.components.gru import gru_backward, gru_forward
 from thl_np.fast import gru as fast_gru
@@ -44,7 +44,7 @@ def gru_case(seed, dtype="float64", *, B=2, dims=(3, 4, 2), k=1, d_e=3, d_v=4, u
 def plain(c):
     s_new, cache = gru_forward(c.s_prev, c.x, *c.W)
     names = ("s_prev", "p", "z", "r_g", "p_h", "s_tilde")
-    return SimpleNamespace(s_new=s_new, cache=cache, **{n: cache_field(cache, n, i) for i, n in enumerate(names)})
+    return SimpleNamespace(s_new=s_new, cache=cache, **{n: getattr(cache, n) for n in names})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from kernel_helpers import (
     DTYPES,
     assert_close,
     assert_equal,
-    cache_field,
     memory_bank,
     scatter_add,
     tier_offsets,
@@ -82,7 +81,7 @@ def plain_write(c):
     new_memory, new_write_ema, new_last_write = memory_write_forward(
         c.memory, c.write_ema, c.last_write, targets, g, w, c.t, decay=c.decay, write_rate=c.write_rate,
         ema_decay=c.ema_decay)
-    f = {name: cache_field(cache, name) for name in ("w_raw", "n_raw", "clipped", "scale", "n_w", "j_star", "m_star",
+    f = {name: getattr(cache, name) for name in ("w_raw", "n_raw", "clipped", "scale", "n_w", "j_star", "m_star",
                                                     "n_m_star", "dot_star", "novel")}
     aff_star = f["dot_star"] / ((f["n_w"] + 1e-8) * (f["n_m_star"] + 1e-8))
     return SimpleNamespace(w=w, g=g, targets=targets, cache=cache, new_memory=new_memory, new_write_ema=new_write_ema,
