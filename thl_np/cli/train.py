@@ -149,9 +149,12 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
               help="Gradient path: fast kernels, or the spec's composition (plain); auto takes fast where the "
                    "model's components have kernels.  [default: auto]")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, help="Line period when not on a TTY.")
+@click.option("--distributed", is_flag=True,
+              help="Require an MPI world (mpirun -n N thl-np train ...; needs the [mpi] extra). Without the "
+                   "flag, a run started by mpirun is detected.")
 @_data_filters
 def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, include, exclude,
-          **flags):
+          distributed, **flags):
     """Train a byte-level THL model on a text file or folder (first 90% trained on, last 10% held out).
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
@@ -164,21 +167,25 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
           --dim 128 --memory-slots 64 --steps 600 --batch-size 8 --seq-len 128
       thl-np eval --model runs/gpl --data held-out.txt
       thl-np train --data /usr/lib/python3.11 --include "*.py" --exclude test --out runs/py
+      mpirun -n 4 thl-np train --data corpus.txt --out runs/c --batch-size 16   # 4 ranks, 4 lanes each
     """
+    from ..training.distributed import detect_world
     from ..training.trainer import saved_train_config
     from ..training.trainer import train as run_training
 
+    world = detect_world(required=distributed)  # under mpirun: the ranks share each batch's lanes
     base = (saved_train_config(out) if resume else None) or TrainConfig()
+    base = world.root_value(base)  # rank 0's --out decides: only rank 0 need see it
     given = {k: v for k, v in flags.items() if k in _TRAIN_FLAGS and v is not None}
     tc = base.replace(**given, resume=resume)
     model_config = None
     if not resume:
         model_config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
-    elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype)):
+    elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype)) and world.is_root:
         click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype are ignored with --resume "
                    "(the model comes from the checkpoint)", err=True)
     result = run_training(model_config, _load_data(data, include, exclude), out, tc,
-                          log=_Progress(log_every))
+                          log=_Progress(log_every) if world.is_root else None, world=world)
     if result.interrupted:
         click.get_current_context().exit(130)
 

@@ -13,6 +13,10 @@ Everything a step depends on (weights, optimiser moments, data position, RNG sta
 count) is in the checkpoint, so a resumed run reaches bit for bit the weights of an uninterrupted one.
 Ctrl-C is deferred to the end of the running step, then a checkpoint is written and the run stops; a
 second Ctrl-C stops at once, keeping the last complete checkpoint.
+
+Under MPI (``mpirun -n N``), ``distributed`` shares each step's lanes among the ranks through the ``world``
+hooks (one Allreduce of the gradient per step): the same training as one process, with rank 0 alone
+writing the output folder.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from ..components.registry import components_for
 from ..config import THLConfig
 from ..errors import ConfigError, InputError
 from . import checkpoint as ckpt
+from . import distributed
 from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
 from .optim import AdamW, clip_grad_norm
 from .schedule import lr_at
@@ -193,6 +198,7 @@ def train(
     out_dir: str,
     config: TrainConfig | None = None,
     log: Callable[[dict], None] | None = None,
+    world: distributed.World | None = None,
     **overrides,
 ) -> TrainResult:
     """Train a THL model on bytes and checkpoint it to ``out_dir``.
@@ -202,18 +208,23 @@ def train(
     or the bytes themselves. ``config`` plus keyword ``overrides`` (``steps=6, seq_len=16, ...``) make the
     TrainConfig. ``log`` receives one dict per event (``event`` = start, step, eval, checkpoint, message,
     done). Returns a TrainResult; with ``interrupted=True`` after Ctrl-C (a checkpoint was written).
+    ``world``: the ranks sharing the run's lanes (``thl_np.training.distributed``); by default the MPI world
+    when an MPI launcher started this process, else this process alone.
     """
     from ..model import THLModel, choose_fast, value_and_grad
 
+    world = distributed.detect_world() if world is None else world
+    world.start()
     tc = (config or TrainConfig()).replace(**overrides)
     emit = log or (lambda event: None)
     train_bytes, held_bytes = split_bytes(_as_bytes(data), tc.held_out_fraction)
     out_dir = os.fspath(out_dir)
     latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+    latest = world.root_value(latest)  # rank 0's folder decides: only rank 0 need see it
     if tc.resume:
         if latest is None:
             raise InputError(f"nothing to resume in {out_dir!r}: no checkpoint there; drop --resume to start")
-        run = _restore(latest, tc, train_bytes, THLModel, emit)
+        run = world.restore(latest, lambda path: _restore(path, tc, train_bytes, THLModel, emit), tc.batch_size)
     else:
         if latest is not None:
             raise InputError(
@@ -233,14 +244,18 @@ def train(
     elif tc.path == "fast":
         choose_fast(run.model.config, "fast")  # an InputError before any work when it cannot
     value_and_grad = functools.partial(value_and_grad, path=tc.path)
+    world.agree(run, tc, train_bytes, len(held_bytes))
 
     emit({"event": "start", "step": run.step, "steps": tc.steps, "resumed": tc.resume,
           "train_bytes": len(train_bytes), "held_out_bytes": len(held_bytes),
           "parameters": int(sum(p.size for p in run.model.params.values()))})
-    return _loop(run, tc, value_and_grad, train_bytes, held_bytes, out_dir, emit)
+    result = _loop(run, tc, value_and_grad, train_bytes, held_bytes, out_dir, emit, world)
+    world.finish()
+    return result
 
 
-def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, out_dir, emit) -> TrainResult:
+def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, out_dir, emit,
+          world=distributed.SINGLE) -> TrainResult:
     fp = fingerprint(train_bytes)
     t_start = time.perf_counter()
     step_time, tokens, first_step = 0.0, 0, run.step
@@ -253,15 +268,16 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
     def save():
         nonlocal saved_step, checkpoint_path
         if saved_step != run.step:
-            checkpoint_path = _save(run, tc, out_dir, fp, elapsed(), len(held_bytes), emit)
+            checkpoint_path = world.save(run, lambda whole: _save(whole, tc, out_dir, fp, elapsed(),
+                                                                  len(held_bytes), emit))
             saved_step = run.step
             emit({"event": "checkpoint", "step": run.step, "path": checkpoint_path})
 
-    with _DeferredInterrupt() as stop:
+    with _DeferredInterrupt() as stop, world.stop_together(stop) as stop:
         try:
             while run.step < tc.steps:
                 in_step = True
-                row, dt = _train_step(run, tc, value_and_grad, emit)
+                row, dt = _train_step(run, tc, value_and_grad, emit, world)
                 in_step = False
                 step_time += dt
                 tokens += tc.batch_size * tc.seq_len
@@ -272,7 +288,7 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                     break
                 last = run.step == tc.steps  # the final evaluation and save follow the loop
                 if tc.eval_every and run.step % tc.eval_every == 0 and len(held_bytes) >= 2 and not last:
-                    _eval(run, tc, held_bytes, tc.eval_tokens, emit)
+                    _eval(run, tc, held_bytes, tc.eval_tokens, emit, world)
                 if tc.checkpoint_every and run.step % tc.checkpoint_every == 0 and not last:
                     save()
         except KeyboardInterrupt:
@@ -284,7 +300,7 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                                step_time, tokens, interrupted)
         if not interrupted and len(held_bytes) >= 2:
             if not (run.evals and run.evals[-1]["step"] == run.step):  # a resume at the end: done already
-                _eval(run, tc, held_bytes, None, emit)
+                _eval(run, tc, held_bytes, None, emit, world)
         save()
     if interrupted:
         emit({"event": "message", "text": f"interrupted: checkpoint at step {run.step} in {checkpoint_path}; "
@@ -296,17 +312,19 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
     return result
 
 
-def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit) -> tuple[dict, float]:
+def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distributed.SINGLE) -> tuple[dict, float]:
     """One truncated-BPTT step (module docstring). Returns the log row and the step's wall time."""
     t0 = time.perf_counter()
     cfg = run.model.config
     batch = run.batches.next_batch()
     state_in = run.state if (tc.carry_state and not batch.reset) else None
-    uniforms = run.rng.random((tc.seq_len, tc.batch_size, cfg.num_heads, cfg.memory_slots))
-    loss, grads, state_out = value_and_grad(run.model, batch.inputs, batch.targets, state=state_in,
+    uniforms = world.draw_uniforms(run.rng, (tc.seq_len, tc.batch_size, cfg.num_heads, cfg.memory_slots))
+    inputs, targets = world.take_batch(batch.inputs, batch.targets)  # this rank's lanes (all, alone)
+    loss, grads, state_out = value_and_grad(run.model, inputs, targets, state=state_in,
                                             gumbel_uniform=uniforms, return_state=True)
     loss = float(loss)
     grads = dict(grads)
+    loss = world.sum_gradients(grads, loss, tc.batch_size)  # the whole batch's, on every rank
     norm = clip_grad_norm(grads, tc.grad_clip)
     lr = lr_at(run.step, tc.lr, tc.warmup, tc.lr_decay_steps or tc.steps, tc.min_lr_ratio)
     if math.isfinite(loss) and math.isfinite(norm):
@@ -324,8 +342,8 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit) -> tuple[dict,
     return row, dt
 
 
-def _eval(run: _Run, tc: TrainConfig, held_bytes, max_bytes, emit) -> float:
-    res = evaluate(run.model, held_bytes, tc.seq_len, tc.eval_lanes, max_bytes)
+def _eval(run: _Run, tc: TrainConfig, held_bytes, max_bytes, emit, world=distributed.SINGLE) -> float:
+    res = world.evaluate(evaluate, run.model, held_bytes, tc.seq_len, tc.eval_lanes, max_bytes)
     run.evals.append({"step": run.step, "bits_per_byte": res["bits_per_byte"]})
     emit({"event": "eval", "step": run.step, **res})
     return res["bits_per_byte"]
