@@ -12,6 +12,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+# The bank is stored divided by a running scale that the decay γ multiplies; below this γ (0 included) a
+# write would divide by it, so the decay is applied to the rows eagerly (fast_grad does the same).
+MIN_DECAY = 1e-6
 # Reassociation lets LLVM vectorise a dot product; every row still runs the same code, so identical rows
 # of the bank give identical dot products (the spec's tie rule needs that). No "no NaN/inf" assumptions.
 _VECTORISE = {"reassoc", "contract", "nsz", "arcp"}
@@ -179,10 +182,11 @@ def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, i
 @njit(cache=True)
 def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
               beta, theta, stale_weight, underuse_weight, new_scale, write_rate, ema_decay, targets, w, aff,
-              prio, dots):
+              prio, dots, eager, decay):
     """Spec §4.6-4.7 for one sequence on the scaled bank (true memory = scale·memory): the targets' rows
-    and squared norms are updated in place; the decay itself is the caller's new_scale. w, aff, prio and
-    dots are scratch. Returns the gate g."""
+    and squared norms are updated in place; the decay itself is the caller's new_scale, or, when ``eager``
+    (γ below MIN_DECAY: too small to divide by), applied to the rows here after the writer's choice. w, aff,
+    prio and dots are scratch. Returns the gate g."""
     n_raw = np.sqrt(_dot(w_raw, w_raw))
     ratio = clip_max / (n_raw + 1e-6)
     for i in range(w.shape[0]):
@@ -190,6 +194,11 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
     n_w = np.sqrt(_dot(w, w))
     g, _, _ = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
                            beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
+    if eager:
+        for j in range(memory.shape[0]):
+            for m in range(memory.shape[1]):
+                memory[j, m] *= decay
+            norm2[j] *= decay * decay
     # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
     step = write_rate * g / new_scale
     for s in range(write_slots):
@@ -208,9 +217,10 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
 def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
           beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
     """``write_one`` for every sequence of the batch, in turn (``write_parallel`` splits them over the
-    cores). Returns the new scale γ·scale."""
+    cores). Returns the new scale γ·scale (unchanged for γ < MIN_DECAY, whose decay is applied eagerly)."""
     B, J, Dm = memory.shape
-    new_scale = scale * decay
+    eager = decay < MIN_DECAY
+    new_scale = scale if eager else scale * decay
     w = np.empty(Dm, dtype=w_raw.dtype)
     aff = np.empty(J, dtype=np.float64)
     prio = np.empty(J, dtype=np.float64)
@@ -218,7 +228,7 @@ def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write
     for b in range(B):
         g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
                              write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
-                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots, eager, decay)
     return new_scale
 
 
@@ -227,7 +237,8 @@ def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write,
                    beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
     """``write``, the sequences split over the cores."""
     B, J, Dm = memory.shape
-    new_scale = scale * decay
+    eager = decay < MIN_DECAY
+    new_scale = scale if eager else scale * decay
     for b in prange(B):
         w = np.empty(Dm, dtype=w_raw.dtype)
         aff = np.empty(J, dtype=np.float64)
@@ -235,7 +246,7 @@ def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write,
         dots = np.empty(J, dtype=memory.dtype)
         g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
                              write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
-                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots, eager, decay)
     return new_scale
 
 

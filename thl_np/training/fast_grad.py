@@ -70,12 +70,13 @@ from .._blas import blas_threads
 from ..components.output import load_balance_forward
 from ..components.router import gumbel_noise
 from ..errors import InputError
+from ..inference import kernels
 from ..inference.state import InferenceState
 from ..model import head_loss_and_backward, pack_value_and_grad
 from . import grad_kernels as gk
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
-MIN_DECAY = 1e-6
+MIN_DECAY = kernels.MIN_DECAY
 BLAS_THREADS = 1
 """OpenBLAS threads while ``fast_value_and_grad`` runs (None: leave BLAS alone). Its per-step products are
 far too small to gain from threads, and on a busy machine OpenBLAS's threaded path costs up to 10× (its
