@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from .errors import InputError
+from .checks import NON_FINITE_OUTPUT, check_metric, check_seed
+from .errors import InputError, WeightsError
 
 KEY_DIGITS = 5
 #: Chance level of a guess: a uniform digit is right 1 time in 10, a whole 5-digit key 1 in 10^5.
@@ -222,6 +223,7 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
     from .tokenizer import Tokenizer
 
     lengths = _check_lengths(lengths)
+    check_seed(seed)
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
         raise InputError(f"trials = {trials!r} must be an integer >= 1")
     tok = Tokenizer()
@@ -263,6 +265,8 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
                "rss_peak_bytes": mem["peak"], "state_bytes": int(state_bytes),
                "session_bytes": session_bytes(dec), "seconds": time.perf_counter() - t0,
                "samples": samples}
+        for name in ("key_bits_per_digit", "control_bits_per_digit"):
+            check_metric(f"passkey {name} at length {length}", row[name], NON_FINITE_OUTPUT, WeightsError)
         rows.append(row)
         if progress is not None:
             progress(row)
@@ -287,6 +291,7 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
     from .tokenizer import Tokenizer
 
     lengths = _check_lengths(lengths)
+    check_seed(seed)
     f = _filler(filler)
     tf = matched_transformer(model.config)
     tok = Tokenizer()
@@ -322,17 +327,23 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
             "results": rows}
 
 
-def plot_memory(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
-    """Draw :func:`memory_vs_context`'s report as a PNG at ``path`` (log-log axes); returns the path.
-
-    Needs matplotlib (``pip install thl-np[plot]``): raises InputError naming the extra without it.
-    """
+def require_matplotlib():
+    """matplotlib's (Figure, FigureCanvasAgg), or InputError naming the extra that installs it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError("the memory plot needs matplotlib: pip install 'thl-np[plot]' "
                          "(or pip install matplotlib)") from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_memory(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
+    """Draw :func:`memory_vs_context`'s report as a PNG at ``path`` (log-log axes); returns the path.
+
+    Needs matplotlib (``pip install thl-np[plot]``): raises InputError naming the extra without it.
+    """
+    Figure, FigureCanvasAgg = require_matplotlib()
     rows = report["results"]
     if not rows:
         raise InputError("the memory report has no rows to plot")
