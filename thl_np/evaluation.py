@@ -177,7 +177,10 @@ def greedy_bytes(decoder, logits, n: int, vocab_limit: int = 256) -> list[int]:
     (the session's last position); each pick but the last is fed back to ``decoder``."""
     out = []
     for i in range(n):
-        tok = int(np.argmax(np.asarray(logits)[0, :vocab_limit]))
+        row = np.asarray(logits)[0, :vocab_limit]
+        if not np.isfinite(row).all():  # argmax over NaN picks the NaN: the answer would be noise
+            raise WeightsError(f"passkey: {NON_FINITE_OUTPUT}")
+        tok = int(np.argmax(row))
         out.append(tok)
         if i < n - 1:
             logits = decoder.step(np.array([tok], dtype=np.int64))

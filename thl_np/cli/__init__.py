@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -31,6 +32,9 @@ for _module in _MODULES:
 
 def main(argv=None) -> int:
     """Entry point: every error becomes one clear line and a non-zero exit, never a traceback."""
+    # NumPy's overflow / invalid-value warnings come before the error that names what went non-finite
+    # (a diverged run, NaN weights): on a terminal they are noise around that one line
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"thl_np\.")
     try:
         # without standalone mode click returns (not raises) the code a command passed to ctx.exit(n)
         rc = cli.main(args=argv, prog_name="thl-np", standalone_mode=False)
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 0
-    except SystemExit as exc:
+    except SystemExit:
         if _stdout_closed():  # click's answer to a closed pipe (thl-np info | head -1): not an error
             _silence_stdout()
             return 0

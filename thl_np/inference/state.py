@@ -79,7 +79,11 @@ class InferenceState:
     # ------------------------------------------------------------------ basic facts
     @property
     def batch_size(self) -> int:
-        return int(self.memory.shape[0])
+        shape = getattr(self.memory, "shape", None)
+        if shape is None or len(shape) != 3:
+            raise StateError(f"state memory is {type(self.memory).__name__} of shape {shape}, not a [B, J, d_m] "
+                             "array: rebuild the state (InferenceState.init or a state a model returned)")
+        return int(shape[0])
 
     @property
     def dtype(self) -> np.dtype:
@@ -185,10 +189,10 @@ class InferenceState:
             if not (hasattr(a, "shape") and hasattr(a, "dtype")):
                 raise StateError(f"state {key} is {type(a).__name__}, not an array: rebuild the state "
                                  "(InferenceState.init or a state a model returned)")
-        B = self.memory.shape[0] if len(self.memory.shape) == 3 else None
+        B = self.batch_size  # memory [B, J, d_m] sets the batch
         for key, a in self._named_arrays().items():
             nd = 3 if key in ("memory", "local_buffer") else 2
-            if len(a.shape) != nd or B is None or a.shape[0] != B:
+            if len(a.shape) != nd or a.shape[0] != B:
                 raise StateError(f"state {key} has shape {list(a.shape)}: it must be {nd}-D with the batch first, "
                                  "as every other state array (spec §3)")
 
