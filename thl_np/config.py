@@ -196,7 +196,10 @@ class THLConfig:
     def load(cls, path: str) -> THLConfig:
         """Read config.json (path may be the file or its folder)."""
         if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+            inner = os.path.join(path, "config.json")
+            if not os.path.lexists(inner) and os.path.basename(os.path.normpath(path)) == "config.json":
+                raise ConfigError(f"{path} is not a file but a folder: give the config.json file or its model folder")
+            path = inner
         if not os.path.exists(path):
             raise ConfigError(f"no config.json at {path}: a model folder needs config.json + model.safetensors")
         if not os.path.isfile(path):

@@ -75,10 +75,9 @@ def main(argv=None) -> int:
 
 
 def _stdout_closed() -> bool:
-    """Whether click met a closed stdout (it swaps in its PacifyFlushWrapper, then exits with status 1)."""
-    from click.utils import PacifyFlushWrapper
-
-    return isinstance(sys.stdout, PacifyFlushWrapper)
+    """Whether click met a closed stdout (it swaps in its PacifyFlushWrapper, then exits with status 1).
+    By name: click 8.2 deprecates importing the class."""
+    return type(sys.stdout).__name__ == "PacifyFlushWrapper"
 
 
 def _silence_stdout():

@@ -43,10 +43,10 @@ def write_model_folder(directory, params, config, metadata: dict, dtype: str | N
         _remove(config_tmp)
         if created:
             shutil.rmtree(directory, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if isinstance(exc, (OSError, WeightsError)):  # write_safetensors words its own OSError as a WeightsError
+            why = exc.strerror or exc if isinstance(exc, OSError) else exc
             kept = "nothing was left behind" if created else "its previous files are unchanged"
-            raise WeightsError(f"cannot write the model folder {directory} ({exc.strerror or exc}): check free "
-                               f"space and permissions; {kept}") from None
+            raise WeightsError(f"cannot write the model folder {directory} ({why}); {kept}") from None
         raise
     return directory
 
