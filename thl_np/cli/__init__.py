@@ -76,8 +76,8 @@ def main(argv=None) -> int:
 
 def _stdout_closed() -> bool:
     """Whether click met a closed stdout (it swaps in its PacifyFlushWrapper, then exits with status 1).
-    By name: click 8.2 deprecates importing the class."""
-    return type(sys.stdout).__name__ == "PacifyFlushWrapper"
+    By name: click 8.2 renamed the class and deprecates importing it."""
+    return type(sys.stdout).__name__.endswith("PacifyFlushWrapper")  # _PacifyFlushWrapper since click 8.2
 
 
 def _silence_stdout():
