@@ -118,6 +118,7 @@ RULES: dict[str, Rule] = {
                                                           "keep_checkpoints", "lr_decay_steps")},
     **{name: Rule(0, MAX_SIZE, integer=True) for name in ("warmup", "eval_every", "checkpoint_every")},
     "eval_tokens": Rule(2, MAX_SIZE, integer=True),
+    "max_bytes": Rule(2, integer=True),
     "lr": Rule(0.0, lo_open=True),
     "min_lr_ratio": _UNIT,
     "beta1": Rule(0.0, 1.0, hi_open=True), "beta2": Rule(0.0, 1.0, hi_open=True),

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .checks import NON_FINITE_OUTPUT, check_metric, check_seed
+from .checks import NON_FINITE_OUTPUT, check, check_metric, check_seed
 from .errors import InputError, WeightsError
 
 KEY_DIGITS = 5
@@ -150,8 +150,7 @@ def passkey_prompt(length: int, key: str, depth: float = 0.5, filler: str = "pyt
     f = _filler(filler)
     if not (isinstance(key, str) and len(key) == KEY_DIGITS and key.isdigit()):
         raise InputError(f"key = {key!r} must be a string of {KEY_DIGITS} digits")
-    if not 0.0 <= float(depth) <= 1.0:
-        raise InputError(f"depth = {depth} must lie in [0, 1] (the fraction of the filler before the key)")
+    check("depth", depth, fix="the fraction of the filler before the key")
     key_line, question = f["key"].format(key=key), f["question"]
     n_fill = int(length) - len(key_line) - len(question)
     if n_fill < 0:

@@ -154,7 +154,8 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
     and takes one AdamW step. Ctrl-C writes a checkpoint before stopping; --resume continues exactly
-    where it stopped (flags not given again keep their saved values).
+    where it stopped (flags not given again keep their saved values). A non-finite loss stops the run with
+    an error and keeps the last checkpoint. --out is checked before the first step.
 
     \b
     Example:

@@ -43,10 +43,12 @@ def write_model_folder(directory, params, config, metadata: dict, dtype: str | N
         _remove(config_tmp)
         if created:
             shutil.rmtree(directory, ignore_errors=True)
-        if isinstance(exc, (OSError, WeightsError)):  # write_safetensors words its own OSError as a WeightsError
-            why = exc.strerror or exc if isinstance(exc, OSError) else exc
-            kept = "nothing was left behind" if created else "its previous files are unchanged"
-            raise WeightsError(f"cannot write the model folder {directory} ({why}); {kept}") from None
+        kept = "nothing was left behind" if created else "its previous files are unchanged"
+        if isinstance(exc, OSError):
+            raise WeightsError(f"cannot write the model folder {directory} ({exc.strerror or exc}): check free "
+                               f"space and permissions; {kept}") from None
+        if isinstance(exc, WeightsError):  # write_safetensors says which file and why
+            raise WeightsError(f"{exc}; {kept}") from None
         raise
     return directory
 

@@ -153,8 +153,7 @@ def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | N
     byte but a lane's first is predicted with all of its lane's preceding text as context.
     Returns ``{"bits_per_byte", "nats_per_byte", "bytes", "lanes", "seconds"}``.
     """
-    if seq_len < 1:
-        raise InputError(f"seq_len = {seq_len} must be >= 1")
+    check("seq_len", seq_len)
     ids = eval_lanes(data, lanes, max_bytes)
     n_lanes, lane_len = ids.shape
     t0 = time.perf_counter()
