@@ -457,6 +457,18 @@ def test_generate_argument_errors(model_dir, tmp_path, capsys):
     assert "state memory holds a non-finite value" in err and "diverged" not in err
 
 
+def test_training_step_memory_is_estimated_first(tmp_path, text_file, capsys, monkeypatch):
+    """A batch x sequence length the machine cannot hold is refused before the first step (the estimate is
+    fast_grad.training_memory_bytes), not met as a MemoryError part way through."""
+    import thl_np.checks as checks
+
+    monkeypatch.setattr(checks, "available_memory", lambda: 200_000)  # the model fits, a step does not
+    stdout, err = one_line_error(capsys, "train", "--data", text_file, "--out", tmp_path / "run", "--steps", 2,
+                                 "--dtype", "float32", *NEW_RUN)
+    assert "a training step of 2 x 8 bytes needs about" in err and "lower --batch-size" in err
+    assert "step 1" not in stdout and not (tmp_path / "run").exists()
+
+
 def test_init_of_an_impossible_model_leaves_nothing(tmp_path, capsys):
     """init --dim 100000 died of MemoryError; a failed init left an empty folder."""
     _, err = one_line_error(capsys, "init", "--out", tmp_path / "huge", "--dim", "100000")

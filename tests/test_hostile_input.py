@@ -451,6 +451,11 @@ def test_bad_seeds_are_input_errors(seed):
     raises(InputError, r"seed = ", generate_text, byte_model, None, "hi", max_length=2, seed=seed)
 
 
+def test_impossible_state_size_is_estimated_first():
+    raises(StateError, r"a state of 1,000,000,000,000 sequence\(s\) needs about .* TiB of memory",
+           InferenceState.init, 10**12, CFG)
+
+
 def test_bad_dtypes_and_paths_are_input_errors():
     raises(InputError, r"dtype 'bogus' is not a dtype", THLModel, CFG, dtype="bogus")
     raises(InputError, r"from_pretrained's directory must be a path.*NoneType", THLModel.from_pretrained, None)

@@ -28,7 +28,7 @@ def golden(out_dir, quiet):
     from ..checks import check_output_dir
     from ..reference import generate
 
-    check_output_dir(out_dir, "--out", need_bytes=8 << 20)  # the reference vectors take about 2 MB
+    check_output_dir(out_dir, "--out", need_bytes=4 << 20)  # the reference vectors take about 2 MB
     created = not os.path.lexists(out_dir)
     log = None if quiet else (lambda name: click.echo(f"  {name}"))
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..checks import MAX_SIZE, Rule, check, check_float_array, check_int_array
+from ..checks import MAX_SIZE, Rule, check, check_allocation, check_float_array, check_int_array
 from ..config import THLConfig
 from ..errors import StateError
 
@@ -64,6 +64,9 @@ class InferenceState:
             dt = None
         if dt not in (np.float32, np.float64):
             raise StateError(f"dtype = {dtype!r} is not a state dtype: use float32 or float64")
+        per_sequence = (J * (config.memory_dim + 2) + sum(config.tier_dims)
+                        + config.local_window * config.embedding_dim) * dt.itemsize + 16 * J
+        check_allocation(B * per_sequence, f"a state of {B:,} sequence(s)", "use a smaller batch", StateError)
         return cls(
             timestep=0,
             tiers=[np.zeros((B, d), dt) for d in config.tier_dims],

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import NON_FINITE_OUTPUT, check, check_metric, check_output_dir, first_non_finite
+from ..checks import NON_FINITE_OUTPUT, check, check_allocation, check_metric, check_output_dir, first_non_finite
 from ..config import THLConfig
 from ..errors import ConfigError, InputError, WeightsError
 from . import checkpoint as ckpt
@@ -187,6 +187,7 @@ def train(
     done). Returns a TrainResult; with ``interrupted=True`` after Ctrl-C (a checkpoint was written).
     """
     from ..model import THLModel, value_and_grad
+    from .fast_grad import training_memory_bytes
 
     tc = (config or TrainConfig()).replace(**overrides)
     emit = log or (lambda event: None)
@@ -217,6 +218,9 @@ def train(
     # a checkpoint holds the weights and AdamW's two moments; the previous one stays until the new one is complete
     need = 3 * sum(p.nbytes for p in run.model.params.values()) + (1 << 20)
     check_output_dir(out_dir, "the output folder", need_bytes=need)
+    step = training_memory_bytes(run.model.config, tc.batch_size, tc.seq_len, run.model.dtype, breakdown=True)
+    check_allocation(step["total"] - step["params"], f"a training step of {tc.batch_size} x {tc.seq_len} bytes",
+                     "lower --batch-size or --seq-len, or train a smaller model")
 
     emit({"event": "start", "step": run.step, "steps": tc.steps, "resumed": tc.resume,
           "train_bytes": len(train_bytes), "held_out_bytes": len(held_bytes),
