@@ -181,10 +181,10 @@ def test_state_out_then_state_in_continues(model_dir, tmp_path):
 @pytest.mark.parametrize(
     "flags, match",
     [
-        (["--temperature", "-1"], "temperature"),
-        (["--top-k", "0"], "top_k"),
-        (["--top-p", "1.5"], "top_p"),
-        (["--max-length", "-3"], "max-length"),
+        (["--temperature", "-1"], "--temperature = -1.0 must be a finite number >= 0"),
+        (["--top-k", "0"], "--top-k = 0 must be an integer >= 1"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--max-length", "-3"], "--max-length"),
     ],
 )
 def test_bad_generate_flags_are_one_line(model_dir, capsys, flags, match):

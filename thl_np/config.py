@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .checks import check
 from .errors import ConfigError
 
 DTYPES = ("float32", "float64")
@@ -90,7 +91,7 @@ class THLConfig:
                     "write_slots")
         for name in positive:
             _check_int(name, getattr(self, name))
-        _check_int("local_window", self.local_window, minimum=0)
+        _check_int("local_window", self.local_window)
         if len(self.tier_dims) != self.num_tiers:
             raise ConfigError(
                 f"len(tier_dims) = {len(self.tier_dims)} != num_tiers = {self.num_tiers}: "
@@ -127,25 +128,20 @@ class THLConfig:
         if self.read_slot_capacity is not None:
             _check_int("read_slot_capacity", self.read_slot_capacity)
         if self.pad_token_id is not None:
-            _check_int("pad_token_id", self.pad_token_id, minimum=0)
+            _check_int("pad_token_id", self.pad_token_id)
             if self.pad_token_id >= self.vocab_size:
                 raise ConfigError(
                     f"pad_token_id = {self.pad_token_id} is outside the vocabulary (vocab_size = "
                     f"{self.vocab_size}): use an id below vocab_size or null"
                 )
-        for name in ("read_ema_decay", "write_ema_decay", "memory_decay"):
-            v = getattr(self, name)
-            if not _is_number(v) or not 0.0 <= float(v) <= 1.0:
-                raise ConfigError(f"{name} = {v!r} must be a number in [0, 1]")
-        for name in ("load_penalty", "router_load_balance_lambda", "write_rate", "write_clip_max",
-                     "novelty_beta", "novelty_theta", "stale_weight", "underuse_weight"):
-            v = getattr(self, name)
-            if not _is_number(v) or float(v) != float(v):
-                raise ConfigError(f"{name} = {v!r} must be a finite number")
-        if self.write_clip_max <= 0:
-            raise ConfigError(f"write_clip_max = {self.write_clip_max} must be > 0")
-        if self.dtype not in DTYPES:
+        for name in ("read_ema_decay", "write_ema_decay", "memory_decay", "load_penalty",
+                     "router_load_balance_lambda", "write_rate", "write_clip_max", "novelty_beta", "novelty_theta",
+                     "stale_weight", "underuse_weight"):
+            check(name, getattr(self, name), ConfigError)
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ConfigError(f"dtype = {self.dtype!r} is not supported: use one of {list(DTYPES)}")
+        if not isinstance(self.device, str):
+            raise ConfigError(f"device = {self.device!r} must be a string (\"cpu\"; it is accepted and ignored)")
         from .components.registry import check_choice  # imported here: the components import nothing of this
 
         self.components = check_choice(self.components)
@@ -189,29 +185,43 @@ class THLConfig:
         return cls(**data)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"  # validated: every number finite
 
     def save(self, path: str) -> None:
         """Write config.json (path may be the file or its folder), atomically."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str) -> THLConfig:
         """Read config.json (path may be the file or its folder)."""
         if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
+            inner = os.path.join(path, "config.json")
+            if not os.path.lexists(inner) and os.path.basename(os.path.normpath(path)) == "config.json":
+                raise ConfigError(f"{path} is not a file but a folder: give the config.json file or its model folder")
+            path = inner
         if not os.path.exists(path):
             raise ConfigError(f"no config.json at {path}: a model folder needs config.json + model.safetensors")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path} is not a file: a model folder needs config.json + model.safetensors")
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); rewrite it or re-export the model") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path} ({exc.strerror or exc}): check the path and its permissions") \
+                from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, a 5,000-digit number, deep nesting
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+            raise ConfigError(f"{path} is not a valid config.json ({why}); rewrite it or re-export the model") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:
@@ -226,23 +236,9 @@ class THLConfig:
         return isinstance(other, THLConfig) and self.to_dict() == other.to_dict()
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np
-
-            if isinstance(value, np.integer):
-                value = int(value)
-            else:
-                raise TypeError
-        except TypeError:
-            raise ConfigError(f"{name} = {value!r} must be an integer >= {minimum}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} = {value} must be an integer >= {minimum}")
+def _check_int(name, value):
+    """The field's rule in thl_np.checks.RULES (``name`` may index a list: tier_dims[2])."""
+    return check(name.split("[")[0], value, ConfigError, name)
 
 
 def _int_list(name, values):

@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 
+from .checks import NON_FINITE_OUTPUT, check, check_metric, check_seed
 from .components.output import log_softmax
-from .errors import InputError
+from .errors import InputError, WeightsError
 
 KEY_DIGITS = 5
 #: Chance level of a guess: a uniform digit is right 1 time in 10, a whole 5-digit key 1 in 10^5.
@@ -151,8 +152,7 @@ def passkey_prompt(length: int, key: str, depth: float = 0.5, filler: str = "pyt
     f = _filler(filler)
     if not (isinstance(key, str) and len(key) == KEY_DIGITS and key.isdigit()):
         raise InputError(f"key = {key!r} must be a string of {KEY_DIGITS} digits")
-    if not 0.0 <= float(depth) <= 1.0:
-        raise InputError(f"depth = {depth} must lie in [0, 1] (the fraction of the filler before the key)")
+    check("depth", depth, fix="the fraction of the filler before the key")
     key_line, question = f["key"].format(key=key), f["question"]
     n_fill = int(length) - len(key_line) - len(question)
     if n_fill < 0:
@@ -178,7 +178,10 @@ def greedy_bytes(decoder, logits, n: int, vocab_limit: int = 256) -> list[int]:
     (the session's last position); each pick but the last is fed back to ``decoder``."""
     out = []
     for i in range(n):
-        tok = int(np.argmax(np.asarray(logits)[0, :vocab_limit]))
+        row = np.asarray(logits)[0, :vocab_limit]
+        if not np.isfinite(row).all():  # argmax over NaN picks the NaN: the answer would be noise
+            raise WeightsError(f"passkey: {NON_FINITE_OUTPUT}")
+        tok = int(np.argmax(row))
         out.append(tok)
         if i < n - 1:
             logits = decoder.step(np.array([tok], dtype=np.int64))
@@ -222,6 +225,7 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
     from .tokenizer import Tokenizer
 
     lengths = _check_lengths(lengths)
+    check_seed(seed)
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
         raise InputError(f"trials = {trials!r} must be an integer >= 1")
     tok = Tokenizer()
@@ -263,6 +267,8 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
                "rss_peak_bytes": mem["peak"], "state_bytes": int(state_bytes),
                "session_bytes": session_bytes(dec), "seconds": time.perf_counter() - t0,
                "samples": samples}
+        for name in ("key_bits_per_digit", "control_bits_per_digit"):
+            check_metric(f"passkey {name} at length {length}", row[name], NON_FINITE_OUTPUT, WeightsError)
         rows.append(row)
         if progress is not None:
             progress(row)
@@ -287,6 +293,7 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
     from .tokenizer import Tokenizer
 
     lengths = _check_lengths(lengths)
+    check_seed(seed)
     f = _filler(filler)
     tf = matched_transformer(model.config)
     tok = Tokenizer()
@@ -322,17 +329,23 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
             "results": rows}
 
 
-def plot_memory(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
-    """Draw :func:`memory_vs_context`'s report as a PNG at ``path`` (log-log axes); returns the path.
-
-    Needs matplotlib (``pip install thl-np[plot]``): raises InputError naming the extra without it.
-    """
+def require_matplotlib():
+    """matplotlib's (Figure, FigureCanvasAgg), or InputError naming the extra that installs it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         raise InputError("the memory plot needs matplotlib: pip install 'thl-np[plot]' "
                          "(or pip install matplotlib)") from None
+    return Figure, FigureCanvasAgg
+
+
+def plot_memory(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
+    """Draw :func:`memory_vs_context`'s report as a PNG at ``path`` (log-log axes); returns the path.
+
+    Needs matplotlib (``pip install thl-np[plot]``): raises InputError naming the extra without it.
+    """
+    Figure, FigureCanvasAgg = require_matplotlib()
     rows = report["results"]
     if not rows:
         raise InputError("the memory report has no rows to plot")

@@ -27,12 +27,12 @@ Conventions, shared by :func:`generate_text`, :func:`stream_text` and :func:`gen
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import check, check_seed
 from .errors import InputError, StateError
 from .tokenizer import Tokenizer
 
@@ -101,13 +101,13 @@ def filtered_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: i
 
 
 def check_sampling_args(temperature, top_k, top_p) -> None:
-    """Raise InputError naming the bad value, so a CLI flag error is one readable line."""
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise InputError(f"temperature = {temperature!r} must be a finite number >= 0 (0 means greedy)")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise InputError(f"top_k = {top_k!r} must be an integer >= 1 (or None for no top-k filter)")
-    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
-        raise InputError(f"top_p = {top_p!r} must be a number in (0, 1] (or None for no nucleus filter)")
+    """Raise InputError naming the bad value, so a CLI flag error is one readable line (the rules are
+    thl_np.checks.RULES, shared with the CLI flags)."""
+    check("temperature", temperature, fix="0 means greedy")
+    if top_k is not None:
+        check("top_k", top_k, fix="or None for no top-k filter")
+    if top_p is not None:
+        check("top_p", top_p, fix="or None for no nucleus filter")
 
 
 def _check_logits(logits) -> np.ndarray:
@@ -124,14 +124,6 @@ def _check_logits(logits) -> np.ndarray:
     if not np.isfinite(x).any():
         raise InputError("every logit is -inf: there is no token left to sample")
     return x
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -175,7 +167,7 @@ def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0,
     prompt = _check_prompt_ids(prompt_ids, V)
     _check_state(state, model.config)
     run_prompt, run_step = _bind_path(model, prompt.size + max_length, path)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
 
     logits, state = run_prompt(prompt[None, :], state)
     last = np.asarray(logits)[0, -1, :limit]
@@ -281,8 +273,7 @@ def generate_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_l
 
 
 def _check_max_length(max_length) -> None:
-    if not _is_int(max_length) or max_length < 0:
-        raise InputError(f"max_length = {max_length!r} must be an integer >= 0 (the number of new tokens)")
+    check("max_length", max_length, fix="the number of new tokens")
 
 
 def _check_prompt_ids(prompt_ids, vocab_size: int) -> np.ndarray:

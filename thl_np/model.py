@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import as_dtype, as_path
 from .components.registry import components_for
 from .config import THLConfig
 from .errors import InputError, StateError, WeightsError
@@ -49,7 +50,7 @@ class THLModel:
         if not isinstance(config, THLConfig):
             raise InputError(f"THLModel needs a THLConfig, got {type(config).__name__}")
         self.config = config
-        self.dtype = np.dtype(dtype or config.dtype)
+        self.dtype = as_dtype(dtype or config.dtype)
         if self.dtype not in (np.float32, np.float64):
             raise InputError(f"dtype {self.dtype} is not supported: use float32 or float64")
         if params is None:
@@ -194,16 +195,14 @@ class THLModel:
     # ----------------------------------------------------------------- files
     def save_pretrained(self, directory: str, dtype: str | None = None) -> None:
         """Write config.json + model.safetensors (spec §2 names) into ``directory``."""
-        from .io.safetensors import write_safetensors
+        from .io.folder import write_model_folder
 
-        os.makedirs(directory, exist_ok=True)
         config = self.config
         if dtype in ("float32", "float64") and dtype != config.dtype:
             config = config.replace(dtype=dtype)
-        write_safetensors(os.path.join(directory, "model.safetensors"), self.params,
-                          metadata={"format": "thl-np", "format_version": FORMAT_VERSION,
-                                    "config": config.to_json()}, dtype=dtype)
-        config.save(os.path.join(directory, "config.json"))
+        write_model_folder(directory, self.params, config,
+                           metadata={"format": "thl-np", "format_version": FORMAT_VERSION,
+                                     "config": config.to_json()}, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: str | None = None, verify: bool | None = None) -> THLModel:
@@ -213,7 +212,7 @@ class THLModel:
         files under 64 MB, since it reads every page; pass True to check a large file too."""
         from .io.safetensors import check_finite, read_safetensors
 
-        directory = os.fspath(directory)
+        directory = as_path(directory, "from_pretrained's directory")
         if not os.path.isdir(directory):
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)
@@ -316,6 +315,8 @@ def _as_int_array(x, name):
         raise InputError(f"{name} could not be read as an array ({exc})") from None
     if arr.dtype == object:
         raise InputError(f"{name} must be a rectangular array of integer token ids")
+    if arr.size == 0 and arr.dtype.kind not in "iu":  # np.asarray([]) is float64: say what is wrong
+        raise InputError(f"{name} is empty (shape {list(arr.shape)}): give at least one token per sequence")
     if arr.dtype.kind == "b" or arr.dtype.kind not in "iu":
         raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}: "
                          "convert with np.asarray(ids, dtype=np.int64)")

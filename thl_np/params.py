@@ -5,6 +5,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .checks import check_allocation, check_seed
 from .config import THLConfig
 from .errors import WeightsError
 
@@ -43,6 +44,10 @@ def init_params(config: THLConfig, seed: int | None = None, dtype=None) -> dict[
     LayerNorm weight 1 and bias 0. The draws are made in float64, in checkpoint order, so a seed gives
     the same model in every compute dtype."""
     dtype = np.dtype(dtype or config.dtype)
+    seed = check_seed(seed)
+    largest = max(int(np.prod(s)) for s in param_shapes(config).values())
+    check_allocation(num_parameters(config) * dtype.itemsize + largest * 8, f"a model of {num_parameters(config):,} "
+                     "parameters", "choose smaller widths (--dim), fewer slots or a smaller vocabulary")
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
@@ -69,6 +74,10 @@ def check_params(config: THLConfig, tensors: Mapping[str, np.ndarray], source: s
             problems.append(f"missing tensor {name} (expected shape {list(shape)})")
         elif tuple(tensors[name].shape) != shape:
             problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
+        elif np.dtype(tensors[name].dtype).kind != "f":
+            # a header that relabels floats as I32 / U8 / BOOL would otherwise be cast to floats silently
+            problems.append(f"tensor {name} has dtype {tensors[name].dtype}, but weights are floating point "
+                            "(F16, BF16, F32 or F64)")
     for name in tensors:
         if name not in expected:
             problems.append(f"unexpected tensor {name} (shape {list(tensors[name].shape)})")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -38,15 +39,22 @@ for _module in _MODULES:
 
 
 def main(argv=None) -> int:
-    """Entry point: THL errors become one clear line and a non-zero exit, never a traceback."""
+    """Entry point: every error becomes one clear line and a non-zero exit, never a traceback."""
+    # NumPy's overflow / invalid-value warnings come before the error that names what went non-finite
+    # (a diverged run, NaN weights): on a terminal they are noise around that one line
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"thl_np\.")
     try:
         # without standalone mode click returns (not raises) the code a command passed to ctx.exit(n)
-        rc = cli.main(args=argv, standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="thl-np", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as exc:  # a bad flag: one line, and where the help is
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{where}", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -59,7 +67,25 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return 0
+    except SystemExit:
+        if _stdout_closed():  # click's answer to a closed pipe (thl-np info | head -1): not an error
+            _silence_stdout()
+            return 0
+        raise
+    except OSError as exc:  # a disk that filled up, a folder that went away: what and where, on one line
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        return 1
+    except MemoryError:
+        click.echo("error: out of memory: use a smaller model, batch or sequence length", err=True)
+        return 1
     return rc if isinstance(rc, int) else 0
+
+
+def _stdout_closed() -> bool:
+    """Whether click met a closed stdout (it swaps in its PacifyFlushWrapper, then exits with status 1).
+    By name: click 8.2 renamed the class and deprecates importing it."""
+    return type(sys.stdout).__name__.endswith("PacifyFlushWrapper")  # _PacifyFlushWrapper since click 8.2
 
 
 def _silence_stdout():

@@ -6,14 +6,15 @@ Heavy modules (the model, the safetensors reader) are imported inside the comman
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
+from ..checks import check_output_dir, check_output_file
 from ..config import DTYPES, THLConfig
-from ..errors import InputError, WeightsError
+from ..errors import WeightsError
+from .params import Number, check_new_model_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 BYTE_VOCAB_SIZE = 259  # the byte tokenizer's 256 bytes + pad, eos, unk
@@ -74,17 +75,6 @@ def build_init_config(config_file, overrides: dict, dim: int | None, num_tiers: 
         if len(data.get("tier_timescales") or []) != num_tiers:
             data["tier_timescales"] = [8**k for k in range(num_tiers)]
     return THLConfig(dim=dim, **data)
-
-
-def check_output_dir(out: str, force: bool) -> None:
-    """Refuse to write into a file or into a non-empty folder (unless --force)."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder: choose another path")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise InputError(
-            f"--out {out} exists and is not empty: pass --force to overwrite, or choose another path"
-        )
 
 
 def model_summary(model_dir: Path) -> dict:
@@ -157,7 +147,7 @@ def read_prompt(prompt: str) -> str | bytes:
 @click.option("--head-dim", type=int, help="Router query/key width per head.")
 @click.option("--read-topk", type=int, help="Slots read per head.")
 @click.option("--config", "config_file", type=click.Path(), help="Start from this config.json; flags win.")
-@click.option("--seed", type=int, help="Seed for the initial weights (same seed, same model).")
+@click.option("--seed", type=Number("seed"), help="Seed for the initial weights (same seed, same model).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute and storage dtype [default: float32].")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def init(out, dim, vocab_size, num_tiers, memory_slots, local_window, num_heads, head_dim, read_topk,
@@ -172,14 +162,15 @@ def init(out, dim, vocab_size, num_tiers, memory_slots, local_window, num_heads,
       thl-np init --out big --config my_config.json --dtype float64 --force
     """
     from ..model import THLModel
+    from ..params import num_parameters
 
-    check_output_dir(out, force)
+    check_new_model_folder(out, force)
     overrides = dict(vocab_size=vocab_size, memory_slots=memory_slots, local_window=local_window,
                      num_heads=num_heads, head_dim=head_dim, read_topk=read_topk, dtype=dtype)
     config = build_init_config(config_file, overrides, dim, num_tiers)
+    check_output_dir(out, "--out", need_bytes=num_parameters(config) * (4 if config.dtype == "float32" else 8))
     model = THLModel(config, seed=seed)
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out)  # all or nothing: a failed write leaves no folder it made
     n = model.num_parameters()
     click.echo(f"wrote {out}: {n:,} parameters ({human_bytes(n * model.dtype.itemsize)} {model.dtype})")
     click.echo(f"try: thl-np generate --model {out} \"Hello\"")
@@ -208,11 +199,12 @@ def info(model_dir, as_json):
 @click.command()
 @click.argument("prompt", default="", required=False)
 @click.option("--model", "model_dir", type=click.Path(), help="Model folder [default: the packaged model].")
-@click.option("--max-length", type=int, default=100, show_default=True, help="Number of new tokens (bytes).")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 means greedy.")
-@click.option("--top-k", type=int, help="Sample among the K most likely tokens only.")
-@click.option("--top-p", type=float, help="Nucleus sampling: the fewest tokens with probability >= P.")
-@click.option("--seed", type=int, help="Seed for sampling (same seed, same text).")
+@click.option("--max-length", type=Number("max_length"), default=100, show_default=True,
+              help="Number of new tokens (bytes).")
+@click.option("--temperature", type=Number("temperature"), default=1.0, show_default=True, help="0 means greedy.")
+@click.option("--top-k", type=Number("top_k"), help="Sample among the K most likely tokens only.")
+@click.option("--top-p", type=Number("top_p"), help="Nucleus sampling: the fewest tokens with probability >= P.")
+@click.option("--seed", type=Number("seed"), help="Seed for sampling (same seed, same text).")
 @click.option("--state-in", type=click.Path(), help="Continue the context saved in this .npz state file.")
 @click.option("--state-out", type=click.Path(), help="Save the context (prompt + new text) to this .npz.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: the model's].")
@@ -237,9 +229,9 @@ def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, sta
     from ..model import THLModel
     from ..tokenizer import Tokenizer
 
-    if max_length < 0:
-        raise InputError(f"--max-length {max_length} must be >= 0 (the number of new tokens)")
     check_sampling_args(temperature, top_k, top_p)
+    if state_out:  # checked before the generation, which would otherwise be lost at the save
+        check_output_file(state_out, "--state-out")
     text = read_prompt(prompt)
     state = InferenceState.load(state_in) if state_in else None
     model = THLModel.from_pretrained(str(resolve_model_dir(model_dir)), dtype=dtype)

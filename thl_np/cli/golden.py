@@ -7,6 +7,8 @@ import os
 
 import click
 
+from .params import Number
+
 
 def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
@@ -22,10 +24,20 @@ def golden(out_dir, quiet):
     Deterministic (fixed seeds): the same files every time, so the committed reference/ can be checked
     against a fresh run. Writes manifest.json, cases/, components/ and training/ (see docs/PORTING.md).
     """
+    import shutil
+
+    from ..checks import check_output_dir
     from ..reference import generate
 
+    check_output_dir(out_dir, "--out", need_bytes=4 << 20)  # the reference vectors take about 2 MB
+    created = not os.path.lexists(out_dir)
     log = None if quiet else (lambda name: click.echo(f"  {name}"))
-    manifest = generate(out_dir, log=log)
+    try:
+        manifest = generate(out_dir, log=log)
+    except BaseException:
+        if created:  # a folder this command made is not left half written
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     size = _folder_bytes(out_dir) / 1e6
     click.echo(f"wrote {len(manifest['cases'])} reference cases to {out_dir} ({size:.2f} MB)")
 
@@ -39,9 +51,9 @@ def golden(out_dir, quiet):
                    "(components/writer_*). Repeatable.")
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Which results to compare: RESULTS_DIR/<case>/outputs_<dtype>.npz.")
-@click.option("--atol", type=float, default=None,
+@click.option("--atol", type=Number("atol"), default=None,
               help="Absolute tolerance for values (default: the manifest's, 1e-9 / 2e-3).")
-@click.option("--rtol", type=float, default=None,
+@click.option("--rtol", type=Number("rtol"), default=None,
               help="Tolerance for gradients, relative to the tensor's largest entry (default 1e-8 / 3e-2).")
 @click.option("-q", "--quiet", is_flag=True, help="List only the tensors that fail.")
 def check_port(results_dir, reference_dir, cases, dtype, atol, rtol, quiet):

@@ -13,15 +13,16 @@ import time
 
 import click
 
+from ..checks import check_output_dir, check_output_file
 from ..config import DTYPES, THLConfig
+from ..errors import InputError
 from ..training.trainer import TrainConfig
+from .params import Number
 
 NEW_RUN_DIM = 128
 NEW_RUN_SLOTS = 64
 
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
-_POS = click.IntRange(min=1)
-_NONNEG = click.IntRange(min=0)
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
                 "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path")
 
@@ -122,26 +123,26 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.command("train", context_settings={"show_default": True})
 @click.option("--data", "data", required=True, help="Text file, or folder of text files (read recursively).")
 @click.option("--out", "out", required=True, help="Output folder: checkpoints, logs, loss.png.")
-@click.option("--steps", type=_POS, help="Steps to reach.  [default: 1000]")
-@click.option("--seq-len", type=_POS, help="Bytes per chunk (BPTT length).  [default: 128]")
-@click.option("--batch-size", type=_POS, help="Parallel lanes per batch.  [default: 8]")
-@click.option("--dim", type=_POS, help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
-@click.option("--memory-slots", type=click.IntRange(min=1),
+@click.option("--steps", type=Number("steps"), help="Steps to reach.  [default: 1000]")
+@click.option("--seq-len", type=Number("seq_len"), help="Bytes per chunk (BPTT length).  [default: 128]")
+@click.option("--batch-size", type=Number("batch_size"), help="Parallel lanes per batch.  [default: 8]")
+@click.option("--dim", type=Number("dim"), help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
+@click.option("--memory-slots", type=Number("memory_slots"),
               help=f"Memory slots J, new run.  [default: {NEW_RUN_SLOTS}]")
-@click.option("--write-rate", type=float, help="Memory write rate η, new run.  [default: 0.05]")
+@click.option("--write-rate", type=Number("write_rate"), help="Memory write rate η, new run.  [default: 0.05]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=True),
               help="Model config.json to start from (new run); --dim etc. override it.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype, new run.  [default: float32]")
-@click.option("--lr", type=float, help="Peak learning rate.  [default: 3e-3]")
-@click.option("--warmup", type=_NONNEG, help="Linear warm-up steps.  [default: 50]")
-@click.option("--weight-decay", type=click.FloatRange(min=0), help="AdamW decay.  [default: 0.01]")
-@click.option("--grad-clip", type=click.FloatRange(min=0), help="Global-norm clip, 0 = off.  [default: 1.0]")
-@click.option("--eval-every", type=_NONNEG, help="Eval period, 0 = end only.  [default: 100]")
-@click.option("--eval-tokens", type=click.IntRange(min=2), help="Cap on held-out bytes per periodic eval.")
-@click.option("--checkpoint-every", type=_NONNEG, help="Save period, 0 = end only.  [default: 100]")
-@click.option("--held-out", "held_out_fraction", type=click.FloatRange(min=0, max=1, max_open=True),
+@click.option("--lr", type=Number("lr"), help="Peak learning rate.  [default: 3e-3]")
+@click.option("--warmup", type=Number("warmup"), help="Linear warm-up steps.  [default: 50]")
+@click.option("--weight-decay", type=Number("weight_decay"), help="AdamW decay.  [default: 0.01]")
+@click.option("--grad-clip", type=Number("grad_clip"), help="Global-norm clip, 0 = off.  [default: 1.0]")
+@click.option("--eval-every", type=Number("eval_every"), help="Eval period, 0 = end only.  [default: 100]")
+@click.option("--eval-tokens", type=Number("eval_tokens"), help="Cap on held-out bytes per periodic eval.")
+@click.option("--checkpoint-every", type=Number("checkpoint_every"), help="Save period, 0 = end only.  [default: 100]")
+@click.option("--held-out", "held_out_fraction", type=Number("held_out_fraction"),
               help="Fraction of the byte stream held out (its end).  [default: 0.1]")
-@click.option("--seed", type=_NONNEG, help="Seed: weights and routing noise.  [default: 0]")
+@click.option("--seed", type=Number("seed"), help="Seed: weights and routing noise.  [default: 0]")
 @click.option("--carry-state/--no-carry-state", default=None,
               help="Carry the recurrent state between chunks (gradient cut).  [default: carry]")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
@@ -159,7 +160,8 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
     and takes one AdamW step. Ctrl-C writes a checkpoint before stopping; --resume continues exactly
-    where it stopped (flags not given again keep their saved values).
+    where it stopped (flags not given again keep their saved values). A non-finite loss stops the run with
+    an error and keeps the last checkpoint. --out is checked before the first step.
 
     \b
     Example:
@@ -169,10 +171,16 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
       thl-np train --data /usr/lib/python3.11 --include "*.py" --exclude test --out runs/py
       mpirun -n 4 thl-np train --data corpus.txt --out runs/c --batch-size 16   # 4 ranks, 4 lanes each
     """
+    from ..training.checkpoint import is_model_folder
     from ..training.distributed import detect_world
     from ..training.trainer import saved_train_config
     from ..training.trainer import train as run_training
 
+    # --out is checked before anything is read or trained (train() checks it again, with the run's size)
+    check_output_dir(out, "--out")
+    if is_model_folder(out):
+        raise InputError(f"--out {out} holds a model (config.json / model.safetensors), not a training run: "
+                         "choose another folder (a run keeps its models in step-NNNNNN/model)")
     world = detect_world(required=distributed)  # under mpirun: the ranks share each batch's lanes
     base = (saved_train_config(out) if resume else None) or TrainConfig()
     base = world.root_value(base)  # rank 0's --out decides: only rank 0 need see it
@@ -209,7 +217,7 @@ def _int_list(ctx, param, value):
                    "[default: the packaged model].")
 @click.option("--data", "data", help="Text file, or folder of text files (read recursively): bits per byte.")
 @_data_filters
-@click.option("--held-out", "held_out", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+@click.option("--held-out", "held_out", type=Number("held_out"),
               help="Evaluate only the last FRACTION of the byte stream: the part `thl-np train --held-out "
                    "FRACTION` held out of the same --data/--include/--exclude.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
@@ -223,11 +231,11 @@ def _int_list(ctx, param, value):
               help="Passkey context lengths (bytes).")
 @click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True,
               help="Passkey trials per length.")
-@click.option("--depth", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
+@click.option("--depth", type=Number("depth"), default=0.5, show_default=True,
               help="Where the key sits in the filler (0 = start, 1 = just before the question).")
 @click.option("--filler", type=click.Choice(["python", "prose"]), default="python", show_default=True,
               help="Passkey filler text.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=Number("seed"), default=0, show_default=True,
               help="Seed of the passkey keys and filler.")
 @click.option("--memory-plot", "memory_plot", type=click.Path(dir_okay=False),
               help="Measure memory after each --plot-lengths tokens and draw it against a Transformer's "
@@ -259,6 +267,11 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         raise click.UsageError("nothing to evaluate: give --data PATH, --passkey and/or --memory-plot PATH")
     if data is None and (include or exclude or held_out or max_bytes):
         raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
+    if memory_plot is not None:  # the plot's file and its library, before the measurements
+        check_output_file(memory_plot, "--memory-plot")
+        from ..evaluation import require_matplotlib
+
+        require_matplotlib()
     t0 = time.perf_counter()
     path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)

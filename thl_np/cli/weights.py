@@ -17,7 +17,8 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 @click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=None,
               help="Storage precision of model.safetensors (default: the checkpoint's own, "
                    "bfloat16 widened to float32).")
-def convert(pytorch_dir, out_dir, dtype):
+@click.option("--force", is_flag=True, help="Overwrite a non-empty OUT_DIR (an existing model, say).")
+def convert(pytorch_dir, out_dir, dtype, force):
     """Convert a PyTorch THL save_pretrained folder into a thl-np model folder.
 
     PYTORCH_DIR holds config.json and pytorch_model.bin; OUT_DIR receives config.json and
@@ -31,7 +32,9 @@ def convert(pytorch_dir, out_dir, dtype):
       thl-np info --model ./thl-np-model
     """
     from ..io.convert import convert_pytorch_checkpoint
+    from .params import check_new_model_folder
 
+    check_new_model_folder(out_dir, force, "OUT_DIR")
     config = convert_pytorch_checkpoint(pytorch_dir, out_dir, dtype=dtype, log=click.echo)
     click.echo(f"done: {out_dir} is a thl-np model (vocab {config.vocab_size}, tiers {config.tier_dims}); "
                f"load it with THLModel.from_pretrained({out_dir!r})")

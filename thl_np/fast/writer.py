@@ -14,6 +14,10 @@ from numba import njit, prange
 
 from .primitives import axpy, dot, row_dots, top_k_desc
 
+# The bank is stored divided by a running scale that the decay γ multiplies; below this γ (0 included) a
+# write would divide by it, so the decay is applied to the rows eagerly (training's write kernels too).
+MIN_DECAY = 1e-6
+
 
 # ---------------------------------------------------------------------------------------------------
 # The discrete choice (branch, gate, targets), shared by the decode and training kernels
@@ -66,11 +70,12 @@ def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, 
 @njit(cache=True)
 def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
               beta, theta, stale_weight, underuse_weight, new_scale, write_rate, ema_decay, targets, w, aff,
-              prio, dots):
+              prio, dots, eager, decay):
     """Mirrors thl_np.components.writer.writer_forward (spec §4.6, from w_raw on) and memory_write_forward
     (§4.7) for one sequence on the scaled bank (true memory = scale·memory): the targets' rows and squared
-    norms are updated in place; the decay itself is the caller's new_scale. w, aff, prio and dots are
-    scratch. Returns the gate g."""
+    norms are updated in place; the decay itself is the caller's new_scale, or, when ``eager`` (γ below
+    MIN_DECAY: too small to divide by), applied to the rows here after the writer's choice. w, aff, prio
+    and dots are scratch. Returns the gate g."""
     n_raw = np.sqrt(dot(w_raw, w_raw))
     ratio = clip_max / (n_raw + 1e-6)
     for i in range(w.shape[0]):
@@ -78,6 +83,11 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
     n_w = np.sqrt(dot(w, w))
     g, _, _ = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
                            beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
+    if eager:
+        for j in range(memory.shape[0]):
+            for m in range(memory.shape[1]):
+                memory[j, m] *= decay
+            norm2[j] *= decay * decay
     # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
     step = write_rate * g / new_scale
     for s in range(write_slots):
@@ -96,9 +106,11 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
 def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
           beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
     """Mirrors writer_forward + memory_write_forward for a decode step: ``write_one`` for every sequence of
-    the batch, in turn (``write_parallel`` splits them over the cores). Returns the new scale γ·scale."""
+    the batch, in turn (``write_parallel`` splits them over the cores). Returns the new scale γ·scale
+    (unchanged for γ < MIN_DECAY, whose decay is applied eagerly)."""
     B, J, Dm = memory.shape
-    new_scale = scale * decay
+    eager = decay < MIN_DECAY
+    new_scale = scale if eager else scale * decay
     w = np.empty(Dm, dtype=w_raw.dtype)
     aff = np.empty(J, dtype=np.float64)
     prio = np.empty(J, dtype=np.float64)
@@ -106,7 +118,7 @@ def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write
     for b in range(B):
         g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
                              write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
-                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots, eager, decay)
     return new_scale
 
 
@@ -115,7 +127,8 @@ def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write,
                    beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
     """``write`` (writer_forward + memory_write_forward), the sequences split over the cores."""
     B, J, Dm = memory.shape
-    new_scale = scale * decay
+    eager = decay < MIN_DECAY
+    new_scale = scale if eager else scale * decay
     for b in prange(B):
         w = np.empty(Dm, dtype=w_raw.dtype)
         aff = np.empty(J, dtype=np.float64)
@@ -123,7 +136,7 @@ def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write,
         dots = np.empty(J, dtype=memory.dtype)
         g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
                              write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
-                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots)
+                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots, eager, decay)
     return new_scale
 
 

@@ -142,11 +142,28 @@ class FastDecoder:
     # ------------------------------------------------------------------ stepping
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        ids = self._ids(token_ids, 1)
         if self.B <= SMALL_BATCH:
             return self._advance(ids)  # every product in the Numba kernels: no BLAS call
         with blas_threads(1):
             return self._advance(ids)
+
+    def _ids(self, token_ids, ndim: int) -> np.ndarray:
+        """Token ids checked as the model checks its own (integers, in the vocabulary, [B] or [B, T]),
+        for this session's batch."""
+        from ..model import _as_int_array
+
+        name = "token_ids" if ndim == 1 else "input_ids"
+        ids = _as_int_array(token_ids, name)
+        if ndim == 1 and ids.ndim == 2 and ids.shape[1] == 1:
+            ids = ids[:, 0]
+        elif ndim == 1 and ids.ndim == 0:
+            ids = ids[None]
+        ids = self.model._check_ids(ids, name, ndim=ndim)
+        if ids.shape[0] != self.B:
+            raise InputError(f"{name} holds {ids.shape[0]} sequence(s) but this decoding session steps {self.B}: "
+                             f"give one row per sequence, or start a session with batch_size={ids.shape[0]}")
+        return ids
 
     def _advance(self, ids) -> np.ndarray:
         c = self.config
@@ -262,7 +279,9 @@ class FastDecoder:
     def prompt(self, input_ids, logits: str = "all"):
         """Consume input_ids [B, T]; logits "all" → [B, T, V], "last" → [B, V], "none" → None.
         The recurrence runs step by step; the head runs once over the positions asked for."""
-        ids = np.asarray(input_ids, dtype=np.int64)
+        if logits not in ("all", "last", "none"):
+            raise InputError(f"logits = {logits!r}: use 'all', 'last' or 'none'")
+        ids = self._ids(input_ids, 2)
         B, T = ids.shape
         if logits == "all":
             hidden = np.empty((B, T, self.S.shape[1]), self.dtype)

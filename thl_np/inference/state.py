@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checks import MAX_SIZE, Rule, check, check_allocation, check_float_array, check_int_array
 from ..config import THLConfig
 from ..errors import StateError
 
@@ -63,7 +64,15 @@ class InferenceState:
                     f"{config.memory_slots} x {config.memory_dim}"
                 )
         B, J = int(batch_size), config.memory_slots
-        dt = np.dtype(dtype or config.dtype)
+        try:
+            dt = np.dtype(dtype or config.dtype)
+        except TypeError:
+            dt = None
+        if dt not in (np.float32, np.float64):
+            raise StateError(f"dtype = {dtype!r} is not a state dtype: use float32 or float64")
+        per_sequence = (J * (config.memory_dim + 2) + sum(config.tier_dims)
+                        + config.local_window * config.embedding_dim) * dt.itemsize + 16 * J
+        check_allocation(B * per_sequence, f"a state of {B:,} sequence(s)", "use a smaller batch", StateError)
         return cls(
             timestep=0,
             tiers=[np.zeros((B, d), dt) for d in config.tier_dims],
@@ -79,7 +88,11 @@ class InferenceState:
     # ------------------------------------------------------------------ basic facts
     @property
     def batch_size(self) -> int:
-        return int(self.memory.shape[0])
+        shape = getattr(self.memory, "shape", None)
+        if shape is None or len(shape) != 3:
+            raise StateError(f"state memory is {type(self.memory).__name__} of shape {shape}, not a [B, J, d_m] "
+                             "array: rebuild the state (InferenceState.init or a state a model returned)")
+        return int(shape[0])
 
     @property
     def dtype(self) -> np.dtype:
@@ -117,7 +130,11 @@ class InferenceState:
 
     # ------------------------------------------------------------------ checks
     def check(self, config: THLConfig, batch_size: int | None = None) -> None:
-        """Raise StateError if this state was made for another config or batch size."""
+        """Raise StateError if this state was made for another config or batch size, or holds a value no
+        step can take: a counter that is not an integer in range, an array of the wrong type, shape or
+        dtype, a NaN or an infinity, a step number outside [0, timestep]. Every path checks its input
+        state here, so a state one path accepts is never mangled by another."""
+        self._check_arrays()
         B = self.batch_size
         if batch_size is not None and B != batch_size:
             raise StateError(
@@ -133,17 +150,60 @@ class InferenceState:
         expect = {f"tier_state_{k}": (B, d) for k, d in enumerate(config.tier_dims)}
         expect.update(memory=(B, J, config.memory_dim), read_ema=(B, J), write_ema=(B, J), last_read=(B, J),
                       last_write=(B, J), local_buffer=(B, config.local_window, config.embedding_dim))
-        arrays = self.arrays()
+        arrays = self._named_arrays()
         for key, want in expect.items():
-            if arrays[key].shape != want:
+            if tuple(arrays[key].shape) != want:
                 raise StateError(
                     f"state {key} has shape {list(arrays[key].shape)}, the model needs {list(want)}: "
                     "the state was made for another config"
                 )
-        if not 0 <= int(self.local_valid) <= config.local_window:
-            raise StateError(f"state local_valid = {self.local_valid} is outside [0, {config.local_window}]")
-        if int(self.timestep) < 0:
-            raise StateError(f"state timestep = {self.timestep} is negative")
+        # a state a fast decoding session handed out (its arrays frozen, see model._state_with_cache) was
+        # checked on its way in and computed since: its values are not scanned again on every step
+        if self.decoder is None:
+            self.check_values(config.local_window)
+        else:
+            self._check_counters(config.local_window)
+
+    def check_values(self, local_window: int | None = None) -> None:
+        """The config-free part of ``check``: counters, array dtypes, finite floats, step numbers in range."""
+        self._check_arrays()
+        t = self._check_counters(local_window)
+        for key, a in self._named_arrays().items():
+            if key in INT_KEYS:
+                check_int_array(key, a, 0, t)
+            else:
+                check_float_array(key, a)
+
+    def _check_counters(self, local_window: int | None) -> int:
+        t = check("timestep", self.timestep, StateError, "state timestep",
+                  "a state's step counter is a non-negative integer (int64)")
+        hi = MAX_SIZE if local_window is None else local_window
+        Rule(0, hi, integer=True).check("state local_valid", self.local_valid, StateError,
+                                        "it counts the local buffer's rows in use")
+        return t
+
+    def _named_arrays(self) -> dict:
+        out = {f"tier_state_{k}": s for k, s in enumerate(self.tiers)}
+        out.update(memory=self.memory, read_ema=self.read_ema, write_ema=self.write_ema, last_read=self.last_read,
+                   last_write=self.last_write, local_buffer=self.local_buffer)
+        return out
+
+    def _check_arrays(self) -> None:
+        """Every field an array (anything with shape and dtype: NumPy, or a device array of the layered
+        engine), the batch the same in all."""
+        if not isinstance(self.tiers, (list, tuple)) or not self.tiers:
+            raise StateError(f"state tiers must be a non-empty list of [B, d_k] arrays, got "
+                             f"{type(self.tiers).__name__}")
+        for key, a in self._named_arrays().items():
+            if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+                raise StateError(f"state {key} is {type(a).__name__}, not an array: rebuild the state "
+                                 "(InferenceState.init or a state a model returned)")
+        B = self.batch_size  # memory [B, J, d_m] sets the batch
+        for key, a in self._named_arrays().items():
+            nd = 3 if key in ("memory", "local_buffer") else 2
+            if len(a.shape) != nd or a.shape[0] != B:
+                raise StateError(f"state {key} has shape {list(a.shape)}: it must be {nd}-D with the batch first, "
+                                 "as every other state array (spec §3)")
 
     # ------------------------------------------------------------------ files
     def save(self, path: str) -> None:
@@ -154,6 +214,9 @@ class InferenceState:
             with open(tmp, "wb") as f:
                 np.savez(f, **self.arrays())
             os.replace(tmp, path)
+        except OSError as exc:
+            raise StateError(f"cannot write the state file {path} ({exc.strerror or exc}): check that its folder "
+                             "exists, is writable and has free space") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -181,9 +244,19 @@ class InferenceState:
         extra = sorted(set(data) - known)
         if extra:
             raise StateError(f"{path} has unexpected key(s) {extra}")
+        for key, a in data.items():
+            kinds = "iu" if key in INT_KEYS + ("timestep", "local_valid") else "f"
+            if a.dtype.kind not in kinds:
+                want = "integers" if kinds == "iu" else "floats"
+                raise StateError(f"{path}: state {key} has dtype {a.dtype}; it must hold {want} (spec §3)")
+        try:
+            t = check("timestep", data["timestep"], StateError, "state timestep")
+            n = Rule(0, MAX_SIZE, integer=True).check("state local_valid", data["local_valid"], StateError)
+        except StateError as exc:
+            raise StateError(f"{path}: {exc} (a scalar int64 in the file)") from None
         dt = np.result_type(data["memory"].dtype, np.float32)
         state = cls(
-            timestep=int(data["timestep"]),
+            timestep=t,
             tiers=[np.asarray(data[f"tier_state_{k}"], dtype=dt) for k in range(K)],
             memory=np.asarray(data["memory"], dtype=dt),
             read_ema=np.asarray(data["read_ema"], dtype=dt),
@@ -191,9 +264,12 @@ class InferenceState:
             last_read=np.asarray(data["last_read"], dtype=np.int64),
             last_write=np.asarray(data["last_write"], dtype=np.int64),
             local_buffer=np.asarray(data["local_buffer"], dtype=dt),
-            local_valid=int(data["local_valid"]),
+            local_valid=n,
         )
-        B = state.memory.shape[0] if state.memory.ndim == 3 else -1
-        if state.memory.ndim != 3 or any(s.ndim != 2 or s.shape[0] != B for s in state.tiers):
+        if state.memory.ndim != 3 or any(s.ndim != 2 or s.shape[0] != state.memory.shape[0] for s in state.tiers):
             raise StateError(f"{path}: memory must be [B, J, d_m] and tier states [B, d_k]")
+        try:
+            state.check_values()
+        except StateError as exc:
+            raise StateError(f"{path}: {exc}") from None
         return state

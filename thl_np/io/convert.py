@@ -25,10 +25,12 @@ import zlib
 
 import numpy as np
 
+from ..checks import check_output_dir
 from ..config import THLConfig
 from ..errors import WeightsError
 from ..params import check_params, param_shapes
-from .safetensors import bf16_bits_to_float32, check_finite, read_safetensors, write_safetensors
+from .folder import write_model_folder
+from .safetensors import bf16_bits_to_float32, check_finite, read_safetensors
 
 PYTORCH_WEIGHTS = "pytorch_model.bin"
 SAFETENSORS_WEIGHTS = "model.safetensors"
@@ -76,6 +78,7 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
                            "model.safetensors)")
     if os.path.exists(out_dir) and os.path.samefile(src_dir, out_dir):
         raise WeightsError(f"the output folder {out_dir} is the PyTorch folder itself: choose a new folder")
+    check_output_dir(out_dir, "the output folder")  # before reading the checkpoint, not after
     config = THLConfig.load(src_dir)
     weights_path, tensors = _read_source_weights(src_dir)
     check_params(config, tensors, source=weights_path)
@@ -88,11 +91,9 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     else:
         say("note  write_rate is 1.0, matching the PyTorch THL (which ignores write_rate)")
     ordered = {name: tensors[name] for name in param_shapes(config)}
-    os.makedirs(out_dir, exist_ok=True)
     out_weights = os.path.join(out_dir, SAFETENSORS_WEIGHTS)
     metadata = dict(FORMAT_METADATA, config=config.to_json())
-    write_safetensors(out_weights, ordered, metadata=metadata, dtype=dtype)
-    config.save(out_dir)
+    write_model_folder(out_dir, ordered, config, metadata=metadata, dtype=dtype)
     stored = dtype or ", ".join(sorted({str(t.dtype) for t in ordered.values()}))
     say(f"wrote {out_weights} ({stored}, {os.path.getsize(out_weights):,} bytes) and "
         f"{os.path.join(out_dir, 'config.json')}")

@@ -28,10 +28,14 @@ import shutil
 from collections.abc import Callable, Iterable
 
 from ..errors import InputError
+from ..io.folder import pid_alive
 
 LATEST = "LATEST"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# the temporary names below, by the id of the process writing them: .tmp-step-NNNNNN-PID, LATEST.tmp-PID,
+# .loss.tmp-PID.png
+_STALE = re.compile(r"^(?:\.tmp-step-\d+-|LATEST\.tmp-|\.loss\.tmp-)(\d+)(?:\.png)?$")
 
 
 def step_dir_name(step: int) -> str:
@@ -41,11 +45,16 @@ def step_dir_name(step: int) -> str:
 def atomic_write_text(path: str, text: str) -> None:
     """Write a small text file so readers see either the old or the new content, never a mix."""
     tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
@@ -67,30 +76,46 @@ def write_checkpoint(out_dir: str, step: int, write: Callable[[str], None], keep
     If ``write`` raises (or the process is interrupted), the temporary folder is removed and the
     previous checkpoint stays the latest. Returns the new checkpoint's path.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    _remove_stale_temps(out_dir)
     name = step_dir_name(step)
     final = os.path.join(out_dir, name)
     tmp = os.path.join(out_dir, f"{_TMP_PREFIX}{name}-{os.getpid()}")
     try:
-        os.makedirs(tmp)
-        write(tmp)
-        if os.path.exists(final):  # a leftover not named by LATEST (or being rewritten): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_text(os.path.join(out_dir, LATEST), name + "\n")
+        os.makedirs(out_dir, exist_ok=True)
+        _remove_stale_temps(out_dir)
+        try:
+            os.makedirs(tmp)
+            write(tmp)
+            if os.path.exists(final):  # a leftover not named by LATEST (or being rewritten): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(os.path.join(out_dir, LATEST), name + "\n")
+    except OSError as exc:
+        previous = latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+        kept = f"the previous checkpoint {previous} is kept" if previous else "no checkpoint was written"
+        raise InputError(f"cannot write checkpoint {name} in {out_dir} ({exc.strerror or exc}): free some space or "
+                         f"fix the folder's permissions, then resume; {kept}") from None
     _prune(out_dir, keep=max(1, keep), current=name)
     return final
 
 
 def _remove_stale_temps(out_dir: str) -> None:
-    """Temporary folders left by a process that was killed mid-save are garbage: drop them."""
+    """What a process killed mid-save left (a temporary checkpoint folder, a LATEST being replaced, a loss
+    plot being drawn) is garbage: drop it, unless the process that writes it is still running."""
     for entry in os.listdir(out_dir):
-        if entry.startswith(_TMP_PREFIX) and os.path.isdir(os.path.join(out_dir, entry)):
-            shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
+        m = _STALE.match(entry)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(out_dir, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def _prune(out_dir: str, keep: int, current: str) -> None:
@@ -102,9 +127,17 @@ def _prune(out_dir: str, keep: int, current: str) -> None:
             shutil.rmtree(os.path.join(out_dir, entry), ignore_errors=True)
 
 
+def is_model_folder(path: str) -> bool:
+    """Whether ``path`` holds a model's files (config.json or model.safetensors) at its top."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model.safetensors"))
+
+
 def resolve_model_dir(path: str) -> str:
     """A model folder as given, or the model of the latest checkpoint when ``path`` is a training output."""
     if os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, LATEST)):
+            raise InputError(f"{path} holds both a model (config.json) and a training run (LATEST): it is not "
+                             f"clear which to use; pass the model folder itself, e.g. {path}/step-NNNNNN/model")
         return path
     if os.path.isdir(path):
         ckpt = latest_checkpoint(path)
@@ -124,8 +157,8 @@ def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read checkpoint file {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise InputError(f"cannot read checkpoint file {path}: {str(exc)[:200] or type(exc).__name__}") from None
 
 
 def write_csv(path: str, fields: list[str], rows: Iterable[dict]) -> None:
@@ -137,10 +170,14 @@ def write_csv(path: str, fields: list[str], rows: Iterable[dict]) -> None:
             writer.writerow([repr(row[k]) if isinstance(row[k], float) else row[k] for k in fields])
 
 
-def read_csv(path: str) -> list[dict]:
-    """Rows as dicts; ``step`` becomes int, every other column float."""
+def read_csv(path: str, fields: list[str] | None = None) -> list[dict]:
+    """Rows as dicts; ``step`` becomes int, every other column float. With ``fields``, the header must be
+    exactly those columns (ValueError otherwise, as for a cell that is not a number)."""
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        if fields is not None and rows and list(reader.fieldnames or []) != list(fields):
+            raise ValueError(f"its columns are {reader.fieldnames}, expected {fields}")
     return [{k: int(v) if k == "step" else float(v) for k, v in row.items()} for row in rows]

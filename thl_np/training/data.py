@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check
 from ..errors import InputError
 
 #: How much of a file's head is looked at to decide it is binary (the heuristic git uses: a NUL byte).
@@ -121,8 +122,7 @@ def split_bytes(data: np.ndarray, held_out_fraction: float = 0.1) -> tuple[np.nd
     The split is on the concatenated stream (not per file), so held-out text is text the model has never
     seen a byte of, and the held-out part of a folder is its last files.
     """
-    if not 0.0 <= held_out_fraction < 1.0:
-        raise InputError(f"held-out fraction = {held_out_fraction} must lie in [0, 1)")
+    check("held_out_fraction", held_out_fraction)
     n_held = int(round(len(data) * held_out_fraction))
     n_train = len(data) - n_held
     return data[:n_train], data[n_train:]
@@ -212,9 +212,8 @@ def eval_lanes(data, lanes: int, max_bytes: int | None = None) -> np.ndarray:
     """
     data = as_byte_array(data)
     if max_bytes is not None:
-        if max_bytes < 2:
-            raise InputError(f"max_bytes = {max_bytes} must be >= 2 (one byte of context, one to predict)")
-        data = data[:max_bytes]
+        data = data[:check("max_bytes", max_bytes, fix="one byte of context, one to predict")]
+    check("eval_lanes", lanes, name="lanes")
     if len(data) < 2:
         raise InputError(f"evaluation data has {len(data)} byte(s): need at least 2")
     n_lanes = max(1, min(int(lanes), len(data) // 2))

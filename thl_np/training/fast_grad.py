@@ -75,7 +75,7 @@ from ..inference.state import InferenceState
 from ..model import head_loss_and_backward, pack_value_and_grad
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
-MIN_DECAY = 1e-6
+MIN_DECAY = writer.MIN_DECAY
 BLAS_THREADS = 1
 """OpenBLAS threads while ``fast_value_and_grad`` runs (None: leave BLAS alone). Its per-step products are
 far too small to gain from threads, and on a busy machine OpenBLAS's threaded path costs up to 10× (its

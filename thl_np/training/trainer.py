@@ -20,6 +20,7 @@ writing the output folder.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import math
@@ -32,10 +33,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..checks import NON_FINITE_OUTPUT, check, check_allocation, check_metric, check_output_dir, first_non_finite
 from ..components.output import log_softmax
 from ..components.registry import components_for
 from ..config import THLConfig
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, WeightsError
 from . import checkpoint as ckpt
 from . import distributed
 from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
@@ -86,29 +88,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "eval_lanes", "keep_checkpoints"):
-            _check_int(name, getattr(self, name), 1)
-        for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
-            _check_int(name, getattr(self, name), 0)
-        if self.lr_decay_steps is not None:
-            _check_int("lr_decay_steps", self.lr_decay_steps, 1)
-        if self.eval_tokens is not None:
-            _check_int("eval_tokens", self.eval_tokens, 2)
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"lr = {self.lr} must be a positive number")
-        for name in ("min_lr_ratio", "beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0 or (name != "min_lr_ratio" and v == 1.0):
-                raise InputError(f"{name} = {v} must lie in [0, 1{']' if name == 'min_lr_ratio' else ')'}")
-        if self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
-            raise InputError(
-                f"weight_decay ({self.weight_decay}) and grad_clip ({self.grad_clip}) must be >= 0, "
-                f"eps ({self.eps}) > 0 (grad_clip 0 disables clipping)"
-            )
-        if not 0.0 <= self.held_out_fraction < 1.0:
-            raise InputError(f"held_out_fraction = {self.held_out_fraction} must lie in [0, 1)")
-        if self.path not in ("auto", "fast", "plain"):
-            raise InputError(f"path = {self.path!r}: use 'auto', 'fast' or 'plain'")
+        """Every field by its rule in thl_np.checks.RULES (the rules the CLI flags use too)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "path":
+                if value not in ("auto", "fast", "plain"):
+                    raise InputError(f"path = {value!r}: use 'auto', 'fast' or 'plain'")
+            elif f.name in ("carry_state", "resume"):
+                if not isinstance(value, (bool, np.bool_)):
+                    raise InputError(f"{f.name} = {value!r} must be True or False")
+            elif value is not None or f.name not in ("lr_decay_steps", "eval_tokens"):
+                check(f.name, value, InputError)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -118,13 +108,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise InputError(f"a train config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{name} = {value!r} must be an integer >= {minimum}")
 
 
 @dataclass
@@ -175,8 +162,7 @@ def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | N
     byte but a lane's first is predicted with all of its lane's preceding text as context.
     Returns ``{"bits_per_byte", "nats_per_byte", "bytes", "lanes", "seconds"}``.
     """
-    if seq_len < 1:
-        raise InputError(f"seq_len = {seq_len} must be >= 1")
+    check("seq_len", seq_len)
     ids = eval_lanes(data, lanes, max_bytes)
     n_lanes, lane_len = ids.shape
     t0 = time.perf_counter()
@@ -187,6 +173,7 @@ def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | N
         total += cross_entropy_sum(logits, ids[:, start + 1 : stop + 1])
         count += n_lanes * (stop - start)
     nats = total / count
+    check_metric("bits per byte", nats / math.log(2), NON_FINITE_OUTPUT, WeightsError)
     return {"bits_per_byte": nats / math.log(2), "nats_per_byte": nats, "bytes": count,
             "lanes": n_lanes, "seconds": time.perf_counter() - t0}
 
@@ -212,13 +199,18 @@ def train(
     when an MPI launcher started this process, else this process alone.
     """
     from ..model import THLModel, choose_fast, value_and_grad
+    from .fast_grad import training_memory_bytes
 
     world = distributed.detect_world() if world is None else world
     world.start()
     tc = (config or TrainConfig()).replace(**overrides)
     emit = log or (lambda event: None)
+    # the output folder is checked before any work: a run must never train and then fail at its first save
+    out_dir = check_output_dir(out_dir, "the output folder")
+    if ckpt.is_model_folder(out_dir):
+        raise InputError(f"{out_dir!r} holds a model (config.json / model.safetensors), not a training run: choose "
+                         "another output folder (a run keeps its models in step-NNNNNN/model)")
     train_bytes, held_bytes = split_bytes(_as_bytes(data), tc.held_out_fraction)
-    out_dir = os.fspath(out_dir)
     latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
     latest = world.root_value(latest)  # rank 0's folder decides: only rank 0 need see it
     if tc.resume:
@@ -244,6 +236,13 @@ def train(
     elif tc.path == "fast":
         choose_fast(run.model.config, "fast")  # an InputError before any work when it cannot
     value_and_grad = functools.partial(value_and_grad, path=tc.path)
+    if world.is_root:  # rank 0 alone writes to the output folder
+        # a checkpoint holds the weights and AdamW's two moments; the previous one stays until the new one is complete
+        need = 3 * sum(p.nbytes for p in run.model.params.values()) + (1 << 20)
+        check_output_dir(out_dir, "the output folder", need_bytes=need)
+    step = training_memory_bytes(run.model.config, tc.batch_size, tc.seq_len, run.model.dtype, breakdown=True)
+    check_allocation(step["total"] - step["params"], f"a training step of {tc.batch_size} x {tc.seq_len} bytes",
+                     "lower --batch-size or --seq-len, or train a smaller model")
     world.agree(run, tc, train_bytes, len(held_bytes))
 
     emit({"event": "start", "step": run.step, "steps": tc.steps, "resumed": tc.resume,
@@ -268,6 +267,7 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
     def save():
         nonlocal saved_step, checkpoint_path
         if saved_step != run.step:
+            _check_not_diverged(run, tc, checkpoint_path)  # a diverged model never replaces a good checkpoint
             checkpoint_path = world.save(run, lambda whole: _save(whole, tc, out_dir, fp, elapsed(),
                                                                   len(held_bytes), emit))
             saved_step = run.step
@@ -279,6 +279,9 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                 in_step = True
                 row, dt = _train_step(run, tc, value_and_grad, emit, world)
                 in_step = False
+                if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                    raise _diverged(tc, checkpoint_path, f"step {run.step} has loss {row['loss']} and gradient "
+                                                         f"norm {row['grad_norm']}")
                 step_time += dt
                 tokens += tc.batch_size * tc.seq_len
                 eta = step_time / (run.step - first_step) * (tc.steps - run.step)
@@ -330,16 +333,30 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     if math.isfinite(loss) and math.isfinite(norm):
         run.optimizer.step(run.model.params, grads, lr)
         run.state = state_out if tc.carry_state else None
-    else:  # a diverged step teaches nothing: skip its update and start the lanes' state afresh
-        run.state = None
-        emit({"event": "message", "text": f"step {run.step + 1}: non-finite loss/gradient "
-              f"(loss {loss}, grad norm {norm}); update skipped"})
+    # else: the run has diverged; the loop stops it (the update is not applied, the weights stay finite)
     run.step += 1
     dt = time.perf_counter() - t0
     row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm,
            "tokens_per_s": tc.batch_size * tc.seq_len / max(dt, 1e-9)}
     run.history.append(row)
     return row, dt
+
+
+def _diverged(tc: TrainConfig, checkpoint_path, what: str) -> InputError:
+    kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path else "no checkpoint was written"
+    return InputError(f"training diverged: {what}; {kept}. Lower the learning rate (--lr, now {tc.lr:g}) or clip "
+                      f"the gradient (--grad-clip, now {tc.grad_clip:g}), then start again or resume")
+
+
+def _check_not_diverged(run: _Run, tc: TrainConfig, checkpoint_path) -> None:
+    """Every weight and optimiser moment finite, or the divergence error (and no checkpoint)."""
+    stores = [("weight", run.model.params), ("AdamW first moment", run.optimizer.m),
+              ("AdamW second moment", run.optimizer.v)]
+    for what, store in stores:
+        for name, a in store.items():
+            where = first_non_finite(a)
+            if where is not None:
+                raise _diverged(tc, checkpoint_path, f"the {what} {name} holds {a[where]} at step {run.step}")
 
 
 def _eval(run: _Run, tc: TrainConfig, held_bytes, max_bytes, emit, world=distributed.SINGLE) -> float:
@@ -421,14 +438,45 @@ def saved_train_config(out_dir: str) -> TrainConfig | None:
     latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
     if latest is None:
         return None
-    return TrainConfig.from_dict(ckpt.read_json(os.path.join(latest, "trainer.json"))["train_config"])
+    info = _read_trainer_json(latest)
+    try:
+        return TrainConfig.from_dict(info["train_config"])
+    except InputError as exc:
+        raise _damaged(latest, "trainer.json", f"its train_config is invalid: {exc}") from None
+
+
+# what trainer.json must hold, and the type of each entry
+_TRAINER_KEYS = {"step": int, "data_position": dict, "rng_state": dict, "has_train_state": bool,
+                 "elapsed_s": (int, float), "data": dict, "train_config": dict}
+
+
+def _damaged(path: str, file: str, why: str) -> InputError:
+    return InputError(f"the checkpoint {path} is damaged: {file} {why}. Resume from another copy of the run, "
+                      "or start a new run in another output folder")
+
+
+def _read_trainer_json(path: str) -> dict:
+    info = ckpt.read_json(os.path.join(path, "trainer.json"))
+    if not isinstance(info, dict):
+        raise _damaged(path, "trainer.json", f"is a JSON {type(info).__name__}, not an object")
+    for key, kind in _TRAINER_KEYS.items():
+        if key not in info:
+            raise _damaged(path, "trainer.json", f"lacks {key!r}")
+        if not isinstance(info[key], kind) or (kind is int and isinstance(info[key], bool)):
+            raise _damaged(path, "trainer.json", f"has {key} = {info[key]!r:.60}, of the wrong type")
+    if not isinstance(info["data"].get("fingerprint"), str):
+        raise _damaged(path, "trainer.json", "lacks data.fingerprint")
+    return info
 
 
 def _restore(path: str, tc: TrainConfig, train_bytes, model_cls, emit) -> _Run:
+    """The run saved at ``path``; a damaged file is an InputError naming it, never a KeyError deep inside."""
+    import zipfile
+
     from ..inference.state import InferenceState
 
-    info = ckpt.read_json(os.path.join(path, "trainer.json"))
-    saved = info.get("train_config", {})
+    info = _read_trainer_json(path)
+    saved = info["train_config"]
     if saved.get("batch_size") != tc.batch_size:
         raise InputError(
             f"the checkpoint was trained with batch_size {saved.get('batch_size')}, not {tc.batch_size}: "
@@ -436,22 +484,41 @@ def _restore(path: str, tc: TrainConfig, train_bytes, model_cls, emit) -> _Run:
         )
     model = model_cls.from_pretrained(os.path.join(path, "model"))
     optimizer = _new_optimizer(model, tc)
-    with np.load(os.path.join(path, "optimizer.npz"), allow_pickle=False) as z:
-        optimizer.load_state_dict({k: z[k] for k in z.files})
+    try:
+        with np.load(os.path.join(path, "optimizer.npz"), allow_pickle=False) as z:
+            optimizer.load_state_dict({k: z[k] for k in z.files})
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
+        raise _damaged(path, "optimizer.npz", f"cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
+    except InputError as exc:
+        raise _damaged(path, "optimizer.npz", f"does not fit the model ({exc})") from None
     rng = _new_rng(tc.seed)
-    rng.bit_generator.state = info["rng_state"]
+    try:
+        rng.bit_generator.state = info["rng_state"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _damaged(path, "trainer.json", f"has an rng_state NumPy cannot restore ({exc})") from None
     batches = LaneBatches(train_bytes, tc.batch_size, tc.seq_len)
     state = None
     if info["data"]["fingerprint"] == fingerprint(train_bytes):
-        batches.position = info["data_position"]
-        if info.get("has_train_state"):
+        try:
+            batches.position = info["data_position"]
+        except InputError as exc:
+            raise _damaged(path, "trainer.json", str(exc)) from None
+        if info["has_train_state"]:
             state = InferenceState.load(os.path.join(path, "train_state.npz"))
+            state.check(model.config, tc.batch_size)
     else:
         emit({"event": "message", "text": "the training data differs from the checkpoint's: its lanes start "
               "from the beginning with a fresh state"})
-    return _Run(model=model, optimizer=optimizer, batches=batches, rng=rng, state=state,
-                step=int(info["step"]), history=ckpt.read_csv(os.path.join(path, "log.csv")),
-                evals=ckpt.read_csv(os.path.join(path, "eval.csv")), elapsed_before=float(info["elapsed_s"]))
+    logs = {}
+    for name, fields in (("log.csv", LOG_FIELDS), ("eval.csv", EVAL_FIELDS)):
+        try:
+            logs[name] = ckpt.read_csv(os.path.join(path, name), fields)
+        except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
+            raise _damaged(path, name, f"cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if info["step"] < 0 or not math.isfinite(info["elapsed_s"]):
+        raise _damaged(path, "trainer.json", f"has step {info['step']}, elapsed_s {info['elapsed_s']}")
+    return _Run(model=model, optimizer=optimizer, batches=batches, rng=rng, state=state, step=info["step"],
+                history=logs["log.csv"], evals=logs["eval.csv"], elapsed_before=float(info["elapsed_s"]))
 
 
 def _plot_losses(out_dir: str, history: list, evals: list, emit) -> None:
@@ -462,6 +529,7 @@ def _plot_losses(out_dir: str, history: list, evals: list, emit) -> None:
         from matplotlib.figure import Figure
     except ImportError:
         return
+    tmp = os.path.join(out_dir, f".loss.tmp-{os.getpid()}.png")
     try:
         fig = Figure(figsize=(7, 4))
         FigureCanvasAgg(fig)
@@ -474,10 +542,11 @@ def _plot_losses(out_dir: str, history: list, evals: list, emit) -> None:
         ax.set_ylabel("cross-entropy (nats/byte)")
         ax.legend()
         ax.grid(alpha=0.3)
-        tmp = os.path.join(out_dir, ".loss.tmp.png")
         fig.savefig(tmp, dpi=100)
         os.replace(tmp, os.path.join(out_dir, "loss.png"))
     except Exception as exc:  # a plot is a convenience: never let it stop a run
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
         emit({"event": "message", "text": f"loss.png not written ({type(exc).__name__}: {exc})"})
 
 

@@ -167,10 +167,7 @@ class LayeredInferenceEngine:
             if shape != want:
                 raise StateError(f"state {key} has shape {list(shape)}, the model needs {list(want)}: the "
                                  "state was made for another config")
-        if not 0 <= int(state.local_valid) <= c.local_window:
-            raise StateError(f"state local_valid = {state.local_valid} is outside [0, {c.local_window}]")
-        if int(state.timestep) < 0:
-            raise StateError(f"state timestep = {state.timestep} is negative")
+        state.check(c, B)  # counters, dtypes, finite values: the one state check every path makes
 
     def _state_to_device(self, state, B: int) -> InferenceState:
         be = self.backend
