@@ -208,11 +208,11 @@ def per_head_transposed_q8(X, Q, S, group, out):
 def gather_rows_q8(Q, S, group, ids, out):
     """out[n] = W[ids[n]] (the embedding's rows, dequantized: s·q rounded once in out's dtype)."""
     C = Q.shape[1]
-    zero = out[0, 0] - out[0, 0]  # the product in out's dtype: exact in float64, rounded once in float32
     for n in prange(ids.shape[0]):
         i = ids[n]
         for k in range(C):
-            out[n, k] = (zero + S[i, k // group]) * np.float32(Q[i, k])
+            out[n, k] = S[i, k // group]     # the scale in out's dtype first, so the product is out's:
+            out[n, k] *= np.float32(Q[i, k])  # exact in float64, rounded once in float32
 
 
 # ---------------------------------------------------------------------------------------------------

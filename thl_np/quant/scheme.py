@@ -92,7 +92,8 @@ def quantize_matrix(W, block_size: int | None):
 
     Symmetric round to nearest: s = max |W| over the group / 127 (rounded to float32), q = round(W / s)
     (half to even) clipped to [-127, 127], computed in float64 against the stored float32 scale so that
-    s · q is the nearest grid point. An all-zero group gets s = 0 (and q = 0). Non-finite W is refused."""
+    s · q is the nearest grid point. An all-zero group gets s = 0 (and q = 0), and so does a group whose
+    largest magnitude is below float32's range (under 127 x 1.4e-45). Non-finite W is refused."""
     W = np.asarray(W)
     if W.ndim != 2:
         raise WeightsError(f"only matrices are quantized, got shape {list(W.shape)}")
@@ -103,7 +104,11 @@ def quantize_matrix(W, block_size: int | None):
     G = scale_shape(W.shape, block_size)[1]
     pad = G * b - C
     W64 = np.pad(W.astype(np.float64), ((0, 0), (0, pad))).reshape(R, G, b)
-    scale = (np.abs(W64).max(axis=2) / QMAX).astype(np.float32)                      # [R, G]
+    with np.errstate(over="ignore"):
+        scale = (np.abs(W64).max(axis=2) / QMAX).astype(np.float32)                  # [R, G]
+    if not np.all(np.isfinite(scale)):
+        raise WeightsError(f"a weight of magnitude {float(np.abs(W64).max()):.3g} is too large for a float32 scale "
+                           "(the limit is 127 x 3.4e38): such a model cannot be stored as int8")
     s64 = scale.astype(np.float64)[:, :, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s64 > 0, np.rint(W64 / np.where(s64 > 0, s64, 1.0)), 0.0)
