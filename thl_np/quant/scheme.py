@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..components.primitives import array_module
 from ..errors import ConfigError, WeightsError
 
 #: The scheme names ``thl-np quantize --scheme`` accepts, and the block size each means (None: a row).
@@ -116,15 +115,6 @@ def quantize_matrix(W, block_size: int | None):
     return np.ascontiguousarray(q), scale
 
 
-def expand_scales(scale, block_size: int | None, columns: int):
-    """s [R, G] → [R, C]: each scale repeated over the columns of its group (NumPy or CuPy)."""
-    xp = array_module(scale)
-    if scale.shape[1] == 1:
-        return scale
-    b = group_size(block_size, columns)
-    return xp.repeat(scale, b, axis=1)[:, :columns]
-
-
 def dequantize(q, scale, block_size: int | None, dtype):
     """W = s[i, j // b] · q[i, j] in ``dtype`` (float32: the correctly rounded product; float64: exact).
     ``q`` [R, C] int8 and ``scale`` [R, G] on NumPy or CuPy; rows of a matrix dequantize alone."""
@@ -134,8 +124,12 @@ def dequantize(q, scale, block_size: int | None, dtype):
     b = group_size(block_size, C)
     w = q.astype(dt)
     if G == 1:
-        return w * scale.astype(dt, copy=False)
-    if G * b == C:  # whole groups: scale each group in place, no [R, C] array of scales
-        w.reshape(R, G, b)[...] *= scale.astype(dt, copy=False)[:, :, None]
+        w *= scale.astype(dt, copy=False)  # in place: one [R, C] float array in all
         return w
-    return w * expand_scales(scale, block_size, C).astype(dt, copy=False)
+    s = scale.astype(dt, copy=False)
+    if G * b == C:  # whole groups: scale each group in place, no [R, C] array of scales
+        w.reshape(R, G, b)[...] *= s[:, :, None]
+    else:           # a partial last group: group by group, still in place
+        for g in range(G):
+            w[:, g * b:(g + 1) * b] *= s[:, g:g + 1]
+    return w
