@@ -401,3 +401,25 @@ def test_eval_compare_refuses_another_vocabulary(tmp_path):
 
     with pytest.raises(InputError, match="different vocabularies"):
         compare_models(THLModel(small_config(), seed=0), THLModel(small_config(vocab_size=98), seed=0), b"abcdefgh")
+
+
+def test_convert_round_trips_a_quantized_folder(tmp_path):
+    """`thl-np convert` of an int8 folder keeps its int8 values and float32 scales bit for bit (float tensors
+    take --dtype); the result loads and computes what the source computes (write_rate is set to 1.0 as for
+    every conversion, so the source here has 1.0 already)."""
+    src, out = tmp_path / "int8", tmp_path / "converted"
+    qmodel = quantize_model(THLModel(small_config("float32", write_rate=1.0), seed=5), "int8-block32")
+    qmodel.save_pretrained(src)
+    assert main(["convert", str(src), str(out), "--dtype", "float16"]) == 0
+    a, _ = read_safetensors(src / "model.safetensors")
+    b, _ = read_safetensors(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        if a[name].dtype == np.int8 or name.endswith("_scale"):
+            assert b[name].dtype == a[name].dtype and np.array_equal(a[name], b[name]), name
+        else:
+            assert b[name].dtype == np.float16, name
+    loaded = THLModel.from_pretrained(out)
+    assert loaded.config.quantization == qmodel.config.quantization
+    name = "router.W_k.weight"
+    np.testing.assert_array_equal(loaded.params.tensor(name).q, qmodel.params.tensor(name).q)
