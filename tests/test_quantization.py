@@ -423,3 +423,48 @@ def test_convert_round_trips_a_quantized_folder(tmp_path):
     assert loaded.config.quantization == qmodel.config.quantization
     name = "router.W_k.weight"
     np.testing.assert_array_equal(loaded.params.tensor(name).q, qmodel.params.tensor(name).q)
+
+
+@pytest.mark.parametrize("scheme", SCHEME_NAMES)
+def test_decode_bytes_per_step_counts_the_stored_int8_bytes(scheme):
+    """The int8 bound's bytes: each matrix a step reads as stored (int8 values and float32 scales, from the
+    quantized model itself), biases in the compute dtype, tiers by their clocks; the state scan as in float."""
+    from thl_np.bench import decode_bytes_per_step
+
+    c = wide_config("float32")
+    qp = quantize_model(THLModel(c, seed=0), scheme).params
+
+    def stored(*names):
+        return sum(qp.tensor(n).nbytes for n in names)
+    got = decode_bytes_per_step(c, 3, 4, scheme_config(scheme))
+    assert got["output_head"] == stored("output_head.weight", "output_head.bias")
+    assert got["router"] == stored("router.W_q.weight", "router.W_k.weight", "router.W_v.weight")
+    assert got["writer"] == stored("writer.W_w.weight", "writer.W_w.bias")
+    assert got["local_attn"] == stored("local_attn.q.weight", "local_attn.k.weight", "local_attn.v.weight")
+    tiers = sum(stored(*[f"tiers.cells.{k}.{g}.{p}" for g in ("W_z", "W_r", "W_h") for p in ("weight", "bias")])
+                / tau for k, tau in enumerate(c.tier_timescales))
+    assert got["tiers"] == pytest.approx(tiers)
+    assert got["state_scan"] == decode_bytes_per_step(c, 3, 4)["state_scan"]
+
+
+def test_bench_measures_int8_beside_float32(capsys):
+    """`thl-np bench` decodes the int8 copy in the same run: its tokens/s, its own bound (int8 bytes ÷ the same
+    GEMV bandwidth), the ratio to it and the speed-up over float32, consistent with each other."""
+    from thl_np.bench import decode_bytes_per_step
+
+    code = main(["bench", "--dim", "16", "--memory-slots", "8", "--decode-steps", "3", "--prompt-len", "4",
+                 "--no-train", "--int8", "int8-block32", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    text, _, blob = out.partition("{")
+    figures = json.loads("{" + blob)
+    assert figures["int8_scheme"] == "int8-block32" and figures["int8_prompt_tok_s"] > 0
+    c = THLConfig(dim=16, memory_slots=8)
+    for B in (1, 8):
+        assert f"int8 (int8-block32) decode batch {B}:" in text
+        tps, bound = figures[f"int8_decode_b{B}_tok_s"], figures[f"int8_decode_b{B}_bound_tok_s"]
+        need = decode_bytes_per_step(c, B, 4, scheme_config("int8-block32"))["total"]
+        assert bound == pytest.approx(B * figures["gemv_bandwidth_GBps"] * 1e9 / need)
+        assert figures[f"int8_decode_b{B}_ratio_to_bound"] == pytest.approx(tps / bound)
+        assert figures[f"int8_decode_b{B}_speedup"] == pytest.approx(tps / figures[f"decode_b{B}_tok_s"])
+        assert figures[f"int8_decode_b{B}_bound_tok_s"] > figures[f"decode_b{B}_bound_tok_s"]
