@@ -1,8 +1,8 @@
 """Int8 kernels (thl_np.fast.quant), each alone against x @ W.T + b (thl_np.components.output.linear_forward)
 with W = s·q dequantized by the plain definition (thl_np.quant.scheme.dequantize), for per-row scales, blocks
 of 32 columns and a block size that leaves a partial group: gemv_q8, small_batch_q8 (every tile remainder),
-per_head_q8, per_head_transposed_q8, gather_rows_q8, pack_rows_q8 + packed_linear_q8, and Q8Matrix.linear's
-four routes."""
+per_head_q8, per_head_transposed_q8, gather_rows_q8 and dequantize_rows_q8 (bit for bit), pack_rows_q8 +
+packed_linear_q8, and Q8Matrix.linear's four routes."""
 import numpy as np
 import pytest
 from kernel_helpers import DTYPES, assert_close, assert_equal
@@ -82,6 +82,16 @@ def test_gather_rows_q8_is_the_dequantized_rows_exactly(block, dtype):
     out = np.full((4, 33), np.nan, dtype)
     fq.gather_rows_q8(q, s, group, ids, out)
     assert_equal(out, W[ids], "gather_rows_q8")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_dequantize_rows_q8_is_the_plain_dequantization_exactly(block, dtype):
+    """A block of rows for a prompt's GEMM: bit for bit thl_np.quant.scheme.dequantize's."""
+    q, s, group, W, _, _ = quantized(17, 70, block, dtype)
+    out = np.full((5, 70), np.nan, dtype)
+    fq.dequantize_rows_q8(q, s, group, 9, out)
+    assert_equal(out, W[9:14], "dequantize_rows_q8")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

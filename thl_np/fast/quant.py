@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 from .primitives import VECTORISE
 
 SMALL_BATCH = 64          # as thl_np.fast.linalg.SMALL_BATCH (not imported: linalg dispatches here)
-DENSE_BLOCK_BYTES = 4 << 20  # many rows: dequantize W this many bytes at a time, then BLAS
+DENSE_BLOCK_BYTES = 16 << 20  # many rows: dequantize W this many bytes at a time, then BLAS
 PACK_ROWS = 8             # sequences per call of packed_linear_q8 (fewer are padded with zeros)
 
 
@@ -204,15 +204,28 @@ def per_head_transposed_q8(X, Q, S, group, out):
                     o[i] += c * np.float32(row[i])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def gather_rows_q8(Q, S, group, ids, out):
-    """out[n] = W[ids[n]] (the embedding's rows, dequantized: s·q rounded once in out's dtype)."""
+    """out[n] = W[ids[n]] (the embedding's rows, dequantized: s·q rounded once in out's dtype). A batch's few
+    rows: one thread (a parallel launch would cost more than the work)."""
     C = Q.shape[1]
-    for n in prange(ids.shape[0]):
+    for n in range(ids.shape[0]):
         i = ids[n]
         for k in range(C):
             out[n, k] = S[i, k // group]     # the scale in out's dtype first, so the product is out's:
             out[n, k] *= np.float32(Q[i, k])  # exact in float64, rounded once in float32
+
+
+@njit(parallel=True, cache=True)
+def dequantize_rows_q8(Q, S, group, r0, out):
+    """out[r] = W[r0 + r] = s·q for the rows out holds (a block of a matrix, for a prompt's GEMM), in out's
+    dtype: exact in float64, rounded once in float32 (as thl_np.quant.scheme.dequantize)."""
+    C = Q.shape[1]
+    for r in prange(out.shape[0]):
+        i = r0 + r
+        for k in range(C):
+            out[r, k] = S[i, k // group]
+            out[r, k] *= np.float32(Q[i, k])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,86 +261,127 @@ def pack_rows_q8(Q, S, lanes, Qp, Sp):
                     Sp[t, g, l] = 0.0
 
 
-@intrinsic
-def _packed_tile_q8(typingctx, Qp, Sp, h, out, t, group):
-    """out[b, t·L : (t+1)·L] = Σ_g Sp[t, g, :] ⊙ Σ_{k ∈ g} float(Qp[t, k, :])·h[b, k] for b < PACK_ROWS, in
-    LLVM IR: per k one vector load of L int8, sign extension, conversion, then PACK_ROWS fused multiply-adds
-    with broadcasts of h; per group the PACK_ROWS partial sums are scaled into the totals."""
-    dtype = h.dtype
+def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
+    @intrinsic
+    def packed_tiles_q8(typingctx, Qp, Sp, h, out, t, group):
+        """out[b, (t+j)·L : (t+j+1)·L] = Σ_g Sp[t+j, g, :] ⊙ Σ_{k ∈ g} float(Qp[t+j, k, :])·h[b, k] for j < n_tiles
+        and b < PACK_ROWS, in LLVM IR: per k one vector load of L int8 per tile, sign extension, conversion,
+        then PACK_ROWS fused multiply-adds with broadcasts of h. ``grouped``: each group's partial sums are
+        scaled into running totals (block scales); otherwise one scale per row, applied at the store."""
+        dtype = h.dtype
 
-    def codegen(context, builder, sig, args):
-        Q_ty, S_ty, h_ty, out_ty = sig.args[:4]
-        Q_arr = context.make_array(Q_ty)(context, builder, args[0])
-        S_arr = context.make_array(S_ty)(context, builder, args[1])
-        h_arr = context.make_array(h_ty)(context, builder, args[2])
-        out_arr = context.make_array(out_ty)(context, builder, args[3])
-        intp = context.get_value_type(types.intp)
-        tile = context.cast(builder, args[4], sig.args[4], types.intp)
-        group = context.cast(builder, args[5], sig.args[5], types.intp)
-        elem = context.get_value_type(dtype)
-        lanes = 64 // (dtype.bitwidth // 8)
-        vec = ir.VectorType(elem, lanes)
-        ivec = ir.VectorType(ir.IntType(32), lanes)
-        qvec = ir.VectorType(ir.IntType(8), lanes)
-        svec = ir.VectorType(ir.FloatType(), lanes)
-        i32 = ir.IntType(32)
+        def codegen(context, builder, sig, args):
+            Q_ty, S_ty, h_ty, out_ty = sig.args[:4]
+            Q_arr = context.make_array(Q_ty)(context, builder, args[0])
+            S_arr = context.make_array(S_ty)(context, builder, args[1])
+            h_arr = context.make_array(h_ty)(context, builder, args[2])
+            out_arr = context.make_array(out_ty)(context, builder, args[3])
+            intp = context.get_value_type(types.intp)
+            tile = context.cast(builder, args[4], sig.args[4], types.intp)
+            group = context.cast(builder, args[5], sig.args[5], types.intp)
+            elem = context.get_value_type(dtype)
+            lanes = 64 // (dtype.bitwidth // 8)
+            vec = ir.VectorType(elem, lanes)
+            ivec = ir.VectorType(ir.IntType(32), lanes)
+            qvec = ir.VectorType(ir.IntType(8), lanes)
+            svec = ir.VectorType(ir.FloatType(), lanes)
+            i32 = ir.IntType(32)
 
-        def const(v):
-            return ir.Constant(intp, v)
+            def const(v):
+                return ir.Constant(intp, v)
 
-        def item_ptr(arr, ty, idx):
-            return cgutils.get_item_pointer2(context, builder, arr.data, cgutils.unpack_tuple(builder, arr.shape),
-                                             cgutils.unpack_tuple(builder, arr.strides), ty.layout, idx,
-                                             wraparound=False, boundscheck=False)
+            def item_ptr(arr, ty, idx):
+                return cgutils.get_item_pointer2(context, builder, arr.data, cgutils.unpack_tuple(builder, arr.shape),
+                                                 cgutils.unpack_tuple(builder, arr.strides), ty.layout, idx,
+                                                 wraparound=False, boundscheck=False)
 
-        depth = builder.extract_value(Q_arr.shape, 1)
-        n_groups = builder.extract_value(S_arr.shape, 1)
-        q_ptr = item_ptr(Q_arr, Q_ty, [tile, const(0), const(0)])
-        s_ptr = item_ptr(S_arr, S_ty, [tile, const(0), const(0)])
-        h_ptrs = [item_ptr(h_arr, h_ty, [const(b), const(0)]) for b in range(PACK_ROWS)]
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                             f"llvm.fma.v{lanes}f{dtype.bitwidth}")
-        zero = ir.Constant(vec, [ir.Constant(elem, 0.0)] * lanes)
-        acc = [cgutils.alloca_once_value(builder, zero) for _ in range(PACK_ROWS)]
-        tot = [cgutils.alloca_once_value(builder, zero) for _ in range(PACK_ROWS)]
-        undef = ir.Constant(vec, ir.Undefined)
-        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-        with cgutils.for_range(builder, n_groups, intp=intp) as gloop:
-            g = gloop.index
-            k0 = builder.mul(g, group)
-            k1 = builder.add(k0, group)
-            k1 = builder.select(builder.icmp_signed("<", k1, depth), k1, depth)
-            for b in range(PACK_ROWS):
-                builder.store(zero, acc[b])
-            with cgutils.for_range_slice(builder, k0, k1, const(1), intp=intp) as (k, _):
-                raw = builder.load(builder.bitcast(builder.gep(q_ptr, [builder.mul(k, const(lanes))]),
-                                                   qvec.as_pointer()), align=1)
-                w = builder.sitofp(builder.sext(raw, ivec), vec)
+            depth = builder.extract_value(Q_arr.shape, 1)
+            tiles = [builder.add(tile, const(j)) for j in range(n_tiles)]
+            q_ptrs = [item_ptr(Q_arr, Q_ty, [t, const(0), const(0)]) for t in tiles]
+            s_ptrs = [item_ptr(S_arr, S_ty, [t, const(0), const(0)]) for t in tiles]
+            h_ptrs = [item_ptr(h_arr, h_ty, [const(b), const(0)]) for b in range(PACK_ROWS)]
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 f"llvm.fma.v{lanes}f{dtype.bitwidth}")
+            zero = ir.Constant(vec, [ir.Constant(elem, 0.0)] * lanes)
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(PACK_ROWS)] for _ in range(n_tiles)]
+            tot = [[cgutils.alloca_once_value(builder, zero) for _ in range(PACK_ROWS)] for _ in range(n_tiles)]
+            undef = ir.Constant(vec, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+
+            def scales(j, g):
+                s = builder.load(builder.bitcast(builder.gep(s_ptrs[j], [builder.mul(g, const(lanes))]),
+                                                 svec.as_pointer()), align=4)
+                return s if dtype.bitwidth == 32 else builder.fpext(s, vec)
+
+            def k_loop(k0, k1):
+                with cgutils.for_range_slice(builder, k0, k1, const(1), intp=intp) as (k, _):
+                    w = []
+                    for j in range(n_tiles):
+                        raw = builder.load(builder.bitcast(builder.gep(q_ptrs[j], [builder.mul(k, const(lanes))]),
+                                                           qvec.as_pointer()), align=1)
+                        w.append(builder.sitofp(builder.sext(raw, ivec), vec))
+                    for b in range(PACK_ROWS):
+                        x = builder.load(builder.gep(h_ptrs[b], [k]))
+                        x = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
+                        for j in range(n_tiles):
+                            builder.store(builder.call(fma, [w[j], x, builder.load(acc[j][b])]), acc[j][b])
+
+            if grouped:
+                n_groups = builder.extract_value(S_arr.shape, 1)
+                with cgutils.for_range(builder, n_groups, intp=intp) as gloop:
+                    g = gloop.index
+                    k0 = builder.mul(g, group)
+                    k1 = builder.add(k0, group)
+                    k1 = builder.select(builder.icmp_signed("<", k1, depth), k1, depth)
+                    for j in range(n_tiles):
+                        for b in range(PACK_ROWS):
+                            builder.store(zero, acc[j][b])
+                    k_loop(k0, k1)
+                    for j in range(n_tiles):
+                        s = scales(j, g)
+                        for b in range(PACK_ROWS):
+                            builder.store(builder.call(fma, [builder.load(acc[j][b]), s, builder.load(tot[j][b])]),
+                                          tot[j][b])
+                result = tot
+            else:
+                k_loop(const(0), depth)
+                for j in range(n_tiles):
+                    s = scales(j, const(0))
+                    for b in range(PACK_ROWS):
+                        builder.store(builder.fmul(builder.load(acc[j][b]), s), tot[j][b])
+                result = tot
+            for j in range(n_tiles):
+                col = builder.mul(tiles[j], const(lanes))
                 for b in range(PACK_ROWS):
-                    x = builder.load(builder.gep(h_ptrs[b], [k]))
-                    x = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
-                    builder.store(builder.call(fma, [w, x, builder.load(acc[b])]), acc[b])
-            s = builder.load(builder.bitcast(builder.gep(s_ptr, [builder.mul(g, const(lanes))]),
-                                             svec.as_pointer()), align=4)
-            if dtype.bitwidth != 32:
-                s = builder.fpext(s, vec)
-            for b in range(PACK_ROWS):
-                builder.store(builder.call(fma, [builder.load(acc[b]), s, builder.load(tot[b])]), tot[b])
-        col = builder.mul(tile, const(lanes))
-        for b in range(PACK_ROWS):
-            dst = builder.bitcast(item_ptr(out_arr, out_ty, [const(b), col]), vec.as_pointer())
-            builder.store(builder.load(tot[b]), dst, align=dtype.bitwidth // 8)
-        return context.get_dummy_value()
+                    dst = builder.bitcast(item_ptr(out_arr, out_ty, [const(b), col]), vec.as_pointer())
+                    builder.store(builder.load(result[j][b]), dst, align=dtype.bitwidth // 8)
+            return context.get_dummy_value()
 
-    return types.void(Qp, Sp, h, out, t, group), codegen
+        return types.void(Qp, Sp, h, out, t, group), codegen
+
+    return packed_tiles_q8
+
+
+_rows_tiles_2 = _make_packed_tiles_q8(2, grouped=False)
+_rows_tiles_1 = _make_packed_tiles_q8(1, grouped=False)
+_group_tiles_1 = _make_packed_tiles_q8(1, grouped=True)
 
 
 @njit(cache=True, parallel=True)
 def packed_linear_q8(Qp, Sp, group, h, out):
     """out[b, i] = W[i]·h[b] (linear_forward without the bias) for b < PACK_ROWS, W = s·q packed by
-    ``pack_rows_q8`` (out has Qp.shape[0]·lanes columns, h exactly PACK_ROWS C-contiguous rows)."""
-    for t in prange(Qp.shape[0]):
-        _packed_tile_q8(Qp, Sp, h, out, t, group)
+    ``pack_rows_q8`` (out has Qp.shape[0]·lanes columns, h exactly PACK_ROWS C-contiguous rows). Per-row
+    scales: two tiles per iteration, 2·PACK_ROWS independent accumulators, the scale applied at the store
+    (as thl_np.fast.linalg.packed_linear); block scales: one tile, partial sums scaled into totals per group."""
+    T = Qp.shape[0]
+    if Sp.shape[1] == 1:
+        for p in prange(T // 2):
+            _rows_tiles_2(Qp, Sp, h, out, 2 * p, group)
+        if T % 2:
+            _rows_tiles_1(Qp, Sp, h, out, T - 1, group)
+    else:
+        for t in prange(T):
+            _group_tiles_1(Qp, Sp, h, out, t, group)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,14 +438,18 @@ class Q8Matrix:
         return out
 
     def _dense_blocks(self, x, b, out):
-        """Many rows (a prompt's positions): W a block of rows at a time, dequantized into BLAS. Each int8
-        value is read and converted once per call, whatever the number of rows."""
+        """Many rows (a prompt's positions): W a block of rows at a time, dequantized (dequantize_rows_q8) into
+        one reused buffer, then one BLAS product per block into a contiguous result. Each int8 value is read
+        and converted once per call, whatever the number of rows."""
         R, C = self.q.shape
-        step = max(1, DENSE_BLOCK_BYTES // (C * x.dtype.itemsize))
+        step = min(R, max(1, DENSE_BLOCK_BYTES // (C * x.dtype.itemsize)))
+        buf = np.empty((step, C), x.dtype)
+        res = np.empty((x.shape[0], step), x.dtype)
         for r0 in range(0, R, step):
             r1 = min(R, r0 + step)
-            np.matmul(x, self.dense(x.dtype, r0, r1).T, out=out[:, r0:r1])
-        out += b
+            dequantize_rows_q8(self.q, self.scale, self.group, r0, buf[:r1 - r0])
+            np.matmul(x, buf[:r1 - r0].T, out=res[:, :r1 - r0])
+            np.add(res[:, :r1 - r0], b[r0:r1], out=out[:, r0:r1])
 
     def _packed(self, x, b, out):
         dt = x.dtype
