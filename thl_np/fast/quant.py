@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 from .primitives import VECTORISE
 
 SMALL_BATCH = 64          # as thl_np.fast.linalg.SMALL_BATCH (not imported: linalg dispatches here)
-DENSE_BLOCK_BYTES = 16 << 20  # many rows: dequantize W this many bytes at a time, then BLAS
+DENSE_BLOCK_BYTES = 32 << 20  # many rows: dequantize W this many bytes at a time, then BLAS
 PACK_ROWS = 8             # sequences per call of packed_linear_q8 (fewer are padded with zeros)
 
 
@@ -208,24 +208,29 @@ def per_head_transposed_q8(X, Q, S, group, out):
 def gather_rows_q8(Q, S, group, ids, out):
     """out[n] = W[ids[n]] (the embedding's rows, dequantized: s·q rounded once in out's dtype). A batch's few
     rows: one thread (a parallel launch would cost more than the work)."""
-    C = Q.shape[1]
     for n in range(ids.shape[0]):
-        i = ids[n]
-        for k in range(C):
-            out[n, k] = S[i, k // group]     # the scale in out's dtype first, so the product is out's:
-            out[n, k] *= np.float32(Q[i, k])  # exact in float64, rounded once in float32
+        _dequantize_row(Q[ids[n]], S[ids[n]], group, out[n])
 
 
 @njit(parallel=True, cache=True)
 def dequantize_rows_q8(Q, S, group, r0, out):
     """out[r] = W[r0 + r] = s·q for the rows out holds (a block of a matrix, for a prompt's GEMM), in out's
     dtype: exact in float64, rounded once in float32 (as thl_np.quant.scheme.dequantize)."""
-    C = Q.shape[1]
     for r in prange(out.shape[0]):
-        i = r0 + r
-        for k in range(C):
-            out[r, k] = S[i, k // group]
-            out[r, k] *= np.float32(Q[i, k])
+        _dequantize_row(Q[r0 + r], S[r0 + r], group, out[r])
+
+
+@njit(cache=True, fastmath=VECTORISE)
+def _dequantize_row(q, s, group, out):
+    """out[k] = s[k // group]·q[k] with the scale converted to out's dtype first, so the product is out's
+    (exact in float64, rounded once in float32); each group's scale is hoisted out of its loop, so the loop
+    vectorises (int8 → float conversion and one multiply)."""
+    for g in range(s.shape[0]):
+        sg = out.dtype.type(s[g])
+        o = out[g * group:(g + 1) * group]
+        v = q[g * group:(g + 1) * group]
+        for k in range(o.shape[0]):
+            o[k] = sg * np.float32(v[k])
 
 
 # ---------------------------------------------------------------------------------------------------
