@@ -16,22 +16,30 @@ import numpy as np
 from .config import THLConfig
 
 
-def decode_bytes_per_step(config: THLConfig, batch_size: int = 1, itemsize: int = 4) -> dict:
+def decode_bytes_per_step(config: THLConfig, batch_size: int = 1, itemsize: int = 4,
+                          quantization: dict | None = None) -> dict:
     """Bytes one decode step must read, averaged over the tier clocks (a tier's weights are read only on
     its active steps). Weights are read once per step whatever the batch; the bank scan (the writer's
-    affinities and the router's cached keys) is per sequence."""
+    affinities and the router's cached keys) is per sequence. With ``quantization`` (thl_np.quant) every
+    matrix is int8 values and float32 scales; biases and the state stay in ``itemsize``."""
     c = config
-    d_v = c.value_dim
-    weights = {
-        "output_head": c.vocab_size * (c.total_tier_dim + 1),
-        "router": (c.num_heads * c.head_dim) * (c.router_input_dim + c.memory_dim) + d_v * c.memory_dim,
-        "writer": c.memory_dim * (c.writer_input_dim + 1),
-        "local_attn": (2 * c.query_dim + d_v) * c.embedding_dim if c.local_window else 0,
-        "tiers": sum(3 * d * (d + c.tier_input_dim(k) + d_v + 1) / tau
+    d_v, hq = c.value_dim, c.num_heads * c.head_dim
+
+    def matrix(R, C):  # bytes of one weight matrix as the decoder reads it
+        if quantization is None:
+            return R * C * itemsize
+        b = quantization["block_size"]
+        return R * C + R * (1 if b is None else -(-C // b)) * 4
+
+    out = {
+        "output_head": matrix(c.vocab_size, c.total_tier_dim) + c.vocab_size * itemsize,
+        "router": matrix(hq, c.router_input_dim) + matrix(hq, c.memory_dim) + matrix(d_v, c.memory_dim),
+        "writer": matrix(c.memory_dim, c.writer_input_dim) + c.memory_dim * itemsize,
+        "local_attn": 2 * matrix(c.query_dim, c.embedding_dim) + matrix(d_v, c.embedding_dim) if c.local_window else 0,
+        "tiers": sum((3 * matrix(d, d + c.tier_input_dim(k) + d_v) + 3 * d * itemsize) / tau
                      for k, (d, tau) in enumerate(zip(c.tier_dims, c.tier_timescales, strict=True))),
     }
     per_sequence = c.memory_slots * (c.memory_dim + c.num_heads * c.head_dim) + c.embedding_dim
-    out = {k: v * itemsize for k, v in weights.items()}
     out["state_scan"] = batch_size * per_sequence * itemsize
     out["total"] = sum(out.values())
     return out
@@ -73,10 +81,12 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
     measured in alternating rounds so that both see the same machine (on a shared machine the memory
     bandwidth moves by 1.5× within seconds). Each figure is a median over all rounds, after a warm-up of
     at least ``warmup_s`` seconds per decoder and for the GEMVs (freshly allocated memory reads slower at
-    first on some machines)."""
+    first on some machines). ``model`` may be a dict {label: model} (e.g. float32 and int8), measured in
+    the same rounds: tokens/s are then keyed (label, batch size)."""
+    models = model if isinstance(model, dict) else {None: model}
     gemv = _Gemv()
-    decoders = {B: model.decoder(batch_size=B) for B in batch_sizes}
-    ids = {B: np.arange(B) % model.config.vocab_size for B in batch_sizes}
+    decoders = {(label, B): m.decoder(batch_size=B) for label, m in models.items() for B in batch_sizes}
+    ids = {(label, B): np.arange(B) % m.config.vocab_size for label, m in models.items() for B in batch_sizes}
     for B, dec in decoders.items():
         t_end = time.perf_counter() + warmup_s
         for i in range(1_000_000):
@@ -87,13 +97,15 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
     while time.perf_counter() < t_end:
         gemv.sample(1)
     gemv.times = {"blas": [], "kernel": []}
-    step_times = {B: [] for B in batch_sizes}
+    step_times = {key: [] for key in decoders}
     for _ in range(rounds):
         gemv.sample()
-        for B, dec in decoders.items():
-            dec.step(ids[B])  # the first step after the GEMVs finds its weights out of the caches: not timed
-            step_times[B] += [_timed(functools.partial(dec.step, ids[B])) for _ in range(steps)]
-    tokens_per_s = {B: B / float(np.median(t)) for B, t in step_times.items()}
+        for key, dec in decoders.items():
+            dec.step(ids[key])  # the first step after the GEMVs finds its weights out of the caches: not timed
+            step_times[key] += [_timed(functools.partial(dec.step, ids[key])) for _ in range(steps)]
+    tokens_per_s = {key: key[1] / float(np.median(t)) for key, t in step_times.items()}
+    if not isinstance(model, dict):
+        tokens_per_s = {B: v for (_, B), v in tokens_per_s.items()}
     return tokens_per_s, gemv.rates()
 
 
@@ -130,35 +142,61 @@ def bench_train(config: THLConfig, seq_len: int = 128, batch_size: int = 8, repe
 
 
 def run(model=None, config: THLConfig | None = None, echo=print, train_config: THLConfig | None = None,
-        decode_steps: int = 64, prompt_len: int = 128, train: bool = True) -> dict:
-    """Every figure of issue 5 in one run; returns them as a dict and prints them with ``echo``."""
+        decode_steps: int = 64, prompt_len: int = 128, train: bool = True, int8: str | None = "int8") -> dict:
+    """Every figure of issue 5 in one run; returns them as a dict and prints them with ``echo``.
+
+    ``int8``: a scheme of thl_np.quant (None: skip): the model's int8 copy is decoded in the same rounds
+    as the float model, against its own bandwidth bound (the int8 bytes a step reads ÷ the same GEMV
+    bandwidth), and its prompt throughput is measured too. A quantized ``model`` is measured against the
+    float model it stands for."""
     from .model import THLModel
+    from .quant import dequantize_model, is_quantized, quantize_model, scheme_name
 
     if model is None:
         config = config or THLConfig()
         t0 = time.perf_counter()
         model = THLModel(config, seed=0)
         echo(f"built {model!r} in {time.perf_counter() - t0:.1f}s")
+    qmodel = None
+    if is_quantized(model):
+        model, qmodel = dequantize_model(model), model
+    elif int8:
+        t0 = time.perf_counter()
+        qmodel = quantize_model(model, int8)
+        echo(f"quantized it ({scheme_name(qmodel.config.quantization)}) in {time.perf_counter() - t0:.1f}s")
     c = model.config
     itemsize = model.dtype.itemsize
     figures = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
                "dtype": str(model.dtype), "parameters": model.num_parameters()}
-    decode, rates = bench_decode_and_bandwidth(model, (1, 8), rounds=max(1, decode_steps // 8))
+    models = {"float": model} if qmodel is None else {"float": model, "int8": qmodel}
+    decode, rates = bench_decode_and_bandwidth(models, (1, 8), rounds=max(1, decode_steps // 8))
     bw = rates["best"]
     figures["gemv_bandwidth_GBps"] = bw / 1e9
     figures["gemv_bandwidth_blas_GBps"] = rates["blas"] / 1e9
     figures["gemv_bandwidth_kernel_GBps"] = rates["kernel"] / 1e9
-    for B in (1, 8):
-        need = decode_bytes_per_step(c, B, itemsize)
-        bound = B * bw / need["total"]
-        tps = decode[B]
-        figures[f"decode_b{B}_tok_s"] = tps
-        figures[f"decode_b{B}_bound_tok_s"] = bound
-        figures[f"decode_b{B}_ratio_to_bound"] = tps / bound
-        echo(f"decode batch {B}: {tps:8.1f} tokens/s   bound {bound:8.1f} tokens/s "
-             f"({need['total'] / 1e6:.0f} MB/step at {bw / 1e9:.1f} GB/s)   ratio {tps / bound:.2f}")
+    for label, m in models.items():
+        quant = m.config.quantization
+        prefix, name = ("", "decode") if quant is None else ("int8_", f"int8 ({scheme_name(quant)}) decode")
+        for B in (1, 8):
+            need = decode_bytes_per_step(c, B, itemsize, quant)
+            bound = B * bw / need["total"]
+            tps = decode[(label, B)]
+            figures[f"{prefix}decode_b{B}_tok_s"] = tps
+            figures[f"{prefix}decode_b{B}_bound_tok_s"] = bound
+            figures[f"{prefix}decode_b{B}_ratio_to_bound"] = tps / bound
+            vs = ""
+            if quant is not None:
+                figures[f"int8_decode_b{B}_speedup"] = tps / decode[("float", B)]
+                vs = f"   {tps / decode[('float', B)]:.2f}x float32"
+            echo(f"{name} batch {B}: {tps:8.1f} tokens/s   bound {bound:8.1f} tokens/s "
+                 f"({need['total'] / 1e6:.0f} MB/step at {bw / 1e9:.1f} GB/s)   ratio {tps / bound:.2f}{vs}")
+    if qmodel is not None:
+        figures["int8_scheme"] = scheme_name(qmodel.config.quantization)
     figures["prompt_tok_s"] = bench_prompt(model, prompt_len)
     echo(f"prompt ({prompt_len} tokens, all logits): {figures['prompt_tok_s']:.1f} tokens/s")
+    if qmodel is not None:
+        figures["int8_prompt_tok_s"] = bench_prompt(qmodel, prompt_len)
+        echo(f"int8 prompt ({prompt_len} tokens, all logits): {figures['int8_prompt_tok_s']:.1f} tokens/s")
     if train:
         tc = train_config or THLConfig(dim=128, memory_slots=64, vocab_size=259, dtype=str(model.dtype))
         figures["train_tok_s"] = bench_train(tc)

@@ -53,6 +53,9 @@ class THLConfig:
     # Component variants, {kind: registered name} (thl_np.components.registry); {} composes the spec's
     # components. Written to config.json only when it names a variant.
     components: dict = field(default=None)
+    # Int8 weights, {"method": "int8", "block_size": null | b} (thl_np.quant, docs/QUANTIZATION.md); None for
+    # float weights. Written to config.json only for a quantized model.
+    quantization: dict = field(default=None)
 
     def __init__(self, dim: int | None = None, **kwargs):
         names = {f.name for f in dataclasses.fields(self)}
@@ -145,6 +148,9 @@ class THLConfig:
         from .components.registry import check_choice  # imported here: the components import nothing of this
 
         self.components = check_choice(self.components)
+        from .quant.scheme import check_quantization
+
+        self.quantization = check_quantization(self.quantization)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -176,6 +182,8 @@ class THLConfig:
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if not out["components"]:
             del out["components"]  # the spec's components: config.json stays as the PyTorch THL writes it
+        if not out["quantization"]:
+            del out["quantization"]  # float weights: config.json unchanged
         return out
 
     @classmethod

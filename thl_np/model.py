@@ -15,6 +15,8 @@ from .config import THLConfig
 from .errors import InputError, StateError, WeightsError
 from .inference.state import InferenceState
 from .params import check_params, init_params, num_parameters, param_shapes
+from .quant import SCALE_SUFFIX, QuantizedParams, scheme_name
+from .quant import model_params as quantized_params
 from .step import head_loss_and_backward, loss_and_grads, output_forward, run_sequence, thl_step
 
 FORMAT_VERSION = "1"
@@ -53,7 +55,9 @@ class THLModel:
         self.dtype = as_dtype(dtype or config.dtype)
         if self.dtype not in (np.float32, np.float64):
             raise InputError(f"dtype {self.dtype} is not supported: use float32 or float64")
-        if params is None:
+        if config.quantization or isinstance(params, QuantizedParams):
+            params = quantized_params(config, params, self.dtype, seed)  # int8 weights (thl_np.quant)
+        elif params is None:
             params = init_params(config, seed=seed, dtype=self.dtype)
         else:
             check_params(config, params)
@@ -73,6 +77,8 @@ class THLModel:
         """Identifies the current parameter arrays. A decoder cache (derived from the weights) is reused
         only while this is unchanged: optimisers replace arrays, which changes it. After editing a
         parameter array in place, pass states through ``state.copy()`` to drop their caches."""
+        if isinstance(self.params, QuantizedParams):
+            return self.params.key()  # values() would dequantize
         return tuple(id(v) for v in self.params.values())
 
     def num_parameters(self) -> int:
@@ -80,6 +86,9 @@ class THLModel:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the parameters as held (int8 values and scales for a quantized model)."""
+        if isinstance(self.params, QuantizedParams):
+            return self.params.nbytes
         return int(sum(p.nbytes for p in self.params.values()))
 
     def init_state(self, batch_size: int = 1) -> InferenceState:
@@ -200,9 +209,13 @@ class THLModel:
         config = self.config
         if dtype in ("float32", "float64") and dtype != config.dtype:
             config = config.replace(dtype=dtype)
-        write_model_folder(directory, self.params, config,
+        tensors, keep = self.params, ()
+        if isinstance(tensors, QuantizedParams):  # int8 values and their float32 scales as they are
+            tensors = tensors.stored()
+            keep = [n for n, v in tensors.items() if v.dtype == np.int8 or n.endswith(SCALE_SUFFIX)]
+        write_model_folder(directory, tensors, config,
                            metadata={"format": "thl-np", "format_version": FORMAT_VERSION,
-                                     "config": config.to_json()}, dtype=dtype)
+                                     "config": config.to_json()}, dtype=dtype, keep_dtype=keep)
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: str | None = None, verify: bool | None = None) -> THLModel:
@@ -220,9 +233,14 @@ class THLModel:
         if not os.path.exists(path):
             raise WeightsError(f"{path} is missing: a model folder needs model.safetensors next to config.json")
         tensors, _ = read_safetensors(path)
-        check_params(config, tensors, source=path)
-        if verify or (verify is None and os.path.getsize(path) < VERIFY_BELOW_BYTES):
-            check_finite(tensors, source=path)
+        if config.quantization:  # int8 values stay memory-mapped; scales and float tensors are checked
+            from .quant import from_file_tensors
+
+            tensors = from_file_tensors(config, tensors, source=path)
+        else:
+            check_params(config, tensors, source=path)
+            if verify or (verify is None and os.path.getsize(path) < VERIFY_BELOW_BYTES):
+                check_finite(tensors, source=path)
         compute = dtype or config.dtype
         if compute not in ("float32", "float64"):
             raise InputError(f"dtype {compute!r} is not a compute dtype: use float32 or float64")
@@ -233,7 +251,8 @@ class THLModel:
     def __repr__(self):
         c = self.config
         return (f"THLModel({self.num_parameters():,} parameters, V={c.vocab_size}, tiers={c.tier_dims}, "
-                f"J={c.memory_slots}, dtype={self.dtype})")
+                f"J={c.memory_slots}, dtype={self.dtype}"
+                + (f", {scheme_name(c.quantization)} weights" if c.quantization else "") + ")")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def output_forward(params, tier_states):
 def run_sequence(params, config, input_ids, state, gumbel_uniform=None, record=False):
     """T steps over input_ids [B, T] → (tier states [B, T, Σ d_k], final state, tape)."""
     B, T = input_ids.shape
-    dtype = params["embedding.weight"].dtype
+    dtype = getattr(params, "dtype", None) or params["embedding.weight"].dtype  # a quantized model's: its own
     out = np.empty((B, T, config.total_tier_dim), dtype=dtype)
     tape = []
     for t in range(T):

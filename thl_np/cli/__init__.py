@@ -7,9 +7,9 @@ import warnings
 import click
 
 from ..errors import THLError
-from . import basic, bench, golden, train, weights
+from . import basic, bench, golden, quant, train, weights
 
-_MODULES = (basic, train, weights, bench, golden)
+_MODULES = (basic, train, weights, quant, bench, golden)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -82,6 +82,7 @@ def model_summary(model_dir: Path) -> dict:
     from ..inference.state import InferenceState
     from ..io.safetensors import list_tensors
     from ..params import num_parameters
+    from ..quant.report import file_summary
 
     config = THLConfig.load(str(model_dir))
     n = num_parameters(config)
@@ -90,9 +91,10 @@ def model_summary(model_dir: Path) -> dict:
         raise WeightsError(
             f"no model.safetensors in {model_dir}: a model folder needs config.json + model.safetensors"
         )
+    infos = list_tensors(str(weights))
     tensors = [
         {"name": t.name, "dtype": str(t.dtype), "shape": [int(s) for s in t.shape], "nbytes": int(t.nbytes)}
-        for t in list_tensors(str(weights))
+        for t in infos
     ]
     return {
         "model": str(model_dir),
@@ -102,6 +104,7 @@ def model_summary(model_dir: Path) -> dict:
         "state_bytes_per_sequence": {dt: InferenceState.init(1, config, dtype=dt).nbytes for dt in DTYPES},
         "weights_file": {"path": str(weights), "bytes": weights.stat().st_size, "num_tensors": len(tensors)},
         "tensors": tensors,
+        **({"quantization": file_summary(config, infos)} if config.quantization else {}),
     }
 
 
@@ -117,6 +120,11 @@ def print_summary(info: dict) -> None:
                f"{sbytes['float64']:,} bytes float64 (fixed, whatever the context length)")
     wf = info["weights_file"]
     click.echo(f"weights: {wf['path']} ({human_bytes(wf['bytes'])}, {wf['num_tensors']} tensors)")
+    q = info.get("quantization")
+    if q:
+        click.echo(f"quantization: {q['scheme']}: {q['int8_tensors']} matrices int8 + float32 scales "
+                   f"(W = scale * q), {q['float_tensors']} tensors float; {human_bytes(q['stored_bytes'])}, "
+                   f"{q['ratio_to_float32']:.3f}x the float32 size ({human_bytes(q['float32_bytes'])})")
     rows = [(t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", f"{t['nbytes']:,}")
             for t in info["tensors"]]
     header = ("name", "dtype", "shape", "bytes")

@@ -17,10 +17,14 @@ from ..errors import InputError
                    "measurement, after a warm-up of at least 1 s); the median is reported.")
 @click.option("--prompt-len", type=int, default=128, show_default=True)
 @click.option("--no-train", is_flag=True, help="Skip the training throughput figure.")
+@click.option("--int8", "int8", type=click.Choice(["int8", "int8-row", "int8-block32", "none"]), default="int8",
+              show_default=True, help="Also decode the model's int8 copy (this scheme) in the same rounds, against "
+                                      "its own bandwidth bound; none skips it.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the figures as one JSON object.")
-def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, as_json):
+def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, as_json):
     """Measure decode (batch 1 and 8), prompt and training tokens/s, the GEMV bandwidth, the bandwidth
-    bound of a decode step and the ratio to it, and peak memory, all in one run.
+    bound of a decode step and the ratio to it, and peak memory, all in one run; the same for the model's
+    int8 copy (--int8), decoded in the same rounds as the float model.
 
     \b
     Examples:
@@ -46,7 +50,7 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
             kw["memory_slots"] = memory_slots
         config = THLConfig(**kw)
     figures = B.run(model=model, config=config, echo=click.echo, decode_steps=decode_steps,
-                    prompt_len=prompt_len, train=not no_train)
+                    prompt_len=prompt_len, train=not no_train, int8=None if int8 == "none" else int8)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
 

@@ -242,10 +242,13 @@ def _int_list(ctx, param, value):
                    "KV cache into this PNG (needs matplotlib).")
 @click.option("--plot-lengths", callback=_int_list, default="256,1024,4096,16384,65536", show_default=True,
               help="Context lengths (tokens) measured for --memory-plot.")
+@click.option("--compare", "compare_dir", metavar="OTHER_MODEL",
+              help="With --data: also evaluate this model (e.g. a quantized copy) on the same bytes; print both "
+                   "bits per byte, their difference and the mean KL divergence of the next-byte distributions.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
-          depth, filler, seed, memory_plot, plot_lengths, dtype, as_json):
+          depth, filler, seed, memory_plot, plot_lengths, compare_dir, dtype, as_json):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
     context length (--memory-plot). Give at least one of the three.
 
@@ -260,6 +263,7 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
       thl-np eval --data /usr/lib/python3.11 --include "*.py" --exclude test --held-out 0.05
       thl-np eval --passkey --lengths 256,1024,4096 --trials 10 --json
       thl-np eval --memory-plot docs/memory_vs_context.png
+      thl-np eval --data /usr/lib/python3.11/json --compare default-int8   # float model vs its int8 copy
     """
     from ..model import THLModel
 
@@ -267,6 +271,8 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         raise click.UsageError("nothing to evaluate: give --data PATH, --passkey and/or --memory-plot PATH")
     if data is None and (include or exclude or held_out or max_bytes):
         raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
+    if compare_dir is not None and data is None:
+        raise click.UsageError("--compare evaluates both models on --data: give --data PATH")
     if memory_plot is not None:  # the plot's file and its library, before the measurements
         check_output_file(memory_plot, "--memory-plot")
         from ..evaluation import require_matplotlib
@@ -275,6 +281,7 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     t0 = time.perf_counter()
     path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
+    other = None if compare_dir is None else THLModel.from_pretrained(_eval_model_dir(compare_dir), dtype=dtype)
     res = {"model": os.fspath(path)}
     say = (lambda text: None) if as_json else click.echo
     if passkey:
@@ -306,7 +313,13 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         stream = load_bytes(data, include, exclude)
         if held_out:
             stream = split_bytes(stream, held_out)[1]
-        bpb = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
+        if other is None:
+            bpb = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
+        else:
+            from ..compare import compare_lines, compare_models
+
+            bpb = compare_models(model, other, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
+            bpb["compare"]["model"] = os.fspath(_eval_model_dir(compare_dir))
         res.update(bpb, data=data)
         if include or exclude or held_out:
             res.update(include=list(include), exclude=list(exclude), held_out=held_out)
@@ -315,6 +328,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     res["seconds"] = time.perf_counter() - t0
     if as_json:
         click.echo(json.dumps(res))
+    elif other is not None:
+        for line in compare_lines(res, os.fspath(path), res["compare"]["model"]):
+            click.echo(line)
     elif data is not None:
         click.echo(f"bits_per_byte: {res['bits_per_byte']:.4f}")
 

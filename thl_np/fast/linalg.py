@@ -23,6 +23,8 @@ def linear(x, W, b, out=None):
     """out = x @ W.T + b for x [n, d_in] C-contiguous (thl_np.components.output.linear_forward). A few rows
     (a decode step's batch) run in Numba kernels that read W once for all rows; many rows (a prompt's
     positions) in BLAS."""
+    if not isinstance(W, np.ndarray):  # int8 weights: thl_np.fast.quant.Q8Matrix picks its own kernel
+        return W.linear(x, b, out)
     n = x.shape[0]
     if out is None:
         out = np.empty((n, W.shape[0]), x.dtype)

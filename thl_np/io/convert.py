@@ -81,8 +81,16 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     check_output_dir(out_dir, "the output folder")  # before reading the checkpoint, not after
     config = THLConfig.load(src_dir)
     weights_path, tensors = _read_source_weights(src_dir)
-    check_params(config, tensors, source=weights_path)
-    check_finite(tensors, source=weights_path)
+    keep = ()
+    if config.quantization:  # an int8 folder (thl_np.quant): its int8 values and float32 scales go as they are
+        from ..quant import from_file_tensors
+
+        names = list(from_file_tensors(config, tensors, source=weights_path).stored())
+        keep = [n for n in names if tensors[n].dtype == np.int8 or n.endswith("_scale")]
+    else:
+        check_params(config, tensors, source=weights_path)
+        check_finite(tensors, source=weights_path)
+        names = list(param_shapes(config))
     say(f"read  {weights_path}: {len(tensors)} tensors, {sum(t.size for t in tensors.values()):,} parameters")
     if config.write_rate != 1.0:
         say(f"note  write_rate {config.write_rate} -> 1.0: the PyTorch THL ignores write_rate (it behaves as "
@@ -90,10 +98,10 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
         config = config.replace(write_rate=1.0)
     else:
         say("note  write_rate is 1.0, matching the PyTorch THL (which ignores write_rate)")
-    ordered = {name: tensors[name] for name in param_shapes(config)}
+    ordered = {name: tensors[name] for name in names}
     out_weights = os.path.join(out_dir, SAFETENSORS_WEIGHTS)
     metadata = dict(FORMAT_METADATA, config=config.to_json())
-    write_model_folder(out_dir, ordered, config, metadata=metadata, dtype=dtype)
+    write_model_folder(out_dir, ordered, config, metadata=metadata, dtype=dtype, keep_dtype=keep)
     stored = dtype or ", ".join(sorted({str(t.dtype) for t in ordered.values()}))
     say(f"wrote {out_weights} ({stored}, {os.path.getsize(out_weights):,} bytes) and "
         f"{os.path.join(out_dir, 'config.json')}")

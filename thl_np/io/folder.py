@@ -21,12 +21,14 @@ _STORAGE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 _TEMP = re.compile(r"^\.(?:.+\.(\d+)\.[0-9a-f]{8}\.tmp|config\.json\.tmp-(\d+))$")
 
 
-def write_model_folder(directory, params, config, metadata: dict, dtype: str | None = None) -> str:
-    """Write ``params`` (model.safetensors, stored as ``dtype``) and ``config`` (config.json) into
+def write_model_folder(directory, params, config, metadata: dict, dtype: str | None = None, keep_dtype=()) -> str:
+    """Write ``params`` (model.safetensors, stored as ``dtype``, but the tensors named in ``keep_dtype`` as
+    they are: int8 values and their scales) and ``config`` (config.json) into
     ``directory``. Checks the location first (a folder that can be made or written, with room for the
     weights); any failure raises WeightsError and leaves the folder's previous files unchanged."""
     directory = as_path(directory, "the model folder")
-    need = sum(a.size * _STORAGE_BYTES.get(dtype, a.dtype.itemsize) for a in params.values()) + (1 << 16)
+    need = sum(a.size * (a.dtype.itemsize if n in keep_dtype else _STORAGE_BYTES.get(dtype, a.dtype.itemsize))
+               for n, a in params.items()) + (1 << 16)
     check_output_dir(directory, "model folder", need_bytes=need)
     created = not os.path.lexists(directory)
     config_tmp = os.path.join(directory, f".{CONFIG}.tmp-{os.getpid()}")
@@ -37,7 +39,8 @@ def write_model_folder(directory, params, config, metadata: dict, dtype: str | N
             f.write(config.to_json())
             f.flush()
             os.fsync(f.fileno())
-        write_safetensors(os.path.join(directory, WEIGHTS), params, metadata=metadata, dtype=dtype)
+        write_safetensors(os.path.join(directory, WEIGHTS), params, metadata=metadata, dtype=dtype,
+                          keep_dtype=keep_dtype)
         os.replace(config_tmp, os.path.join(directory, CONFIG))
     except BaseException as exc:
         _remove(config_tmp)

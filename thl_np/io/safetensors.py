@@ -334,11 +334,12 @@ def _short(value, limit: int = 80) -> str:
 
 # ---------------------------------------------------------------------------------------------- writing
 def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None,
-                      dtype: str | None = None) -> None:
+                      dtype: str | None = None, keep_dtype=()) -> None:
     """Write tensors (and string metadata) as a safetensors file, atomically.
 
     ``dtype=None`` keeps each array's dtype; "float32" | "float16" | "bfloat16" | "float64" converts the
-    floating tensors (integer and bool tensors are kept as they are). bfloat16 rounds to nearest even.
+    floating tensors (integer and bool tensors are kept as they are, and so are the tensors named in
+    ``keep_dtype``: a quantized model's scales stay float32). bfloat16 rounds to nearest even.
     Tensors are laid out widest-itemsize first so every tensor starts at a multiple of its itemsize
     (the header is padded to 8 bytes), which keeps memory-mapped views aligned.
     The file appears under its name only once complete: a temp file in the same folder is written,
@@ -347,7 +348,8 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping
     path = os.fspath(path)
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise WeightsError(f"storage dtype {dtype!r} is not supported: use one of {list(STORAGE_DTYPES)}")
-    prepared = [_prepare(path, name, value, dtype) for name, value in tensors.items()]
+    keep = set(keep_dtype)
+    prepared = [_prepare(path, name, value, None if name in keep else dtype) for name, value in tensors.items()]
     header_bytes, ordered = _build_header(path, prepared, metadata)
     _atomic_write(path, header_bytes, ordered)
 

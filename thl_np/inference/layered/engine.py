@@ -11,13 +11,14 @@ import time
 
 import numpy as np
 
-from ...components.output import layer_norm_forward, linear_forward
+from ...components.output import layer_norm_forward
 from ...config import THLConfig
 from ...errors import InputError, StateError
 from ...step import thl_step
 from ..state import InferenceState
 from .backends import make_backend
 from .plan import LayeredPlan, plan_layers
+from .storage import head_linear, stored_tensors, tensor_layout
 from .stream import Streamer
 from .units import format_bytes, parse_bytes
 from .weights import StreamedWeights
@@ -46,6 +47,7 @@ class LayeredInferenceEngine:
         self.model = model
         self.config = model.config
         self.dtype = np.dtype(model.dtype)
+        self._stored = stored_tensors(model.params)   # what moves: float weights, or int8 values and scales
         budget = None if vram_budget is None else parse_bytes(vram_budget)
         self.device = device
         self.backend = make_backend(device, budget, overlap=overlap)
@@ -65,30 +67,30 @@ class LayeredInferenceEngine:
     @staticmethod
     def minimum_budget(model, batch_size: int = 1, device: str = "cpu", extra_states: int = 0) -> int:
         """The smallest vram_budget (bytes) with which ``model`` steps a batch of ``batch_size``."""
-        shapes = {k: tuple(v.shape) for k, v in model.params.items()}
-        return plan_layers(model.config, 1 << 62, batch_size, model.dtype, device, shapes,
-                           extra_states).minimum_budget
+        layout = tensor_layout(model.config, model.dtype, model.params)
+        return plan_layers(model.config, 1 << 62, batch_size, model.dtype, device, None, extra_states,
+                           layout=layout).minimum_budget
 
     def plan(self, batch_size: int | None = None) -> LayeredPlan:
         """The plan in use (``print(engine.plan())`` describes it), or the plan a batch would get."""
         if batch_size is None or int(batch_size) == self._plan.batch_size:
             return self._plan
         return plan_layers(self.config, self.budget, int(batch_size), self.dtype, self.backend.profile.device,
-                           self._shapes(), self.extra_states)
+                           None, self.extra_states, layout=self._layout())
 
     def describe(self) -> str:
-        return self._plan.describe(self.model.params) + f"\n  backend: {self.backend.describe()}"
+        return self._plan.describe(self._stored) + f"\n  backend: {self.backend.describe()}"
 
-    def _shapes(self):
-        return {k: tuple(v.shape) for k, v in self.model.params.items()}
+    def _layout(self):
+        return tensor_layout(self.config, self.dtype, self.model.params)
 
     def _replan(self, batch_size: int):
         plan = plan_layers(self.config, self.budget, batch_size, self.dtype, self.backend.profile.device,
-                           self._shapes(), self.extra_states)
+                           None, self.extra_states, layout=self._layout())
         if self._streamer is not None:
             self._streamer.abort()
         self._resident, self._streamer = {}, None   # the old buffers go back to the pool
-        P = self.model.params
+        P = self._stored
         be = self.backend
         with be.activate():
             if plan.num_slots:
@@ -263,14 +265,14 @@ class LayeredInferenceEngine:
         weights.keep(h)
         del tier_states
         with be.workspace(weights.workspace["output_head"]):
+            block = c.quantization["block_size"] if c.quantization else None
             if "output_head" in self._resident:
-                W = self._resident["output_head"]
-                logits = linear_forward(h, W["output_head.weight"], W["output_head.bias"])
+                logits = head_linear(h, self._resident["output_head"], self.dtype, block)
             else:
                 logits = be.xp.empty((h.shape[0], c.vocab_size), dtype=h.dtype)
                 for a, b in plan.head_chunks:
                     W = self._streamer.acquire("output_head")
-                    logits[:, a:b] = linear_forward(h, W["output_head.weight"], W["output_head.bias"])
+                    head_linear(h, W, self.dtype, block, out=logits[:, a:b])
                     del W
                     self._streamer.release()
             del h
@@ -282,7 +284,7 @@ class LayeredInferenceEngine:
         return logits_host, next_state
 
     def _queue(self, t: int, n: int) -> list:
-        plan, P = self._plan, self.model.params
+        plan, P = self._plan, self._stored
         return [p for name in plan.needed(t, n) if not plan.module(name).resident
                 for p in plan.pieces(name, P)]
 

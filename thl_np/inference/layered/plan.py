@@ -14,6 +14,7 @@ import numpy as np
 
 from ...config import THLConfig
 from .backends.accounting import DeviceBudgetError, Profile, profile_for
+from .storage import dequantize_bytes, head_block_rows, tensor_layout
 from .units import ALIGN, align_up, format_bytes
 
 MODULE_SLACK = 16 << 10  # per-module allowance for small temporaries (index arrays, 0-d results)
@@ -67,6 +68,7 @@ class LayeredPlan:
     config: THLConfig | None = None
     overhead: int = 0
     extra_states: int = 0
+    embedding_row_bytes: int = 0  # one stored embedding row (int8 values and scales for a quantized model)
 
     # ----------------------------------------------------------------- facts
     def module(self, name: str) -> ModuleSpec:
@@ -146,7 +148,7 @@ class LayeredPlan:
         lines.append(f"  {'module':<13}{'bytes':>12}  where")
         c = self.config
         if c is not None:
-            row_bytes = c.embedding_dim * np.dtype(self.dtype).itemsize
+            row_bytes = self.embedding_row_bytes or c.embedding_dim * np.dtype(self.dtype).itemsize
             rows = format_bytes(self.batch_size * row_bytes)
             lines.append(f"  {'embedding':<13}{format_bytes(c.vocab_size * row_bytes):>12}  host: the "
                          f"batch's {self.batch_size} row(s) are gathered and copied ({rows})")
@@ -186,17 +188,26 @@ def _module_piece(params, m: ModuleSpec) -> Piece:
 
 
 def _head_piece(params, i, a, b) -> Piece:
-    W = params["output_head.weight"]
-    s = W.dtype.itemsize
-    D = W.shape[1]
-    w_bytes = (b - a) * D * s
-    parts = (("output_head.weight", (a, b), 0, (b - a, D)),
-             ("output_head.bias", (a, b), align_up(w_bytes), (b - a,)))
-    return Piece(f"output_head[{i}]", "output_head", parts, w_bytes + (b - a) * s)
+    """Vocabulary rows a..b of every stored head tensor (the weight, its scales when int8, the bias)."""
+    parts, off, total = [], 0, 0
+    for name in HEAD_TENSORS:
+        if name not in params:
+            continue
+        arr = params[name]
+        shape = (b - a,) + tuple(arr.shape[1:])
+        n = int(np.prod(shape)) * arr.dtype.itemsize
+        parts.append((name, (a, b), off, shape))
+        off += align_up(n)
+        total += n
+    return Piece(f"output_head[{i}]", "output_head", tuple(parts), total)
 
 
-def _head_chunk_layout(rows: int, D: int, s: int) -> int:
-    return align_up(rows * D * s) + align_up(rows * s)
+HEAD_TENSORS = ("output_head.weight", "output_head.weight_scale", "output_head.bias")  # slot order
+
+
+def _head_chunk_layout(rows: int, row_bytes) -> int:
+    """Slot bytes of ``rows`` vocabulary rows: each stored head tensor aligned on its own."""
+    return sum(align_up(rows * r) for r in row_bytes)
 
 
 def _state_bytes(c: THLConfig, B: int, s: int, profile: Profile) -> int:
@@ -206,7 +217,7 @@ def _state_bytes(c: THLConfig, B: int, s: int, profile: Profile) -> int:
             + 2 * r(B * J * 8) + r(B * c.local_window * c.embedding_dim * s))
 
 
-def _module_specs(c: THLConfig, params_shapes: dict, s: int, B: int, profile: Profile) -> list:
+def _module_specs(c: THLConfig, layout: dict, s: int, B: int, profile: Profile) -> list:
     """The step's modules in execution order, with their workspace bounds.
 
     Each ``workspace`` bounds what the module's code allocates while it runs, outputs included: it adds
@@ -221,19 +232,27 @@ def _module_specs(c: THLConfig, params_shapes: dict, s: int, B: int, profile: Pr
     V, D, Ww = c.vocab_size, c.total_tier_dim, c.write_slots
     d0, dK = c.tier_dims[0], c.tier_dims[-1]
 
+    def stored(names):  # (stored name, bytes): a float tensor, or int8 values and their scales
+        return [(sn, int(np.prod(shape)) * size) for n in names for sn, shape, size in layout[n]]
+
     def resident_bytes(names):
-        return sum(profile.round(int(np.prod(params_shapes[n])) * s) for n in names)
+        return sum(profile.round(nb) for _, nb in stored(names))
 
     def layout_bytes(names):
-        return _layout(int(np.prod(params_shapes[n])) * s for n in names)
+        return _layout(nb for _, nb in stored(names))
 
     specs = []
 
     def add(name, names, every, temps, out):
-        specs.append(ModuleSpec(name, tuple(names), resident_bytes(names), layout_bytes(names), every,
-                                int(temps + out + MODULE_SLACK), int(out)))
+        # int8 weights are dequantized on the device while their module runs (storage.py): float copies
+        temps += dequantize_bytes(layout, names, s, head_block_rows(D, s) if name == "output_head" else None)
+        specs.append(ModuleSpec(name, tuple(sn for sn, _ in stored(names)), resident_bytes(names),
+                                layout_bytes(names), every, int(temps + out + MODULE_SLACK), int(out)))
 
-    add("embedding", (), 1, 0, f(B * d_e))
+    # an int8 table's B rows are gathered and dequantized on the host: their values, scales and casts
+    emb = layout["embedding.weight"]
+    emb_temps = B * (d_e + emb[1][1][1] * (4 + s)) + f(B * d_e) if len(emb) == 2 else 0
+    add("embedding", (), 1, emb_temps, f(B * d_e))
     # local attention: q, k, v, scores (4 [B, n] arrays), softmax sums, ℓ; a possible copy of the buffer
     # slice for the matmul; the zeros ℓ when it is skipped; the new buffer (state out)
     temps = f(B * (d_lq + W * d_lq + W * d_v + 4 * W + 2 + d_v)) + f(B * W * d_e) if W > 0 else 0
@@ -278,7 +297,7 @@ def _module_specs(c: THLConfig, params_shapes: dict, s: int, B: int, profile: Pr
 
 
 def plan_layers(config: THLConfig, budget: int, batch_size: int = 1, dtype="float32", device: str = "cpu",
-                params_shapes: dict | None = None, extra_states: int = 0) -> LayeredPlan:
+                params_shapes: dict | None = None, extra_states: int = 0, layout: dict | None = None) -> LayeredPlan:
     """Plan a step of ``config`` on a device with ``budget`` bytes. Raises DeviceBudgetError naming the
     minimum budget when it cannot work.
 
@@ -299,8 +318,11 @@ def plan_layers(config: THLConfig, budget: int, batch_size: int = 1, dtype="floa
     B = int(batch_size)
     dt = np.dtype(dtype)
     s = dt.itemsize
-    shapes = params_shapes or _param_shapes(config)
-    specs = _module_specs(config, shapes, s, B, profile)
+    if layout is None and config.quantization:
+        layout = tensor_layout(config, dt)
+    elif layout is None:
+        layout = {n: [(n, shape, s)] for n, shape in (params_shapes or _param_shapes(config)).items()}
+    specs = _module_specs(config, layout, s, B, profile)
     state_bytes = _state_bytes(config, B, s, profile)
     kept, act = 0, 0
     largest = ("", 0)
@@ -317,8 +339,10 @@ def plan_layers(config: THLConfig, budget: int, batch_size: int = 1, dtype="floa
     weighted = [m for m in specs if m.has_weights]
     head = next(m for m in weighted if m.name == "output_head")
     others = [m for m in weighted if m is not head]
-    D, V = config.total_tier_dim, config.vocab_size
-    head_row = _head_chunk_layout(1, D, s)
+    V = config.vocab_size
+    head_row_bytes = [int(np.prod(shape[1:])) * size for _, shape, size in layout["output_head.weight"]
+                      + layout["output_head.bias"]]
+    head_row = _head_chunk_layout(1, head_row_bytes)
     step = max(ALIGN, profile.granularity)
 
     def cost(res: set) -> int:
@@ -370,13 +394,15 @@ def plan_layers(config: THLConfig, budget: int, batch_size: int = 1, dtype="floa
         smallest = align_up(_cost_slot(streamed, head, head_row), step)
         slot_bytes = max(min(need, spare) // step * step, smallest)
         if not head.resident:
-            rows = min(V, max(1, _rows_fitting(slot_bytes, D, s)))
+            rows = min(V, max(1, _rows_fitting(slot_bytes, head_row_bytes)))
             chunks = [(a, min(V, a + rows)) for a in range(0, V, rows)]
     return LayeredPlan(device=profile.device, dtype=dt, batch_size=B, budget=int(budget),
                        minimum_budget=int(minimum_budget), state_bytes=state_bytes,
                        activation_bytes=activation, largest_workspace=largest, modules=specs,
                        slot_bytes=int(slot_bytes), num_slots=2 if streamed else 0, head_chunk_rows=rows,
-                       head_chunks=chunks, config=config, overhead=overhead, extra_states=int(extra_states))
+                       head_chunks=chunks, config=config, overhead=overhead, extra_states=int(extra_states),
+                       embedding_row_bytes=sum(int(np.prod(shape[1:])) * size
+                                               for _, shape, size in layout["embedding.weight"]))
 
 
 def _cost_slot(streamed, head, head_row) -> int:
@@ -384,8 +410,8 @@ def _cost_slot(streamed, head, head_row) -> int:
     return max([m.layout_bytes for m in streamed if m is not head] + ([head_row] if head in streamed else []))
 
 
-def _rows_fitting(slot_bytes: int, D: int, s: int) -> int:
-    rows = max(1, slot_bytes // ((D + 1) * s))
-    while rows > 1 and _head_chunk_layout(rows, D, s) > slot_bytes:
+def _rows_fitting(slot_bytes: int, row_bytes) -> int:
+    rows = max(1, slot_bytes // sum(row_bytes))
+    while rows > 1 and _head_chunk_layout(rows, row_bytes) > slot_bytes:
         rows -= 1
     return rows
