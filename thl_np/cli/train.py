@@ -23,7 +23,8 @@ NEW_RUN_SLOTS = 64
 _POS = click.IntRange(min=1)
 _NONNEG = click.IntRange(min=0)
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
-                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path")
+                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path", "full_bptt",
+                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -66,6 +67,10 @@ class _Progress:
     def _step(self, e: dict) -> None:
         text = (f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
                 f"{e['tokens_per_s']:,.0f} tok/s  ETA {_fmt_time(e['eta_s'])}")
+        if "mem_read_entropy" in e:  # the memory over the step's chunk (thl_np.diagnostics)
+            text += (f"  | T {e['seq_len']} mem H {e['mem_read_entropy']:.2f} top1 {e['mem_top1_mass']:.2f} "
+                     f"eff {e['mem_effective_slots']:.1f} refine {e['mem_share_refine']:.0%} "
+                     f"evict {e['mem_share_novel_evict']:.0%} g {e['mem_mean_gate']:.2f}")
         if self.tty:
             click.echo("\r" + text.ljust(78), nl=False)
             self.live = True
@@ -107,6 +112,39 @@ def _load_data(data, include, exclude):
     return load_bytes(data, include, exclude)
 
 
+def _parse_sets(values) -> dict:
+    """--set FIELD=VALUE (repeatable) → {field: value}; VALUE is read as JSON (1.0, null, [1, 8]) or kept as
+    a string."""
+    out = {}
+    for item in values or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE (e.g. memory_decay=1.0)", param_hint="--set")
+        try:
+            out[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[name.strip()] = text
+    return out
+
+
+def _start_model(init, config_file, dim, memory_slots, write_rate, dtype, sets):
+    """A new run's model: a fresh one from flags (``_model_config``), or --init's weights (a model folder, a
+    training run folder, or ``default``: the packaged model) under its config with --set's fields on top."""
+    if init is None:
+        config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
+        return config.replace(**sets) if sets else config
+    if any(v is not None for v in (config_file, dim, memory_slots)):
+        raise click.UsageError("--init takes the model's shape from its weights: drop --config/--dim/--memory-slots "
+                               "(change other config fields with --set FIELD=VALUE)")
+    from ..model import THLModel
+
+    model = THLModel.from_pretrained(_eval_model_dir(None if init == "default" else init), dtype=dtype)
+    changes = dict(sets, **({"write_rate": write_rate} if write_rate is not None else {}))
+    if dtype is not None:
+        changes["dtype"] = dtype
+    return THLModel(model.config.replace(**changes), params=model.params) if changes else model
+
+
 def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfig:
     """A new run's model: vocab 259 (byte tokenizer), every width ``dim``, ``memory_slots`` slots, the
     rest THLConfig defaults; or ``--config``'s fields with only the flags actually given on top."""
@@ -123,7 +161,21 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--data", "data", required=True, help="Text file, or folder of text files (read recursively).")
 @click.option("--out", "out", required=True, help="Output folder: checkpoints, logs, loss.png.")
 @click.option("--steps", type=_POS, help="Steps to reach.  [default: 1000]")
-@click.option("--seq-len", type=_POS, help="Bytes per chunk (BPTT length).  [default: 128]")
+@click.option("--seq-len", "seq_len_text", metavar="L|START:FINAL",
+              help="Bytes per chunk (BPTT length), or a schedule START:FINAL (128:4096: the length doubles in "
+                   "equal stages over --seq-len-ramp steps; implies --full-bptt).  [default: 128]")
+@click.option("--seq-len-ramp", type=_POS, help="Steps over which START:FINAL reaches FINAL.  [default: --steps]")
+@click.option("--full-bptt/--no-full-bptt", default=None,
+              help="Independent windows of --seq-len bytes, each from an empty state with the gradient through "
+                   "all of it (instead of lanes with a carried state).  [default: off]")
+@click.option("--task-mix", type=click.FloatRange(min=0, max=1),
+              help="Share of the rows that are synthetic long-range tasks (implies --full-bptt).  [default: 0]")
+@click.option("--tasks", help="Synthetic tasks, comma-separated: passkey, recall, copy.  [default: all three]")
+@click.option("--filler", type=click.Choice(["corpus", "python", "prose", "mixed"]),
+              help="Text the tasks are hidden in: the training data itself, the passkey evaluation's filler "
+                   "lines, or a mix.  [default: corpus]")
+@click.option("--answer-weight", type=click.FloatRange(min=0, min_open=True),
+              help="Loss weight of a task's answer bytes (1: like any byte).  [default: 1]")
 @click.option("--batch-size", type=_POS, help="Parallel lanes per batch.  [default: 8]")
 @click.option("--dim", type=_POS, help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
 @click.option("--memory-slots", type=click.IntRange(min=1),
@@ -144,6 +196,11 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--seed", type=_NONNEG, help="Seed: weights and routing noise.  [default: 0]")
 @click.option("--carry-state/--no-carry-state", default=None,
               help="Carry the recurrent state between chunks (gradient cut).  [default: carry]")
+@click.option("--init", "init", metavar="MODEL",
+              help="Start from a model's weights (a model folder, a training run folder, or 'default': the "
+                   "packaged model) instead of fresh ones; new run.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE",
+              help="Set a model config field for a new run (repeatable): --set memory_decay=1.0.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--path", type=click.Choice(["auto", "fast", "plain"]),
               help="Gradient path: fast kernels, or the spec's composition (plain); auto takes fast where the "
@@ -151,7 +208,7 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--log-every", type=click.IntRange(min=1), default=10, help="Line period when not on a TTY.")
 @_data_filters
 def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, include, exclude,
-          **flags):
+          seq_len_text, init, sets, **flags):
     """Train a byte-level THL model on a text file or folder (first 90% trained on, last 10% held out).
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
@@ -164,19 +221,30 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
           --dim 128 --memory-slots 64 --steps 600 --batch-size 8 --seq-len 128
       thl-np eval --model runs/gpl --data held-out.txt
       thl-np train --data /usr/lib/python3.11 --include "*.py" --exclude test --out runs/py
+      thl-np train --data corpus/ --out runs/long --seq-len 128:2048 --task-mix 0.5 --answer-weight 10
     """
     from ..training.trainer import saved_train_config
     from ..training.trainer import train as run_training
 
     base = (saved_train_config(out) if resume else None) or TrainConfig()
+    if seq_len_text is not None:
+        from ..errors import InputError
+        from ..training.tasks import parse_seq_len
+
+        try:
+            flags["seq_len"], flags["seq_len_final"] = parse_seq_len(seq_len_text)
+        except InputError as exc:
+            raise click.BadParameter(str(exc), param_hint="--seq-len") from None
+        if flags["seq_len_final"] is None:
+            flags.pop("seq_len_final")   # a plain length keeps a resumed run's schedule (if any)
     given = {k: v for k, v in flags.items() if k in _TRAIN_FLAGS and v is not None}
     tc = base.replace(**given, resume=resume)
     model_config = None
     if not resume:
-        model_config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
-    elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype)):
-        click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype are ignored with --resume "
-                   "(the model comes from the checkpoint)", err=True)
+        model_config = _start_model(init, config_file, dim, memory_slots, write_rate, dtype, _parse_sets(sets))
+    elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype, init)) or sets:
+        click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype/--init/--set are ignored with "
+                   "--resume (the model comes from the checkpoint)", err=True)
     result = run_training(model_config, _load_data(data, include, exclude), out, tc,
                           log=_Progress(log_every))
     if result.interrupted:
@@ -227,12 +295,23 @@ def _int_list(ctx, param, value):
                    "KV cache into this PNG (needs matplotlib).")
 @click.option("--plot-lengths", callback=_int_list, default="256,1024,4096,16384,65536", show_default=True,
               help="Context lengths (tokens) measured for --memory-plot.")
+@click.option("--diagnostics", is_flag=True,
+              help="Memory diagnostics (reads, writes, slots) over the first 4,096 bytes of --data, or without "
+                   "--data over a passkey prompt at the longest --lengths.")
+@click.option("--plot", "diag_plot", type=click.Path(dir_okay=False),
+              help="With --diagnostics: draw slot use and the writer's branch over time into this PNG "
+                   "(needs matplotlib).")
+@click.option("--trace", is_flag=True, help="With --passkey: follow the first trial at each --lengths through "
+                                             "the memory (where the key is written, kept, read).")
+@click.option("--path", "run_path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True,
+              help="Decoding path of --diagnostics and --trace (both give the same figures).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
-          depth, filler, seed, memory_plot, plot_lengths, dtype, as_json):
+          depth, filler, seed, memory_plot, plot_lengths, diagnostics, diag_plot, trace, run_path, dtype, as_json):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
-    context length (--memory-plot). Give at least one of the three.
+    context length (--memory-plot), the memory's workings (--diagnostics, --passkey --trace). Give at least
+    one of them.
 
     Bits per byte is the next-byte cross-entropy / ln 2. Passkey accuracy is the fraction of trials whose
     greedy 5-byte answer is the key (chance: 1e-5; per digit 0.1); the key's teacher-forced bits per digit
@@ -245,13 +324,18 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
       thl-np eval --data /usr/lib/python3.11 --include "*.py" --exclude test --held-out 0.05
       thl-np eval --passkey --lengths 256,1024,4096 --trials 10 --json
       thl-np eval --memory-plot docs/memory_vs_context.png
+      thl-np eval --diagnostics --plot slots.png --lengths 4096
+      thl-np eval --passkey --trace --lengths 1024 --trials 1
     """
     from ..model import THLModel
 
-    if data is None and not passkey and memory_plot is None:
-        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey and/or --memory-plot PATH")
+    if data is None and not passkey and memory_plot is None and not diagnostics:
+        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey, --diagnostics and/or "
+                               "--memory-plot PATH")
     if data is None and (include or exclude or held_out or max_bytes):
         raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
+    if (diag_plot and not diagnostics) or (trace and not passkey):
+        raise click.UsageError("--plot draws --diagnostics, --trace follows --passkey: give them together")
     t0 = time.perf_counter()
     path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
@@ -264,6 +348,10 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         res["passkey"] = report
         for line in passkey_lines(report):
             say(line)
+        if trace:
+            from .memory import run_traces
+
+            res["trace"] = run_traces(model, lengths, seed, depth, filler, run_path, say)
     if memory_plot is not None:
         from ..evaluation import format_bytes, memory_vs_context, plot_memory
 
@@ -279,13 +367,21 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
                 f"{format_bytes(r['rss_growth_bytes'])} over the T tokens); "
                 f"KV cache {format_bytes(r['kv_cache_bytes'])}")
         say(f"wrote {report['plot']}")
+    stream = None
     if data is not None:
         from ..training.data import load_bytes, split_bytes
-        from ..training.trainer import evaluate
 
         stream = load_bytes(data, include, exclude)
         if held_out:
             stream = split_bytes(stream, held_out)[1]
+    if diagnostics:
+        from .memory import diagnostics_text, run_diagnostics
+
+        ids, what = diagnostics_text(stream, lengths, filler, seed)
+        res["diagnostics"] = run_diagnostics(model, ids, what, run_path, diag_plot, say)
+    if data is not None:
+        from ..training.trainer import evaluate
+
         bpb = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
         res.update(bpb, data=data)
         if include or exclude or held_out:

@@ -134,13 +134,14 @@ def write_csv(path: str, fields: list[str], rows: Iterable[dict]) -> None:
         writer = csv.writer(f)
         writer.writerow(fields)
         for row in rows:
-            writer.writerow([repr(row[k]) if isinstance(row[k], float) else row[k] for k in fields])
+            # a row without a column (a run resumed from before the column existed) leaves it empty
+            writer.writerow([repr(row[k]) if isinstance(row.get(k), float) else row.get(k, "") for k in fields])
 
 
 def read_csv(path: str) -> list[dict]:
-    """Rows as dicts; ``step`` becomes int, every other column float."""
+    """Rows as dicts; ``step`` becomes int, every other column float; an empty cell is left out."""
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return [{k: int(v) if k == "step" else float(v) for k, v in row.items()} for row in rows]
+    return [{k: int(v) if k == "step" else float(v) for k, v in row.items() if v != ""} for row in rows]
