@@ -222,3 +222,17 @@ def assert_close_tree(a, b, tol=1e-9, where="trace"):
         assert a == pytest.approx(b, abs=tol), where
     else:
         assert a == b, where
+
+
+def test_trace_key_share_is_one_for_slots_only_the_key_line_wrote():
+    """Every write novel (θ < 0) into a bank larger than the prompt: each byte fills a fresh slot, so a key slot
+    holds exactly its key-line write (share 1; its digits' share 1 at a digit's slot, 0 elsewhere)."""
+    cfg = byte_model().config.replace(memory_slots=256, novelty_theta=-0.5)
+    model = THLModel(cfg, seed=4)
+    tr = passkey_trace(model, 200, seed=1, path="fast")
+    assert all(w["branch"] == "novel_empty" for w in tr["written"])
+    digit_slots = {j for w in tr["written"] if w["digit"] for j in w["slots"]}
+    for s in tr["key_slots"]:
+        assert s["writes_in_key_line"] == 1 and not (s["refines"] or s["evictions"] or s["fills"])
+        assert s["key_share_at_end"] == pytest.approx(1.0, abs=1e-9)
+        assert s["digit_share_at_end"] == pytest.approx(1.0 if s["slot"] in digit_slots else 0.0, abs=1e-9)

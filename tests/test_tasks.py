@@ -1,5 +1,7 @@
 """Long-range training data (thl_np.training.tasks), the answer-weighted loss, and whole-sequence training
 with a length schedule in the trainer and the CLI."""
+import json
+
 import numpy as np
 import pytest
 from helpers import random_params, tiny_config
@@ -185,6 +187,10 @@ def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys):
     code = main(["eval", "--model", str(out), "--passkey", "--trace", "--lengths", "200", "--trials", "1"])
     text = capsys.readouterr().out
     assert code == 0 and "passkey trace (fast path): length 200" in text and "key line:" in text
+    code = main(["eval", "--model", str(out), "--passkey", "--trace", "--diagnostics", "--lengths", "150",
+                 "--trials", "1", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert code == 0 and res["diagnostics"]["steps"] == 150 and res["trace"][0]["length"] == 150
     code = main(["eval", "--model", str(out), "--diagnostics", "--trace"])
     assert code == 2 and "--trace follows --passkey" in capsys.readouterr().err
     code = main(["train", "--data", str(data), "--out", str(tmp_path / "bad"), "--set", "memory_decay"])

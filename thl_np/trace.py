@@ -9,11 +9,14 @@ step's choices with ``thl_np.diagnostics.MemoryObserver``:
   the steps that read a digit of the key are marked;
 - **afterwards**, per key slot until the end of the prompt: refines (another write into it by the refine
   branch), evictions (a novel write chose it: λ_s·staleness + λ_u·underuse), fills, reads (the router picked
-  it), and its norm against the decay alone (γ^steps) and the cosine of its row with what it held when the
-  key line ended (1: unchanged but for the decay; near 0: the key's content is drowned);
+  it), its norm against the decay alone (γ^steps), and the **key's share** of the row at the end: the norm
+  of what the key line's writes added to it (each write's η·g·w, measured as the row's change over the step
+  less the decay, then decayed to the end) over the row's norm (1: the row is the key line's writes; near
+  0: drowned by the rest), with the same share for the writes made at the key's digits;
 - **the question**: at each of its steps, every head's rank of every key slot among all J router scores
   (spec §4.3 scores, recomputed from the state before the step with the router's own ``slot_scores``:
-  rank 0 is the best; a slot is read when its rank is below κ) and whether it was picked.
+  rank 0 is the best; a slot is read when its rank is below κ), their scores against the κ-th best (the
+  score a slot needs to be read), and whether it was picked.
 
 The figures come from the steps themselves, so the fast and the plain session give the same trace.
 """
@@ -51,8 +54,9 @@ def trace_decoder(model, path: str = "auto"):
     return model._decoder(None, 1)
 
 
-def _query_ranks(model, state, token: int) -> np.ndarray:
-    """[H, J]: the rank (0 = best) of every slot's router score at the next step, ties to the lower index."""
+def _query_ranks(model, state, token: int) -> tuple[np.ndarray, np.ndarray]:
+    """([H, J] the rank (0 = best) of every slot's router score at the next step, ties to the lower index;
+    [H, J] the scores)."""
     c, P = model.config, model.params
     e = P["embedding.weight"][[token]]
     u = np.concatenate([e, state.tiers[0], state.tiers[-1]], axis=1)
@@ -61,7 +65,7 @@ def _query_ranks(model, state, token: int) -> np.ndarray:
     order = top_k_desc(scores[0], c.memory_slots)          # [H, J] slots, best first
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(c.memory_slots)[None, :], axis=1)
-    return ranks
+    return ranks, np.asarray(scores[0], dtype=np.float64)
 
 
 def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, filler: str = "python",
@@ -77,16 +81,27 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, 
     k0, k1, q0 = trial["key_start"], trial["key_end"], trial["question_start"]
     digit_steps = set(trial["digit_steps"])
     written, slots, question = [], {}, []
+    gamma = float(c.memory_decay)
+    key_rows = np.zeros((c.memory_slots, c.memory_dim))     # the key line's writes, decayed to the current step
+    digit_rows = np.zeros((c.memory_slots, c.memory_dim))   # those made at the key's digits
     snapshot = None
     S = None
     for t, tok in enumerate(ids):
-        ranks = _query_ranks(model, dec.state(), int(tok)) if t >= q0 else None
+        before = dec.state() if (t >= q0 or k0 <= t < k1) else None
+        ranks, scores = _query_ranks(model, before, int(tok)) if t >= q0 else (None, None)
         S, st = obs.step(np.array([tok]))
         branch = BRANCHES[int(st.branch[0, 0])]
         targets = [int(j) for j in st.targets[0, 0]]
         g = float(st.g[0, 0])
         idx = st.idx[0, 0]                                   # [H, κ]
+        if t >= k0:
+            key_rows *= gamma
+            digit_rows *= gamma
         if k0 <= t < k1:
+            added = np.asarray(dec.state().memory[0], np.float64) - gamma * np.asarray(before.memory[0], np.float64)
+            key_rows[targets] += added[targets]
+            if t in digit_steps:
+                digit_rows[targets] += added[targets]
             written.append({"step": t, "byte": chr(int(tok)), "digit": t in digit_steps, "slots": targets,
                             "branch": branch, "gate": g})
             for j in targets:
@@ -112,6 +127,9 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, 
             picked = {int(j) for j in idx.reshape(-1)}
             question.append({"step": t, "byte": chr(int(tok)),
                              "ranks": {j: [int(ranks[h, j]) for h in range(c.num_heads)] for j in sorted(slots)},
+                             "scores": {j: [float(scores[h, j]) for h in range(c.num_heads)] for j in sorted(slots)},
+                             "read_threshold": [float(np.sort(scores[h])[::-1][c.read_topk - 1])
+                                                for h in range(c.num_heads)],
                              "picked": sorted(j for j in slots if j in picked)})
     final = dec.state()
     end = len(ids) - 1
@@ -123,6 +141,8 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, 
         s["norm_at_end"] = n_now
         s["decay_alone"] = float(c.memory_decay) ** (end - (k1 - 1))
         s["cosine_with_key_content"] = float(then @ now / (n_then * n_now)) if n_then > 0 and n_now > 0 else 0.0
+        s["key_share_at_end"] = float(np.linalg.norm(key_rows[j]) / n_now) if n_now > 0 else 0.0
+        s["digit_share_at_end"] = float(np.linalg.norm(digit_rows[j]) / n_now) if n_now > 0 else 0.0
         s["best_rank_last_step"] = min(question[-1]["ranks"][j]) if question else None
     logits = dec.logits(S)
     answer = bytes(greedy_bytes(dec, logits, KEY_DIGITS, min(256, c.vocab_size))).decode("latin-1")
@@ -166,17 +186,22 @@ def trace_lines(tr: dict) -> list[str]:
         reads = f"read {s['reads_count']}x" + (f" (last at {s['reads'][-1]['step']})" if s["reads"] else "")
         out.append(f"  slot {s['slot']:>3}: {s['writes_in_key_line']} key-line writes ({s['digit_writes']} at "
                    f"digits); {'; '.join(fate) or 'never written again'}; {reads}; norm "
-                   f"{s['norm_after_key_line']:.4f} -> {s['norm_at_end']:.4f} (decay alone x{s['decay_alone']:.3f}), "
-                   f"cosine with its key-line content {s['cosine_with_key_content']:.3f}")
+                   f"{s['norm_after_key_line']:.4f} -> {s['norm_at_end']:.4f} (decay alone x{s['decay_alone']:.3f}); "
+                   f"the key line's writes are {s['key_share_at_end']:.2%} of the row at the end (its digits' "
+                   f"{s['digit_share_at_end']:.2%}), cosine with the row after the key line "
+                   f"{s['cosine_with_key_content']:.3f}")
     q = tr["question"]
     if q:
         hits = sum(bool(step["picked"]) for step in q)
         out.append(f"question (steps {q[0]['step']}-{q[-1]['step']}): a key slot was read at {hits} of {len(q)} "
                    f"steps (read = rank < {kappa} of {J})")
         last = q[-1]
+        thr = ", ".join(f"{x:.3g}" for x in last["read_threshold"])
+        out.append(f"  last step ({last['byte']!r} -> first digit): a head reads the slots scoring at least its "
+                   f"{kappa}th best score: {thr} (by head)")
         for j, ranks in last["ranks"].items():
-            out.append(f"  last step ({last['byte']!r} -> first digit): slot {j} ranks by head {ranks}"
-                       f"{' (read)' if j in last['picked'] else ''}")
+            sc = ", ".join(f"{x:.3g}" for x in last["scores"][j])
+            out.append(f"    slot {j}: rank {ranks}, score {sc}{' (read)' if j in last['picked'] else ''}")
         best = min((min(r) for step in q for r in step["ranks"].values()), default=math.inf)
         out.append(f"  best rank of any key slot at any question step: {best}")
     return out
