@@ -323,17 +323,24 @@ def summary_lines(s: dict) -> list[str]:
     return out
 
 
+def require_matplotlib() -> None:
+    """An InputError naming the ``[plot]`` extra when matplotlib cannot be imported (checked before any work)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    except ImportError:
+        raise InputError("the diagnostics plot needs matplotlib: pip install 'thl-np[plot]' "
+                         "(or pip install matplotlib)") from None
+
+
 def plot_diagnostics(series: dict, path: str | os.PathLike, num_slots: int, title: str | None = None) -> str:
     """Draw ``MemoryStats.series_arrays()`` into a PNG: slot use over time (read weight per slot and step, a
     heat map, with the written slot marked) above the writer's branch over time. Needs matplotlib (the
     ``[plot]`` extra): an InputError naming it otherwise. Returns the path."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colors import ListedColormap
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise InputError("the diagnostics plot needs matplotlib: pip install 'thl-np[plot]' "
-                         "(or pip install matplotlib)") from None
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
     t, A, targets, branch = series["t"], series["A"], series["targets"], series["branch"]
     fig = Figure(figsize=(10, 6.5))
     FigureCanvasAgg(fig)

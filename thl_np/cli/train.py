@@ -336,6 +336,10 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
     if (diag_plot and not diagnostics) or (trace and not passkey):
         raise click.UsageError("--plot draws --diagnostics, --trace follows --passkey: give them together")
+    if diag_plot:
+        from ..diagnostics import require_matplotlib
+
+        require_matplotlib()   # before any work
     t0 = time.perf_counter()
     path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
