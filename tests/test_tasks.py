@@ -195,3 +195,20 @@ def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys):
     assert code == 2 and "--trace follows --passkey" in capsys.readouterr().err
     code = main(["train", "--data", str(data), "--out", str(tmp_path / "bad"), "--set", "memory_decay"])
     assert code == 2 and "FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_cli_train_init_from_the_packaged_model_with_set(tmp_path, capsys):
+    from thl_np.config import THLConfig
+    from thl_np.training import latest_checkpoint
+
+    data = tmp_path / "corpus.py"
+    data.write_bytes(CORPUS)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--out", str(out), "--init", "default", "--set", "memory_slots=16",
+                 "--set", "memory_decay=1.0", "--steps", "1", "--seq-len", "16", "--batch-size", "1",
+                 "--eval-every", "0", "--held-out", "0.01"])
+    assert code == 0, capsys.readouterr().err
+    saved = THLConfig.load(latest_checkpoint(str(out)) + "/model")
+    assert (saved.embedding_dim, saved.memory_slots, saved.memory_decay) == (128, 16, 1.0)
+    code = main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--init", "default", "--dim", "8"])
+    assert code == 2 and "--init takes the model's shape" in capsys.readouterr().err

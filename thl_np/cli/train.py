@@ -112,39 +112,6 @@ def _load_data(data, include, exclude):
     return load_bytes(data, include, exclude)
 
 
-def _parse_sets(values) -> dict:
-    """--set FIELD=VALUE (repeatable) → {field: value}; VALUE is read as JSON (1.0, null, [1, 8]) or kept as
-    a string."""
-    out = {}
-    for item in values or ():
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"{item!r} is not FIELD=VALUE (e.g. memory_decay=1.0)", param_hint="--set")
-        try:
-            out[name.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            out[name.strip()] = text
-    return out
-
-
-def _start_model(init, config_file, dim, memory_slots, write_rate, dtype, sets):
-    """A new run's model: a fresh one from flags (``_model_config``), or --init's weights (a model folder, a
-    training run folder, or ``default``: the packaged model) under its config with --set's fields on top."""
-    if init is None:
-        config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
-        return config.replace(**sets) if sets else config
-    if any(v is not None for v in (config_file, dim, memory_slots)):
-        raise click.UsageError("--init takes the model's shape from its weights: drop --config/--dim/--memory-slots "
-                               "(change other config fields with --set FIELD=VALUE)")
-    from ..model import THLModel
-
-    model = THLModel.from_pretrained(_eval_model_dir(None if init == "default" else init), dtype=dtype)
-    changes = dict(sets, **({"write_rate": write_rate} if write_rate is not None else {}))
-    if dtype is not None:
-        changes["dtype"] = dtype
-    return THLModel(model.config.replace(**changes), params=model.params) if changes else model
-
-
 def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfig:
     """A new run's model: vocab 259 (byte tokenizer), every width ``dim``, ``memory_slots`` slots, the
     rest THLConfig defaults; or ``--config``'s fields with only the flags actually given on top."""
@@ -241,7 +208,9 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
     tc = base.replace(**given, resume=resume)
     model_config = None
     if not resume:
-        model_config = _start_model(init, config_file, dim, memory_slots, write_rate, dtype, _parse_sets(sets))
+        from .train_init import parse_sets, start_model
+
+        model_config = start_model(init, config_file, dim, memory_slots, write_rate, dtype, parse_sets(sets))
     elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype, init)) or sets:
         click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype/--init/--set are ignored with "
                    "--resume (the model comes from the checkpoint)", err=True)
