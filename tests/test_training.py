@@ -206,7 +206,10 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(uninterrupted
     log = ckpt.read_csv(os.path.join(latest, "log.csv"))
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == result.history[-1]["loss"]  # repr round trip: the same float
-    assert set(log[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s"}
+    from thl_np.diagnostics import LOG_COLUMNS
+
+    assert set(log[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len"} | {
+        f"mem_{k}" for k in LOG_COLUMNS}  # the memory figures of each step's chunk (thl_np.diagnostics)
     assert ckpt.read_csv(os.path.join(latest, "eval.csv")) == result.evals  # the final eval included
     try:
         import matplotlib  # noqa: F401

@@ -114,7 +114,10 @@ RULES: dict[str, Rule] = {
     "write_clip_max": Rule(0.0, MAX_COEFFICIENT, lo_open=True),
     # TrainConfig
     **{name: Rule(1, MAX_SIZE, integer=True) for name in ("steps", "seq_len", "batch_size", "eval_lanes",
-                                                          "keep_checkpoints", "lr_decay_steps")},
+                                                          "keep_checkpoints", "lr_decay_steps", "seq_len_final",
+                                                          "seq_len_ramp")},
+    "task_mix": _UNIT,                                          # share of rows that are long-range tasks
+    "answer_weight": Rule(0.0, MAX_COEFFICIENT, lo_open=True),  # loss weight of a task's answer bytes
     **{name: Rule(0, MAX_SIZE, integer=True) for name in ("warmup", "eval_every", "checkpoint_every")},
     "eval_tokens": Rule(2, MAX_SIZE, integer=True),
     "max_bytes": Rule(2, integer=True),
@@ -342,3 +345,14 @@ def check_metric(name: str, value: float, cause: str, error) -> float:
     if not math.isfinite(value):
         raise error(f"{name} is {value}, not a finite number: {cause}")
     return value
+
+
+def require_matplotlib(what: str = "the plot"):
+    """matplotlib's (Figure, FigureCanvasAgg), or InputError naming the extra that installs it (checked before
+    any work by the commands that draw)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError(f"{what} needs matplotlib: pip install 'thl-np[plot]' (or pip install matplotlib)") from None
+    return Figure, FigureCanvasAgg

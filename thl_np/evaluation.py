@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .checks import NON_FINITE_OUTPUT, check, check_metric, check_seed
+from .checks import NON_FINITE_OUTPUT, check, check_metric, check_seed, require_matplotlib
 from .components.output import log_softmax
 from .errors import InputError, WeightsError
 
@@ -329,23 +329,12 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
             "results": rows}
 
 
-def require_matplotlib():
-    """matplotlib's (Figure, FigureCanvasAgg), or InputError naming the extra that installs it."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise InputError("the memory plot needs matplotlib: pip install 'thl-np[plot]' "
-                         "(or pip install matplotlib)") from None
-    return Figure, FigureCanvasAgg
-
-
 def plot_memory(report: dict, path: str | os.PathLike, title: str | None = None) -> str:
     """Draw :func:`memory_vs_context`'s report as a PNG at ``path`` (log-log axes); returns the path.
 
     Needs matplotlib (``pip install thl-np[plot]``): raises InputError naming the extra without it.
     """
-    Figure, FigureCanvasAgg = require_matplotlib()
+    Figure, FigureCanvasAgg = require_matplotlib("the memory plot")
     rows = report["results"]
     if not rows:
         raise InputError("the memory report has no rows to plot")

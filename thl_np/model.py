@@ -259,7 +259,7 @@ class THLModel:
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
-                   return_state_grad=False, path: str = "auto"):
+                   return_state_grad=False, path: str = "auto", loss_weights=None, observe=None):
     """Loss (spec §5: mean cross-entropy over B·T, plus the load-balance term when its weight is non-zero)
     and the exact gradient of every parameter, by back-propagation through all T steps.
 
@@ -268,12 +268,16 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     ``path``: "fast" runs ``thl_np.training.fast_grad`` (the same numbers with much less work), "plain"
     runs ``thl_np.step.loss_and_grads`` (the spec, step by step); "auto" picks fast unless the config
     chooses a component variant that has no kernels (``choose_fast``).
+    ``loss_weights`` [B, T] (optional, >= 0, not all 0): the cross-entropy becomes Σ w·CE / Σ w (e.g. more
+    weight on the answer bytes of a retrieval task). ``observe`` (optional): called once with the
+    forward's memory choices, a ``thl_np.diagnostics.MemorySteps``, on either path.
     """
     if choose_fast(model.config, path, gumbel_given=False):
         from .training.fast_grad import fast_value_and_grad  # imported here: fast_grad imports this module
 
         return fast_value_and_grad(model, input_ids, targets, state=state, gumbel_uniform=gumbel_uniform,
-                                   return_state=return_state, return_state_grad=return_state_grad)
+                                   return_state=return_state, return_state_grad=return_state_grad,
+                                   loss_weights=loss_weights, observe=observe)
     ids = model._check_ids(input_ids)
     tg = model._check_ids(targets, name="targets")
     if tg.shape != ids.shape:
@@ -281,8 +285,22 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     B, T = ids.shape
     U = model._check_gumbel(gumbel_uniform, B, T)
     state0 = model._prepare_state(state, B)
-    loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U)
+    weights = check_loss_weights(loss_weights, B, T)
+    loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U, weights,
+                                                     observe)
     return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
+
+
+def check_loss_weights(loss_weights, B, T):
+    """None, or the per-position loss weights as a float64 [B, T] array (finite, >= 0, not all 0)."""
+    if loss_weights is None:
+        return None
+    w = np.asarray(loss_weights, dtype=np.float64)
+    if w.shape != (B, T):
+        raise InputError(f"loss_weights must have the shape of the targets [B, T] = {[B, T]}, got {list(w.shape)}")
+    if not np.all(np.isfinite(w) & (w >= 0)) or not w.sum() > 0:
+        raise InputError("loss_weights must be finite and >= 0 with a positive sum")
+    return w
 
 
 def choose_fast(config, path: str, gumbel_given: bool = False) -> bool:

@@ -308,12 +308,12 @@ def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids,
     return grads, d_state
 
 
-def head_loss_and_backward(params, tier_states, targets):
+def head_loss_and_backward(params, tier_states, targets, weights=None):
     """Spec §4.8 and §5's cross-entropy over every position at once, as 2-D products: tier states
     [N, Σ d_k] and targets [N] → (mean cross-entropy, d tier states [N, Σ d_k], the gradients of the
-    LayerNorm and the output head)."""
+    LayerNorm and the output head). ``weights`` [N] (optional): the weighted mean Σ w·CE / Σ w instead."""
     logits, ln_cache, h = output_forward(params, tier_states)
-    loss, d_logits = cross_entropy_forward(logits, targets)
+    loss, d_logits = cross_entropy_forward(logits, targets, weights)
     del logits
     d_h, dW_o, db_o = linear_backward(d_logits, h, params["output_head.weight"])
     del d_logits
@@ -322,14 +322,21 @@ def head_loss_and_backward(params, tier_states, targets):
                            "layer_norm.weight": d_gamma, "layer_norm.bias": d_beta}
 
 
-def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None):
-    """Spec §5 on the plain path: T steps with a tape, the loss (mean cross-entropy over B·T, plus the
-    load-balance term when its weight is non-zero) and BPTT through all T steps.
+def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
+                   observe=None):
+    """Spec §5 on the plain path: T steps with a tape, the loss (mean cross-entropy over B·T, or weighted by
+    ``loss_weights`` [B, T], plus the load-balance term when its weight is non-zero) and BPTT through all T
+    steps. ``observe``, if given, is called with the steps' memory choices (``thl_np.diagnostics``).
     Returns (loss, grads, final state, gradient w.r.t. the initial state)."""
     B, T = input_ids.shape
     tier_states, state_out, tape = run_sequence(params, config, input_ids, state, gumbel_uniform, record=True)
-    loss, d_tiers, head_grads = head_loss_and_backward(params, tier_states.reshape(B * T, -1),
-                                                       targets.reshape(-1))
+    if observe is not None:
+        from .diagnostics import steps_from_records
+
+        observe(steps_from_records(tape, state))
+    loss, d_tiers, head_grads = head_loss_and_backward(
+        params, tier_states.reshape(B * T, -1), targets.reshape(-1),
+        None if loss_weights is None else loss_weights.reshape(-1))
     d_A_steps = None
     lam = config.router_load_balance_lambda
     if lam:

@@ -191,13 +191,15 @@ def check_write(kernel, c):
     write_ema, last_write = c.write_ema.copy(), c.last_write.copy()
     targets = np.empty((c.B, c.write_slots), np.int64)
     g = np.empty(c.B, c.dt)
+    novel = np.empty(c.B, np.bool_)
     name = kernel.__name__
     new_scale = kernel(C(want.w_raw), mem, norm2, c.scale, read_ema, write_ema, last_write, c.t, c.write_slots,
                        c.clip_max, c.beta, c.theta, c.stale_weight, c.underuse_weight, c.decay, c.write_rate,
-                       c.ema_decay, targets, g)
+                       c.ema_decay, targets, g, novel)
     assert new_scale == c.scale * c.decay, f"{name}: the decay is the scale's"
     assert_equal(targets, want.targets, f"{name}: targets")
     assert_close(g, want.g, c.dt, f"{name}: gate")
+    assert_equal(novel, want.novel, f"{name}: branch")
     assert_close(true_rows(mem, new_scale), want.new_memory, c.dt, f"{name}: memory after decay and write")
     assert_close(norm2, (mem.astype(np.float64) ** 2).sum(axis=2), c.dt, f"{name}: squared norms of the stored rows")
     assert_close(write_ema, want.new_write_ema, c.dt, f"{name}: write_ema")

@@ -13,7 +13,7 @@ import time
 
 import click
 
-from ..checks import check_output_dir, check_output_file
+from ..checks import check_output_dir, check_output_file, require_matplotlib
 from ..config import DTYPES, THLConfig
 from ..errors import InputError
 from ..training.trainer import TrainConfig
@@ -24,7 +24,8 @@ NEW_RUN_SLOTS = 64
 
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
-                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path")
+                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path", "full_bptt",
+                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -67,6 +68,10 @@ class _Progress:
     def _step(self, e: dict) -> None:
         text = (f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
                 f"{e['tokens_per_s']:,.0f} tok/s  ETA {_fmt_time(e['eta_s'])}")
+        if "mem_read_entropy" in e:  # the memory over the step's chunk (thl_np.diagnostics)
+            text += (f"  | T {e['seq_len']} mem H {e['mem_read_entropy']:.2f} top1 {e['mem_top1_mass']:.2f} "
+                     f"eff {e['mem_effective_slots']:.1f} refine {e['mem_share_refine']:.0%} "
+                     f"evict {e['mem_share_novel_evict']:.0%} g {e['mem_mean_gate']:.2f}")
         if self.tty:
             click.echo("\r" + text.ljust(78), nl=False)
             self.live = True
@@ -124,7 +129,22 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--data", "data", required=True, help="Text file, or folder of text files (read recursively).")
 @click.option("--out", "out", required=True, help="Output folder: checkpoints, logs, loss.png.")
 @click.option("--steps", type=Number("steps"), help="Steps to reach.  [default: 1000]")
-@click.option("--seq-len", type=Number("seq_len"), help="Bytes per chunk (BPTT length).  [default: 128]")
+@click.option("--seq-len", "seq_len_text", metavar="L|START:FINAL",
+              help="Bytes per chunk (BPTT length), or a schedule START:FINAL (128:4096: the length doubles in "
+                   "equal stages over --seq-len-ramp steps; implies --full-bptt).  [default: 128]")
+@click.option("--seq-len-ramp", type=Number("seq_len_ramp"),
+              help="Steps over which START:FINAL reaches FINAL.  [default: --steps]")
+@click.option("--full-bptt/--no-full-bptt", default=None,
+              help="Independent windows of --seq-len bytes, each from an empty state with the gradient through "
+                   "all of it (instead of lanes with a carried state).  [default: off]")
+@click.option("--task-mix", type=Number("task_mix"),
+              help="Share of the rows that are synthetic long-range tasks (implies --full-bptt).  [default: 0]")
+@click.option("--tasks", help="Synthetic tasks, comma-separated: passkey, recall, copy.  [default: all three]")
+@click.option("--filler", type=click.Choice(["corpus", "python", "prose", "mixed"]),
+              help="Text the tasks are hidden in: the training data itself, the passkey evaluation's filler "
+                   "lines, or a mix.  [default: corpus]")
+@click.option("--answer-weight", type=Number("answer_weight"),
+              help="Loss weight of a task's answer bytes (1: like any byte).  [default: 1]")
 @click.option("--batch-size", type=Number("batch_size"), help="Parallel lanes per batch.  [default: 8]")
 @click.option("--dim", type=Number("dim"), help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
 @click.option("--memory-slots", type=Number("memory_slots"),
@@ -145,6 +165,11 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--seed", type=Number("seed"), help="Seed: weights and routing noise.  [default: 0]")
 @click.option("--carry-state/--no-carry-state", default=None,
               help="Carry the recurrent state between chunks (gradient cut).  [default: carry]")
+@click.option("--init", "init", metavar="MODEL",
+              help="Start from a model's weights (a model folder, a training run folder, or 'default': the "
+                   "packaged model) instead of fresh ones; new run.")
+@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE",
+              help="Set a model config field for a new run (repeatable): --set memory_decay=1.0.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
 @click.option("--path", type=click.Choice(["auto", "fast", "plain"]),
               help="Gradient path: fast kernels, or the spec's composition (plain); auto takes fast where the "
@@ -155,7 +180,7 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
                    "flag, a run started by mpirun is detected.")
 @_data_filters
 def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, include, exclude,
-          distributed, **flags):
+          distributed, seq_len_text, init, sets, **flags):
     """Train a byte-level THL model on a text file or folder (first 90% trained on, last 10% held out).
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
@@ -170,6 +195,7 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
       thl-np eval --model runs/gpl --data held-out.txt
       thl-np train --data /usr/lib/python3.11 --include "*.py" --exclude test --out runs/py
       mpirun -n 4 thl-np train --data corpus.txt --out runs/c --batch-size 16   # 4 ranks, 4 lanes each
+      thl-np train --data corpus/ --out runs/long --seq-len 128:2048 --task-mix 0.5 --answer-weight 10
     """
     from ..training.checkpoint import is_model_folder
     from ..training.distributed import detect_world
@@ -184,14 +210,26 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
     world = detect_world(required=distributed)  # under mpirun: the ranks share each batch's lanes
     base = (saved_train_config(out) if resume else None) or TrainConfig()
     base = world.root_value(base)  # rank 0's --out decides: only rank 0 need see it
+    if seq_len_text is not None:
+        from ..training.tasks import parse_seq_len
+
+        try:
+            flags["seq_len"], flags["seq_len_final"] = parse_seq_len(seq_len_text)
+        except InputError as exc:
+            raise click.BadParameter(str(exc), param_hint="--seq-len") from None
+        if flags["seq_len_final"] is None:
+            flags.pop("seq_len_final")   # a plain length keeps a resumed run's schedule (if any)
     given = {k: v for k, v in flags.items() if k in _TRAIN_FLAGS and v is not None}
     tc = base.replace(**given, resume=resume)
     model_config = None
     if not resume:
-        model_config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
-    elif any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype)) and world.is_root:
-        click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype are ignored with --resume "
-                   "(the model comes from the checkpoint)", err=True)
+        from .train_init import parse_sets, start_model
+
+        model_config = start_model(init, config_file, dim, memory_slots, write_rate, dtype, parse_sets(sets))
+    elif (any(v is not None for v in (config_file, dim, memory_slots, write_rate, dtype, init)) or sets) \
+            and world.is_root:
+        click.echo("note: --config/--dim/--memory-slots/--write-rate/--dtype/--init/--set are ignored with "
+                   "--resume (the model comes from the checkpoint)", err=True)
     result = run_training(model_config, _load_data(data, include, exclude), out, tc,
                           log=_Progress(log_every) if world.is_root else None, world=world)
     if result.interrupted:
@@ -245,12 +283,24 @@ def _int_list(ctx, param, value):
 @click.option("--compare", "compare_dir", metavar="OTHER_MODEL",
               help="With --data: also evaluate this model (e.g. a quantized copy) on the same bytes; print both "
                    "bits per byte, their difference and the mean KL divergence of the next-byte distributions.")
+@click.option("--diagnostics", is_flag=True,
+              help="Memory diagnostics (reads, writes, slots) over the first 4,096 bytes of --data, or without "
+                   "--data over a passkey prompt at the longest --lengths.")
+@click.option("--plot", "diag_plot", type=click.Path(dir_okay=False),
+              help="With --diagnostics: draw slot use and the writer's branch over time into this PNG "
+                   "(needs matplotlib).")
+@click.option("--trace", is_flag=True, help="With --passkey: follow the first trial at each --lengths through "
+                                             "the memory (where the key is written, kept, read).")
+@click.option("--path", "run_path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True,
+              help="Decoding path of --diagnostics and --trace (both give the same figures).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
-          depth, filler, seed, memory_plot, plot_lengths, compare_dir, dtype, as_json):
+          depth, filler, seed, memory_plot, plot_lengths, compare_dir, diagnostics, diag_plot, trace, run_path, dtype,
+          as_json):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
-    context length (--memory-plot). Give at least one of the three.
+    context length (--memory-plot), the memory's workings (--diagnostics, --passkey --trace). Give at least
+    one of them.
 
     Bits per byte is the next-byte cross-entropy / ln 2. Passkey accuracy is the fraction of trials whose
     greedy 5-byte answer is the key (chance: 1e-5; per digit 0.1); the key's teacher-forced bits per digit
@@ -264,20 +314,26 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
       thl-np eval --passkey --lengths 256,1024,4096 --trials 10 --json
       thl-np eval --memory-plot docs/memory_vs_context.png
       thl-np eval --data /usr/lib/python3.11/json --compare default-int8   # float model vs its int8 copy
+      thl-np eval --diagnostics --plot slots.png --lengths 4096
+      thl-np eval --passkey --trace --lengths 1024 --trials 1
     """
     from ..model import THLModel
 
-    if data is None and not passkey and memory_plot is None:
-        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey and/or --memory-plot PATH")
+    if data is None and not passkey and memory_plot is None and not diagnostics:
+        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey, --diagnostics and/or "
+                               "--memory-plot PATH")
     if data is None and (include or exclude or held_out or max_bytes):
         raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
     if compare_dir is not None and data is None:
         raise click.UsageError("--compare evaluates both models on --data: give --data PATH")
     if memory_plot is not None:  # the plot's file and its library, before the measurements
         check_output_file(memory_plot, "--memory-plot")
-        from ..evaluation import require_matplotlib
-
-        require_matplotlib()
+        require_matplotlib("the memory plot")
+    if (diag_plot and not diagnostics) or (trace and not passkey):
+        raise click.UsageError("--plot draws --diagnostics, --trace follows --passkey: give them together")
+    if diag_plot:
+        check_output_file(diag_plot, "--plot")
+        require_matplotlib("the diagnostics plot")
     t0 = time.perf_counter()
     path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
@@ -291,6 +347,10 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         res["passkey"] = report
         for line in passkey_lines(report):
             say(line)
+        if trace:
+            from .memory import run_traces
+
+            res["trace"] = run_traces(model, lengths, seed, depth, filler, run_path, say)
     if memory_plot is not None:
         from ..evaluation import format_bytes, memory_vs_context, plot_memory
 
@@ -306,13 +366,21 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
                 f"{format_bytes(r['rss_growth_bytes'])} over the T tokens); "
                 f"KV cache {format_bytes(r['kv_cache_bytes'])}")
         say(f"wrote {report['plot']}")
+    stream = None
     if data is not None:
         from ..training.data import load_bytes, split_bytes
-        from ..training.trainer import evaluate
 
         stream = load_bytes(data, include, exclude)
         if held_out:
             stream = split_bytes(stream, held_out)[1]
+    if diagnostics:
+        from .memory import diagnostics_text, run_diagnostics
+
+        ids, what = diagnostics_text(stream, lengths, filler, seed)
+        res["diagnostics"] = run_diagnostics(model, ids, what, run_path, diag_plot, say)
+    if data is not None:
+        from ..training.trainer import evaluate
+
         if other is None:
             bpb = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
         else:

@@ -57,17 +57,20 @@ def log_softmax(logits):
     return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
 
 
-def cross_entropy_forward(logits, targets):
-    """Mean over every position of −log softmax(logits)[target]; returns (loss, d_logits)."""
+def cross_entropy_forward(logits, targets, weights=None):
+    """Mean over every position of −log softmax(logits)[target]; returns (loss, d_logits).
+    With ``weights`` (the targets' shape, >= 0): the weighted mean Σ w·(−log p) / Σ w."""
     xp = array_module(logits)
     logp = log_softmax(logits)
     n = targets.size
     picked = xp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    loss = -picked.mean()
     d_logits = xp.exp(logp)
     xp.put_along_axis(d_logits, targets[..., None],
                       xp.take_along_axis(d_logits, targets[..., None], axis=-1) - 1.0, axis=-1)
-    return loss, d_logits / n
+    if weights is None:
+        return -picked.mean(), d_logits / n
+    w = xp.asarray(weights, dtype=logits.dtype) / float(weights.sum())
+    return -(w * picked).sum(), d_logits * w[..., None]
 
 
 def load_balance_forward(A):

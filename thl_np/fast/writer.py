@@ -75,14 +75,14 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
     (§4.7) for one sequence on the scaled bank (true memory = scale·memory): the targets' rows and squared
     norms are updated in place; the decay itself is the caller's new_scale, or, when ``eager`` (γ below
     MIN_DECAY: too small to divide by), applied to the rows here after the writer's choice. w, aff, prio
-    and dots are scratch. Returns the gate g."""
+    and dots are scratch. Returns (the gate g, whether the novel branch was taken)."""
     n_raw = np.sqrt(dot(w_raw, w_raw))
     ratio = clip_max / (n_raw + 1e-6)
     for i in range(w.shape[0]):
         w[i] = w_raw[i] * ratio if ratio < 1.0 else w_raw[i]
     n_w = np.sqrt(dot(w, w))
-    g, _, _ = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
-                           beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
+    g, _, novel = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
+                               beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
     if eager:
         for j in range(memory.shape[0]):
             for m in range(memory.shape[1]):
@@ -99,14 +99,15 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
         write_ema[j] *= ema_decay
     for s in range(write_slots):
         write_ema[targets[s]] += 1.0 - ema_decay
-    return g
+    return g, novel
 
 
 @njit(cache=True)
 def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
-          beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
+          beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out, novel_out):
     """Mirrors writer_forward + memory_write_forward for a decode step: ``write_one`` for every sequence of
-    the batch, in turn (``write_parallel`` splits them over the cores). Returns the new scale γ·scale
+    the batch, in turn (``write_parallel`` splits them over the cores). Fills the targets, the gate and the
+    branch (novel_out, for the memory diagnostics) of every sequence; returns the new scale γ·scale
     (unchanged for γ < MIN_DECAY, whose decay is applied eagerly)."""
     B, J, Dm = memory.shape
     eager = decay < MIN_DECAY
@@ -116,15 +117,17 @@ def write(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write
     prio = np.empty(J, dtype=np.float64)
     dots = np.empty(J, dtype=memory.dtype)
     for b in range(B):
-        g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
-                             write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
-                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots, eager, decay)
+        g_out[b], novel_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b],
+                                           last_write[b], t, write_slots, clip_max, beta, theta, stale_weight,
+                                           underuse_weight, new_scale, write_rate, ema_decay, targets_out[b], w,
+                                           aff, prio, dots, eager, decay)
     return new_scale
 
 
 @njit(cache=True, parallel=True)
 def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, write_slots, clip_max,
-                   beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out):
+                   beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay, targets_out, g_out,
+                   novel_out):
     """``write`` (writer_forward + memory_write_forward), the sequences split over the cores."""
     B, J, Dm = memory.shape
     eager = decay < MIN_DECAY
@@ -134,9 +137,10 @@ def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write,
         aff = np.empty(J, dtype=np.float64)
         prio = np.empty(J, dtype=np.float64)
         dots = np.empty(J, dtype=memory.dtype)
-        g_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b], last_write[b], t,
-                             write_slots, clip_max, beta, theta, stale_weight, underuse_weight, new_scale,
-                             write_rate, ema_decay, targets_out[b], w, aff, prio, dots, eager, decay)
+        g_out[b], novel_out[b] = write_one(w_raw[b], memory[b], norm2[b], scale, read_ema[b], write_ema[b],
+                                           last_write[b], t, write_slots, clip_max, beta, theta, stale_weight,
+                                           underuse_weight, new_scale, write_rate, ema_decay, targets_out[b], w,
+                                           aff, prio, dots, eager, decay)
     return new_scale
 
 

@@ -121,6 +121,7 @@ class FastDecoder:
         self._loc = np.zeros((B, c.value_dim), dt)
         self._targets = np.empty((B, c.write_slots), np.int64)
         self._g = np.empty(B, dt)
+        self._novel = np.empty(B, np.bool_)   # the writer's branch of the last step (memory diagnostics)
 
     def state(self) -> InferenceState:
         """The session's state as a spec §3 ``InferenceState`` (a copy: the session may go on)."""
@@ -224,7 +225,8 @@ class FastDecoder:
         self.scale = write(
             w_raw, self.memory, self.norm2, self.scale, self.read_ema, self.write_ema,
             self.last_write, t, c.write_slots, c.write_clip_max, c.novelty_beta, c.novelty_theta, c.stale_weight,
-            c.underuse_weight, c.memory_decay, c.write_rate, c.write_ema_decay, self._targets, self._g)
+            c.underuse_weight, c.memory_decay, c.write_rate, c.write_ema_decay, self._targets, self._g,
+            self._novel)
         if self.scale < self.renorm_below:
             self._renormalise()
         self.t = t + 1

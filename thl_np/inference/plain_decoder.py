@@ -15,7 +15,12 @@ from .state import InferenceState
 
 
 class PlainDecoder:
-    """A decoding session over ``model`` that steps ``thl_np.step.thl_step``; the state is a plain value."""
+    """A decoding session over ``model`` that steps ``thl_np.step.thl_step``; the state is a plain value.
+    With ``keep_record = True`` each step keeps its ``StepRecord`` in ``last_record`` (the memory
+    diagnostics read the step's choices from it, as they read ``FastDecoder``'s)."""
+
+    keep_record = False
+    last_record = None
 
     def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1):
         self.model = model
@@ -43,7 +48,8 @@ class PlainDecoder:
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k]."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        tier_states, self._state, _ = thl_step(self.model.params, self.config, ids, self._state)
+        tier_states, self._state, self.last_record = thl_step(self.model.params, self.config, ids, self._state,
+                                                              record=self.keep_record)
         return tier_states
 
     def logits(self, tier_states: np.ndarray) -> np.ndarray:

@@ -167,12 +167,14 @@ def write_csv(path: str, fields: list[str], rows: Iterable[dict]) -> None:
         writer = csv.writer(f)
         writer.writerow(fields)
         for row in rows:
-            writer.writerow([repr(row[k]) if isinstance(row[k], float) else row[k] for k in fields])
+            # a row without a column (a run resumed from before the column existed) leaves it empty
+            writer.writerow([repr(row[k]) if isinstance(row.get(k), float) else row.get(k, "") for k in fields])
 
 
 def read_csv(path: str, fields: list[str] | None = None) -> list[dict]:
-    """Rows as dicts; ``step`` becomes int, every other column float. With ``fields``, the header must be
-    exactly those columns (ValueError otherwise, as for a cell that is not a number)."""
+    """Rows as dicts; ``step`` becomes int, every other column float; an empty cell is left out. With
+    ``fields``, the header must be exactly those columns (ValueError otherwise, as for a cell that is not
+    a number)."""
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
@@ -180,4 +182,4 @@ def read_csv(path: str, fields: list[str] | None = None) -> list[dict]:
         rows = list(reader)
         if fields is not None and rows and list(reader.fieldnames or []) != list(fields):
             raise ValueError(f"its columns are {reader.fieldnames}, expected {fields}")
-    return [{k: int(v) if k == "step" else float(v) for k, v in row.items()} for row in rows]
+    return [{k: int(v) if k == "step" else float(v) for k, v in row.items() if v != ""} for row in rows]

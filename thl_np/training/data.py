@@ -135,11 +135,13 @@ def fingerprint(data: np.ndarray) -> str:
 
 @dataclass
 class Batch:
-    """One chunk: ``inputs`` and ``targets`` [B, T] int64; ``reset`` when every lane starts over."""
+    """One chunk: ``inputs`` and ``targets`` [B, T] int64; ``reset`` when every lane starts over;
+    ``weights`` [B, T], the targets' loss weights, or None (all 1)."""
 
     inputs: np.ndarray
     targets: np.ndarray
     reset: bool
+    weights: np.ndarray | None = None
 
 
 class LaneBatches:

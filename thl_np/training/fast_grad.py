@@ -72,7 +72,7 @@ from ..components.router import gumbel_noise
 from ..errors import InputError
 from ..fast import embedding, gru, local_attention, primitives, router, writer
 from ..inference.state import InferenceState
-from ..model import head_loss_and_backward, pack_value_and_grad
+from ..model import check_loss_weights, head_loss_and_backward, pack_value_and_grad
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 MIN_DECAY = writer.MIN_DECAY
@@ -424,11 +424,12 @@ def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def fast_value_and_grad(model, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
-                        return_state_grad=False):
+                        return_state_grad=False, loss_weights=None, observe=None):
     """``thl_np.model.value_and_grad`` on the fast path: the loss (mean cross-entropy over B·T, plus the
     load-balance term when its weight is non-zero) and the exact gradient of every parameter by BPTT through
     all T steps. Returns ``(loss, grads)``, with ``return_state=True`` also the final state, with
     ``return_state_grad=True`` also the gradient w.r.t. the initial state (a dict of spec §3 keys).
+    ``loss_weights`` and ``observe`` as ``value_and_grad``'s.
 
     Runs with OpenBLAS limited to ``BLAS_THREADS`` threads (see ``blas_threads``)."""
     ids = model._check_ids(input_ids)
@@ -439,16 +440,24 @@ def fast_value_and_grad(model, input_ids, targets, state=None, gumbel_uniform=No
     U = model._check_gumbel(gumbel_uniform, B, T)
     c = model.config
     state0 = model._prepare_state(state, B)
+    weights = check_loss_weights(loss_weights, B, T)
     P = model.params
     Wt = _Weights(c, P)
     with blas_threads(BLAS_THREADS):
-        return _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad)
+        return _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad, weights,
+                               observe)
 
 
-def _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad):
+def _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad, weights=None,
+                    observe=None):
     B, T = ids.shape
     tier_states, state_out, tape = fast_forward(model, ids, state0, U, Wt)
-    loss, d_tiers, head_grads = head_loss_and_backward(P, tier_states.reshape(T * B, -1), tg.T.reshape(-1))
+    if observe is not None:
+        from ..diagnostics import steps_from_fast_tape
+
+        observe(steps_from_fast_tape(tape, state0))
+    loss, d_tiers, head_grads = head_loss_and_backward(P, tier_states.reshape(T * B, -1), tg.T.reshape(-1),
+                                                       None if weights is None else weights.T.reshape(-1))
     d_A = None
     lam = c.router_load_balance_lambda
     if lam:

@@ -43,8 +43,12 @@ from . import distributed
 from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
 from .optim import AdamW, clip_grad_norm
 from .schedule import lr_at
+from .tasks import FILLER_SOURCES, WindowBatches, parse_tasks
 
-LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s"]
+# the memory columns: thl_np.diagnostics.LOG_COLUMNS, each figure over the step's chunk (all its sequences)
+LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "mem_read_entropy", "mem_top1_mass",
+              "mem_effective_slots", "mem_share_refine", "mem_share_novel_empty", "mem_share_novel_evict",
+              "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots"]
 EVAL_FIELDS = ["step", "bits_per_byte"]
 #: The reported training loss is the mean over this many last steps (one step's loss is noisy).
 LOSS_WINDOW = 20
@@ -59,6 +63,12 @@ class TrainConfig:
     of 0 mean "only at the end". ``eval_tokens`` caps the held-out bytes of the periodic evaluations (the
     final one reads all of it). ``beta2 = 0.99`` rather than PyTorch's 0.999: short runs on small models
     adapt faster with it (nanoGPT's character-level setting).
+
+    Whole-sequence training (``thl_np.training.tasks``): ``full_bptt`` reads independent windows of
+    ``seq_len`` bytes, each from an empty state with the gradient through all of it, instead of lanes with a
+    carried state; it is implied by ``task_mix > 0`` (that share of the rows are synthetic ``tasks`` hidden
+    in ``filler``) and by ``seq_len_final`` (the length doubles in stages from ``seq_len`` to it over
+    ``seq_len_ramp`` steps, default ``steps``). ``answer_weight``: the loss weight of a task's answer bytes.
     """
 
     steps: int = 1000
@@ -83,6 +93,13 @@ class TrainConfig:
     carry_state: bool = True
     resume: bool = False
     path: str = "auto"            # "auto" | "fast" | "plain": where value_and_grad runs (thl_np.model.choose_fast)
+    full_bptt: bool = False
+    seq_len_final: int | None = None
+    seq_len_ramp: int | None = None
+    task_mix: float = 0.0
+    tasks: str = "passkey,recall,copy"
+    filler: str = "corpus"
+    answer_weight: float = 1.0
 
     def __post_init__(self):
         self.validate()
@@ -94,11 +111,26 @@ class TrainConfig:
             if f.name == "path":
                 if value not in ("auto", "fast", "plain"):
                     raise InputError(f"path = {value!r}: use 'auto', 'fast' or 'plain'")
-            elif f.name in ("carry_state", "resume"):
+            elif f.name in ("tasks", "filler"):
+                if not isinstance(value, str):
+                    raise InputError(f"{f.name} = {value!r} must be a string")
+            elif f.name in ("carry_state", "resume", "full_bptt"):
                 if not isinstance(value, (bool, np.bool_)):
                     raise InputError(f"{f.name} = {value!r} must be True or False")
-            elif value is not None or f.name not in ("lr_decay_steps", "eval_tokens"):
+            elif value is not None or f.name not in ("lr_decay_steps", "eval_tokens", "seq_len_final",
+                                                     "seq_len_ramp"):
                 check(f.name, value, InputError)
+        if self.seq_len_final is not None and self.seq_len_final < self.seq_len:
+            raise InputError(f"seq_len_final = {self.seq_len_final} is below seq_len = {self.seq_len}: the "
+                             "schedule grows from seq_len to seq_len_final")
+        parse_tasks(self.tasks)
+        if self.filler not in FILLER_SOURCES:
+            raise InputError(f"filler = {self.filler!r}: use one of {', '.join(FILLER_SOURCES)}")
+
+    @property
+    def windows(self) -> bool:
+        """Whole-sequence training on independent windows (the class docstring)."""
+        return self.full_bptt or self.task_mix > 0 or self.seq_len_final is not None
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -204,6 +236,9 @@ def train(
     world = distributed.detect_world() if world is None else world
     world.start()
     tc = (config or TrainConfig()).replace(**overrides)
+    if world.size > 1 and tc.answer_weight != 1.0:
+        raise InputError("--answer-weight is not supported under mpirun yet: each rank would divide by its own "
+                         "answer bytes, so ranks would not match one process; train in one process or drop it")
     emit = log or (lambda event: None)
     # the output folder is checked before any work: a run must never train and then fail at its first save
     out_dir = check_output_dir(out_dir, "the output folder")
@@ -283,7 +318,7 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                     raise _diverged(tc, checkpoint_path, f"step {run.step} has loss {row['loss']} and gradient "
                                                          f"norm {row['grad_norm']}")
                 step_time += dt
-                tokens += tc.batch_size * tc.seq_len
+                tokens += tc.batch_size * row["seq_len"]
                 eta = step_time / (run.step - first_step) * (tc.steps - run.step)
                 emit({"event": "step", "steps": tc.steps, "eta_s": eta, "elapsed_s": elapsed(), **row})
                 if stop.requested:
@@ -317,14 +352,20 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
 
 def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distributed.SINGLE) -> tuple[dict, float]:
     """One truncated-BPTT step (module docstring). Returns the log row and the step's wall time."""
+    from ..diagnostics import MemoryStats, log_row
+
     t0 = time.perf_counter()
     cfg = run.model.config
     batch = run.batches.next_batch()
+    T = batch.inputs.shape[1]
     state_in = run.state if (tc.carry_state and not batch.reset) else None
-    uniforms = world.draw_uniforms(run.rng, (tc.seq_len, tc.batch_size, cfg.num_heads, cfg.memory_slots))
+    uniforms = world.draw_uniforms(run.rng, (T, tc.batch_size, cfg.num_heads, cfg.memory_slots))
     inputs, targets = world.take_batch(batch.inputs, batch.targets)  # this rank's lanes (all, alone)
+    weights = None if batch.weights is None else world.take_batch(batch.weights, batch.weights)[0]
+    stats = MemoryStats(cfg.memory_slots)
     loss, grads, state_out = value_and_grad(run.model, inputs, targets, state=state_in,
-                                            gumbel_uniform=uniforms, return_state=True)
+                                            gumbel_uniform=uniforms, return_state=True,
+                                            loss_weights=weights, observe=stats.add)
     loss = float(loss)
     grads = dict(grads)
     loss = world.sum_gradients(grads, loss, tc.batch_size)  # the whole batch's, on every rank
@@ -337,7 +378,9 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     run.step += 1
     dt = time.perf_counter() - t0
     row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm,
-           "tokens_per_s": tc.batch_size * tc.seq_len / max(dt, 1e-9)}
+           "tokens_per_s": tc.batch_size * T / max(dt, 1e-9), "seq_len": T}
+    if math.isfinite(loss) and math.isfinite(norm):  # a diverged step's memory figures are left empty
+        row.update(log_row(stats.summary(state_out)))
     run.history.append(row)
     return row, dt
 
@@ -404,10 +447,17 @@ def _new_optimizer(model, tc: TrainConfig) -> AdamW:
     return AdamW(model.params, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.eps)
 
 
+def _new_batches(tc: TrainConfig, train_bytes):
+    """Lanes with a carried state (truncated BPTT), or independent windows (``TrainConfig.windows``)."""
+    if not tc.windows:
+        return LaneBatches(train_bytes, tc.batch_size, tc.seq_len)
+    return WindowBatches(train_bytes, tc.batch_size, tc.seq_len, tc.seq_len_final, tc.seq_len_ramp or tc.steps,
+                         tc.task_mix, parse_tasks(tc.tasks), tc.filler, tc.answer_weight, tc.seed)
+
+
 def _fresh_run(model, tc: TrainConfig, train_bytes) -> _Run:
-    return _Run(model=model, optimizer=_new_optimizer(model, tc),
-                batches=LaneBatches(train_bytes, tc.batch_size, tc.seq_len), rng=_new_rng(tc.seed),
-                state=None, step=0, history=[], evals=[])
+    return _Run(model=model, optimizer=_new_optimizer(model, tc), batches=_new_batches(tc, train_bytes),
+                rng=_new_rng(tc.seed), state=None, step=0, history=[], evals=[])
 
 
 def _save(run: _Run, tc: TrainConfig, out_dir, fp, elapsed, held_len, emit) -> str:
@@ -496,7 +546,7 @@ def _restore(path: str, tc: TrainConfig, train_bytes, model_cls, emit) -> _Run:
         rng.bit_generator.state = info["rng_state"]
     except (ValueError, TypeError, KeyError) as exc:
         raise _damaged(path, "trainer.json", f"has an rng_state NumPy cannot restore ({exc})") from None
-    batches = LaneBatches(train_bytes, tc.batch_size, tc.seq_len)
+    batches = _new_batches(tc, train_bytes)
     state = None
     if info["data"]["fingerprint"] == fingerprint(train_bytes):
         try:

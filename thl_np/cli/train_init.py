@@ -1,0 +1,43 @@
+"""`thl-np train --init MODEL --set FIELD=VALUE`: a new run that starts from a model's weights, or with
+config fields changed (the weights of THL do not depend on J, so even ``memory_slots`` may change)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def parse_sets(values) -> dict:
+    """--set FIELD=VALUE (repeatable) → {field: value}; VALUE is read as JSON (1.0, null, [1, 8]) or kept as
+    a string."""
+    out = {}
+    for item in values or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE (e.g. memory_decay=1.0)", param_hint="--set")
+        try:
+            out[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[name.strip()] = text
+    return out
+
+
+def start_model(init, config_file, dim, memory_slots, write_rate, dtype, sets):
+    """A new run's model: a fresh one from flags (``train._model_config``), or --init's weights (a model folder, a
+    training run folder, or ``default``: the packaged model) under its config with --set's fields on top."""
+    if init is None:
+        from .train import _model_config
+
+        config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
+        return config.replace(**sets) if sets else config
+    if any(v is not None for v in (config_file, dim, memory_slots)):
+        raise click.UsageError("--init takes the model's shape from its weights: drop --config/--dim/--memory-slots "
+                               "(change other config fields with --set FIELD=VALUE)")
+    from ..model import THLModel
+    from .train import _eval_model_dir
+
+    model = THLModel.from_pretrained(_eval_model_dir(None if init == "default" else init), dtype=dtype)
+    changes = dict(sets, **({"write_rate": write_rate} if write_rate is not None else {}))
+    if dtype is not None:
+        changes["dtype"] = dtype
+    return THLModel(model.config.replace(**changes), params=model.params) if changes else model

@@ -1,0 +1,207 @@
+"""Follow one passkey trial through the memory: where the key sentence was written, what happened to those
+slots until the question, and whether the question's reads found them.
+
+``passkey_trace`` runs the first trial of ``passkey_eval`` (the same key, filler and prompt for the same
+length, depth, filler and seed) one token at a time on a decoding session, fast or plain, reading every
+step's choices with ``thl_np.diagnostics.MemoryObserver``:
+
+- **written**: every write made while the key line is read (the "key slots"), with its branch and gate;
+  the steps that read a digit of the key are marked;
+- **afterwards**, per key slot until the end of the prompt: refines (another write into it by the refine
+  branch), evictions (a novel write chose it: λ_s·staleness + λ_u·underuse), fills, reads (the router picked
+  it), its norm against the decay alone (γ^steps), and the **key's share** of the row at the end: the norm
+  of what the key line's writes added to it (each write's η·g·w, measured as the row's change over the step
+  less the decay, then decayed to the end) over the row's norm (1: the row is the key line's writes; near
+  0: drowned by the rest), with the same share for the writes made at the key's digits;
+- **the question**: at each of its steps, every head's rank of every key slot among all J router scores
+  (spec §4.3 scores, recomputed from the state before the step with the router's own ``slot_scores``:
+  rank 0 is the best; a slot is read when its rank is below κ), their scores against the κ-th best (the
+  score a slot needs to be read), and whether it was picked.
+
+The figures come from the steps themselves, so the fast and the plain session give the same trace.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .components.primitives import top_k_desc
+from .components.router import slot_scores
+from .diagnostics import BRANCHES, MemoryObserver
+from .evaluation import FILLERS, KEY_DIGITS, greedy_bytes, passkey_prompt
+
+
+def passkey_trial(length: int, seed: int = 0, depth: float = 0.5, filler: str = "python") -> dict:
+    """The first trial ``passkey_eval`` runs at ``length``: its key, prompt and where the parts sit."""
+    rng = np.random.default_rng([int(seed), int(length)])
+    key = "".join(str(d) for d in rng.integers(0, 10, size=KEY_DIGITS))
+    prompt, at = passkey_prompt(length, key, depth, filler, rng)
+    key_line = FILLERS[filler]["key"].format(key=key)
+    digits = sorted({at + i + k for i in range(len(key_line)) if key_line.startswith(key, i) for k in range(len(key))})
+    return {"key": key, "prompt": prompt, "key_start": at, "key_end": at + len(key_line), "digit_steps": digits,
+            "question_start": length - len(FILLERS[filler]["question"])}
+
+
+def trace_decoder(model, path: str = "auto"):
+    """A batch-1 decoding session on ``path``: "auto" (``model.decoder()``), "fast" or "plain"."""
+    from .model import choose_fast
+
+    if path == "plain" or not choose_fast(model.config, path):
+        from .inference.plain_decoder import PlainDecoder
+
+        return PlainDecoder(model, batch_size=1)
+    return model._decoder(None, 1)
+
+
+def _query_ranks(model, state, token: int) -> tuple[np.ndarray, np.ndarray]:
+    """([H, J] the rank (0 = best) of every slot's router score at the next step, ties to the lower index;
+    [H, J] the scores)."""
+    c, P = model.config, model.params
+    e = P["embedding.weight"][[token]]
+    u = np.concatenate([e, state.tiers[0], state.tiers[-1]], axis=1)
+    q = (u @ P["router.W_q.weight"].T).reshape(1, c.num_heads, c.head_dim)
+    _, scores = slot_scores(state.memory, q, P["router.W_k.weight"], state.read_ema, c.load_penalty)
+    order = top_k_desc(scores[0], c.memory_slots)          # [H, J] slots, best first
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(c.memory_slots)[None, :], axis=1)
+    return ranks, np.asarray(scores[0], dtype=np.float64)
+
+
+def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, filler: str = "python",
+                  path: str = "auto") -> dict:
+    """Trace the first passkey trial at ``length`` (module docstring) → a dict (``trace_lines`` prints it)."""
+    from .tokenizer import Tokenizer
+
+    trial = passkey_trial(length, seed, depth, filler)
+    ids = Tokenizer().encode(trial["prompt"])
+    c = model.config
+    dec = trace_decoder(model, path)
+    obs = MemoryObserver(dec)
+    k0, k1, q0 = trial["key_start"], trial["key_end"], trial["question_start"]
+    digit_steps = set(trial["digit_steps"])
+    written, slots, question = [], {}, []
+    gamma = float(c.memory_decay)
+    key_rows = np.zeros((c.memory_slots, c.memory_dim))     # the key line's writes, decayed to the current step
+    digit_rows = np.zeros((c.memory_slots, c.memory_dim))   # those made at the key's digits
+    snapshot = None
+    S = None
+    for t, tok in enumerate(ids):
+        before = dec.state() if (t >= q0 or k0 <= t < k1) else None
+        ranks, scores = _query_ranks(model, before, int(tok)) if t >= q0 else (None, None)
+        S, st = obs.step(np.array([tok]))
+        branch = BRANCHES[int(st.branch[0, 0])]
+        targets = [int(j) for j in st.targets[0, 0]]
+        g = float(st.g[0, 0])
+        idx = st.idx[0, 0]                                   # [H, κ]
+        if t >= k0:
+            key_rows *= gamma
+            digit_rows *= gamma
+        if k0 <= t < k1:
+            added = np.asarray(dec.state().memory[0], np.float64) - gamma * np.asarray(before.memory[0], np.float64)
+            key_rows[targets] += added[targets]
+            if t in digit_steps:
+                digit_rows[targets] += added[targets]
+            written.append({"step": t, "byte": chr(int(tok)), "digit": t in digit_steps, "slots": targets,
+                            "branch": branch, "gate": g})
+            for j in targets:
+                slots.setdefault(j, {"slot": j, "writes_in_key_line": 0, "digit_writes": 0, "last_key_write": t,
+                                     "refines": [], "fills": [], "evictions": [], "reads": []})
+                slots[j]["writes_in_key_line"] += 1
+                slots[j]["digit_writes"] += t in digit_steps
+                slots[j]["last_key_write"] = t
+            if t == k1 - 1:
+                snapshot = np.asarray(dec.state().memory[0], dtype=np.float64)
+        elif t >= k1:
+            for j in targets:
+                if j in slots:
+                    event = {"step": t, "gate": g}
+                    {"refine": slots[j]["refines"], "novel_empty": slots[j]["fills"],
+                     "novel_evict": slots[j]["evictions"]}[branch].append(event)
+            for h in range(c.num_heads):
+                for r, j in enumerate(idx[h]):
+                    if int(j) in slots:
+                        slots[int(j)]["reads"].append({"step": t, "head": h, "rank": r,
+                                                       "alpha": float(st.alpha[0, 0, h, r])})
+        if ranks is not None:
+            picked = {int(j) for j in idx.reshape(-1)}
+            question.append({"step": t, "byte": chr(int(tok)),
+                             "ranks": {j: [int(ranks[h, j]) for h in range(c.num_heads)] for j in sorted(slots)},
+                             "scores": {j: [float(scores[h, j]) for h in range(c.num_heads)] for j in sorted(slots)},
+                             "read_threshold": [float(np.sort(scores[h])[::-1][c.read_topk - 1])
+                                                for h in range(c.num_heads)],
+                             "picked": sorted(j for j in slots if j in picked)})
+    final = dec.state()
+    end = len(ids) - 1
+    mem = np.asarray(final.memory[0], dtype=np.float64)
+    for j, s in slots.items():
+        then, now = snapshot[j], mem[j]
+        n_then, n_now = float(np.linalg.norm(then)), float(np.linalg.norm(now))
+        s["norm_after_key_line"] = n_then
+        s["norm_at_end"] = n_now
+        s["decay_alone"] = float(c.memory_decay) ** (end - (k1 - 1))
+        s["cosine_with_key_content"] = float(then @ now / (n_then * n_now)) if n_then > 0 and n_now > 0 else 0.0
+        s["key_share_at_end"] = float(np.linalg.norm(key_rows[j]) / n_now) if n_now > 0 else 0.0
+        s["digit_share_at_end"] = float(np.linalg.norm(digit_rows[j]) / n_now) if n_now > 0 else 0.0
+        s["best_rank_last_step"] = min(question[-1]["ranks"][j]) if question else None
+    logits = dec.logits(S)
+    answer = bytes(greedy_bytes(dec, logits, KEY_DIGITS, min(256, c.vocab_size))).decode("latin-1")
+    for s in slots.values():
+        for key in ("refines", "fills", "evictions", "reads"):
+            s[key + "_count"] = len(s[key])
+    return {"length": int(length), "seed": int(seed), "depth": float(depth), "filler": filler,
+            "path": "fast" if obs.fast else "plain", "key": trial["key"], "answer": answer,
+            "correct": answer == trial["key"], "key_start": k0, "key_end": k1, "question_start": q0,
+            "memory_slots": int(c.memory_slots), "read_topk": int(c.read_topk), "written": written,
+            "key_slots": [slots[j] for j in sorted(slots)], "question": question}
+
+
+def _steps(events, limit=6) -> str:
+    shown = ", ".join(str(e["step"]) for e in events[:limit])
+    return shown + (f", ... ({len(events)} in all)" if len(events) > limit else "")
+
+
+def trace_lines(tr: dict) -> list[str]:
+    """The trace as text."""
+    J, kappa = tr["memory_slots"], tr["read_topk"]
+    out = [f"passkey trace ({tr['path']} path): length {tr['length']}, seed {tr['seed']}, key {tr['key']} in the "
+           f"line at bytes {tr['key_start']}-{tr['key_end'] - 1}, question from byte {tr['question_start']}; "
+           f"greedy answer {tr['answer']!r} ({'right' if tr['correct'] else 'wrong'})"]
+    by_branch = {b: sum(w["branch"] == b for w in tr["written"]) for b in BRANCHES}
+    out.append(f"key line: {len(tr['written'])} writes into slots {[s['slot'] for s in tr['key_slots']]} "
+               f"(refine {by_branch['refine']}, novel into an empty slot {by_branch['novel_empty']}, "
+               f"novel evicting {by_branch['novel_evict']})")
+    digits = [f"{w['byte']}@{w['step']}->{','.join(map(str, w['slots']))} ({w['branch']}, g {w['gate']:.2f})"
+              for w in tr["written"] if w["digit"]]
+    out.append("  the key's digits: " + "; ".join(digits))
+    out.append(f"after the key line (steps {tr['key_end']}-{tr['length'] - 1}), per key slot:")
+    for s in tr["key_slots"]:
+        fate = []
+        if s["evictions"]:
+            fate.append(f"evicted at {_steps(s['evictions'])}")
+        if s["refines"]:
+            fate.append(f"refined {s['refines_count']}x ({_steps(s['refines'], 3)})")
+        if s["fills"]:
+            fate.append(f"filled at {_steps(s['fills'])}")
+        reads = f"read {s['reads_count']}x" + (f" (last at {s['reads'][-1]['step']})" if s["reads"] else "")
+        out.append(f"  slot {s['slot']:>3}: {s['writes_in_key_line']} key-line writes ({s['digit_writes']} at "
+                   f"digits); {'; '.join(fate) or 'never written again'}; {reads}; norm "
+                   f"{s['norm_after_key_line']:.4f} -> {s['norm_at_end']:.4f} (decay alone x{s['decay_alone']:.3f}); "
+                   f"the key line's writes are {s['key_share_at_end']:.2%} of the row at the end (its digits' "
+                   f"{s['digit_share_at_end']:.2%}), cosine with the row after the key line "
+                   f"{s['cosine_with_key_content']:.3f}")
+    q = tr["question"]
+    if q:
+        hits = sum(bool(step["picked"]) for step in q)
+        out.append(f"question (steps {q[0]['step']}-{q[-1]['step']}): a key slot was read at {hits} of {len(q)} "
+                   f"steps (read = rank < {kappa} of {J})")
+        last = q[-1]
+        thr = ", ".join(f"{x:.3g}" for x in last["read_threshold"])
+        out.append(f"  last step ({last['byte']!r} -> first digit): a head reads the slots scoring at least its "
+                   f"{kappa}th best score: {thr} (by head)")
+        for j, ranks in last["ranks"].items():
+            sc = ", ".join(f"{x:.3g}" for x in last["scores"][j])
+            out.append(f"    slot {j}: rank {ranks}, score {sc}{' (read)' if j in last['picked'] else ''}")
+        best = min((min(r) for step in q for r in step["ranks"].values()), default=math.inf)
+        out.append(f"  best rank of any key slot at any question step: {best}")
+    return out

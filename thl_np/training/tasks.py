@@ -1,0 +1,228 @@
+"""Long-range training data: synthetic retrieval tasks mixed into a text corpus, and a sequence-length curriculum.
+
+``WindowBatches`` is the trainer's batch source for whole-sequence training (``thl-np train --full-bptt``,
+implied by ``--task-mix`` and ``--seq-len A:B``): every row of every batch is an independent window of L + 1
+bytes, read from an empty state with the gradient through all L steps (the tape keeps only the rows read and
+written, so long windows fit). A row is, with probability ``task_mix``, a synthetic task, otherwise a random
+window of the corpus. The tasks, each ending with its answer (the last bytes of the window):
+
+- ``passkey``: a key line holding a 5-digit key at a uniform random depth of filler, then the question; the
+  phrasing is ``thl_np.evaluation``'s (``FILLERS``), so ``thl-np eval --passkey`` asks what was trained;
+- ``recall`` (associative recall): 2-6 lines ``# remember: NAME is VALUE.`` (4 letters, 5 digits) at random
+  depths, then ``# what is NAME? NAME is `` for one of them, and its value;
+- ``copy`` (delayed copy): ``# copy this: S`` (8-16 letters and digits) early in the window, ``# paste it: S``
+  at its end.
+
+Filler (``filler``): ``corpus`` (a random window of the training bytes, so the haystack is real text), the
+evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per row). Inserted lines go to the
+filler's line boundary nearest their depth. ``answer_weight`` w > 1 gives the answer bytes' targets weight w in
+the loss (every other target 1; ``Batch.weights``).
+
+The sequence length follows ``seq_len_at``: from ``start`` it doubles in equal stages over ``ramp`` steps up
+to ``final`` (``128:4096`` over 6,000 steps: 128, 256, ..., 4096, 1,000 steps each). Everything is drawn from
+one seeded ``np.random.Generator`` whose state is the batch source's ``position``, so a resumed run reads the
+same rows as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import string
+
+import numpy as np
+
+from ..errors import InputError
+from .data import Batch, as_byte_array
+
+TASKS = ("passkey", "recall", "copy")
+FILLER_SOURCES = ("corpus", "python", "prose", "mixed")
+KEY_DIGITS = 5
+_NAME_LETTERS = np.frombuffer(string.ascii_lowercase.encode(), dtype=np.uint8)
+_COPY_CHARS = np.frombuffer((string.ascii_lowercase + string.digits).encode(), dtype=np.uint8)
+_NEWLINE = ord("\n")
+
+
+def seq_len_at(step: int, start: int, final: int | None = None, ramp: int = 1) -> int:
+    """The window length at training step ``step`` (0-based): ``start`` doubled once per stage, in
+    ⌈log2(final/start)⌉ + 1 equal stages over ``ramp`` steps, never above ``final`` (None: always ``start``)."""
+    if final is None or final <= start:
+        return int(start)
+    doublings = math.ceil(math.log2(final / start))
+    stage = min(doublings, int(step) * (doublings + 1) // max(1, int(ramp)))
+    return int(min(final, start * 2**stage))
+
+
+def parse_seq_len(text) -> tuple[int, int | None]:
+    """``"128"`` → (128, None); ``"128:4096"`` → (128, 4096). An InputError naming the form otherwise."""
+    parts = str(text).split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1 or (len(values) == 2 and values[1] < values[0]):
+        raise InputError(f"--seq-len {text!r}: give a length (128) or a schedule START:FINAL with "
+                         "1 <= START <= FINAL (128:4096)")
+    return values[0], (values[1] if len(values) == 2 else None)
+
+
+def parse_tasks(text) -> tuple[str, ...]:
+    """``"passkey,recall"`` → ("passkey", "recall"); unknown names are an InputError listing the known ones."""
+    names = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    bad = [t for t in names if t not in TASKS]
+    if not names or bad:
+        raise InputError(f"tasks = {text!r}: name one or more of {', '.join(TASKS)}, comma-separated")
+    return names
+
+
+# ----------------------------------------------------------------------------------------- the tasks
+def _digits(rng, n=KEY_DIGITS) -> bytes:
+    return bytes(ord("0") + rng.integers(0, 10, size=n).astype(np.uint8))
+
+
+def _phrasing(style: str) -> dict:
+    from ..evaluation import FILLERS
+
+    return FILLERS["prose" if style == "prose" else "python"]
+
+
+def passkey_task(rng, style: str) -> tuple[list[bytes], bytes, bytes]:
+    """(lines to hide, question, answer) of a passkey sample (``thl_np.evaluation``'s phrasing)."""
+    f = _phrasing(style)
+    key = _digits(rng).decode()
+    return [f["key"].format(key=key).encode()], f["question"].encode(), key.encode()
+
+
+def recall_task(rng, style: str, pairs: int | None = None) -> tuple[list[bytes], bytes, bytes]:
+    """(lines, question, answer) of an associative-recall sample: ``pairs`` (2-6) name/value lines, one asked."""
+    n = int(rng.integers(2, 7)) if pairs is None else int(pairs)
+    names = set()
+    while len(names) < n:
+        names.add(bytes(rng.choice(_NAME_LETTERS, size=4)).decode())
+    names = sorted(names)
+    rng.shuffle(names)
+    values = [_digits(rng).decode() for _ in names]
+    lead = "" if style == "prose" else "    # "
+    # the asked pair first: a window too short for every pair drops pairs from the end
+    lines = [f"{lead}remember: {k} is {v}.\n".encode() for k, v in zip(names, values, strict=True)]
+    return lines, f"{lead}what is {names[0]}? {names[0]} is ".encode(), values[0].encode()
+
+
+def copy_task(rng, style: str) -> tuple[list[bytes], bytes, bytes]:
+    """(lines, question, answer) of a delayed-copy sample: a string of 8-16 letters and digits."""
+    s = bytes(rng.choice(_COPY_CHARS, size=int(rng.integers(8, 17)))).decode()
+    lead = "" if style == "prose" else "    # "
+    return [f"{lead}copy this: {s}\n".encode()], f"{lead}paste it: ".encode(), s.encode()
+
+
+TASK_MAKERS = {"passkey": passkey_task, "recall": recall_task, "copy": copy_task}
+
+
+def insert_lines(filler: bytes, lines: list[bytes], depths) -> bytes:
+    """``filler`` with each of ``lines`` inserted at the line boundary (0, after a newline, or the end)
+    nearest to its depth × len(filler); lines at the same boundary keep their order."""
+    n = len(filler)
+    ends = np.concatenate([[0], np.flatnonzero(np.frombuffer(filler, np.uint8) == _NEWLINE) + 1, [n]])
+    at = [int(ends[np.argmin(np.abs(ends - d * n))]) for d in depths]
+    order = sorted(range(len(lines)), key=lambda i: (at[i], i))
+    out, prev = [], 0
+    for i in order:
+        out.append(filler[prev:at[i]])
+        out.append(lines[i])
+        prev = at[i]
+    out.append(filler[prev:])
+    return b"".join(out)
+
+
+class WindowBatches:
+    """Independent windows of the corpus mixed with synthetic tasks (module docstring), one batch a call.
+
+    ``next_batch()`` → ``Batch`` (inputs, targets [B, L], ``reset=True``: each row starts from an empty state;
+    ``weights`` [B, L] when ``answer_weight != 1``, else None), L = ``seq_len_at(batches so far, ...)``.
+    ``position`` (JSON-able) is the generator's state and the batch count: all a resume needs.
+    """
+
+    def __init__(self, data, batch_size: int, seq_len: int, seq_len_final: int | None = None,
+                 seq_len_ramp: int = 1, task_mix: float = 0.0, tasks=TASKS, filler: str = "corpus",
+                 answer_weight: float = 1.0, seed: int = 0, position: dict | None = None):
+        self.data = as_byte_array(data)
+        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
+        self.seq_len_final, self.seq_len_ramp = seq_len_final, int(seq_len_ramp)
+        if not 0.0 <= float(task_mix) <= 1.0:
+            raise InputError(f"task_mix = {task_mix} must lie in [0, 1] (the share of rows that are tasks)")
+        if filler not in FILLER_SOURCES:
+            raise InputError(f"filler = {filler!r}: use one of {', '.join(FILLER_SOURCES)}")
+        if not (answer_weight > 0 and math.isfinite(answer_weight)):
+            raise InputError(f"answer_weight = {answer_weight} must be a positive number")
+        self.task_mix, self.filler, self.answer_weight = float(task_mix), filler, float(answer_weight)
+        self.tasks = tuple(tasks) if not isinstance(tasks, str) else parse_tasks(tasks)
+        parse_tasks(",".join(self.tasks))
+        longest = max(self.seq_len, self.seq_len_final or 0)
+        if len(self.data) < longest + 1:
+            raise InputError(f"training data has {len(self.data)} bytes: too few for windows of {longest + 1} "
+                             "bytes; use more data or a shorter --seq-len")
+        self.rng = np.random.default_rng([int(seed), 0x7461736B])
+        self.count = 0
+        if position is not None:
+            self.position = position
+
+    @property
+    def position(self) -> dict:
+        return {"batches": int(self.count), "rng": self.rng.bit_generator.state}
+
+    @position.setter
+    def position(self, value: dict) -> None:
+        try:
+            count, state = int(value["batches"]), value["rng"]
+            self.rng.bit_generator.state = state
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"data position {value!r} is not a window-batch position "
+                             "({'batches': int, 'rng': generator state})") from None
+        self.count = count
+
+    def current_seq_len(self) -> int:
+        return seq_len_at(self.count, self.seq_len, self.seq_len_final, self.seq_len_ramp)
+
+    def next_batch(self) -> Batch:
+        L = self.current_seq_len()
+        rows = np.empty((self.batch_size, L + 1), np.int64)
+        weights = np.ones((self.batch_size, L), np.float64)
+        for b in range(self.batch_size):
+            window, answer = self.sample(L + 1)
+            rows[b] = np.frombuffer(window, np.uint8)
+            if answer:
+                weights[b, L - answer:] = self.answer_weight   # targets of the last `answer` bytes
+        self.count += 1
+        w = None if self.answer_weight == 1.0 else weights
+        return Batch(inputs=rows[:, :-1], targets=rows[:, 1:], reset=True, weights=w)
+
+    # ------------------------------------------------------------------ one row
+    def _corpus(self, n: int) -> bytes:
+        start = int(self.rng.integers(0, len(self.data) - n + 1))
+        return self.data[start:start + n].tobytes()
+
+    def _filler(self, n: int, style: str) -> bytes:
+        if n <= 0:
+            return b""
+        if style == "corpus":
+            return self._corpus(n)
+        from ..evaluation import FILLERS, _filler_text
+
+        text = _filler_text(self.rng, FILLERS[style]["lines"], n)
+        return text[len(text) - n:].encode()
+
+    def sample(self, n: int) -> tuple[bytes, int]:
+        """One row of ``n`` bytes → (bytes, how many of its last bytes are the answer; 0 for corpus text)."""
+        if self.task_mix == 0.0 or self.rng.random() >= self.task_mix:
+            return self._corpus(n), 0
+        task = self.tasks[int(self.rng.integers(0, len(self.tasks)))]
+        style = self.filler if self.filler != "mixed" else FILLER_SOURCES[int(self.rng.integers(0, 3))]
+        lines, question, answer = TASK_MAKERS[task](self.rng, style)
+        need = sum(map(len, lines)) + len(question) + len(answer)
+        while need > n and len(lines) > 1:   # too short a window for every pair: fewer pairs
+            need -= len(lines.pop())
+        if need > n:   # the window cannot hold the task at all: corpus text instead
+            return self._corpus(n), 0
+        depths = self.rng.random(len(lines))
+        body = insert_lines(self._filler(n - need, style), lines, depths)
+        out = body + question + answer
+        assert len(out) == n
+        return out, len(answer)
