@@ -222,7 +222,9 @@ class THLModel:
         """Load a model folder (config.json + model.safetensors). Weights are memory-mapped (pages are read
         when a step first touches them); with ``dtype`` (float32 | float64) they are cast to that compute
         dtype. ``verify`` checks every weight is finite (WeightsError otherwise): by default only for
-        files under 64 MB, since it reads every page; pass True to check a large file too."""
+        files under 64 MB, since it reads every page; pass True to check a large file too. A quantized
+        folder (config.json with ``quantization``, docs/QUANTIZATION.md) keeps its int8 values mapped and
+        always has its scales and float tensors checked (they are small)."""
         from .io.safetensors import check_finite, read_safetensors
 
         directory = as_path(directory, "from_pretrained's directory")

@@ -5,6 +5,9 @@ per_head_q8, per_head_transposed_q8, gather_rows_q8 and dequantize_rows_q8 (bit 
 packed_linear_q8, and Q8Matrix.linear's four routes."""
 import numpy as np
 import pytest
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_helpers import DTYPES, assert_close, assert_equal
 
 from thl_np.components.output import linear_forward
@@ -155,3 +158,14 @@ def test_packed_copy_is_built_once_and_shared():
     (key, first), = t.derived.items()
     fq.Q8Matrix.of(t, packed=True).linear(x, b)
     assert t.derived[key] is first
+
+
+@settings(max_examples=examples(40))
+@given(V=st.integers(1, 70), C=st.integers(1, 90), rows=st.integers(1, 80), block=st.sampled_from([None, 1, 7, 32]),
+       packed=st.booleans(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_q8_linear_matches_linear_forward_for_any_shape(V, C, rows, block, packed, dtype, seed):
+    """Any matrix, any group size (partial groups included), any number of rows through every route."""
+    q, s, group, W, b, rng = quantized(V, C, block, dtype, seed)
+    x = rng.standard_normal((rows, C)).astype(dtype)
+    got = fq.Q8Matrix(q, s, group, packed=packed).linear(x, b)
+    assert_close(got, linear_forward(x, W, b), dtype, "Q8Matrix.linear", factor=max(1.0, C / 64))

@@ -212,11 +212,13 @@ def gather_rows_q8(Q, S, group, ids, out):
         _dequantize_row(Q[ids[n]], S[ids[n]], group, out[n])
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def dequantize_rows_q8(Q, S, group, r0, out):
     """out[r] = W[r0 + r] = s·q for the rows out holds (a block of a matrix, for a prompt's GEMM), in out's
-    dtype: exact in float64, rounded once in float32 (as thl_np.quant.scheme.dequantize)."""
-    for r in prange(out.shape[0]):
+    dtype: exact in float64, rounded once in float32 (as thl_np.quant.scheme.dequantize). On the calling
+    thread: it alternates with BLAS calls, whose spinning workers would take the cores of Numba's pool
+    (thl_np._blas), and it costs little beside the GEMM."""
+    for r in range(out.shape[0]):
         _dequantize_row(Q[r0 + r], S[r0 + r], group, out[r])
 
 
