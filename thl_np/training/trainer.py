@@ -265,6 +265,9 @@ def train(
             raise InputError("train() needs a THLModel or a THLConfig for a new run")
         run = _fresh_run(model, tc, train_bytes)
     _check_vocab(run.model.config)
+    if run.model.config.quantization:
+        raise InputError("this model's weights are int8 (quantized): train the float model it came from, then "
+                         "quantize the result (thl-np quantize)")
     if tc.path == "auto" and not choose_fast(run.model.config, "auto"):
         custom = components_for(run.model.config).custom()
         emit({"event": "message", "text": f"training on the plain path: the fast path has no kernels for {custom}"})
