@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 DTYPES = ("float32", "float64")
+TASK_FIELDS = ("task", "num_labels", "id2label", "label2id", "classifier_dropout")
 
 
 @dataclass
@@ -52,6 +53,13 @@ class THLConfig:
     # Component variants, {kind: registered name} (thl_np.components.registry); {} composes the spec's
     # components. Written to config.json only when it names a variant.
     components: dict = field(default=None)
+    # A task head (thl_np.tasks): written to config.json only when ``task`` is set, as Hugging Face configs
+    # write them; a language model's config.json has none of them.
+    task: str | None = None
+    num_labels: int | None = None
+    id2label: dict | None = None
+    label2id: dict | None = None
+    classifier_dropout: float | None = None
 
     def __init__(self, dim: int | None = None, **kwargs):
         names = {f.name for f in dataclasses.fields(self)}
@@ -149,6 +157,9 @@ class THLConfig:
         from .components.registry import check_choice  # imported here: the components import nothing of this
 
         self.components = check_choice(self.components)
+        from .tasks.config import check_task_fields  # imported here: thl_np.tasks imports this module
+
+        check_task_fields(self)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -180,6 +191,9 @@ class THLConfig:
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if not out["components"]:
             del out["components"]  # the spec's components: config.json stays as the PyTorch THL writes it
+        for name in TASK_FIELDS:
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod

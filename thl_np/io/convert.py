@@ -57,7 +57,8 @@ _STORAGE_DTYPES = {
 
 
 # ---------------------------------------------------------------------------------------------- conversion
-def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, log=None) -> THLConfig:
+def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, log=None,
+                               task: str | None = None) -> THLConfig:
     """Convert a PyTorch THL ``save_pretrained`` folder into a thl-np model folder; return its config.
 
     ``src_dir`` holds config.json and pytorch_model.bin (or model.safetensors). ``out_dir`` receives
@@ -65,7 +66,9 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     | "float64"; None keeps the checkpoint's precision, bf16 widened to float32). The PyTorch THL ignores
     write_rate (it behaves as write_rate = 1.0), so the converted config sets write_rate = 1.0 and the
     model keeps computing what it computed in PyTorch. ``log`` (a callable taking one line) hears what
-    was read, changed and written.
+    was read, changed and written. A task model's checkpoint (its body under ``thl.``, a ``classifier``)
+    converts to a task-model folder (``thl_np.tasks.convert``); ``task`` names its task where the
+    classifier's shape leaves it open.
     """
     say = log or (lambda line: None)
     src_dir, out_dir = os.fspath(src_dir), os.fspath(out_dir)
@@ -78,8 +81,11 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
         raise WeightsError(f"the output folder {out_dir} is the PyTorch folder itself: choose a new folder")
     config = THLConfig.load(src_dir)
     weights_path, tensors = _read_source_weights(src_dir)
+    from ..tasks.convert import split_head_checkpoint
+
+    tensors, head, config = split_head_checkpoint(tensors, config, task, say)
     check_params(config, tensors, source=weights_path)
-    check_finite(tensors, source=weights_path)
+    check_finite({**tensors, **head}, source=weights_path)
     say(f"read  {weights_path}: {len(tensors)} tensors, {sum(t.size for t in tensors.values()):,} parameters")
     if config.write_rate != 1.0:
         say(f"note  write_rate {config.write_rate} -> 1.0: the PyTorch THL ignores write_rate (it behaves as "
@@ -88,6 +94,7 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     else:
         say("note  write_rate is 1.0, matching the PyTorch THL (which ignores write_rate)")
     ordered = {name: tensors[name] for name in param_shapes(config)}
+    ordered.update(head)
     os.makedirs(out_dir, exist_ok=True)
     out_weights = os.path.join(out_dir, SAFETENSORS_WEIGHTS)
     metadata = dict(FORMAT_METADATA, config=config.to_json())
