@@ -6,9 +6,9 @@ import sys
 import click
 
 from ..errors import THLError
-from . import basic, bench, golden, train, weights
+from . import basic, bench, golden, tasks, train, weights
 
-_MODULES = (basic, train, weights, bench, golden)
+_MODULES = (basic, train, tasks, weights, bench, golden)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
