@@ -239,26 +239,26 @@ class TaskModel:
 
     def _tier_states(self, ids, U, path):
         body = self.body
-        N, T = ids.shape
-        if not choose_fast(body.config, path, gumbel_given=U is not None):
+        N = ids.shape[0]
+        if not choose_fast(body.config, path):
             from ..step import run_sequence
 
             S, _, _ = run_sequence(body.params, body.config, ids, body.init_state(N), U)
             return S
-        from ..inference.fast import FastDecoder
+        # the training path's forward (with or without routing noise): it runs a batch of whole sequences with
+        # the sequence-wide products batched (FastDecoder is made for one token at a time); its record is dropped
+        from .._blas import blas_threads
+        from ..training.fast_grad import BLAS_THREADS, fast_forward
 
-        decoder = FastDecoder(body, batch_size=N, packed_head=False)
-        S = np.empty((N, T, body.config.total_tier_dim), body.dtype)
-        for t in range(T):
-            S[:, t] = decoder.advance(ids[:, t])
-        return S
+        with blas_threads(BLAS_THREADS):
+            S_tm, _, _ = fast_forward(body, ids, body.init_state(N), U)
+        return np.ascontiguousarray(S_tm.transpose(1, 0, 2))
 
     def _tier_states_for_backward(self, ids, U, path):
         """→ (tier states [N, T, Σd_k], per-step read weights A [T, N, J] or None, backward(dS, d_A) → grads)."""
         body = self.body
         c, P = body.config, body.params
-        N, T = ids.shape
-        state0 = body.init_state(N)
+        state0 = body.init_state(ids.shape[0])
         want_A = bool(c.router_load_balance_lambda)
         if choose_fast(c, path, gumbel_given=False):
             from ..training.fast_grad import fast_backward, fast_forward
@@ -357,13 +357,15 @@ class TaskModel:
 
     @classmethod
     def from_pretrained(cls, directory, dtype: str | None = None, verify: bool | None = None, *,
-                        num_labels: int | None = None, id2label=None, seed: int | None = None, log=None):
+                        num_labels: int | None = None, id2label=None, seed: int | None = None, log=None,
+                        pad_token_id: int | None = None):
         """Load a model folder, or a ``thl-np finetune`` output folder (its latest checkpoint).
 
         A folder of this task loads as saved. A language-model folder (or another task's) gives its body,
         with a new head (Xavier-uniform weight from ``seed``, zero bias) of ``num_labels`` / ``id2label``
         classes (2 by default, as the PyTorch THL); that is said through ``log`` (a callable taking one
-        line) or, without it, a ``UserWarning``. ``dtype`` / ``verify`` as ``THLModel.from_pretrained``."""
+        line) or, without it, a ``UserWarning``. ``dtype`` / ``verify`` as ``THLModel.from_pretrained``;
+        ``pad_token_id`` sets the config's (batches of different lengths need one: 256 for the byte tokenizer)."""
         from ..io.safetensors import check_finite, read_safetensors
         from ..model import VERIFY_BELOW_BYTES
         from ..training.checkpoint import resolve_model_dir
@@ -385,6 +387,8 @@ class TaskModel:
             raise InputError(f"dtype {compute!r} is not a compute dtype: use float32 or float64")
         if compute != config.dtype:
             config = config.replace(dtype=compute)
+        if pad_token_id is not None and pad_token_id != config.pad_token_id:
+            config = config.replace(pad_token_id=pad_token_id)
         if config.task == cls.task:
             if len(head) != len(HEAD_NAMES):
                 raise WeightsError(f"{path} lacks {[n for n in HEAD_NAMES if n not in head]}, which its config's "
