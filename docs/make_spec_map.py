@@ -76,6 +76,15 @@ SECTIONS = [
             ["thl_np.step.sequence_backward", "thl_np.step.head_loss_and_backward"],
             note="`cross_entropy_forward` returns d loss / d logits and `load_balance_forward` returns "
                  "d KL / d A with their values: each is its own backward."),
+    Section("§H", "Task heads (docs/TASKS.md; not part of THL_SPEC.md)", [f"{NN}.heads"],
+            [f"{NN}.heads.last_positions", f"{NN}.heads.pooled_head_forward", f"{NN}.heads.token_head_forward",
+             f"{NN}.heads.masked_cross_entropy"],
+            [f"{NN}.heads.pooled_head_backward", f"{NN}.heads.token_head_backward"],
+            helpers=[f"{NN}.heads.pool_last_forward", f"{NN}.heads.pool_last_backward",
+                     f"{NN}.heads.dropout_forward", f"{NN}.heads.dropout_backward", f"{NN}.heads.token_labels"],
+            note="`thl_np.tasks.models` composes them with the body: the head's backward gives d tier states "
+                 "[N, T, Σd_k], which `thl_np.step.sequence_backward` (plain) or "
+                 "`thl_np.training.fast_grad.fast_backward` (fast) takes through the T steps."),
 ]
 
 

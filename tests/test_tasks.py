@@ -1,214 +1,272 @@
-"""Long-range training data (thl_np.training.tasks), the answer-weighted loss, and whole-sequence training
-with a length schedule in the trainer and the CLI."""
+"""The task models (sequence classification, token classification, multiple choice): their heads, exact
+gradients on both paths, padding, dropout, files, and PyTorch THL head checkpoints."""
 import json
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import random_params, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from thl_np import THLModel
-from thl_np.cli import main
-from thl_np.errors import InputError
-from thl_np.evaluation import FILLERS
-from thl_np.model import value_and_grad
-from thl_np.training import checkpoint as ckpt
-from thl_np.training.tasks import (
-    TASK_MAKERS,
-    WindowBatches,
-    insert_lines,
-    parse_seq_len,
-    parse_tasks,
-    seq_len_at,
-)
-from thl_np.training.trainer import TrainConfig, train
+import thl_np
+from thl_np import THLConfig, THLForMultipleChoice, THLForSequenceClassification, THLForTokenClassification
+from thl_np.components import heads as H
+from thl_np.errors import ConfigError, InputError, WeightsError
+from thl_np.io.convert import convert_pytorch_checkpoint
+from thl_np.tasks import MODEL_CLASSES
+from thl_np.tasks.gradcheck import check_task_gradients
 
-CORPUS = ("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 200).encode()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PAD = 0
 
 
-def test_seq_len_schedule_doubles_in_equal_stages():
-    # 128 -> 1024: 3 doublings, 4 stages of 25 steps over a ramp of 100
-    got = [seq_len_at(s, 128, 1024, 100) for s in (0, 24, 25, 49, 50, 75, 99, 100, 10**6)]
-    assert got == [128, 128, 256, 256, 512, 1024, 1024, 1024, 1024]
-    assert seq_len_at(500, 100, 300, 10) == 300            # capped at the final length (not 400)
-    assert seq_len_at(7, 64) == 64 and seq_len_at(7, 64, 64, 3) == 64
-    assert parse_seq_len("128") == (128, None) and parse_seq_len("128:4096") == (128, 4096)
-    for bad in ("0", "4096:128", "a:b", "1:2:3", ""):
-        with pytest.raises(InputError, match="START:FINAL"):
-            parse_seq_len(bad)
-    assert parse_tasks("passkey, copy") == ("passkey", "copy")
-    with pytest.raises(InputError, match="passkey, recall, copy"):
-        parse_tasks("passkey,sort")
+def tiny(**kw) -> THLConfig:
+    base = dict(vocab_size=20, embedding_dim=8, hidden_dim=8, num_tiers=3, tier_dims=[8, 6, 10],
+                tier_timescales=[1, 2, 4], local_window=3, memory_slots=6, memory_dim=8, query_dim=4, value_dim=8,
+                num_heads=2, head_dim=4, read_topk=2, pad_token_id=PAD, dtype="float64")
+    base.update(kw)
+    return THLConfig(**base)
 
 
-def test_insert_lines_goes_to_the_nearest_line_boundary():
-    filler = b"aaaa\nbbbb\ncccc\n"                     # boundaries 0, 5, 10, 15
-    assert insert_lines(filler, [b"K\n"], [0.4]) == b"aaaa\nbbbb\nK\ncccc\n"[:5] + b"K\nbbbb\ncccc\n"
-    assert insert_lines(filler, [b"K\n"], [0.7]) == b"aaaa\nbbbb\nK\ncccc\n"
-    assert insert_lines(filler, [b"X\n", b"Y\n"], [1.0, 0.0]) == b"Y\naaaa\nbbbb\ncccc\nX\n"
-    assert insert_lines(b"", [b"K\n"], [0.5]) == b"K\n"
+def make(cls, config=None, seed=0, **kw):
+    if cls is not THLForMultipleChoice:
+        kw.setdefault("num_labels", 3)
+    return cls(config or tiny(), seed=seed, **kw)
 
 
-@pytest.mark.parametrize("task", sorted(TASK_MAKERS))
-@pytest.mark.parametrize("filler", ["corpus", "python", "prose"])
-def test_every_task_window_ends_with_its_answer_and_weights_it(task, filler):
-    wb = WindowBatches(CORPUS, 3, 300, task_mix=1.0, tasks=(task,), filler=filler, answer_weight=7.0, seed=4)
-    batch = wb.next_batch()
-    assert batch.inputs.shape == batch.targets.shape == (3, 300) and batch.reset
-    assert np.array_equal(batch.inputs[:, 1:], batch.targets[:, :-1])
-    for b in range(3):
-        text = bytes(np.r_[batch.inputs[b], batch.targets[b, -1]].astype(np.uint8)).decode()
-        n_ans = int((batch.weights[b] == 7.0).sum())
-        answer, rest = text[-n_ans:], text[:-n_ans]
-        assert set(np.unique(batch.weights[b])) == {1.0, 7.0} and (batch.weights[b, -n_ans:] == 7.0).all()
-        if task == "passkey":
-            phr = FILLERS["prose" if filler == "prose" else "python"]
-            assert answer.isdigit() and len(answer) == 5
-            assert rest.endswith(phr["question"]) and phr["key"].format(key=answer) in rest
-        elif task == "recall":
-            name = rest.rsplit("what is ", 1)[1].split("?")[0]
-            assert f"remember: {name} is {answer}.\n" in rest
-        else:
-            assert rest.endswith("paste it: ") and f"copy this: {answer}\n" in rest
-        if filler == "corpus":   # the haystack is the corpus itself
-            assert "return x + 1" in rest
+def batch(cls, rng, T=9):
+    """ids with right padding in one row, labels with an ignored entry, the shape each task takes."""
+    if cls is THLForMultipleChoice:
+        ids = rng.integers(1, 20, (2, 3, T))
+        ids[0, 1, T - 3:] = PAD
+        return ids, np.array([2, 0])
+    ids = rng.integers(1, 20, (3, T))
+    ids[1, T - 4:] = PAD
+    if cls is THLForTokenClassification:
+        labels = rng.integers(0, 3, (3, T))
+        labels[0, 2] = -100
+        return ids, labels
+    return ids, np.array([0, 2, -100])
 
 
-def test_mix_reproducible_resumable_and_corpus_rows_unweighted():
-    def batches(wb, n):
-        return [wb.next_batch() for _ in range(n)]
-
-    kw = dict(task_mix=0.5, filler="mixed", answer_weight=3.0, seed=9, seq_len_final=512, seq_len_ramp=4)
-    a = batches(WindowBatches(CORPUS, 4, 128, **kw), 6)
-    b = WindowBatches(CORPUS, 4, 128, **kw)
-    first = batches(b, 3)
-    resumed = WindowBatches(CORPUS, 4, 128, position=b.position, **kw)
-    rest = batches(resumed, 3)
-    for x, y in zip(a, first + rest, strict=True):
-        assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.weights, y.weights)
-    assert [x.inputs.shape[1] for x in a] == [128, 128, 256, 512, 512, 512]   # 3 stages over 4 steps
-    rows = np.concatenate([x.weights.max(axis=1) for x in a])
-    assert 0 < (rows == 3.0).sum() < len(rows)               # some rows tasks, some corpus text
-    other = WindowBatches(CORPUS, 4, 128, **dict(kw, seed=10)).next_batch()
-    assert not np.array_equal(other.inputs, a[0].inputs)
-    assert WindowBatches(CORPUS, 2, 64, task_mix=0.5).next_batch().weights is None   # weight 1: no weights
+CLASSES = [THLForSequenceClassification, THLForTokenClassification, THLForMultipleChoice]
 
 
-def test_window_batches_refuse_bad_settings():
-    with pytest.raises(InputError, match="too few"):
-        WindowBatches(b"x" * 100, 2, 100)
-    with pytest.raises(InputError, match="task_mix"):
-        WindowBatches(CORPUS, 2, 64, task_mix=1.5)
-    with pytest.raises(InputError, match="filler"):
-        WindowBatches(CORPUS, 2, 64, filler="poetry")
-    with pytest.raises(InputError, match="window-batch position"):
-        WindowBatches(CORPUS, 2, 64, position={"offset": 0, "epoch": 0})
-    with pytest.raises(InputError, match="seq_len_final"):
-        TrainConfig(seq_len=256, seq_len_final=128)
-    # a window too short for the task: corpus text instead (no answer weights)
-    short = WindowBatches(CORPUS, 2, 16, task_mix=1.0, tasks=("passkey",), answer_weight=2.0).next_batch()
-    assert (short.weights == 1.0).all()
-
-
-# ---------------------------------------------------------------------------------------------------
-# the weighted loss
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["fast", "plain"])
-def test_loss_weights_are_a_weighted_mean_with_its_exact_gradient(path):
-    cfg = tiny_config()
-    model = THLModel(cfg, params=random_params(cfg, np.random.default_rng(0)))
+# ------------------------------------------------------------------------------------------ gradients
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("lam", [0.0, 0.05])
+def test_gradients_pass_finite_differences_and_paths_agree(cls, lam):
+    """float64 finite differences through head, dropout, pooling and the whole body, with training-mode
+    routing and (for one case) the load-balance term; the fast path gives the plain path's gradients."""
     rng = np.random.default_rng(1)
-    ids = rng.integers(0, cfg.vocab_size, size=(2, 7))
-    tg = rng.integers(0, cfg.vocab_size, size=(2, 7))
-    w = rng.uniform(0.0, 3.0, size=(2, 7))
-    loss, grads = value_and_grad(model, ids, tg, loss_weights=w, path=path)
-    per_pos = []   # each position's loss on its own: the weighted mean is Σ w·CE / Σ w
-    for b in range(2):
-        for t in range(7):
-            one = np.zeros((2, 7))
-            one[b, t] = 1.0
-            per_pos.append(value_and_grad(model, ids, tg, loss_weights=one, path=path))
-    want = sum(w[b, t] * per_pos[b * 7 + t][0] for b in range(2) for t in range(7)) / w.sum()
-    assert loss == pytest.approx(want, rel=1e-12)
-    for name, g in grads.items():
-        want_g = sum(w[b, t] * per_pos[b * 7 + t][1][name] for b in range(2) for t in range(7)) / w.sum()
-        assert np.allclose(g, want_g, rtol=1e-9, atol=1e-12), name
-    plain = value_and_grad(model, ids, tg, path=path)
-    ones = value_and_grad(model, ids, tg, loss_weights=np.ones((2, 7)), path=path)
-    assert ones[0] == pytest.approx(plain[0], rel=1e-12)
-    for bad, words in ((np.ones((2, 6)), "shape"), (-np.ones((2, 7)), ">= 0"), (np.zeros((2, 7)), "positive sum")):
-        with pytest.raises(InputError, match=words):
-            value_and_grad(model, ids, tg, loss_weights=bad, path=path)
+    model = make(cls, tiny(router_load_balance_lambda=lam))
+    ids, labels = batch(cls, rng)
+    flat, _ = model._flat_ids(ids)
+    keep = H.draw_dropout(rng, model._features_shape(flat), 0.3)
+    U = rng.random((ids.shape[-1], flat.shape[0], 2, 6))
+    report = check_task_gradients(model, ids, labels, dropout=keep, gumbel_uniform=U, path="plain")
+    assert report.ok, str(report)
+    assert sum(r.ok is True for r in report.rows) >= len(report.rows) - 2
+    loss_p, g_p = model.value_and_grad(ids, labels, dropout=keep, gumbel_uniform=U, path="plain")
+    loss_f, g_f = model.value_and_grad(ids, labels, dropout=keep, gumbel_uniform=U, path="fast")
+    assert abs(loss_p - loss_f) < 1e-12
+    for name in g_p:
+        assert np.abs(g_p[name] - g_f[name]).max() <= 1e-10 * max(1.0, np.abs(g_p[name]).max()), name
 
 
-# ---------------------------------------------------------------------------------------------------
-# the trainer and the CLI
-# ---------------------------------------------------------------------------------------------------
-def test_trainer_windows_schedule_and_resume_bit_for_bit(tmp_path):
-    cfg = tiny_config(vocab_size=259)
-    kw = dict(steps=4, seq_len=120, seq_len_final=240, seq_len_ramp=4, lr_decay_steps=4, batch_size=2,
-              task_mix=0.5, answer_weight=4.0, eval_every=0, checkpoint_every=2, warmup=1, held_out_fraction=0.1)
-    full = train(cfg, CORPUS, str(tmp_path / "full"), **kw)
-    assert [r["seq_len"] for r in full.history] == [120, 120, 240, 240]
-    assert all(0 <= r["mem_share_refine"] <= 1 and r["mem_read_entropy"] >= 0 for r in full.history)
-    log = ckpt.read_csv(str(tmp_path / "full" / "step-000004" / "log.csv"))
-    assert log[-1]["mem_effective_slots"] == pytest.approx(full.history[-1]["mem_effective_slots"])
-    half = train(cfg, CORPUS, str(tmp_path / "half"), **dict(kw, steps=2))
-    assert half.step == 2
-    resumed = train(None, CORPUS, str(tmp_path / "half"), **dict(kw, resume=True))
-    a = THLModel.from_pretrained(str(tmp_path / "full" / "step-000004" / "model"))
-    b = THLModel.from_pretrained(str(tmp_path / "half" / "step-000004" / "model"))
-    assert resumed.step == 4 and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+def test_gradcheck_catches_a_wrong_head_gradient(monkeypatch):
+    model = make(THLForSequenceClassification)
+    ids, labels = batch(THLForSequenceClassification, np.random.default_rng(2))
+    real = H.pooled_head_backward
+
+    def off_by_a_bit(d_logits, cache, W_c):
+        dS, dW, db = real(d_logits, cache, W_c)
+        return dS, dW * 1.001, db
+
+    monkeypatch.setattr(H, "pooled_head_backward", off_by_a_bit)
+    report = check_task_gradients(model, ids, labels, path="plain", names=["classifier.weight", "classifier.bias"])
+    assert [r.name for r in report.failures] == ["classifier.weight"]
 
 
-def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys):
-    data = tmp_path / "corpus.py"
-    data.write_bytes(CORPUS)
-    out = tmp_path / "run"
-    code = main(["train", "--data", str(data), "--out", str(out), "--dim", "8", "--memory-slots", "8",
-                 "--seq-len", "120:240", "--task-mix", "0.5", "--tasks", "passkey,copy", "--answer-weight", "5",
-                 "--batch-size", "2", "--steps", "2", "--eval-every", "0", "--log-every", "1",
-                 "--set", "memory_decay=1.0", "--dtype", "float64"])
-    text = capsys.readouterr().out
-    assert code == 0, text
-    assert "| T 120 mem H" in text and "refine" in text
-    from thl_np.training.trainer import saved_train_config
-
-    tc = saved_train_config(str(out))
-    assert (tc.seq_len, tc.seq_len_final, tc.task_mix, tc.tasks, tc.answer_weight) == (120, 240, 0.5,
-                                                                                       "passkey,copy", 5.0)
-    from thl_np.config import THLConfig
-    from thl_np.training import latest_checkpoint
-
-    assert THLConfig.load(latest_checkpoint(str(out)) + "/model").memory_decay == 1.0
-    code = main(["eval", "--model", str(out), "--diagnostics", "--lengths", "200", "--path", "plain"])
-    text = capsys.readouterr().out
-    assert code == 0 and "memory diagnostics (plain path) over a 200-byte passkey prompt" in text
-    assert "writes: refine" in text and "bank at the end" in text
-    code = main(["eval", "--model", str(out), "--passkey", "--trace", "--lengths", "200", "--trials", "1"])
-    text = capsys.readouterr().out
-    assert code == 0 and "passkey trace (fast path): length 200" in text and "key line:" in text
-    code = main(["eval", "--model", str(out), "--passkey", "--trace", "--diagnostics", "--lengths", "150",
-                 "--trials", "1", "--json"])
-    res = json.loads(capsys.readouterr().out)
-    assert code == 0 and res["diagnostics"]["steps"] == 150 and res["trace"][0]["length"] == 150
-    code = main(["eval", "--model", str(out), "--diagnostics", "--trace"])
-    assert code == 2 and "--trace follows --passkey" in capsys.readouterr().err
-    code = main(["train", "--data", str(data), "--out", str(tmp_path / "bad"), "--set", "memory_decay"])
-    assert code == 2 and "FIELD=VALUE" in capsys.readouterr().err
+def test_untouched_parameters_get_zero_gradient_and_are_not_trainable():
+    for cls in CLASSES:
+        model = make(cls)
+        ids, labels = batch(cls, np.random.default_rng(3))
+        _, grads = model.value_and_grad(ids, labels)
+        assert list(grads) == list(model.params)
+        frozen = set(model.params) - set(model.trainable_names())
+        expect = {"output_head.weight", "output_head.bias", "writer.W_r.weight"}
+        if cls is not THLForTokenClassification:
+            expect |= {"layer_norm.weight", "layer_norm.bias"}
+        assert frozen == expect
+        assert all(not grads[n].any() for n in frozen)
+        if cls is THLForMultipleChoice:   # the softmax over choices does not see a shared shift
+            assert np.abs(grads["classifier.bias"]).max() < 1e-15
 
 
-def test_cli_train_init_from_the_packaged_model_with_set(tmp_path, capsys):
-    from thl_np.config import THLConfig
-    from thl_np.training import latest_checkpoint
+# ------------------------------------------------------------------------------------------ padding
+@pytest.mark.parametrize("cls", [THLForSequenceClassification, THLForMultipleChoice])
+def test_right_padding_changes_nothing(cls):
+    """Pooling at the last non-pad position: a padded row gives its unpadded logits."""
+    model = make(cls)
+    rng = np.random.default_rng(4)
+    short = rng.integers(1, 20, 5)
+    if cls is THLForMultipleChoice:
+        padded = np.stack([np.r_[short, [PAD] * 4], rng.integers(1, 20, 9)])[None]
+        alone = model(short[None, None])[0][0, 0]
+        assert abs(model(padded)[0][0, 0] - alone) < 1e-12
+    else:
+        padded = np.r_[short, [PAD] * 4][None]
+        assert np.abs(model(padded)[0] - model(short[None])[0]).max() < 1e-12
 
-    data = tmp_path / "corpus.py"
-    data.write_bytes(CORPUS)
-    out = tmp_path / "run"
-    code = main(["train", "--data", str(data), "--out", str(out), "--init", "default", "--set", "memory_slots=16",
-                 "--set", "memory_decay=1.0", "--steps", "1", "--seq-len", "16", "--batch-size", "1",
-                 "--eval-every", "0", "--held-out", "0.01"])
-    assert code == 0, capsys.readouterr().err
-    saved = THLConfig.load(latest_checkpoint(str(out)) + "/model")
-    assert (saved.embedding_dim, saved.memory_slots, saved.memory_decay) == (128, 16, 1.0)
-    code = main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--init", "default", "--dim", "8"])
-    assert code == 2 and "--init takes the model's shape" in capsys.readouterr().err
+
+def test_token_labels_at_pads_and_minus_100_are_not_counted():
+    model = make(THLForTokenClassification)
+    rng = np.random.default_rng(5)
+    ids, labels = batch(THLForTokenClassification, rng)
+    logits, loss = model(ids, labels)
+    counted = (labels != -100) & (ids != PAD)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expect = -np.mean([logp[b, t, labels[b, t]] for b, t in zip(*np.nonzero(counted), strict=True)])
+    assert abs(loss - expect) < 1e-12
+    other = np.where(counted, labels, (labels + 1) % 3)   # changing an uncounted label changes nothing
+    other[labels == -100] = -100
+    assert model(ids, np.where(ids == PAD, 1, other))[1] == pytest.approx(loss, abs=1e-14)
+
+
+def test_all_ignored_labels_give_zero_loss_and_gradient():
+    model = make(THLForSequenceClassification)
+    ids, _ = batch(THLForSequenceClassification, np.random.default_rng(6))
+    loss, grads = model.value_and_grad(ids, np.full(3, -100))
+    assert loss == 0.0 and all(not g.any() for g in grads.values())
+
+
+# ------------------------------------------------------------------------------------------ heads alone
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_last_positions_property(N, T, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 3, (N, T))      # 0 is the pad
+    last = H.last_positions(ids, 0)
+    for n in range(N):
+        real = np.flatnonzero(ids[n] != 0)
+        assert last[n] == (real[-1] if real.size else -1)
+    assert (H.last_positions(ids, None) == T - 1).all()
+
+
+def test_dropout_is_seeded_scaled_and_off_in_evaluation():
+    model = make(THLForSequenceClassification, classifier_dropout=0.5)
+    ids, labels = batch(THLForSequenceClassification, np.random.default_rng(7))
+    a = model(ids, dropout=np.random.default_rng(1))[0]
+    b = model(ids, dropout=np.random.default_rng(1))[0]
+    c = model(ids, dropout=np.random.default_rng(2))[0]
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    assert np.array_equal(model(ids)[0], model(ids)[0])
+    keep = np.ones((3, 10), bool)   # keeping everything scales by 1/(1-p)
+    W, bias = model.head["classifier.weight"], model.head["classifier.bias"]
+    pooled = model.tier_states(ids)[np.arange(3), H.last_positions(ids, PAD), -10:]
+    assert np.allclose(model(ids, dropout=keep)[0], pooled @ W.T * 2 + bias)
+    with pytest.raises(InputError, match="keep-mask of shape"):
+        model(ids, dropout=np.ones((3, 4), bool))
+
+
+def test_bad_inputs_are_refused_with_a_message():
+    seq, choice = make(THLForSequenceClassification), make(THLForMultipleChoice)
+    with pytest.raises(InputError, match="row 0 .* only pad tokens"):
+        seq(np.array([[PAD, PAD], [1, 2]]))
+    with pytest.raises(InputError, match="labels holds 3, outside 0..2"):
+        seq(np.array([[1, 2]]), np.array([3]))
+    with pytest.raises(InputError, match=r"shape \[N\]"):
+        seq(np.array([[1, 2]]), np.array([[0]]))
+    with pytest.raises(InputError, match=r"\[B, C, T\]"):
+        choice(np.array([[1, 2]]))
+    with pytest.raises(InputError, match="outside 0..2"):
+        choice(np.ones((1, 3, 4), int), np.array([3]))
+    with pytest.raises(InputError, match="takes no num_labels"):
+        THLForMultipleChoice(tiny(), 3)
+
+
+# ------------------------------------------------------------------------------------------ config and files
+def test_language_model_config_json_has_no_task_fields_and_head_config_round_trips(tmp_path):
+    lm = thl_np.THLModel(tiny(), seed=0)
+    lm.save_pretrained(tmp_path / "lm")
+    text = (tmp_path / "lm" / "config.json").read_text()
+    assert text == tiny().to_json() and "task" not in json.loads(text)
+    model = make(THLForSequenceClassification, id2label={0: "neg", 1: "pos"})
+    model.save_pretrained(tmp_path / "seq")
+    data = json.loads((tmp_path / "seq" / "config.json").read_text())
+    assert data["task"] == "sequence-classification" and data["num_labels"] == 2
+    assert data["id2label"] == {"0": "neg", "1": "pos"} and data["label2id"] == {"neg": 0, "pos": 1}
+    assert THLConfig.load(tmp_path / "seq") == model.config
+    back = THLForSequenceClassification.from_pretrained(tmp_path / "seq")
+    ids = np.array([[3, 4, 5]])
+    assert np.array_equal(back(ids)[0], model(ids)[0]) and back.id2label == {0: "neg", 1: "pos"}
+    from thl_np.io.safetensors import read_safetensors
+
+    names = list(read_safetensors(tmp_path / "seq" / "model.safetensors")[0])
+    assert set(names) == set(thl_np.params.param_shapes(tiny())) | {"classifier.weight", "classifier.bias"}
+    with pytest.raises(WeightsError, match="THLForSequenceClassification.from_pretrained"):
+        thl_np.THLModel.from_pretrained(tmp_path / "seq")
+
+
+def test_task_fields_are_validated():
+    with pytest.raises(ConfigError, match="task"):
+        tiny(num_labels=3)
+    with pytest.raises(ConfigError, match="not a task"):
+        tiny(task="regression", num_labels=1)
+    with pytest.raises(ConfigError, match="exactly 0..1"):
+        tiny(task="sequence-classification", id2label={"0": "a", "2": "b"})
+    with pytest.raises(ConfigError, match="needs num_labels"):
+        tiny(task="token-classification")
+    with pytest.raises(ConfigError, match="classifier_dropout"):
+        tiny(task="multiple-choice", classifier_dropout=1.0)
+
+
+def test_a_language_model_folder_gives_a_fresh_head_and_says_so(tmp_path):
+    thl_np.THLModel(tiny(), seed=0).save_pretrained(tmp_path / "lm")
+    with pytest.warns(UserWarning, match="holds a language model: .* new token-classification head"):
+        a = THLForTokenClassification.from_pretrained(tmp_path / "lm", num_labels=5, seed=4)
+    lines = []
+    b = THLForTokenClassification.from_pretrained(tmp_path / "lm", num_labels=5, seed=4, log=lines.append)
+    assert len(lines) == 1 and "new token-classification head (classifier.weight [5, 24], seed 4)" in lines[0]
+    assert np.array_equal(a.head["classifier.weight"], b.head["classifier.weight"])
+    assert a.head["classifier.weight"].shape == (5, 24) and not a.head["classifier.bias"].any()
+    lm = thl_np.THLModel.from_pretrained(tmp_path / "lm")
+    assert all(np.array_equal(a.params[n], lm.params[n]) for n in lm.params)
+    a.save_pretrained(tmp_path / "tok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # a head folder of the same task loads silently
+        THLForTokenClassification.from_pretrained(tmp_path / "tok")
+    with pytest.raises(InputError, match="not the 3 asked for"):
+        THLForTokenClassification.from_pretrained(tmp_path / "tok", num_labels=3)
+
+
+# ------------------------------------------------------------------------------------------ PyTorch THL
+@pytest.mark.parametrize("name", ["sequence", "token", "choice"])
+def test_converted_pytorch_thl_head_checkpoint_reproduces_its_recorded_run(name, tmp_path):
+    """A PyTorch THL task model (torch.save of its state_dict, body under 'thl.') converts without torch and
+    gives that model's recorded logits, loss and autograd gradients (tests/fixtures/make_torch_fixtures.py)."""
+    src = FIXTURES / f"pytorch_thl_{name}"
+    config = convert_pytorch_checkpoint(src, tmp_path / "out")
+    run = np.load(src / "recorded_run.npz")
+    cls = MODEL_CLASSES[config.task]
+    assert cls.__name__.lower().endswith({"sequence": "sequenceclassification", "token": "tokenclassification",
+                                          "choice": "multiplechoice"}[name])
+    for dtype, tol in (("float64", 1e-12), ("float32", 1e-5)):
+        model = cls.from_pretrained(tmp_path / "out", dtype=dtype)
+        for path in ("plain", "fast"):
+            logits, loss = model(run["input_ids"], run["labels"], path=path)
+            assert np.abs(logits - run["logits"]).max() < tol and abs(loss - run["loss"]) < tol
+            _, grads = model.value_and_grad(run["input_ids"], run["labels"], path=path)
+            scale = max(np.abs(run[k]).max() for k in run.files if k.startswith("grad."))
+            for key in (k for k in run.files if k.startswith("grad.")):
+                ours = grads[key[len("grad."):].removeprefix("thl.")]
+                assert np.abs(ours - run[key]).max() <= 10 * tol * scale, (dtype, path, key)
+
+
+def test_cli_convert_names_the_head_loader(tmp_path):
+    from thl_np.cli import main
+
+    assert main(["convert", str(FIXTURES / "pytorch_thl_choice"), str(tmp_path / "mc")]) == 0
+    assert THLConfig.load(tmp_path / "mc").task == "multiple-choice"

@@ -112,6 +112,7 @@ RULES: dict[str, Rule] = {
     **{name: _COEF for name in ("load_penalty", "router_load_balance_lambda", "write_rate", "novelty_beta",
                                 "novelty_theta", "stale_weight", "underuse_weight")},
     "write_clip_max": Rule(0.0, MAX_COEFFICIENT, lo_open=True),
+    "num_labels": _SIZE, "classifier_dropout": Rule(0.0, 1.0, hi_open=True),     # task heads (thl_np.tasks)
     # TrainConfig
     **{name: Rule(1, MAX_SIZE, integer=True) for name in ("steps", "seq_len", "batch_size", "eval_lanes",
                                                           "keep_checkpoints", "lr_decay_steps", "seq_len_final",

@@ -14,6 +14,7 @@ from .checks import check
 from .errors import ConfigError
 
 DTYPES = ("float32", "float64")
+TASK_FIELDS = ("task", "num_labels", "id2label", "label2id", "classifier_dropout")
 
 
 @dataclass
@@ -56,6 +57,13 @@ class THLConfig:
     # Int8 weights, {"method": "int8", "block_size": null | b} (thl_np.quant, docs/QUANTIZATION.md); None for
     # float weights. Written to config.json only for a quantized model.
     quantization: dict = field(default=None)
+    # A task head (thl_np.tasks): written to config.json only when ``task`` is set, as Hugging Face configs
+    # write them; a language model's config.json has none of them.
+    task: str | None = None
+    num_labels: int | None = None
+    id2label: dict | None = None
+    label2id: dict | None = None
+    classifier_dropout: float | None = None
 
     def __init__(self, dim: int | None = None, **kwargs):
         names = {f.name for f in dataclasses.fields(self)}
@@ -151,6 +159,9 @@ class THLConfig:
         from .quant.scheme import check_quantization
 
         self.quantization = check_quantization(self.quantization)
+        from .tasks.config import check_task_fields  # imported here: thl_np.tasks imports this module
+
+        check_task_fields(self)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -184,6 +195,9 @@ class THLConfig:
             del out["components"]  # the spec's components: config.json stays as the PyTorch THL writes it
         if not out["quantization"]:
             del out["quantization"]  # float weights: config.json unchanged
+        for name in TASK_FIELDS:
+            if out[name] is None:
+                del out[name]
         return out
 
     @classmethod

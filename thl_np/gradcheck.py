@@ -63,12 +63,18 @@ def _loss_and_choices(params, config, ids, targets, state, gumbel_uniform):
     lam = config.router_load_balance_lambda
     if lam:
         loss = loss + lam * sum(load_balance_forward(rec.A)[0].sum() for rec in tape) / ids.size
+    return float(loss), tape_choices(tape)
+
+
+def tape_choices(tape) -> list:
+    """Every discrete choice the recorded steps made (slots read and written, capacity mask, write branch,
+    novelty arg-max, clip): a finite difference is valid only where none of them moved."""
     choices = []
     for rec in tape:
         choices += [rec.idx, rec.targets]
         for cache, names in ((rec.router, ("cap_mask",)), (rec.writer, ("novel", "j_star", "clipped"))):
             choices += [np.asarray(getattr(cache, n)) for n in names if getattr(cache, n, None) is not None]
-    return float(loss), choices
+    return choices
 
 
 def _same(a, b) -> bool:
@@ -92,9 +98,18 @@ def check_gradients(model, input_ids, targets, state=None, gumbel_uniform=None, 
     state0 = model._prepare_state(state, ids.shape[0])
     U = model._check_gumbel(gumbel_uniform, *ids.shape)
     _, grads = value_and_grad(model, ids, tg, state=state0, gumbel_uniform=U, path=path)
-    P, c = model.params, model.config
+    return directional_report(model.params, grads, lambda: _loss_and_choices(model.params, model.config, ids, tg,
+                                                                             state0, U),
+                              names, eps=eps, tolerance=tolerance, tries=tries, seed=seed)
+
+
+def directional_report(P, grads, loss_and_choices, names=None, *, eps=1e-6, tolerance=1e-5, tries=4,
+                       seed=0) -> GradCheckReport:
+    """The check itself, for any loss: for each name of ``P`` (or ``names``), ⟨grads[name], v⟩ against the
+    central difference of ``loss_and_choices()`` (→ (loss, choices), reading ``P``) along a random unit v,
+    retried while a perturbation moves a discrete choice."""
     rng = np.random.default_rng(seed)
-    _, choices0 = _loss_and_choices(P, c, ids, tg, state0, U)
+    _, choices0 = loss_and_choices()
     measured = []
     for name in (names or list(P)):
         x = P[name]
@@ -102,9 +117,9 @@ def check_gradients(model, input_ids, targets, state=None, gumbel_uniform=None, 
             v = rng.standard_normal(x.shape)
             v /= np.linalg.norm(v) or 1.0
             P[name] = x + eps * v
-            lp, cp = _loss_and_choices(P, c, ids, tg, state0, U)
+            lp, cp = loss_and_choices()
             P[name] = x - eps * v
-            lm, cm = _loss_and_choices(P, c, ids, tg, state0, U)
+            lm, cm = loss_and_choices()
             P[name] = x
             if _same(cp, choices0) and _same(cm, choices0):
                 measured.append((name, float((grads[name] * v).sum()), (lp - lm) / (2 * eps)))

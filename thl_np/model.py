@@ -231,6 +231,11 @@ class THLModel:
         if not os.path.isdir(directory):
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)
+        if config.task is not None:
+            from .tasks.models import class_name_for
+
+            raise WeightsError(f"{directory} holds a {config.task} model (config.json task), not a language model: "
+                               f"load it with thl_np.{class_name_for(config.task)}.from_pretrained")
         path = os.path.join(directory, "model.safetensors")
         if not os.path.exists(path):
             raise WeightsError(f"{path} is missing: a model folder needs model.safetensors next to config.json")

@@ -7,9 +7,9 @@ import warnings
 import click
 
 from ..errors import THLError
-from . import basic, bench, golden, quant, train, weights
+from . import basic, bench, golden, quant, tasks, train, weights
 
-_MODULES = (basic, train, weights, quant, bench, golden)
+_MODULES = (basic, train, tasks, weights, quant, bench, golden)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -18,13 +18,18 @@ STORAGE_DTYPES = ("float32", "float16", "bfloat16", "float64")
               help="Storage precision of model.safetensors (default: the checkpoint's own, "
                    "bfloat16 widened to float32).")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty OUT_DIR (an existing model, say).")
-def convert(pytorch_dir, out_dir, dtype, force):
+@click.option("--task", type=click.Choice(["sequence-classification", "token-classification", "multiple-choice"]),
+              default=None, help="A task model's checkpoint: its task, where the classifier's shape leaves it "
+                                 "open (one tier). Default: read from the checkpoint.")
+def convert(pytorch_dir, out_dir, dtype, force, task):
     """Convert a PyTorch THL save_pretrained folder into a thl-np model folder.
 
     PYTORCH_DIR holds config.json and pytorch_model.bin; OUT_DIR receives config.json and
     model.safetensors. The checkpoint is read without torch and without running its pickle: anything
     but a plain tensor state_dict is refused. The PyTorch THL ignores write_rate (it behaves as
-    write_rate = 1.0), so the converted config sets write_rate to 1.0.
+    write_rate = 1.0), so the converted config sets write_rate to 1.0. A task model's checkpoint
+    (THLForSequenceClassification & co.: the body under 'thl.', a 'classifier') becomes a task-model
+    folder: load it with thl_np.THLForSequenceClassification.from_pretrained(OUT_DIR) (or the others).
 
     \b
     Example:
@@ -35,9 +40,14 @@ def convert(pytorch_dir, out_dir, dtype, force):
     from .params import check_new_model_folder
 
     check_new_model_folder(out_dir, force, "OUT_DIR")
-    config = convert_pytorch_checkpoint(pytorch_dir, out_dir, dtype=dtype, log=click.echo)
+    config = convert_pytorch_checkpoint(pytorch_dir, out_dir, dtype=dtype, log=click.echo, task=task)
+    loader = "THLModel"
+    if config.task is not None:
+        from ..tasks.models import class_name_for
+
+        loader = class_name_for(config.task)
     click.echo(f"done: {out_dir} is a thl-np model (vocab {config.vocab_size}, tiers {config.tier_dims}); "
-               f"load it with THLModel.from_pretrained({out_dir!r})")
+               f"load it with {loader}.from_pretrained({out_dir!r})")
 
 
 COMMANDS = [convert]

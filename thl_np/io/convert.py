@@ -59,7 +59,8 @@ _STORAGE_DTYPES = {
 
 
 # ---------------------------------------------------------------------------------------------- conversion
-def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, log=None) -> THLConfig:
+def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, log=None,
+                               task: str | None = None) -> THLConfig:
     """Convert a PyTorch THL ``save_pretrained`` folder into a thl-np model folder; return its config.
 
     ``src_dir`` holds config.json and pytorch_model.bin (or model.safetensors). ``out_dir`` receives
@@ -67,7 +68,9 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     | "float64"; None keeps the checkpoint's precision, bf16 widened to float32). The PyTorch THL ignores
     write_rate (it behaves as write_rate = 1.0), so the converted config sets write_rate = 1.0 and the
     model keeps computing what it computed in PyTorch. ``log`` (a callable taking one line) hears what
-    was read, changed and written.
+    was read, changed and written. A task model's checkpoint (its body under ``thl.``, a ``classifier``)
+    converts to a task-model folder (``thl_np.tasks.convert``); ``task`` names its task where the
+    classifier's shape leaves it open.
     """
     say = log or (lambda line: None)
     src_dir, out_dir = os.fspath(src_dir), os.fspath(out_dir)
@@ -82,14 +85,18 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     config = THLConfig.load(src_dir)
     weights_path, tensors = _read_source_weights(src_dir)
     keep = ()
+    head = {}
     if config.quantization:  # an int8 folder (thl_np.quant): its int8 values and float32 scales go as they are
         from ..quant import from_file_tensors
 
         names = list(from_file_tensors(config, tensors, source=weights_path).stored())
         keep = [n for n in names if tensors[n].dtype == np.int8 or n.endswith("_scale")]
     else:
+        from ..tasks.convert import split_head_checkpoint
+
+        tensors, head, config = split_head_checkpoint(tensors, config, task, say)
         check_params(config, tensors, source=weights_path)
-        check_finite(tensors, source=weights_path)
+        check_finite({**tensors, **head}, source=weights_path)
         names = list(param_shapes(config))
     say(f"read  {weights_path}: {len(tensors)} tensors, {sum(t.size for t in tensors.values()):,} parameters")
     if config.write_rate != 1.0:
@@ -99,6 +106,7 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     else:
         say("note  write_rate is 1.0, matching the PyTorch THL (which ignores write_rate)")
     ordered = {name: tensors[name] for name in names}
+    ordered.update(head)
     out_weights = os.path.join(out_dir, SAFETENSORS_WEIGHTS)
     metadata = dict(FORMAT_METADATA, config=config.to_json())
     write_model_folder(out_dir, ordered, config, metadata=metadata, dtype=dtype, keep_dtype=keep)

@@ -16,6 +16,9 @@ from .component_vectors import (
     cross_entropy_case,
     embedding_case,
     gru_cell_case,
+    head_choice_case,
+    head_sequence_case,
+    head_token_case,
     layernorm_head_case,
     load_balance_case,
     local_attention_case,
@@ -161,4 +164,7 @@ def component_cases() -> list[Component]:
         layernorm_head_case(rng(14)),
         cross_entropy_case(rng(15)),
         load_balance_case(rng(16)),
+        head_sequence_case(rng(17)),
+        head_token_case(rng(18)),
+        head_choice_case(rng(19)),
     ]

@@ -512,3 +512,125 @@ def load_balance_case(rng):
         ("grad.A", "grad", "§5", "d_kl · d kl / d A", True)])
     return Component("load_balance", "The router load-balance term (per step; the loss adds λ · its mean).",
                      "§5", ["load_balance_forward"], {}, inputs, out)
+
+
+# --------------------------------------------------------------------------------------- task heads
+def _head_ids(rng, shape, pad, V, pads):
+    """Token ids of ``shape`` (never the pad) with ``pads`` = {row index tuple: how many trailing pads}."""
+    ids = rng.integers(0, V - 1, shape)
+    ids[ids >= pad] += 1
+    for row, n in pads.items():
+        ids[row][-n:] = pad
+    return ids
+
+
+def head_sequence_case(rng):
+    """H.1, H.2, H.4, H.5, H.6: pool the top tier at each row's last non-pad position, dropout, classify."""
+    from ..components import heads as Hd
+
+    B, T, dims, L, pad, p = 3, 6, [4, 3, 5], 3, 0, 0.25
+    D, top = sum(dims), dims[-1]
+    inputs = {"tier_states": _normal(rng, B, T, D), "input_ids": _head_ids(rng, (B, T), pad, 9, {(1,): 2, (2,): 5}),
+              "keep": rng.random((B, top)) >= p, "classifier.weight": _glorot(rng, L, top, 2.0),
+              "classifier.bias": _normal(rng, L, scale=0.2), "labels": np.array([2, 0, -100])}
+
+    def fn(x):
+        last = Hd.last_positions(x["input_ids"], pad)
+        logits, cache = Hd.pooled_head_forward(x["tier_states"], last, x["classifier.weight"],
+                                               x["classifier.bias"], x["keep"], p)
+        loss, d_logits = Hd.masked_cross_entropy(logits, x["labels"])
+        dS, dW, db = Hd.pooled_head_backward(d_logits, cache, x["classifier.weight"])
+        return {"last": last, "logits": logits, "loss": np.asarray(loss), "grad.tier_states": dS,
+                "grad.classifier.weight": dW, "grad.classifier.bias": db}
+
+    out = CaseOutputs()
+    _fill(out, _run_both(inputs, fn, {"loss": None}), [
+        ("last", "exact", "§H", "H.1: each row's last non-pad position [B]", False),
+        ("logits", "value", "§H", "H.5 over the pooled, dropped top-tier state [B, L]", True),
+        ("loss", "value", "§H", "H.6: mean cross-entropy over the rows whose label is not -100", True),
+        ("grad.tier_states", "grad", "§H", "[B, T, Σd_k]: non-zero only in the top tier's columns at the pooled "
+         "positions", True),
+        ("grad.classifier.weight", "grad", "§H", "", True), ("grad.classifier.bias", "grad", "§H", "", True)])
+    return Component("head_sequence_classification", "Sequence classification head: rows padded on the right "
+                     "(pad 0), pooling at the last non-pad position (row 2 has one real token), dropout with "
+                     "the given keep-mask, a label of -100 not counted.", "§H",
+                     ["thl_np.components.heads.last_positions", "thl_np.components.heads.pooled_head_forward",
+                      "thl_np.components.heads.masked_cross_entropy", "thl_np.components.heads.pooled_head_backward"],
+                     {"pad_token_id": pad, "tier_dims": dims, "classifier_dropout": p}, inputs, out)
+
+
+def head_token_case(rng):
+    """H.3-H.6 for tokens: LayerNorm of the tier states at every position, dropout, classify; pads and -100
+    not counted."""
+    from ..components import heads as Hd
+
+    B, T, dims, L, pad, p = 2, 5, [4, 3, 5], 4, 0, 0.25
+    D = sum(dims)
+    ids = _head_ids(rng, (B, T), pad, 9, {(1,): 2})
+    labels = rng.integers(0, L, (B, T))
+    labels[0, 1] = -100
+    inputs = {"tier_states": _normal(rng, B, T, D), "input_ids": ids, "keep": rng.random((B, T, D)) >= p,
+              "layer_norm.weight": 1.0 + _normal(rng, D, scale=0.2), "layer_norm.bias": _normal(rng, D, scale=0.2),
+              "classifier.weight": _glorot(rng, L, D, 2.0), "classifier.bias": _normal(rng, L, scale=0.2),
+              "labels": labels}
+
+    def fn(x):
+        logits, cache = Hd.token_head_forward(x["tier_states"], x["layer_norm.weight"], x["layer_norm.bias"],
+                                              x["classifier.weight"], x["classifier.bias"], x["keep"], p)
+        loss, d_logits = Hd.masked_cross_entropy(logits, Hd.token_labels(x["labels"], x["input_ids"], pad))
+        dS, d_lw, d_lb, dW, db = Hd.token_head_backward(d_logits, cache, x["layer_norm.weight"],
+                                                        x["classifier.weight"])
+        return {"logits": logits, "loss": np.asarray(loss), "grad.tier_states": dS, "grad.layer_norm.weight": d_lw,
+                "grad.layer_norm.bias": d_lb, "grad.classifier.weight": dW, "grad.classifier.bias": db}
+
+    out = CaseOutputs()
+    _fill(out, _run_both(inputs, fn, {"loss": None}), [
+        ("logits", "value", "§H", "H.5 over the dropped LayerNorm output at every position [B, T, L]", True),
+        ("loss", "value", "§H", "H.6: mean cross-entropy over the positions neither pad nor labelled -100", True),
+        ("grad.tier_states", "grad", "§H", "[B, T, Σd_k]", True),
+        ("grad.layer_norm.weight", "grad", "§H", "", True), ("grad.layer_norm.bias", "grad", "§H", "", True),
+        ("grad.classifier.weight", "grad", "§H", "", True), ("grad.classifier.bias", "grad", "§H", "", True)])
+    return Component("head_token_classification", "Token classification head: LayerNorm (spec §4.8's h) of every "
+                     "position, dropout with the given keep-mask, a label per position; row 1 ends in two pads, "
+                     "position (0, 1) is labelled -100.", "§H",
+                     ["thl_np.components.heads.token_head_forward", "thl_np.components.heads.token_labels",
+                      "thl_np.components.heads.masked_cross_entropy", "thl_np.components.heads.token_head_backward"],
+                     {"pad_token_id": pad, "tier_dims": dims, "classifier_dropout": p}, inputs, out)
+
+
+def head_choice_case(rng):
+    """H.1, H.2, H.4, H.5, H.6 for multiple choice: B examples of C choices, one score per choice."""
+    from ..components import heads as Hd
+
+    B, C, T, dims, pad, p = 2, 3, 5, [4, 3, 5], 0, 0.25
+    D, top = sum(dims), dims[-1]
+    inputs = {"tier_states": _normal(rng, B, C, T, D),
+              "input_ids": _head_ids(rng, (B, C, T), pad, 9, {(0, 1): 2, (1, 2): 3}),
+              "keep": rng.random((B, C, top)) >= p, "classifier.weight": _glorot(rng, 1, top, 2.0),
+              "classifier.bias": _normal(rng, 1, scale=0.2), "labels": np.array([1, 2])}
+
+    def fn(x):
+        ids = x["input_ids"].reshape(B * C, T)
+        S = x["tier_states"].reshape(B * C, T, D)
+        last = Hd.last_positions(ids, pad)
+        scores, cache = Hd.pooled_head_forward(S, last, x["classifier.weight"], x["classifier.bias"],
+                                               x["keep"].reshape(B * C, top), p)
+        loss, d_logits = Hd.masked_cross_entropy(scores.reshape(B, C), x["labels"])
+        dS, dW, db = Hd.pooled_head_backward(d_logits.reshape(B * C, 1), cache, x["classifier.weight"])
+        return {"last": last.reshape(B, C), "logits": scores.reshape(B, C), "loss": np.asarray(loss),
+                "grad.tier_states": dS.reshape(B, C, T, D), "grad.classifier.weight": dW}
+
+    out = CaseOutputs()
+    _fill(out, _run_both(inputs, fn, {"loss": None}), [
+        ("last", "exact", "§H", "H.1 per choice [B, C]", False),
+        ("logits", "value", "§H", "one score per choice [B, C] (H.5 with L = 1)", True),
+        ("loss", "value", "§H", "H.6: mean cross-entropy of the right choice over the B examples", True),
+        ("grad.tier_states", "grad", "§H", "[B, C, T, Σd_k]", True),
+        ("grad.classifier.weight", "grad", "§H", "(the bias's gradient is 0: a shift shared by every choice)",
+         True)])
+    return Component("head_multiple_choice", "Multiple-choice head: B = 2 examples of C = 3 choices, each choice a "
+                     "sequence pooled as in sequence classification (two choices padded), one score per choice, "
+                     "softmax over the choices.", "§H",
+                     ["thl_np.components.heads.last_positions", "thl_np.components.heads.pooled_head_forward",
+                      "thl_np.components.heads.masked_cross_entropy", "thl_np.components.heads.pooled_head_backward"],
+                     {"pad_token_id": pad, "tier_dims": dims, "classifier_dropout": p}, inputs, out)
