@@ -121,6 +121,7 @@ RULES: dict[str, Rule] = {
     "answer_weight": Rule(0.0, MAX_COEFFICIENT, lo_open=True),  # loss weight of a task's answer bytes
     **{name: Rule(0, MAX_SIZE, integer=True) for name in ("warmup", "eval_every", "checkpoint_every")},
     "eval_tokens": Rule(2, MAX_SIZE, integer=True),
+    "eval_examples": Rule(1, MAX_SIZE, integer=True),         # thl-np finetune
     "max_bytes": Rule(2, integer=True),
     "lr": Rule(0.0, lo_open=True),
     "min_lr_ratio": _UNIT,

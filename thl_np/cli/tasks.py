@@ -78,7 +78,7 @@ class _FinetuneProgress(_Progress):
 @click.option("--dropout", type=click.FloatRange(min=0, max=1, max_open=True),
               help="Dropout before a new head's classifier.  [default: 0.1]")
 @click.option("--eval-every", type=Number("eval_every"), help="Eval period, 0 = end only.  [default: 100]")
-@click.option("--eval-examples", type=Number("steps"),
+@click.option("--eval-examples", type=Number("eval_examples"),
               help="Cap on held-out examples per periodic eval (the last reads all).")
 @click.option("--checkpoint-every", type=Number("checkpoint_every"), help="Save period, 0 = end only.  [default: 100]")
 @click.option("--held-out", "held_out_fraction", type=Number("held_out_fraction"),

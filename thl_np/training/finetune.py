@@ -33,7 +33,7 @@ from ..tasks.config import CHOICE, SEQUENCE, TASKS
 from . import checkpoint as ckpt
 from .optim import AdamW, clip_grad_norm
 from .schedule import lr_at
-from .trainer import LOG_FIELDS, LOSS_WINDOW, TrainConfig, _check_int, _DeferredInterrupt, _new_rng
+from .trainer import LOG_FIELDS, LOSS_WINDOW, TrainConfig, _DeferredInterrupt, _new_rng
 
 EVAL_FIELDS = ["step", "loss", "accuracy"]
 BYTE_PAD_ID = 256   # the byte tokenizer's pad (thl_np.tokenizer.PAD_ID)
@@ -64,10 +64,6 @@ class FinetuneConfig(TrainConfig):
         super().validate()
         if self.task not in TASKS:
             raise InputError(f"task = {self.task!r}: use one of {list(TASKS)}")
-        if self.eval_examples is not None:
-            _check_int("eval_examples", self.eval_examples, 1)
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise InputError(f"dropout = {self.dropout} must lie in [0, 1)")
 
 
 @dataclass

@@ -54,6 +54,11 @@ EVAL_FIELDS = ["step", "bits_per_byte"]
 LOSS_WINDOW = 20
 
 
+_TEXT_FIELDS = ("tasks", "filler", "task")          # checked by their own rules (parse_tasks, TASKS, ...)
+_OPTIONAL_FIELDS = ("lr_decay_steps", "eval_tokens", "seq_len_final", "seq_len_ramp", "eval_examples", "dropout")
+_RULE_OF = {"dropout": "classifier_dropout"}         # a field named otherwise than its rule
+
+
 @dataclass
 class TrainConfig:
     """The knobs of a training run (the model's own hyper-parameters live in THLConfig).
@@ -111,15 +116,14 @@ class TrainConfig:
             if f.name == "path":
                 if value not in ("auto", "fast", "plain"):
                     raise InputError(f"path = {value!r}: use 'auto', 'fast' or 'plain'")
-            elif f.name in ("tasks", "filler"):
+            elif f.name in _TEXT_FIELDS:
                 if not isinstance(value, str):
                     raise InputError(f"{f.name} = {value!r} must be a string")
             elif f.name in ("carry_state", "resume", "full_bptt"):
                 if not isinstance(value, (bool, np.bool_)):
                     raise InputError(f"{f.name} = {value!r} must be True or False")
-            elif value is not None or f.name not in ("lr_decay_steps", "eval_tokens", "seq_len_final",
-                                                     "seq_len_ramp"):
-                check(f.name, value, InputError)
+            elif value is not None or f.name not in _OPTIONAL_FIELDS:
+                check(_RULE_OF.get(f.name, f.name), value, InputError, f.name)
         if self.seq_len_final is not None and self.seq_len_final < self.seq_len:
             raise InputError(f"seq_len_final = {self.seq_len_final} is below seq_len = {self.seq_len}: the "
                              "schedule grows from seq_len to seq_len_final")
