@@ -283,7 +283,7 @@ def _fit_and_score(X, y, Xt, yt, groups=None, classes=None, seed=0):
         return float((Z.argmax(axis=1) == ye).mean())
 
     best = max((accuracy(softmax_regression(X[rows(fit)], y[fit], groups, lam, classes), X[rows(val)], y[val]), -lam)
-               for lam in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
+               for lam in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1))
     lam = -best[1]
     return accuracy(softmax_regression(X, y, groups, lam, classes), Xt, yt), lam
 

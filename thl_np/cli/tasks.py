@@ -134,7 +134,9 @@ def finetune(task, base, data, eval_data, out, resume, log_every, **flags):
               help="Multiple choice with TEXTS: a choice for every text (the context). Repeat for each choice.")
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
               help="Labels shown per text, most probable first.")
-@click.option("--max-len", type=click.IntRange(min=1), help="Read at most this many bytes of a row (default: all).")
+@click.option("--max-len", type=click.IntRange(min=1),
+              help="Read at most this many bytes of a row (default: all; finetune's --seq-len reads rows as the "
+                   "model was trained on them).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per example instead of text.")
