@@ -224,6 +224,17 @@ def test_bad_jsonl_lines_are_refused_naming_the_line(task, text, message, files,
     assert not (tmp_path / "out").exists()   # refused before any work
 
 
+def test_an_output_path_that_is_a_file_is_refused_before_any_step(files, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        finetune(files / "lm", files / "seq.jsonl", tmp_path / "file", tc("sequence-classification"))
+    steps = []
+    with pytest.raises(InputError, match="cannot create the output folder"):
+        finetune(files / "lm", files / "seq.jsonl", tmp_path / "file" / "run", tc("sequence-classification"),
+                 log=steps.append)
+    assert not any(e["event"] == "step" for e in steps)
+
+
 def test_unknown_labels_and_empty_files_are_refused(files, tmp_path):
     path = tmp_path / "held.jsonl"
     path.write_text('{"text": "abc", "label": "digits"}\n{"text": "abc", "label": "symbols"}\n')

@@ -182,6 +182,8 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
     emit = log or (lambda event: None)
     say = lambda text: emit({"event": "message", "text": text})   # noqa: E731
     out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"the output path {out_dir!r} is a file: give a folder for the run's checkpoints")
     latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
     if tc.resume and latest is None:
         raise InputError(f"nothing to resume in {out_dir!r}: no checkpoint there; drop --resume to start")
@@ -200,6 +202,7 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
                           betas=(tc.beta1, tc.beta2), eps=tc.eps)
         run = _Run(model=model, optimizer=optimizer, order=ExampleOrder(len(train), tc.batch_size, tc.seed),
                    rng=_new_rng(tc.seed), step=0, history=[], evals=[])
+    _check_writable(out_dir)
     tick = run.model.config.tier_timescales[-1]
     if run.model.pooled and tick > 1 and tc.seq_len < tick + 1:
         say(f"seq_len {tc.seq_len} < {tick + 1}: the top tier, which the head reads, runs every {tick} steps, so "
@@ -210,6 +213,18 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
           "labels": run.model.config.id2label, "majority_accuracy": baseline,
           "parameters": run.model.num_parameters(), "trainable": len(run.model.trainable_names())})
     return _loop(run, tc, train, held, baseline, out_dir, emit)
+
+
+def _check_writable(out_dir) -> None:
+    """The run's folder exists (made now, after the data and the model were read) and can be written to:
+    found out before the first step, not at the first checkpoint."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder {out_dir!r} ({exc.strerror}): choose another "
+                         "--out") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InputError(f"the output folder {out_dir!r} is not writable: choose another --out")
 
 
 def _prepare(tc, base, data, eval_data, say):
