@@ -198,6 +198,7 @@ def test_trace_fast_equals_plain_and_follows_the_key():
     kappa = model.config.read_topk
     for step in f["question"]:
         assert step["picked"] == sorted(j for j, r in step["ranks"].items() if min(r) < kappa)
+        assert set(step["picked_digit_slots"]) <= set(step["picked"])
     # the key slots are exactly the slots written during the key line; their events come after it
     assert {s["slot"] for s in f["key_slots"]} == {j for w in f["written"] for j in w["slots"]}
     for s in f["key_slots"]:

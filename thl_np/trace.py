@@ -125,12 +125,17 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, 
                                                        "alpha": float(st.alpha[0, 0, h, r])})
         if ranks is not None:
             picked = {int(j) for j in idx.reshape(-1)}
+            norms = np.sqrt((np.asarray(before.memory[0], np.float64) ** 2).sum(axis=1))
             question.append({"step": t, "byte": chr(int(tok)),
                              "ranks": {j: [int(ranks[h, j]) for h in range(c.num_heads)] for j in sorted(slots)},
                              "scores": {j: [float(scores[h, j]) for h in range(c.num_heads)] for j in sorted(slots)},
                              "read_threshold": [float(np.sort(scores[h])[::-1][c.read_topk - 1])
                                                 for h in range(c.num_heads)],
-                             "picked": sorted(j for j in slots if j in picked)})
+                             "negative_score_share": float((scores < 0).mean()),
+                             "norm_read": float(norms[idx.reshape(-1)].mean()), "norm_bank": float(norms.mean()),
+                             "picked": sorted(j for j in slots if j in picked),
+                             "picked_digit_slots": sorted(j for j in slots
+                                                          if j in picked and slots[j]["digit_writes"])})
     final = dec.state()
     end = len(ids) - 1
     mem = np.asarray(final.memory[0], dtype=np.float64)
@@ -193,8 +198,9 @@ def trace_lines(tr: dict) -> list[str]:
     q = tr["question"]
     if q:
         hits = sum(bool(step["picked"]) for step in q)
+        digit_hits = sum(bool(step["picked_digit_slots"]) for step in q)
         out.append(f"question (steps {q[0]['step']}-{q[-1]['step']}): a key slot was read at {hits} of {len(q)} "
-                   f"steps (read = rank < {kappa} of {J})")
+                   f"steps, a slot holding the key's digits at {digit_hits} (read = rank < {kappa} of {J})")
         last = q[-1]
         thr = ", ".join(f"{x:.3g}" for x in last["read_threshold"])
         out.append(f"  last step ({last['byte']!r} -> first digit): a head reads the slots scoring at least its "
@@ -204,4 +210,8 @@ def trace_lines(tr: dict) -> list[str]:
             out.append(f"    slot {j}: rank {ranks}, score {sc}{' (read)' if j in last['picked'] else ''}")
         best = min((min(r) for step in q for r in step["ranks"].values()), default=math.inf)
         out.append(f"  best rank of any key slot at any question step: {best}")
+        neg = np.mean([step["negative_score_share"] for step in q])
+        out.append(f"  over the question: {neg:.1%} of the router's scores are negative; the slots read have a mean "
+                   f"norm of {np.mean([step['norm_read'] for step in q]):.3f}, the bank "
+                   f"{np.mean([step['norm_bank'] for step in q]):.3f}")
     return out
