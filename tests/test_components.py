@@ -203,7 +203,7 @@ def test_identical_rows_tie_to_the_lower_index_fast_kernel():
         memory[:, same] = rng.standard_normal(d_m)
         q_mem = rng.standard_normal((1, H, d_m))
         idx = np.empty((1, H, J), np.int64)
-        route(q_mem, 1.0, np.zeros((1, J)), np.zeros((1, J), np.int64), memory, 0, 0.0, 1.0, J, 0, 0.99,
+        route(q_mem, 1.0, np.zeros((1, J)), np.zeros((1, J), np.int64), memory, 0, 0.0, 1.0, J, 0, 0.99, False,
               np.empty((1, H, d_m)), idx, np.empty((1, H, J)))
         for h in range(H):
             order = [j for j in idx[0, h] if j in same]

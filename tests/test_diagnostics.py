@@ -175,14 +175,16 @@ def test_plot_needs_matplotlib_or_draws(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # the passkey trace
 # ---------------------------------------------------------------------------------------------------
-def byte_model(seed=2):
+def byte_model(seed=2, router="spec"):
     cfg = THLConfig(vocab_size=259, dim=8, num_tiers=2, tier_dims=[8, 8], tier_timescales=[1, 4], local_window=4,
-                    memory_slots=8, head_dim=4, query_dim=4, num_heads=2, read_topk=2, dtype="float64")
+                    memory_slots=8, head_dim=4, query_dim=4, num_heads=2, read_topk=2, dtype="float64",
+                    components={"router": router})
     return THLModel(cfg, seed=seed)
 
 
-def test_trace_fast_equals_plain_and_follows_the_key():
-    model = byte_model()
+@pytest.mark.parametrize("router", ["spec", "unit_keys"])
+def test_trace_fast_equals_plain_and_follows_the_key(router):
+    model = byte_model(router=router)
     tr = {path: passkey_trace(model, 200, seed=3, path=path) for path in ("fast", "plain")}
     f, p = tr["fast"], tr["plain"]
     trial = passkey_trial(200, seed=3)

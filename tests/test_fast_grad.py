@@ -197,6 +197,9 @@ FIXED = {
     "everything": dict(num_tiers=3, tier_dims=[4, 3, 5], tier_timescales=[1, 2, 4], read_slot_capacity=2,
                        write_slots=2, router_load_balance_lambda=0.3, memory_decay=0.6, num_heads=3,
                        value_dim=6, read_topk=3),
+    "unit-key router": dict(components={"router": "unit_keys"}),
+    "unit-key router, capacity, eager decay": dict(components={"router": "unit_keys"}, read_slot_capacity=1,
+                                                   num_heads=3, read_topk=3, value_dim=6, memory_decay=0.0),
 }
 
 

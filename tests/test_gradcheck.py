@@ -176,6 +176,9 @@ FIXED = {
     # novel writes into a full memory (targets by staleness + underuse), noise, capacity 2
     "novel_full": dict(novelty_theta=-0.5, read_slot_capacity=2, num_heads=3, value_dim=6, read_topk=3,
                        memory_slots=5, load_penalty=1.0),
+    # the built-in router variant (scores by the slot's unit row), with capacity and noise
+    "unit_keys": dict(components={"router": "unit_keys"}, read_slot_capacity=1, num_heads=2, read_topk=2,
+                      novelty_theta=-0.5),
 }
 
 
@@ -203,6 +206,7 @@ def test_fixed_cases(name):
         "capacity_rollover": {"capacity-masked", "buffer-rollover", "clipped"},
         "no_local_refine": {"refine", "unclipped"},
         "novel_full": {"novel", "capacity-masked"},
+        "unit_keys": {"novel", "capacity-masked"},
     }[name]
     assert want <= seen, f"{name} was meant to take {sorted(want)}, took {sorted(seen)}"
 

@@ -318,7 +318,7 @@ def choose_fast(config, path: str, gumbel_given: bool = False) -> bool:
     insists (an InputError where it cannot); "plain" is the spec's composition in ``thl_np.step``."""
     if path not in ("auto", "fast", "plain"):
         raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
-    custom = components_for(config).custom()
+    custom = components_for(config).without_kernels()
     if path == "fast" and custom:
         raise InputError(f"the fast path has no kernels for the component variant(s) {custom}: use path='plain' "
                          "(or 'auto', which picks it)")

@@ -14,7 +14,7 @@ step's choices with ``thl_np.diagnostics.MemoryObserver``:
   less the decay, then decayed to the end) over the row's norm (1: the row is the key line's writes; near
   0: drowned by the rest), with the same share for the writes made at the key's digits;
 - **the question**: at each of its steps, every head's rank of every key slot among all J router scores
-  (spec §4.3 scores, recomputed from the state before the step with the router's own ``slot_scores``:
+  (spec §4.3 scores, or the ``unit_keys`` variant's, recomputed from the state before the step with ``slot_scores``:
   rank 0 is the best; a slot is read when its rank is below κ), their scores against the κ-th best (the
   score a slot needs to be read), and whether it was picked.
 
@@ -27,8 +27,10 @@ import math
 import numpy as np
 
 from .components.primitives import top_k_desc
+from .components.registry import router_score_rule
 from .components.router import slot_scores
 from .diagnostics import BRANCHES, MemoryObserver
+from .errors import InputError
 from .evaluation import FILLERS, KEY_DIGITS, greedy_bytes, passkey_prompt
 
 
@@ -61,7 +63,11 @@ def _query_ranks(model, state, token: int) -> tuple[np.ndarray, np.ndarray]:
     e = P["embedding.weight"][[token]]
     u = np.concatenate([e, state.tiers[0], state.tiers[-1]], axis=1)
     q = (u @ P["router.W_q.weight"].T).reshape(1, c.num_heads, c.head_dim)
-    _, scores = slot_scores(state.memory, q, P["router.W_k.weight"], state.read_ema, c.load_penalty)
+    rule = router_score_rule(c)
+    if rule is None:
+        raise InputError(f"the trace recomputes router scores, and this model's router variant "
+                         f"{c.components.get('router')!r} has scores of its own: trace the spec's or unit_keys")
+    _, scores = slot_scores(state.memory, q, P["router.W_k.weight"], state.read_ema, c.load_penalty, rule)
     order = top_k_desc(scores[0], c.memory_slots)          # [H, J] slots, best first
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(c.memory_slots)[None, :], axis=1)

@@ -1,7 +1,8 @@
 """Router kernels (thl_np.fast.router), each alone against thl_np.components.router (spec §4.3-4.4):
 ``route`` / ``route_parallel`` (decode) and ``route_forward`` / ``route_backward`` (training) on random inputs
 in the layouts the fast paths give them, with exact ties (identical rows rank by lower index), empty slots,
-slot capacity (a head left with nothing keeps its weights), Gumbel noise and the load-balance record."""
+slot capacity (a head left with nothing keeps its weights), Gumbel noise and the load-balance record; with
+``unit_keys`` against the router variant of thl_np.components.router_unit_keys."""
 import math
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from kernel_helpers import DTYPES, assert_close, assert_equal, memory_bank, scatter_add, tier_offsets
 
 from thl_np.components.router import (
+    DOT,
     apply_slot_capacity,
     gumbel_noise,
     read_meta_backward,
@@ -21,13 +23,15 @@ from thl_np.components.router import (
     router_forward,
     slot_scores,
 )
+from thl_np.components.router_unit_keys import UNIT_KEYS, unit_keys_backward, unit_keys_forward
 from thl_np.fast import router as fast_router
 
 C = np.ascontiguousarray
 
 
 def router_case(seed, dtype="float64", *, B=2, J=7, d_m=4, H=3, d_h=2, dvh=2, kappa=2, capacity=0, empty=1,
-                duplicates=1, scale=0.8, load_penalty=0.3, rho=0.9, t=5, dims=(3, 2, 4), d_e=3, gumbel=False):
+                duplicates=1, scale=0.8, load_penalty=0.3, rho=0.9, t=5, dims=(3, 2, 4), d_e=3, gumbel=False,
+                unit_keys=False):
     """Plain inputs of one router step and the fast paths' view of them (the stored bank, the tier layout)."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(dtype)
@@ -49,22 +53,28 @@ def router_case(seed, dtype="float64", *, B=2, J=7, d_m=4, H=3, d_h=2, dvh=2, ka
                            scale=scale, load_penalty=load_penalty, rho=rho, t=t, d_e=d_e, dims=dims, d0=d0, dK=dK,
                            off0=off0, offK=offK, stored=stored, memory=memory, same=same,
                            read_ema=read_ema.astype(dt), last_read=rng.integers(0, t, (B, J)).astype(np.int64),
-                           e=e, tiers=tiers, u=u, W_q=W_q, W_k=W_k, W_v=W_v, G=G, inv_sqrt=1.0 / math.sqrt(d_h))
+                           e=e, tiers=tiers, u=u, W_q=W_q, W_k=W_k, W_v=W_v, G=G, inv_sqrt=1.0 / math.sqrt(d_h),
+                           unit_keys=unit_keys)
+
+
+def plain_router(c):
+    """The plain definition the kernels mirror: the spec's router, or router_unit_keys'."""
+    return (unit_keys_forward, unit_keys_backward) if c.unit_keys else (router_forward, router_backward)
 
 
 def plain_read(c):
     """router_forward + read_meta_forward, and the parts of the forward the kernels record."""
     kw = dict(num_heads=c.H, head_dim=c.d_h, topk=c.kappa, load_penalty=c.load_penalty, gumbel=c.G)
-    r, alpha, idx, cache = router_forward(c.u, c.memory, c.read_ema, c.W_q, c.W_k, c.W_v,
-                                          capacity=c.capacity or None, **kw)
-    _, alpha_soft, idx_soft, _ = router_forward(c.u, c.memory, c.read_ema, c.W_q, c.W_k, c.W_v, **kw)
+    forward = plain_router(c)[0]
+    r, alpha, idx, cache = forward(c.u, c.memory, c.read_ema, c.W_q, c.W_k, c.W_v, capacity=c.capacity or None, **kw)
+    _, alpha_soft, idx_soft, _ = forward(c.u, c.memory, c.read_ema, c.W_q, c.W_k, c.W_v, **kw)
     assert np.array_equal(idx, idx_soft)
     if c.capacity:
         _, mask, used = apply_slot_capacity(alpha_soft, idx, c.capacity)
     else:
         mask, used = np.ones_like(alpha_soft), np.ones(idx.shape[:2], bool)
     q = (c.u @ c.W_q.T).reshape(c.B, c.H, c.d_h)
-    q_mem, _ = slot_scores(c.memory, q, c.W_k, c.read_ema, c.load_penalty)
+    q_mem, _ = slot_scores(c.memory, q, c.W_k, c.read_ema, c.load_penalty, UNIT_KEYS if c.unit_keys else DOT)
     new_ema, new_last, A = read_meta_forward(c.read_ema, c.last_read, alpha, idx, c.t, c.rho)
     m_sel = c.memory[np.arange(c.B)[:, None, None], idx]
     return SimpleNamespace(r=r, alpha=alpha, idx=idx, cache=cache, alpha_soft=alpha_soft, mask=mask, used=used, q=q,
@@ -91,7 +101,7 @@ def run_route(kernel, c, want):
     idx = np.empty((c.B, c.H, c.kappa), np.int64)
     alpha = np.empty((c.B, c.H, c.kappa), c.dt)
     kernel(C(want.q_mem), c.scale, read_ema, last_read, mem, c.t, c.load_penalty, c.inv_sqrt, c.kappa, c.capacity,
-           c.rho, mix, idx, alpha)
+           c.rho, c.unit_keys, mix, idx, alpha)
     assert_equal(mem, c.stored, "route: the bank is read, never written")
     return SimpleNamespace(mix=mix, idx=idx, alpha=alpha, read_ema=read_ema, last_read=last_read)
 
@@ -121,7 +131,7 @@ def router_sizes(draw):
                 d_h=draw(st.integers(1, 3)), dvh=draw(st.integers(1, 2)), kappa=draw(st.integers(1, J)),
                 capacity=draw(st.integers(0, 2)), empty=empty, duplicates=draw(st.integers(0, J - 1 - empty)),
                 scale=draw(st.sampled_from([1.0, 0.37, 3.0])), load_penalty=draw(st.sampled_from([0.0, 0.3])),
-                dims=draw(st.sampled_from([(3,), (3, 2), (2, 3, 4)])))
+                dims=draw(st.sampled_from([(3,), (3, 2), (2, 3, 4)])), unit_keys=draw(st.booleans()))
 
 
 @pytest.mark.parametrize("kernel", ROUTE_KERNELS, ids=lambda k: k.__name__)
@@ -135,7 +145,7 @@ def test_route_matches_router_forward(kernel, sizes, seed):
 @pytest.mark.parametrize("seed", range(4))
 def test_route_matches_router_forward_float32(kernel, seed):
     check_route(kernel, router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
-                                    duplicates=2, scale=0.6))
+                                    duplicates=2, scale=0.6, unit_keys=seed >= 2))
 
 
 @pytest.mark.parametrize("kernel", ROUTE_KERNELS, ids=lambda k: k.__name__)
@@ -214,7 +224,8 @@ def check_route_forward(c, record_A=True):
     if c.G is not None:
         G[STEP] = c.G
     fast_router.route_forward(STEP, c.t, L.QE, L.QS, c.scale, read_ema, last_read, mem, G, c.G is not None,
-                              c.load_penalty, c.inv_sqrt, c.kappa, c.capacity, c.rho, L.Wk_heads, L.WvT_heads,
+                              c.load_penalty, c.inv_sqrt, c.kappa, c.capacity, c.rho, c.unit_keys, L.Wk_heads,
+                              L.WvT_heads,
                               record_A, *rec.values())
     assert_equal(mem, c.stored, "route_forward: the bank is read, never written")
     i = STEP
@@ -246,7 +257,7 @@ def test_route_forward_matches_router_forward(sizes, seed, gumbel, record_A):
 @pytest.mark.parametrize("seed", range(4))
 def test_route_forward_matches_router_forward_float32(seed):
     check_route_forward(router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
-                                    duplicates=2, scale=0.6, gumbel=seed % 2 == 0))
+                                    duplicates=2, scale=0.6, gumbel=seed % 2 == 0, unit_keys=seed >= 2))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -273,13 +284,14 @@ def check_route_backward(c, use_DA=True, c_scale=0.6):
     d_ema, D, DS = d_ema0.copy(), D0.copy(), DS0.copy()
     DQ = np.zeros((T, B, H * c.d_h), c.dt)
     MK = np.zeros((T, H, B, c.d_m), c.dt)
-    fast_router.route_backward(i, DR, d_ema, DA, use_DA, c.rho, c.load_penalty, c.inv_sqrt, c.capacity, L.Wv_heads,
-                               L.WkT_heads, rec["IDX"], rec["ASOFT"], rec["ALPHA"], rec["CAPM"], rec["CAPU"],
-                               rec["MSEL"], rec["QK"], D, c_scale, DQ, MK, L.W_q_s, DS, c.off0, c.d0, c.offK, c.dK)
+    fast_router.route_backward(i, DR, d_ema, DA, use_DA, c.rho, c.load_penalty, c.inv_sqrt, c.capacity, c.unit_keys,
+                               L.Wv_heads, L.WkT_heads, rec["IDX"], rec["ASOFT"], rec["ALPHA"], rec["CAPM"],
+                               rec["CAPU"], rec["MSEL"], rec["QK"], D, c_scale, DQ, MK, L.W_q_s, DS, c.off0, c.d0,
+                               c.offK, c.dK)
     d_prev_ema, d_alpha = read_meta_backward(d_ema0, DA[i] if use_DA else None, want.idx, c.rho)
-    d_u, d_m_sel, d_ema_sel, dW_q, dW_k, _ = router_backward(DR[i], d_alpha, want.cache, c.W_q, c.W_k, c.W_v,
-                                                             num_heads=H, head_dim=c.d_h,
-                                                             load_penalty=c.load_penalty)
+    d_u, d_m_sel, d_ema_sel, dW_q, dW_k, _ = plain_router(c)[1](DR[i], d_alpha, want.cache, c.W_q, c.W_k, c.W_v,
+                                                                num_heads=H, head_dim=c.d_h,
+                                                                load_penalty=c.load_penalty)
     assert_close(d_ema, d_prev_ema + scatter_add((B, c.J), want.idx, d_ema_sel), c.dt,
                  "route_backward: read_ema gradient")
     assert_close((D - D0) * c_scale, scatter_add((B, c.J, c.d_m), want.idx, d_m_sel), c.dt,
@@ -305,7 +317,8 @@ def test_route_backward_matches_router_backward(sizes, seed, gumbel, use_DA, c_s
 @pytest.mark.parametrize("seed", range(4))
 def test_route_backward_matches_router_backward_float32(seed):
     check_route_backward(router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
-                                     duplicates=2, scale=0.6, gumbel=seed % 2 == 0), use_DA=seed % 2 == 1)
+                                     duplicates=2, scale=0.6, gumbel=seed % 2 == 0, unit_keys=seed >= 2),
+                         use_DA=seed % 2 == 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,8 +13,9 @@ Each swappable component of the step is a *kind* with a forward and a backward o
 A variant is registered once by name (``register``) and chosen per model by the config field
 ``components`` (``{"router": "my_router"}``); kinds not named there use "spec". The plain path, the
 layered engine and training compose whatever variants the config names (``thl_np.step``); the fast
-path's Numba kernels compute the spec variants only, so a model with another variant runs on the plain
-path (``has_fast_path``). ``docs/CHANGING_A_COMPONENT.md`` is a worked example.
+path's Numba kernels compute the spec variants and the built-in ``router: unit_keys``
+(``router_unit_keys.py``); a model with another variant runs on the plain path
+(``has_fast_path``). ``docs/CHANGING_A_COMPONENT.md`` is a worked example.
 
 A variant's forward returns what the spec's does, with its own cache as the last value; its backward
 takes that cache. Two things of a cache are read outside the component: a writer cache's ``j_star``
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from . import gru, local_attention, router, writer
+from . import gru, local_attention, router, router_unit_keys, writer
 
 SPEC = "spec"
 
@@ -47,7 +48,10 @@ class Variant:
 _REGISTRY: dict[str, dict[str, Variant]] = {
     "local_attention": {SPEC: Variant("local_attention", SPEC, local_attention.local_attention_forward,
                                       local_attention.local_attention_backward, fast=True)},
-    "router": {SPEC: Variant("router", SPEC, router.router_forward, router.router_backward, fast=True)},
+    "router": {SPEC: Variant("router", SPEC, router.router_forward, router.router_backward, fast=True),
+               router_unit_keys.NAME: Variant("router", router_unit_keys.NAME, router_unit_keys.unit_keys_forward,
+                                              router_unit_keys.unit_keys_backward, fast=True,
+                                              doc="scores by the slot's unit row (router_unit_keys.py)")},
     "gru": {SPEC: Variant("gru", SPEC, gru.gru_forward, gru.gru_backward, fast=True)},
     "writer": {SPEC: Variant("writer", SPEC, writer.writer_forward, writer.writer_backward, fast=True)},
     "memory_write": {SPEC: Variant("memory_write", SPEC, writer.memory_write_forward,
@@ -118,6 +122,10 @@ class Components:
         """"kind=name" for every variant that is not the spec's."""
         return [f"{k}={getattr(self, k).name}" for k in KINDS if getattr(self, k).name != SPEC]
 
+    def without_kernels(self) -> list[str]:
+        """"kind=name" for every chosen variant the fast path's kernels do not compute."""
+        return [f"{k}={getattr(self, k).name}" for k in KINDS if not getattr(self, k).fast]
+
 
 def components_for(config) -> Components:
     """The variants ``config.components`` chooses (the spec's for every kind it does not name)."""
@@ -150,6 +158,21 @@ def load_plugin(source: str):
         raise ConfigError(f"plugin {source!r} failed to import: {type(exc).__name__}: {exc}") from None
 
 
+# The built-in routers' score rules, for code that recomputes scores outside a step (the passkey trace)
+# and for the fast kernels' ``unit_keys`` switch.
+_SCORE_RULES = {SPEC: router.DOT, router_unit_keys.NAME: router_unit_keys.UNIT_KEYS}
+
+
+def router_score_rule(config):
+    """The ``router.ScoreRule`` of the config's router, or None for a plugin's router (its scores are its own)."""
+    return _SCORE_RULES.get(components_for(config).router.name)
+
+
+def uses_unit_keys(config) -> bool:
+    """True when the config's router is ``unit_keys`` (the fast kernels' switch)."""
+    return components_for(config).router.name == router_unit_keys.NAME
+
+
 def has_fast_path(config) -> bool:
-    """True when the fast path computes this config's model (every component is the spec's)."""
+    """True when the fast path computes this config's model (every chosen variant has kernels)."""
     return components_for(config).fast

@@ -76,21 +76,53 @@ def apply_slot_capacity(alpha, idx, capacity):
     return out, mask, used
 
 
-def slot_scores(memory, q, W_k, read_ema, load_penalty):
+@dataclass(frozen=True)
+class ScoreRule:
+    """How a slot's content score is formed from its row m_j and the head's q_mem_h = W_k,h^T q_h.
+
+    ``content(memory [B, J, d_m], q_mem [B, H, d_m], scale) → [B, H, J]`` and its backward
+    ``content_backward(d_score [B, H, κ], m_sel [B, H, κ, d_m], q_mem, scale) → (d_q_mem [B, H, d_m],
+    d_m_sel [B, H, κ, d_m])`` over the rows read. The spec's rule is ``DOT``; a router variant that only
+    changes the scores (``router_unit_keys``) passes its own rule to ``router_forward``/``router_backward``."""
+
+    name: str
+    content: object
+    content_backward: object
+
+
+def dot_content(memory, q_mem, scale):
+    """Spec §4.3: m_j·q_mem_h/√d_h, i.e. (k_{h,j}·q_h)/√d_h with k_{h,j} = m_j W_k,h^T."""
+    xp = array_module(memory)
+    return xp.einsum("bjm,bhm->bhj", memory, q_mem) * scale
+
+
+def dot_content_backward(d_score, m_sel, q_mem, scale):
+    """Backward of ``dot_content`` over the picked rows."""
+    xp = array_module(m_sel)
+    d_q_mem = xp.einsum("bhr,bhrm->bhm", d_score, m_sel) * scale
+    d_m_sel = d_score[..., None] * q_mem[:, :, None, :] * scale
+    return d_q_mem, d_m_sel
+
+
+DOT = ScoreRule("spec", dot_content, dot_content_backward)
+
+
+def slot_scores(memory, q, W_k, read_ema, load_penalty, rule: ScoreRule = DOT):
     """score_{h,j} = (k_{h,j}·q_h)/√d_h − λ_load·read_ema_j for every slot, computed as m_j·(W_k,h^T q_h):
     the same number (k_{h,j} = m_j W_k,h^T), but every slot's score is one dot product of its own row
     with one shared vector, so identical rows get identical scores and the tie rule (lower index first)
-    holds exactly; it is also J·d_m work per head instead of J·d_m·d_h. Returns (q_mem [B, H, d_m], scores)."""
+    holds exactly; it is also J·d_m work per head instead of J·d_m·d_h. Returns (q_mem [B, H, d_m], scores).
+    ``rule`` forms the content term (``DOT``: the spec's)."""
     xp = array_module(memory)
     B, H, d_h = q.shape
     q_mem = xp.einsum("bhd,hdm->bhm", q, W_k.reshape(H, d_h, memory.shape[2]))
     scale = 1.0 / math.sqrt(d_h)  # a Python float: keeps float32 inputs float32
-    scores = xp.einsum("bjm,bhm->bhj", memory, q_mem) * scale - load_penalty * read_ema[:, None, :]
+    scores = rule.content(memory, q_mem, scale) - load_penalty * read_ema[:, None, :]
     return q_mem, scores
 
 
 def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, topk, load_penalty,
-                   capacity=None, gumbel=None):
+                   capacity=None, gumbel=None, rule: ScoreRule = DOT):
     """u [B, d_u], memory [B, J, d_m], read_ema [B, J] → (r [B, d_v], alpha [B, H, κ], idx [B, H, κ], RouterCache).
 
     ``gumbel`` is the noise term [B, H, J] already transformed by ``gumbel_noise`` (training mode) or None.
@@ -99,7 +131,7 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
     B, J, d_m = memory.shape
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
-    q_mem, scores = slot_scores(memory, q, W_k, read_ema, load_penalty)
+    q_mem, scores = slot_scores(memory, q, W_k, read_ema, load_penalty, rule)
     if gumbel is not None:
         scores = scores + xp.asarray(gumbel)
     idx = top_k_desc(scores, topk)                                     # [B, H, κ]
@@ -120,7 +152,8 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
     return r, alpha, idx, cache
 
 
-def router_backward(d_r, d_alpha_extra, cache: RouterCache, W_q, W_k, W_v, *, num_heads, head_dim, load_penalty):
+def router_backward(d_r, d_alpha_extra, cache: RouterCache, W_q, W_k, W_v, *, num_heads, head_dim, load_penalty,
+                    rule: ScoreRule = DOT):
     """d_r [B, d_v] and d_alpha_extra [B, H, κ] (from read_ema / the load-balance term) →
     (d_u, d_m_sel [B, H, κ, d_m] to scatter at idx, d_read_ema_sel [B, H, κ] to scatter at idx,
      dW_q, dW_k, dW_v)."""
@@ -141,9 +174,9 @@ def router_backward(d_r, d_alpha_extra, cache: RouterCache, W_q, W_k, W_v, *, nu
             total > 0, total, 1.0)
         d_alpha = xp.where(c.cap_used[..., None], d_capped, d_alpha)
     d_picked = alpha_soft * (d_alpha - (alpha_soft * d_alpha).sum(axis=-1, keepdims=True))
-    # score = m·q_mem·scale − λ·read_ema (+ constant noise), q_mem_h = W_k,h^T q_h
-    d_q_mem = xp.einsum("bhr,bhrm->bhm", d_picked, c.m_sel) * scale
-    d_m_sel = d_m_sel + d_picked[..., None] * c.q_mem[:, :, None, :] * scale
+    # score = content(m, q_mem) − λ·read_ema (+ constant noise), q_mem_h = W_k,h^T q_h
+    d_q_mem, d_m_score = rule.content_backward(d_picked, c.m_sel, c.q_mem, scale)
+    d_m_sel = d_m_sel + d_m_score
     W_k_heads = W_k.reshape(H, d_h, d_m)
     d_q = xp.einsum("bhm,hdm->bhd", d_q_mem, W_k_heads)
     dW_k = xp.einsum("bhd,bhm->hdm", c.q, d_q_mem).reshape(W_k.shape)

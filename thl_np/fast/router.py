@@ -4,13 +4,16 @@ cores), ``route_forward`` / ``route_backward`` for a training step.
 
 Both compute scores as m_j·q_mem_h with q_mem_h = W_k,h^T q_h (``slot_scores``) over a bank stored divided
 by a running scalar (true memory = scale·memory), one code path per row, so identical rows tie exactly and
-go to the lower index (``primitives.top_k_desc``). Tested kernel by kernel in tests/fast/test_router_kernels.py.
+go to the lower index (``primitives.top_k_desc``). With ``unit_keys`` they compute the router variant of
+``thl_np.components.router_unit_keys``: each content score divided by √(‖true row‖² + ε²). Tested kernel
+by kernel in tests/fast/test_router_kernels.py.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
+from ..components.router_unit_keys import UNIT_KEY_EPS
 from .primitives import axpy, dot, multi_row_dots, row_dots, top_k_desc
 
 
@@ -19,19 +22,24 @@ from .primitives import axpy, dot, multi_row_dots, row_dots, top_k_desc
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
 def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
-              mix, idx_out, alpha_out, dots, scores, A, served):
+              unit_keys, mix, idx_out, alpha_out, dots, scores, A, served, key_scale):
     """Mirrors thl_np.components.router.router_forward (spec §4.3, no Gumbel noise) and read_meta_forward
     (§4.4) for one sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see slot_scores; true memory =
     scale·memory), top-κ per head (descending, ties to the lower index), softmax, optional slot capacity,
     the α-weighted mix of the picked memory rows per head (the value projection is linear, so the caller
-    applies it once to the mix), then read_ema and last_read in place. dots [H, J], scores [J], A [J] and
-    served [J] are scratch."""
+    applies it once to the mix), then read_ema and last_read in place. ``unit_keys``: the scores of
+    router_unit_keys (each divided by √(‖true row‖² + ε²)). dots [H, J], scores [J], A [J], served [J] and
+    key_scale [J] are scratch."""
     J = memory.shape[0]
     H = q_mem.shape[0]
     multi_row_dots(memory, q_mem, dots)
+    for j in range(J):
+        key_scale[j] = scale
+        if unit_keys:
+            key_scale[j] = scale / math.sqrt(scale * scale * dot(memory[j], memory[j]) + UNIT_KEY_EPS * UNIT_KEY_EPS)
     for h in range(H):
         for j in range(J):
-            scores[j] = (scale * dots[h, j]) * inv_sqrt - load_penalty * read_ema[j]
+            scores[j] = (key_scale[j] * dots[h, j]) * inv_sqrt - load_penalty * read_ema[j]
         top_k_desc(scores, kappa, idx_out[h])
         top = scores[idx_out[h, 0]]
         tot = 0.0
@@ -71,7 +79,7 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
 
 @njit(cache=True)
 def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
-          mix, idx_out, alpha_out):
+          unit_keys, mix, idx_out, alpha_out):
     """Mirrors router_forward + read_meta_forward for a decode step: ``route_one`` for every sequence of the
     batch, in turn (``route_parallel`` splits them over the cores; it costs seconds more to compile, which
     one sequence never pays)."""
@@ -80,14 +88,15 @@ def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, 
     scores = np.empty(J, dtype=np.float64)
     A = np.empty(J, dtype=np.float64)
     served = np.empty(J, dtype=np.int64)
+    key_scale = np.empty(J, dtype=np.float64)
     for b in range(B):
         route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
-                  capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
+                  capacity, rho, unit_keys, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served, key_scale)
 
 
 @njit(cache=True, parallel=True)
 def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
-                   mix, idx_out, alpha_out):
+                   unit_keys, mix, idx_out, alpha_out):
     """``route`` (router_forward + read_meta_forward), the sequences split over the cores."""
     B, J, _ = memory.shape
     for b in prange(B):
@@ -95,8 +104,9 @@ def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, i
         scores = np.empty(J, dtype=np.float64)
         A = np.empty(J, dtype=np.float64)
         served = np.empty(J, dtype=np.int64)
+        key_scale = np.empty(J, dtype=np.float64)
         route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
-                  capacity, rho, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served)
+                  capacity, rho, unit_keys, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served, key_scale)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,7 +114,7 @@ def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, i
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
 def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, load_penalty, inv_sqrt, kappa,
-                  capacity, rho, Wk_heads, WvT_heads, record_A,
+                  capacity, rho, unit_keys, Wk_heads, WvT_heads, record_A,
                   QV, QK, IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, MIX, AW, R):
     """Mirrors thl_np.components.router.router_forward (spec §4.3, Gumbel noise optional) and
     read_meta_forward (§4.4) for step i of a training sequence. Records q (QV), q_mem (QK), the picks (IDX),
@@ -113,6 +123,7 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
     in place.
 
     q = QE[i] + QS (e-part and state-part of u W_q^T); q_mem_h = W_k,h^T q_h; true row = scale·mem.
+    ``unit_keys``: the scores of router_unit_keys (each divided by √(‖true row‖² + ε²)).
     """
     B, J, Dm = mem.shape
     H, Dh = QV.shape[2], QV.shape[3]
@@ -125,6 +136,7 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
     served = np.zeros(J, np.int64)
     keep = np.zeros(kappa, np.bool_)
     qh = np.empty((B, Dh), mem.dtype)
+    key_scale = np.empty(J, np.float64)
     for h in range(H):
         for b in range(B):
             for a in range(Dh):
@@ -136,10 +148,15 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
             QK[i, b, h] = qm[b]
     for b in range(B):
         A[:] = 0.0
+        for j in range(J):
+            key_scale[j] = scale
+            if unit_keys:
+                key_scale[j] = scale / math.sqrt(scale * scale * dot(mem[b, j], mem[b, j])
+                                                 + UNIT_KEY_EPS * UNIT_KEY_EPS)
         for h in range(H):
             row_dots(mem[b], QK[i, b, h], dots)
             for j in range(J):
-                s = (scale * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
+                s = (key_scale[j] * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
                 if use_gumbel:
                     s += G[i, b, h, j]
                 scores[j] = s
@@ -198,7 +215,7 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
 
 
 @njit(cache=True)
-def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capacity, Wv_heads, WkT_heads,
+def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capacity, unit_keys, Wv_heads, WkT_heads,
                    IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, QK, D, c, DQ, MK, Wq_s, DS, off0, d0, offK, dK):
     """Mirrors thl_np.components.router.router_backward and read_meta_backward for step i:
     d_r = DR[i] and the read_ema gradient after the step (d_ema, updated in place to the one before it)
@@ -242,7 +259,8 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
                 sa += ASOFT[i, b, h, r] * dal[r]
             for r in range(kappa):
                 dpk[h, r] = ASOFT[i, b, h, r] * (dal[r] - sa)
-            # score = m·q_mem·inv_sqrt − λ·read_ema (+ constant noise)
+            # score = m·q_mem·inv_sqrt − λ·read_ema (+ constant noise); with unit_keys m·q_mem/s,
+            # s = √(‖m‖² + ε²): d q_mem += (ck/s)·m, d m += (ck/s)·(q_mem − (m·q_mem/s²)·m)
             mk = MK[i, h, b]
             mk[:] = 0.0
             qk = QK[i, b, h]
@@ -251,9 +269,14 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
                 cv = ALPHA[i, b, h, r] * inv_c
                 ck = dpk[h, r] * inv_sqrt
                 row = MSEL[i, b, h, r]
+                shrink = 0.0
+                if unit_keys:
+                    s2 = dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS
+                    ck /= math.sqrt(s2)
+                    shrink = dot(row, qk) / s2
                 for m in range(Dm):
                     mk[m] += ck * row[m]
-                    D[b, j, m] += cv * g[m] + (ck * inv_c) * qk[m]
+                    D[b, j, m] += cv * g[m] + (ck * inv_c) * (qk[m] - shrink * row[m])
         # read_ema before the step: ρ·d_ema, plus −λ·d_picked at every pick (score = … − λ·read_ema_j)
         for j in range(d_ema.shape[1]):
             d_ema[b, j] *= rho

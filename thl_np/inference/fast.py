@@ -29,7 +29,7 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..components.output import layer_norm_forward
-from ..components.registry import components_for, has_fast_path
+from ..components.registry import components_for, has_fast_path, uses_unit_keys
 from ..errors import InputError
 from ..fast import gru, linalg, local_attention, primitives, quant, router, writer
 from ..fast.linalg import SMALL_BATCH, linear
@@ -50,10 +50,11 @@ class FastDecoder:
     def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None,
                  packed_head: bool = True):
         if not has_fast_path(model.config):
-            raise InputError(f"FastDecoder computes the spec's components; this model's config chooses "
-                             f"{components_for(model.config).custom()}: use model.decoder(), which runs them "
+            raise InputError(f"FastDecoder has no kernels for the component variant(s) "
+                             f"{components_for(model.config).without_kernels()}: use model.decoder(), which runs them "
                              "on the plain path")
         self.model = model
+        self.unit_keys = uses_unit_keys(model.config)
         self.packed_head = packed_head
         self.weights_key = model.weights_key()
         c = self.config = model.config
@@ -204,7 +205,8 @@ class FastDecoder:
         q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))                       # [B, H, d_m]
         route = router.route if self.B == 1 else router.route_parallel
         route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty, 1.0 / math.sqrt(d_h),
-              c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self._mix, self._idx, self._alpha)
+              c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self.unit_keys, self._mix, self._idx,
+              self._alpha)
         quant.per_head(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
         r = self._r_heads.transpose(1, 0, 2).reshape(self.B, c.value_dim)
         # 5. tiers under their clocks

@@ -68,6 +68,7 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..components.output import load_balance_forward
+from ..components.registry import uses_unit_keys
 from ..components.router import gumbel_noise
 from ..errors import InputError
 from ..fast import embedding, gru, local_attention, primitives, router, writer
@@ -242,7 +243,8 @@ def fast_forward(model, ids, state0: InferenceState, U=None, weights=None):
     inv_h = 1.0 / math.sqrt(Dh)
     cap = int(c.read_slot_capacity or 0)
     eager = float(c.memory_decay) < MIN_DECAY
-    route_args = (float(c.load_penalty), inv_h, kappa, cap, float(c.read_ema_decay), Wt.Wk_heads, Wt.WvT_heads,
+    route_args = (float(c.load_penalty), inv_h, kappa, cap, float(c.read_ema_decay), uses_unit_keys(c),
+                  Wt.Wk_heads, Wt.WvT_heads,
                   record_A, a["QV"], a["QK"], a["IDX"], a["ASOFT"], a["ALPHA"], a["CAPM"], a["CAPU"], a["MSEL"],
                   a["MIX"], a["AW"], a["R"])
     write_args = (c.write_slots, float(c.write_clip_max), float(c.novelty_beta), float(c.novelty_theta),
@@ -356,7 +358,7 @@ def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
                              Wt.Wzr_p[k], tk["P"], tk["Z"], tk["RG"], tk["ST"], DPRE[k], DR, DLOC, k == 0)
         # 4-3. read metadata and router: the rows read, read_ema, d q (and d u's state part into DS)
         router.route_backward(i, DR, d_ema, DA, use_DA, float(c.read_ema_decay), float(c.load_penalty), inv_h,
-                              cap, *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
+                              cap, uses_unit_keys(c), *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
         # 2. local attention: its query, and the keys/values of the window's rows
         n = int(n_steps[i])
         if n > 0:

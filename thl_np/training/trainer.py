@@ -273,7 +273,7 @@ def train(
         raise InputError("this model's weights are int8 (quantized): train the float model it came from, then "
                          "quantize the result (thl-np quantize)")
     if tc.path == "auto" and not choose_fast(run.model.config, "auto"):
-        custom = components_for(run.model.config).custom()
+        custom = components_for(run.model.config).without_kernels()
         emit({"event": "message", "text": f"training on the plain path: the fast path has no kernels for {custom}"})
     elif tc.path == "fast":
         choose_fast(run.model.config, "fast")  # an InputError before any work when it cannot
