@@ -132,11 +132,28 @@ def test_packed_linear_q8_matches_linear_forward(V, block, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [3, 16, 57, 64, 65, 130])
+def test_packed_gemv_q8_matches_linear_forward(V, dtype):
+    """One sequence over the packed tiles, per-row scales: partial tiles, four tiles an iteration and a tail."""
+    q, s, group, W, _, rng = quantized(V, 33, None, dtype)
+    L = fq.lanes(dtype)
+    T = -(-V // L)
+    Qp = np.empty((T, 33, L), np.int8)
+    Sp = np.empty((T, 1, L), np.float32)
+    fq.pack_rows_q8(q, s, L, Qp, Sp)
+    h = np.ascontiguousarray(rng.standard_normal((1, 33)).astype(dtype))
+    out = np.full((1, T * L), np.nan, dtype)
+    fq.packed_gemv_q8(Qp, Sp, h, out)
+    assert_close(out[:, :V], linear_forward(h, W, 0.0), dtype, "packed_gemv_q8")
+    assert not out[:, V:].any(), "padding rows give zeros"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [None, 32])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 64, 65, 200])
 def test_q8_matrix_linear_routes(rows, packed, block, dtype, monkeypatch):
-    """Q8Matrix.linear: one row (gemv_q8), up to SMALL_BATCH (small_batch_q8, or packed_linear_q8 in chunks of
+    """Q8Matrix.linear: one row (gemv_q8, or packed_gemv_q8 for a packed per-row matrix), up to SMALL_BATCH (small_batch_q8, or packed_linear_q8 in chunks of
     PACK_ROWS), more (blocks of rows dequantized into BLAS; a small block size makes several blocks)."""
     monkeypatch.setattr(fq, "DENSE_BLOCK_BYTES", 7 * 40 * np.dtype(dtype).itemsize)
     q, s, group, W, b, rng = quantized(45, 40, block, dtype)

@@ -268,12 +268,12 @@ def pack_rows_q8(Q, S, lanes, Qp, Sp):
                     Sp[t, g, l] = 0.0
 
 
-def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
+def _make_packed_tiles_q8(n_tiles: int, grouped: bool, rows: int = PACK_ROWS):
     @intrinsic
     def packed_tiles_q8(typingctx, Qp, Sp, h, out, t, group):
         """out[b, (t+j)·L : (t+j+1)·L] = Σ_g Sp[t+j, g, :] ⊙ Σ_{k ∈ g} float(Qp[t+j, k, :])·h[b, k] for j < n_tiles
-        and b < PACK_ROWS, in LLVM IR: per k one vector load of L int8 per tile, sign extension, conversion,
-        then PACK_ROWS fused multiply-adds with broadcasts of h. ``grouped``: each group's partial sums are
+        and b < rows, in LLVM IR: per k one vector load of L int8 per tile, sign extension, conversion,
+        then ``rows`` fused multiply-adds with broadcasts of h. ``grouped``: each group's partial sums are
         scaled into running totals (block scales); otherwise one scale per row, applied at the store."""
         dtype = h.dtype
 
@@ -306,12 +306,12 @@ def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
             tiles = [builder.add(tile, const(j)) for j in range(n_tiles)]
             q_ptrs = [item_ptr(Q_arr, Q_ty, [t, const(0), const(0)]) for t in tiles]
             s_ptrs = [item_ptr(S_arr, S_ty, [t, const(0), const(0)]) for t in tiles]
-            h_ptrs = [item_ptr(h_arr, h_ty, [const(b), const(0)]) for b in range(PACK_ROWS)]
+            h_ptrs = [item_ptr(h_arr, h_ty, [const(b), const(0)]) for b in range(rows)]
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
                                                  f"llvm.fma.v{lanes}f{dtype.bitwidth}")
             zero = ir.Constant(vec, [ir.Constant(elem, 0.0)] * lanes)
-            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(PACK_ROWS)] for _ in range(n_tiles)]
-            tot = [[cgutils.alloca_once_value(builder, zero) for _ in range(PACK_ROWS)] for _ in range(n_tiles)]
+            acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(n_tiles)]
+            tot = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(n_tiles)]
             undef = ir.Constant(vec, ir.Undefined)
             splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
 
@@ -327,7 +327,7 @@ def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
                         raw = builder.load(builder.bitcast(builder.gep(q_ptrs[j], [builder.mul(k, const(lanes))]),
                                                            qvec.as_pointer()), align=1)
                         w.append(builder.sitofp(builder.sext(raw, ivec), vec))
-                    for b in range(PACK_ROWS):
+                    for b in range(rows):
                         x = builder.load(builder.gep(h_ptrs[b], [k]))
                         x = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
                         for j in range(n_tiles):
@@ -341,12 +341,12 @@ def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
                     k1 = builder.add(k0, group)
                     k1 = builder.select(builder.icmp_signed("<", k1, depth), k1, depth)
                     for j in range(n_tiles):
-                        for b in range(PACK_ROWS):
+                        for b in range(rows):
                             builder.store(zero, acc[j][b])
                     k_loop(k0, k1)
                     for j in range(n_tiles):
                         s = scales(j, g)
-                        for b in range(PACK_ROWS):
+                        for b in range(rows):
                             builder.store(builder.call(fma, [builder.load(acc[j][b]), s, builder.load(tot[j][b])]),
                                           tot[j][b])
                 result = tot
@@ -354,12 +354,12 @@ def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
                 k_loop(const(0), depth)
                 for j in range(n_tiles):
                     s = scales(j, const(0))
-                    for b in range(PACK_ROWS):
+                    for b in range(rows):
                         builder.store(builder.fmul(builder.load(acc[j][b]), s), tot[j][b])
                 result = tot
             for j in range(n_tiles):
                 col = builder.mul(tiles[j], const(lanes))
-                for b in range(PACK_ROWS):
+                for b in range(rows):
                     dst = builder.bitcast(item_ptr(out_arr, out_ty, [const(b), col]), vec.as_pointer())
                     builder.store(builder.load(result[j][b]), dst, align=dtype.bitwidth // 8)
             return context.get_dummy_value()
@@ -372,6 +372,8 @@ def _make_packed_tiles_q8(n_tiles: int, grouped: bool):
 _rows_tiles_2 = _make_packed_tiles_q8(2, grouped=False)
 _rows_tiles_1 = _make_packed_tiles_q8(1, grouped=False)
 _group_tiles_1 = _make_packed_tiles_q8(1, grouped=True)
+_one_row_tiles_4 = _make_packed_tiles_q8(4, grouped=False, rows=1)
+_one_row_tiles_1 = _make_packed_tiles_q8(1, grouped=False, rows=1)
 
 
 @njit(cache=True, parallel=True)
@@ -389,6 +391,18 @@ def packed_linear_q8(Qp, Sp, group, h, out):
     else:
         for t in prange(T):
             _group_tiles_1(Qp, Sp, h, out, t, group)
+
+
+@njit(cache=True, parallel=True)
+def packed_gemv_q8(Qp, Sp, h, out):
+    """out[0, i] = W[i]·h[0] for one sequence, W = s·q packed by ``pack_rows_q8`` with per-row scales: four
+    tiles per iteration (four independent accumulators of L lanes, one broadcast of h[0, k] for 4·L weights),
+    no horizontal sums (gemv_q8 ends every row with one)."""
+    T = Qp.shape[0]
+    for p in prange(T // 4):
+        _one_row_tiles_4(Qp, Sp, h, out, 4 * p, 1)
+    for t in range(T - T % 4, T):
+        _one_row_tiles_1(Qp, Sp, h, out, t, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -434,7 +448,9 @@ class Q8Matrix:
         n = x.shape[0]
         if out is None:
             out = np.empty((n, self.q.shape[0]), x.dtype)
-        if n == 1:
+        if n == 1 and self.packed and self.scale.shape[1] == 1:
+            self._packed_one(x, b, out)
+        elif n == 1:
             gemv_q8(self.q, self.scale, self.group, b, x[0], out[0])
         elif n <= SMALL_BATCH and self.packed:
             self._packed(x, b, out)
@@ -458,8 +474,8 @@ class Q8Matrix:
             np.matmul(x, buf[:r1 - r0].T, out=res[:, :r1 - r0])
             np.add(res[:, :r1 - r0], b[r0:r1], out=out[:, r0:r1])
 
-    def _packed(self, x, b, out):
-        dt = x.dtype
+    def _packed_copy(self, dt):
+        """(Qp, Sp): the k-major copy for activations of dtype ``dt``, built once per model."""
         L = lanes(dt)
         cache = self.source.derived if self.source is not None else self.__dict__.setdefault("_derived", {})
         key = ("packed_q8", L)
@@ -470,10 +486,21 @@ class Q8Matrix:
             Sp = np.empty((T, self.scale.shape[1], L), np.float32)
             pack_rows_q8(self.q, self.scale, L, Qp, Sp)
             cache[key] = (Qp, Sp)
-        Qp, Sp = cache[key]
+        return cache[key]
+
+    def _packed_one(self, x, b, out):
+        """One sequence of a packed per-row matrix (the output head at batch 1): packed_gemv_q8."""
+        Qp, Sp = self._packed_copy(x.dtype)
+        res = np.empty((1, Qp.shape[0] * Qp.shape[2]), x.dtype)
+        packed_gemv_q8(Qp, Sp, np.ascontiguousarray(x), res)
+        np.add(res[:, :self.q.shape[0]], b, out=out)
+
+    def _packed(self, x, b, out):
+        dt = x.dtype
+        Qp, Sp = self._packed_copy(dt)
         R = self.q.shape[0]
         h_in = np.zeros((PACK_ROWS, x.shape[1]), dt)
-        res = np.empty((PACK_ROWS, Qp.shape[0] * L), dt)
+        res = np.empty((PACK_ROWS, Qp.shape[0] * Qp.shape[2]), dt)
         for r0 in range(0, x.shape[0], PACK_ROWS):
             m = min(PACK_ROWS, x.shape[0] - r0)
             h_in[:m] = x[r0:r0 + m]
