@@ -153,7 +153,8 @@ def test_packed_gemv_q8_matches_linear_forward(V, dtype):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 64, 65, 200])
 def test_q8_matrix_linear_routes(rows, packed, block, dtype, monkeypatch):
-    """Q8Matrix.linear: one row (gemv_q8, or packed_gemv_q8 for a packed per-row matrix), up to SMALL_BATCH (small_batch_q8, or packed_linear_q8 in chunks of
+    """Q8Matrix.linear: one row (gemv_q8, or packed_gemv_q8 for a packed per-row matrix), up to SMALL_BATCH
+    (small_batch_q8, or packed_linear_q8 in chunks of
     PACK_ROWS), more (blocks of rows dequantized into BLAS; a small block size makes several blocks)."""
     monkeypatch.setattr(fq, "DENSE_BLOCK_BYTES", 7 * 40 * np.dtype(dtype).itemsize)
     q, s, group, W, b, rng = quantized(45, 40, block, dtype)
