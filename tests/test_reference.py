@@ -38,7 +38,7 @@ def fresh(tmp_path_factory):
     out = tmp_path_factory.mktemp("golden") / "reference"
     result = invoke("golden", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
-    assert "wrote 25 reference cases" in result.output
+    assert "wrote 26 reference cases" in result.output
     return out
 
 
@@ -220,6 +220,124 @@ def test_check_port_errors_are_one_line(tmp_path, capsys):
     assert "no reference case matches 'no_such_case'" in err and "components/gru_cell" in err
     assert main(["check-port", str(tmp_path), "--reference", str(tmp_path)]) == 1
     assert "no manifest.json" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the int8 case
+INT8 = "cases/small_int8"
+
+
+def _run_case_as_port(params, case_dir: Path, dtype: str, path="plain") -> dict:
+    """thl-np plays a port on a sequence case: the outputs_<dtype>.npz keys from ``params`` (a float dict,
+    or the QuantizedParams of a loaded int8 model)."""
+    import thl_np
+
+    config = thl_np.THLConfig.load(case_dir).replace(dtype=dtype)
+    if not isinstance(params, dict):
+        model = thl_np.THLModel(config, params=params, dtype=dtype)
+    else:
+        model = thl_np.THLModel(config.replace(quantization=None), params=params, dtype=dtype)
+    inputs = R.load_npz(case_dir / "inputs.npz")
+    state = thl_np.InferenceState.load(case_dir / "state_in.npz").copy(dtype)
+    logits, state_out = model(inputs["input_ids"], state=state, path=path)
+    loss, grads, d_state = thl_np.value_and_grad(model, inputs["input_ids"], inputs["targets"], state=state,
+                                                 return_state_grad=True, path=path)
+    out = {"logits": logits, "loss": loss}
+    out.update({f"state_out.{k}": v for k, v in state_out.arrays().items()})
+    out.update({f"grad.{k}": v for k, v in grads.items()})
+    out.update({f"grad_state.{k}": v for k, v in d_state.items()})
+    return out
+
+
+def _write_results(results: Path, case: str, dtype: str, arrays: dict) -> None:
+    (results / case).mkdir(parents=True, exist_ok=True)
+    np.savez(results / case / f"outputs_{dtype}.npz", **arrays)
+
+
+def test_int8_case_stores_the_quantization_format(manifest):
+    from thl_np.quant import SCALE_SUFFIX
+
+    tensors, meta = read_safetensors(REF / INT8 / "model.safetensors")
+    config = json.loads((REF / INT8 / "config.json").read_text(encoding="utf-8"))
+    assert config["quantization"] == {"method": "int8", "block_size": None}
+    assert json.loads(meta["config"])["quantization"] == config["quantization"]
+    entry = manifest["cases"][INT8]
+    assert entry["quantization"]["scheme"] == "int8-row"
+    described = entry["inputs"]["model.safetensors"]
+    assert {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()} == described
+    matrices = [k for k, v in tensors.items() if v.ndim == 2 and not k.endswith(SCALE_SUFFIX)]
+    assert len(matrices) == 16 and "output_head.weight" in matrices and "embedding.weight" in matrices
+    for name in matrices:
+        q, s = tensors[name], tensors[name + SCALE_SUFFIX]
+        assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (q.shape[0], 1), name
+        assert np.abs(q).max(axis=1).tolist() == [127] * q.shape[0], name     # max |W| of a row sits on ±127
+        assert np.all(s > 0), name
+    for name, v in tensors.items():
+        if v.ndim == 1:
+            assert v.dtype == np.float64, name
+    # gradients are diagnostics here (an int8 port may be inference-only); forward values are required
+    required = {k for k, v in entry["outputs"].items() if v["required"]}
+    assert "logits" in required and "loss" in required and "state_out.memory" in required
+    assert not any(k.startswith("grad") for k in required)
+    counts = entry["counts"]
+    assert counts["novel_empty"] >= 1 and counts["novel_lru"] >= 2 and counts["refine"] >= 2
+
+
+def test_int8_case_a_port_that_dequantizes_passes(tmp_path):
+    """A port's own reader (s·q by hand, per row) and thl-np's int8 loader both pass check-port on the
+    int8 case, in both precisions, with every optional gradient too."""
+    from thl_np import THLModel
+    from thl_np.quant import SCALE_SUFFIX
+
+    tensors, _ = read_safetensors(REF / INT8 / "model.safetensors")
+    by_hand = {}
+    for name, v in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        by_hand[name] = v.astype(np.float64) if scale is None else scale.astype(np.float64) * v.astype(np.float64)
+    n = 0
+    for dtype in R.DTYPES:
+        port = {k: v.astype(dtype) for k, v in by_hand.items()}   # float32: W rounded once, as the doc says
+        _write_results(tmp_path / "hand", INT8, dtype, _run_case_as_port(port, REF / INT8, dtype))
+        report = R.compare_results(tmp_path / "hand", REF, cases=[INT8], dtype=dtype)
+        skipped = {c.key for c in report.checks if c.status == "SKIPPED"}
+        assert report.ok and all(k == "tier_states" or k.startswith("trace.") for k in skipped), skipped
+        n = report.passed
+        loaded = THLModel.from_pretrained(REF / INT8, dtype=dtype)
+        assert loaded.params.quantized_names() == [k for k in tensors if tensors[k].dtype == np.int8]
+        for path in ("plain", "auto"):   # the plain path dequantizes; auto runs the int8 kernels in float32
+            _write_results(tmp_path / path, INT8, dtype, _run_case_as_port(loaded.params, REF / INT8, dtype, path))
+            report = R.compare_results(tmp_path / path, REF, cases=[INT8], dtype=dtype)
+            assert report.ok and report.passed == n, (path, R.format_report(report))
+    result = invoke("check-port", tmp_path / "plain", "--case", "small_int8", "--quiet")
+    assert result.exit_code == 0 and result.output.rstrip().endswith(f"{n} passed, 0 failed"), result.output
+
+
+def test_int8_case_a_port_that_ignores_the_scales_fails(tmp_path):
+    tensors, _ = read_safetensors(REF / INT8 / "model.safetensors")
+    wrong = {k: v.astype(np.float64) for k, v in tensors.items() if not k.endswith("_scale")}  # W = q
+    arrays = _run_case_as_port(wrong, REF / INT8, "float64")
+    _write_results(tmp_path, INT8, "float64", {k: v for k, v in arrays.items() if not k.startswith("grad")})
+    result = invoke("check-port", tmp_path, "--case", INT8)
+    assert result.exit_code == 1, result.output
+    failing = {ln.split()[2] for ln in result.output.splitlines() if ln.strip().startswith("NOT OK")}
+    assert {"logits", "loss", "state_out.memory", "state_out.tier_state_0"} <= failing, result.output
+    # the row scales laid along the columns instead (a transposed reading of the layout) fails as well
+    per_column = {}
+    for name, v in tensors.items():
+        if name.endswith("_scale"):
+            continue
+        s = tensors.get(name + "_scale")
+        if s is None:
+            per_column[name] = v.astype(np.float64)
+        else:
+            cols = np.resize(s[:, 0].astype(np.float64), v.shape[1])
+            per_column[name] = v.astype(np.float64) * cols[None, :]
+    _write_results(tmp_path, INT8, "float64", {k: v for k, v in _run_case_as_port(per_column, REF / INT8,
+                                                                                   "float64").items()
+                                               if not k.startswith("grad")})
+    result = invoke("check-port", tmp_path, "--case", INT8)
+    assert result.exit_code == 1 and "NOT OK  logits" in result.output, result.output
 
 
 def test_compare_arrays_kinds():

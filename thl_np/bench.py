@@ -82,7 +82,9 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
     bandwidth moves by 1.5× within seconds). Each figure is a median over all rounds, after a warm-up of
     at least ``warmup_s`` seconds per decoder and for the GEMVs (freshly allocated memory reads slower at
     first on some machines). ``model`` may be a dict {label: model} (e.g. float32 and int8), measured in
-    the same rounds: tokens/s are then keyed (label, batch size)."""
+    the same rounds: tokens/s are then keyed (label, batch size). A model is anything with
+    ``decoder(batch_size).step(ids)`` and ``config.vocab_size`` (the PyTorch THL of ``thl_np.bench_peer``
+    too); one with a ``settle_s`` is left that long after its steps, so its threads go idle first."""
     models = model if isinstance(model, dict) else {None: model}
     gemv = _Gemv()
     decoders = {(label, B): m.decoder(batch_size=B) for label, m in models.items() for B in batch_sizes}
@@ -103,6 +105,8 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
         for key, dec in decoders.items():
             dec.step(ids[key])  # the first step after the GEMVs finds its weights out of the caches: not timed
             step_times[key] += [_timed(functools.partial(dec.step, ids[key])) for _ in range(steps)]
+            if getattr(models[key[0]], "settle_s", 0):
+                time.sleep(models[key[0]].settle_s)
     tokens_per_s = {key: key[1] / float(np.median(t)) for key, t in step_times.items()}
     if not isinstance(model, dict):
         tokens_per_s = {B: v for (_, B), v in tokens_per_s.items()}
@@ -142,8 +146,13 @@ def bench_train(config: THLConfig, seq_len: int = 128, batch_size: int = 8, repe
 
 
 def run(model=None, config: THLConfig | None = None, echo=print, train_config: THLConfig | None = None,
-        decode_steps: int = 64, prompt_len: int = 128, train: bool = True, int8: str | None = "int8") -> dict:
+        decode_steps: int = 64, prompt_len: int = 128, train: bool = True, int8: str | None = "int8",
+        peer=None) -> dict:
     """Every figure of issue 5 in one run; returns them as a dict and prints them with ``echo``.
+
+    ``peer``: a ``thl_np.bench_peer.Peer`` (``load_peer``) to run the PyTorch THL beside thl-np: its decode
+    steps in the same rounds as thl-np's, its prompt right after thl-np's float prompt, its training step
+    right after thl-np's, each printed with the ratio thl-np / PyTorch (``peer_*`` and ``*_vs_peer`` keys).
 
     ``int8``: a scheme of thl_np.quant (None: skip): the model's int8 copy is decoded in the same rounds
     as the float model, against its own bandwidth bound (the int8 bytes a step reads ÷ the same GEMV
@@ -169,7 +178,16 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     figures = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
                "dtype": str(model.dtype), "parameters": model.num_parameters()}
     models = {"float": model} if qmodel is None else {"float": model, "int8": qmodel}
-    decode, rates = bench_decode_and_bandwidth(models, (1, 8), rounds=max(1, decode_steps // 8))
+    measured = dict(models)
+    if peer is not None:
+        from .bench_peer import PeerModel
+
+        t0 = time.perf_counter()
+        measured["peer"] = pmodel = PeerModel(peer, c, model.params)
+        echo(f"built {peer.description} in {time.perf_counter() - t0:.1f}s, float32, {pmodel.weights}")
+        figures.update(peer=peer.description, peer_weights=pmodel.weights, peer_torch=peer.torch.__version__,
+                       peer_threads=peer.torch.get_num_threads())
+    decode, rates = bench_decode_and_bandwidth(measured, (1, 8), rounds=max(1, decode_steps // 8))
     bw = rates["best"]
     figures["gemv_bandwidth_GBps"] = bw / 1e9
     figures["gemv_bandwidth_blas_GBps"] = rates["blas"] / 1e9
@@ -192,20 +210,53 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
                  f"({need['total'] / 1e6:.0f} MB/step at {bw / 1e9:.1f} GB/s)   ratio {tps / bound:.2f}{vs}")
     if qmodel is not None:
         figures["int8_scheme"] = scheme_name(qmodel.config.quantization)
+    if peer is not None:
+        for B in (1, 8):
+            tps = decode[("peer", B)]
+            figures[f"peer_decode_b{B}_tok_s"] = tps
+            echo(f"PyTorch THL decode batch {B}: {tps:8.1f} tokens/s   thl-np / PyTorch: "
+                 + _vs_peer(figures, {label: decode[(label, B)] for label in models}, f"decode_b{B}", tps))
     figures["prompt_tok_s"] = bench_prompt(model, prompt_len)
     echo(f"prompt ({prompt_len} tokens, all logits): {figures['prompt_tok_s']:.1f} tokens/s")
+    if peer is not None:  # right after thl-np's float prompt, so both see the same machine
+        figures["peer_prompt_tok_s"] = measured["peer"].prompt_tokens_per_s(prompt_len)
     if qmodel is not None:
         figures["int8_prompt_tok_s"] = bench_prompt(qmodel, prompt_len)
         echo(f"int8 prompt ({prompt_len} tokens, all logits): {figures['int8_prompt_tok_s']:.1f} tokens/s")
+    if peer is not None:
+        tps = figures["peer_prompt_tok_s"]
+        ours = {"float": figures["prompt_tok_s"]} | ({"int8": figures["int8_prompt_tok_s"]} if qmodel else {})
+        echo(f"PyTorch THL prompt ({prompt_len} tokens, all logits): {tps:.1f} tokens/s   thl-np / PyTorch: "
+             + _vs_peer(figures, ours, "prompt", tps))
     if train:
         tc = train_config or THLConfig(dim=128, memory_slots=64, vocab_size=259, dtype=str(model.dtype))
         figures["train_tok_s"] = bench_train(tc)
         echo(f"train fwd+bwd (d={tc.embedding_dim}, J={tc.memory_slots}, T=128, B=8): "
              f"{figures['train_tok_s']:.0f} tokens/s")
+        if peer is not None:
+            from .bench_peer import train_tokens_per_s
+
+            tps, weights = train_tokens_per_s(peer, tc)
+            figures["peer_train_tok_s"], figures["peer_train_weights"] = tps, weights
+            echo(f"PyTorch THL train fwd+bwd (same config, torch autograd, {weights}): {tps:.0f} tokens/s   "
+                 "thl-np / PyTorch: " + _vs_peer(figures, {"float": figures["train_tok_s"]}, "train", tps))
+    elif peer is not None:
+        echo("PyTorch THL training not measured (--no-train)")
     figures["peak_rss_MB"] = peak_rss_bytes() / 1e6
     echo(f"GEMV bandwidth {bw / 1e9:.1f} GB/s (the better of OpenBLAS {rates['blas'] / 1e9:.1f} and thl-np's kernel "
          f"{rates['kernel'] / 1e9:.1f}); peak resident memory {figures['peak_rss_MB']:.0f} MB; {figures['machine']}")
     return figures
+
+
+def _vs_peer(figures: dict, ours: dict, what: str, peer_tok_s: float) -> str:
+    """Record thl-np / PyTorch for each of thl-np's figures (``<what>_vs_peer``, ``int8_<what>_vs_peer``)
+    and return them as text: "float32 3.10x, int8 9.50x"."""
+    parts = []
+    for label, tps in ours.items():
+        prefix, name = ("", "float32") if label == "float" else ("int8_", "int8")
+        figures[f"{prefix}{what}_vs_peer"] = ratio = tps / peer_tok_s
+        parts.append(f"{name} {ratio:.2f}x")
+    return ", ".join(parts)
 
 
 def _cores() -> int:

@@ -20,28 +20,44 @@ from ..errors import InputError
 @click.option("--int8", "int8", type=click.Choice(["int8", "int8-row", "int8-block32", "none"]), default="int8",
               show_default=True, help="Also decode the model's int8 copy (this scheme) in the same rounds, against "
                                       "its own bandwidth bound; none skips it.")
+@click.option("--peer", "peer_dir", type=click.Path(), default=None, metavar="PATH",
+              help="Also run the PyTorch THL (the thl/ package in PATH; needs torch: pip install 'thl-np[torch]') "
+                   "in the same run, same config, float32 and the same weights, and print thl-np / PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the figures as one JSON object.")
-def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, as_json):
+def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, peer_dir, as_json):
     """Measure decode (batch 1 and 8), prompt and training tokens/s, the GEMV bandwidth, the bandwidth
     bound of a decode step and the ratio to it, and peak memory, all in one run; the same for the model's
-    int8 copy (--int8), decoded in the same rounds as the float model.
+    int8 copy (--int8), decoded in the same rounds as the float model. With --peer, the PyTorch THL's
+    decode (batch 1 and 8), prompt and training (forward + backward by torch autograd) figures beside
+    thl-np's, each pair measured close in time, with the ratio thl-np / PyTorch.
 
     \b
     Examples:
       thl-np bench                      # the default config (174M parameters, float32)
       thl-np bench --dim 256 --memory-slots 128 --no-train
       thl-np bench --model my-model --json
+      thl-np bench --peer ../shared/peer --json    # beside the PyTorch THL, same weights
     """
     from .. import bench as B
     from ..config import THLConfig
+    from ..errors import ConfigError
     from ..model import THLModel
 
     if decode_steps < 1 or prompt_len < 1:
         raise InputError("--decode-steps and --prompt-len must be >= 1")
+    peer = None
+    if peer_dir is not None:  # before any work: a missing torch or thl/ is one line, not a late failure
+        from ..bench_peer import check_config, load_peer
+
+        if dtype != "float32":
+            raise ConfigError(f"--peer compares float32 with float32, got --dtype {dtype}: drop --dtype")
+        peer = load_peer(peer_dir)
     model = None
     config = None
     if model_dir:
         model = THLModel.from_pretrained(model_dir, dtype=dtype)
+        if peer is not None:
+            check_config(model.config)
     else:
         kw = {"dtype": dtype}
         if dim:
@@ -50,7 +66,7 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
             kw["memory_slots"] = memory_slots
         config = THLConfig(**kw)
     figures = B.run(model=model, config=config, echo=click.echo, decode_steps=decode_steps,
-                    prompt_len=prompt_len, train=not no_train, int8=None if int8 == "none" else int8)
+                    prompt_len=prompt_len, train=not no_train, int8=None if int8 == "none" else int8, peer=peer)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
 

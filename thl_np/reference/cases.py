@@ -49,6 +49,7 @@ class SequenceCase:
     memory_scale: float = 1.0
     gains: dict = field(default_factory=dict)
     require: dict = field(default_factory=dict)   # minimum branch counts the run must show
+    quantization: str | None = None   # a scheme name: the weights are stored as int8 + scales (W = s·q)
 
 
 def _cfg(**kw) -> dict:
@@ -106,6 +107,21 @@ SEQUENCE_CASES = (
         batch=1, steps=128, seed=400, timestep=200, local_valid=4, empty_slots=2,
         gains={"writer.W_w": 0.7, "embedding": 1.5},
         require={"novel_empty": 2, "novel_lru": 20, "refine": 3},
+    ),
+    SequenceCase(
+        name="small_int8",
+        description="Int8 weights (docs/QUANTIZATION.md, the default scheme int8-row): every matrix of "
+                    "model.safetensors is int8 with a float32 scale per row, W = s·q; LayerNorm and biases "
+                    "are float64. The outputs are the spec on the dequantized weights (exact in float64). "
+                    "K=2 on clocks 1/4, W_loc=4, write_slots=2, eval routing from a mid-run state with 1 "
+                    "empty slot per sequence.",
+        config=_cfg(vocab_size=40, embedding_dim=16, hidden_dim=16, num_tiers=2, tier_dims=[16, 12],
+                    tier_timescales=[1, 4], local_window=4, memory_slots=10, memory_dim=12, query_dim=8,
+                    value_dim=16, num_heads=2, head_dim=6, read_topk=3, write_slots=2, write_rate=0.5),
+        batch=2, steps=24, seed=600, timestep=30, local_valid=2, empty_slots=1,
+        gains={"writer.W_w": 0.5, "embedding": 1.5},
+        require={"novel_empty": 1, "novel_lru": 2, "refine": 2, "clipped": 1, "unclipped": 1},
+        quantization="int8",
     ),
 )
 

@@ -73,12 +73,16 @@ def state_arrays(state: InferenceState, dtype=None) -> dict:
 
 
 def draw_sequence(case: SequenceCase, seed: int):
-    """A sequence case's inputs from ``seed``: (config, float64 params, state, ids, targets, U or None)."""
+    """A sequence case's inputs from ``seed``: (config, float64 params, state, ids, targets, U or None).
+    For an int8 case the params are the weights its file stands for (``dequantized``), and ``config``
+    is the float config the outputs are computed with (the file's config.json adds the quantization)."""
     rng = np.random.default_rng(seed)
     config = THLConfig(**case.config)
     params = random_params(config, rng, case.gains)
     state = random_state(config, case.batch, rng, timestep=case.timestep, local_valid=case.local_valid,
                          empty_slots=case.empty_slots, memory_scale=case.memory_scale)
+    if case.quantization:  # the case's weights are the int8 grid points: W = s·q, exact in float64
+        params = dequantized(quantized_tensors(params, case.quantization), case.quantization)
     ids = rng.integers(0, config.vocab_size, (case.batch, case.steps)).astype(np.int64)
     targets = rng.integers(0, config.vocab_size, (case.batch, case.steps)).astype(np.int64)
     U = None
@@ -89,3 +93,29 @@ def draw_sequence(case: SequenceCase, seed: int):
 
 def cast_params(params, dtype):
     return {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
+
+
+def quantized_tensors(params: dict, scheme: str) -> dict:
+    """An int8 case's model.safetensors tensors (thl-np quantize's format, docs/QUANTIZATION.md): each
+    matrix as int8 ``name`` and float32 ``name_scale``, LayerNorm and biases as they are (float64).
+    Quantizing weights that already are ``s·q`` gives back the same q and s, so this is also how the
+    generator recovers the file from ``draw_sequence``'s dequantized params."""
+    from ..quant import quantize_params, scheme_config
+
+    return quantize_params(params, scheme_config(scheme), np.float64).stored()
+
+
+def dequantized(tensors: dict, scheme: str) -> dict:
+    """The float64 weights an int8 case's tensors stand for: W[i, j] = s[i, j // b] · q[i, j] (exact in
+    float64); the float tensors as they are."""
+    from ..quant import SCALE_SUFFIX, dequantize, scheme_config
+
+    block = scheme_config(scheme)["block_size"]
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in tensors:
+            continue
+        scale = tensors.get(name + SCALE_SUFFIX)
+        out[name] = (np.asarray(value, dtype=np.float64) if scale is None
+                     else dequantize(np.asarray(value), np.asarray(scale), block, np.float64))
+    return out

@@ -33,18 +33,30 @@ from ..errors import THLError
 from ..io.safetensors import write_safetensors
 from ..model import THLModel, value_and_grad
 from ..params import param_shapes
+from ..quant import scheme_config, scheme_name
 from ..training.optim import AdamW, clip_grad_norm
 from ..training.schedule import lr_at
 from .cases import SEQUENCE_CASES, TRAIN_CASE, SequenceCase, component_cases
 from .check import DTYPES, KIND_DOC, TOLERANCES, compare_arrays
 from .component_vectors import Component
-from .draw import cast_params, draw_sequence, random_params, random_state, state_arrays
+from .draw import cast_params, dequantized, draw_sequence, quantized_tensors, random_params, random_state, state_arrays
 from .files import CaseOutputs, describe_arrays, round_sig, save_npz, write_json
 from .gradcheck import directional_checks
 from .margins import MARGINS, MAX_ATTEMPTS, trace_sequence
 
 FORMAT = "thl-np reference vectors"
 FORMAT_VERSION = 1
+
+#: What an int8 case's manifest entry says about its weights (docs/QUANTIZATION.md is the format).
+QUANTIZED_INPUTS = {
+    "format": "docs/QUANTIZATION.md: each quantized matrix NAME is stored as int8 NAME [R, C] and float32 "
+              "NAME_scale [R, G]; a tensor is quantized exactly when it is int8 with a NAME_scale beside it",
+    "weights": "W[i, j] = s[i, j // b] * q[i, j], b = C when block_size is null (one scale per row)",
+    "float64": "W = s*q computed in float64 (exact), as every other input",
+    "float32": "W = float32(s) * float32(q) rounded once (= the float64 W cast to float32); the float "
+               "tensors cast to float32",
+    "outputs": "the spec on the dequantized weights; gradients are with respect to W and optional",
+}
 
 
 # ---------------------------------------------------------------------------- the float32 check
@@ -79,7 +91,10 @@ def find_draw(case: SequenceCase):
     raise THLError(f"reference case {case.name}: no draw in {MAX_ATTEMPTS} seeds keeps every margin")
 
 
-def _sequence_outputs(config, params, state, ids, targets, U, trace64, trace32) -> CaseOutputs:
+def _sequence_outputs(config, params, state, ids, targets, U, trace64, trace32, grads_required=True
+                      ) -> CaseOutputs:
+    """The outputs of a sequence case. ``grads_required=False`` (the int8 case) makes the gradients
+    optional: a port that reads int8 weights for inference is checked on its forward values alone."""
     out = CaseOutputs()
     per = {}
     for dt in DTYPES:
@@ -99,10 +114,12 @@ def _sequence_outputs(config, params, state, ids, targets, U, trace64, trace32) 
         out.add(f"state_out.{key}", {d: per[d][3].arrays()[key] for d in DTYPES}, kind, "§3",
                 "the state after the T steps")
     for name in param_shapes(config):
-        out.add(f"grad.{name}", {d: per[d][2][name] for d in DTYPES}, "grad", "§5")
+        out.add(f"grad.{name}", {d: per[d][2][name] for d in DTYPES}, "grad", "§5",
+                "" if grads_required else "with respect to the dequantized weight W = s·q",
+                required=grads_required)
     for key in per["float64"][4]:
         out.add(f"grad_state.{key}", {d: per[d][4][key] for d in DTYPES}, "grad", "§5",
-                "gradient of the loss w.r.t. this key of the initial state")
+                "gradient of the loss w.r.t. this key of the initial state", required=grads_required)
     # diagnostics: optional, for localising a failure to a step
     traces = {"float64": trace64, "float32": trace32}
     out.add("tier_states", {d: traces[d].tier_states for d in DTYPES}, "value", "§4.5",
@@ -123,29 +140,44 @@ def _sequence_outputs(config, params, state, ids, targets, U, trace64, trace32) 
 def generate_sequence_case(case: SequenceCase, folder: str) -> dict:
     seed, (config, params, state, ids, targets, U), tr64 = find_draw(case)
     tr32 = trace_sequence(cast_params(params, np.float32), config, ids, state.copy(np.float32), U)
+    file_config, tensors, described = config, params, {k: list(v.shape) for k, v in params.items()}
+    if case.quantization:  # the file holds int8 + scales; the outputs are computed on W = s·q (float64)
+        file_config = config.replace(quantization=scheme_config(case.quantization))
+        tensors = quantized_tensors(params, case.quantization)
+        back = dequantized(tensors, case.quantization)
+        if any(not np.array_equal(back[k], params[k]) for k in params):  # pragma: no cover
+            raise THLError(f"reference {case.name}: the stored int8 weights do not give back the weights "
+                           "the outputs were computed on")
+        described = describe_arrays(tensors)
     os.makedirs(folder, exist_ok=True)
-    config.save(os.path.join(folder, "config.json"))
-    write_safetensors(os.path.join(folder, "model.safetensors"), params,
-                      metadata={"format": "thl-np", "format_version": "1", "config": config.to_json()})
+    file_config.save(os.path.join(folder, "config.json"))
+    write_safetensors(os.path.join(folder, "model.safetensors"), tensors,
+                      metadata={"format": "thl-np", "format_version": "1", "config": file_config.to_json()})
     state_arr = state_arrays(state)
     save_npz(os.path.join(folder, "state_in.npz"), state_arr)
     inputs = {"input_ids": ids, "targets": targets}
     if U is not None:
         inputs["gumbel_uniform"] = U
     save_npz(os.path.join(folder, "inputs.npz"), inputs)
-    out = _sequence_outputs(config, params, state, ids, targets, U, tr64, tr32)
+    out = _sequence_outputs(config, params, state, ids, targets, U, tr64, tr32,
+                            grads_required=not case.quantization)
     _check_float32(out, case.name)
     for dt in DTYPES:
         save_npz(os.path.join(folder, f"outputs_{dt}.npz"), out.arrays[dt])
-    return {
+    entry = {
         "kind": "sequence",
         "description": case.description,
         "spec": ["§3", "§4", "§5"],
         "routing": "training (gumbel_uniform given)" if case.train else "eval",
         "seed": seed,
+    }
+    if case.quantization:
+        entry["quantization"] = QUANTIZED_INPUTS | {"scheme": scheme_name(file_config.quantization),
+                                                     "config": file_config.quantization}
+    return entry | {
         "inputs": {
-            "config.json": "THLConfig (spec §1)",
-            "model.safetensors": {k: list(v.shape) for k, v in params.items()},
+            "config.json": "THLConfig (spec §1)" + (" with its quantization" if case.quantization else ""),
+            "model.safetensors": described,
             "state_in.npz": describe_arrays(state_arr),
             "inputs.npz": describe_arrays(inputs),
         },
@@ -312,8 +344,8 @@ def generate(out_dir: str, log=None) -> dict:
         "format_version": FORMAT_VERSION,
         "generator": "thl-np golden (thl_np/reference/generate.py)",
         "layout": {
-            "cases/<name>": "config.json, model.safetensors (float64), state_in.npz (spec §3 keys), "
-                            "inputs.npz; outputs_<dtype>.npz",
+            "cases/<name>": "config.json, model.safetensors (float64; int8 + float32 scales in a case with a "
+                            "quantization entry), state_in.npz (spec §3 keys), inputs.npz; outputs_<dtype>.npz",
             "components/<name>": "config.json (scalar settings), inputs.npz (float64 inputs, parameters and "
                                  "the upstream gradients d_<output>); outputs_<dtype>.npz",
             "training/<name>": "config.json, train.json (hyper-parameters), model.safetensors (initial "
