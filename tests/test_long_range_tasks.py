@@ -71,6 +71,11 @@ def test_every_task_window_ends_with_its_answer_and_weights_it(task, filler):
             assert rest.endswith("paste it: ") and f"copy this: {answer}\n" in rest
         if filler == "corpus":   # the haystack is the corpus itself
             assert "return x + 1" in rest
+        # the question starts a line of its own (as in thl-np eval --passkey's haystacks)
+        last_line = rest[rest.rindex("\n") + 1:]
+        lead = "" if filler == "prose" else "    # "
+        assert last_line.startswith(lead + {"passkey": "what is the pass key" if lead else "What is the pass key",
+                                            "recall": "what is ", "copy": "paste it: "}[task])
 
 
 def test_mix_reproducible_resumable_and_corpus_rows_unweighted():
