@@ -26,7 +26,7 @@ NEW_RUN_SLOTS = 64
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
                 "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path", "full_bptt",
-                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight")
+                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -146,6 +146,9 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
                    "lines, or a mix.  [default: corpus]")
 @click.option("--answer-weight", type=Number("answer_weight"),
               help="Loss weight of a task's answer bytes (1: like any byte).  [default: 1]")
+@click.option("--routing", type=click.Choice(["gumbel", "hard"]),
+              help="Memory reads while training: with the Gumbel noise of training-mode routing, or the hard "
+                   "top-k of inference (no noise).  [default: gumbel]")
 @click.option("--batch-size", type=Number("batch_size"), help="Parallel lanes per batch.  [default: 8]")
 @click.option("--dim", type=Number("dim"), help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
 @click.option("--memory-slots", type=Number("memory_slots"),

@@ -18,8 +18,9 @@ haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mix
 row). Inserted lines go to the filler's line boundary nearest their depth, and the question starts a line of
 its own: the prompt of ``thl-np eval --passkey --filler source`` (``thl_np.haystack``: real Python source, the
 key line and the question phrased alike), except that the evaluation keeps the key within a depth range
-(``--depth 0.1:0.9``) and draws from its own generators (``[seed, length]``), never this one's. ``answer_weight`` w > 1 gives the answer bytes' targets weight w in
-the loss (every other target 1; ``Batch.weights``).
+(``--depth 0.1:0.9``) and draws from its own generators (``[seed, length]``), never this one's.
+``answer_weight`` w > 1 gives the answer bytes' targets weight w in the loss (every other target 1;
+``Batch.weights``).
 
 The sequence length follows ``seq_len_at``: from ``start`` it doubles in equal stages over ``ramp`` steps up
 to ``final`` (``128:4096`` over 6,000 steps: 128, 256, ..., 4096, 1,000 steps each). Everything is drawn from
