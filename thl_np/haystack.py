@@ -210,7 +210,7 @@ class Haystack:
         """``n`` bytes of haystack ending at a line boundary (module docstring); a ``source`` span holding
         ``avoid`` is drawn again."""
         if self.source is None:
-            text = filler_text(rng, self.phrasing_lines, n)
+            text = filler_text(rng, FILLERS[self.kind]["lines"], n)
             return text[len(text) - n:].encode("ascii")
         if n <= 0:
             return b""
@@ -224,10 +224,6 @@ class Haystack:
                 return span
         raise InputError(f"haystack folder {self.source.folder!r}: {_REDRAWS} spans of {n:,} bytes all hold "
                          f"{avoid!r}; give a folder with more (or other) source")
-
-    @property
-    def phrasing_lines(self):
-        return FILLERS[self.kind]["lines"]
 
 
 def key_position(text: bytes, depth: tuple[float, float], rng: np.random.Generator) -> int:
