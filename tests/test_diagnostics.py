@@ -188,7 +188,7 @@ def test_trace_fast_equals_plain_and_follows_the_key(router):
     tr = {path: passkey_trace(model, 200, seed=3, path=path) for path in ("fast", "plain")}
     f, p = tr["fast"], tr["plain"]
     trial = passkey_trial(200, seed=3)
-    assert f["key"] == trial["key"] and trial["prompt"][f["key_start"]:f["key_end"]].count(f["key"]) == 2
+    assert f["key"] == trial["key"] and trial["prompt"][f["key_start"]:f["key_end"]].count(f["key"].encode()) == 2
     assert (f["path"], p["path"]) == ("fast", "plain")
     assert len(f["written"]) == f["key_end"] - f["key_start"]   # one write per byte of the key line
     assert sum(w["digit"] for w in f["written"]) == 10           # the key, twice

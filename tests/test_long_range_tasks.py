@@ -71,6 +71,11 @@ def test_every_task_window_ends_with_its_answer_and_weights_it(task, filler):
             assert rest.endswith("paste it: ") and f"copy this: {answer}\n" in rest
         if filler == "corpus":   # the haystack is the corpus itself
             assert "return x + 1" in rest
+        # the question starts a line of its own (as in thl-np eval --passkey's haystacks)
+        last_line = rest[rest.rindex("\n") + 1:]
+        lead = "" if filler == "prose" else "    # "
+        assert last_line.startswith(lead + {"passkey": "what is the pass key" if lead else "What is the pass key",
+                                            "recall": "what is ", "copy": "paste it: "}[task])
 
 
 def test_mix_reproducible_resumable_and_corpus_rows_unweighted():
@@ -212,3 +217,40 @@ def test_cli_train_init_from_the_packaged_model_with_set(tmp_path, capsys):
     assert (saved.embedding_dim, saved.memory_slots, saved.memory_decay) == (128, 16, 1.0)
     code = main(["train", "--data", str(data), "--out", str(tmp_path / "x"), "--init", "default", "--dim", "8"])
     assert code == 2 and "--init takes the model's shape" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["fast", "plain"])
+def test_hard_routing_trains_on_the_eval_mode_reads(tmp_path, path):
+    """--routing hard: the first step's loss is the noise-free loss of the first batch; gumbel's is not."""
+    from thl_np.training.data import LaneBatches, split_bytes
+
+    cfg = tiny_config(vocab_size=259)
+    kw = dict(steps=1, seq_len=64, batch_size=2, eval_every=0, checkpoint_every=0, warmup=1, held_out_fraction=0.1,
+              path=path)
+    start = THLModel(cfg, seed=5)
+    batch = LaneBatches(split_bytes(np.frombuffer(CORPUS, np.uint8), 0.1)[0], 2, 64).next_batch()
+    want = float(value_and_grad(start, batch.inputs, batch.targets, path=path)[0])
+    losses = {}
+    for routing in ("hard", "gumbel"):
+        model = THLModel(cfg, params={k: v.copy() for k, v in start.params.items()})
+        losses[routing] = train(model, CORPUS, str(tmp_path / routing), routing=routing, **kw).history[0]["loss"]
+    assert losses["hard"] == pytest.approx(want, rel=1e-12)
+    assert losses["gumbel"] != pytest.approx(want, rel=1e-6)
+    with pytest.raises(InputError, match="routing = 'soft'"):
+        TrainConfig(routing="soft")
+
+
+def test_cli_train_routing_flag_is_saved_and_resumed(tmp_path, capsys):
+    from thl_np.training.trainer import saved_train_config
+
+    data = tmp_path / "corpus.py"
+    data.write_bytes(CORPUS)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--out", str(out), "--dim", "8", "--memory-slots", "8", "--seq-len", "64",
+            "--batch-size", "2", "--eval-every", "0", "--dtype", "float64"]
+    assert main(args + ["--steps", "1", "--routing", "hard"]) == 0
+    assert saved_train_config(str(out)).routing == "hard"
+    assert main(args + ["--steps", "2", "--resume"]) == 0          # not given again: kept
+    assert saved_train_config(str(out)).routing == "hard"
+    assert main(args[:4] + [str(tmp_path / "other"), "--routing", "soft"]) == 2
+    assert "'soft' is not one of" in capsys.readouterr().err

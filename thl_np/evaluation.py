@@ -1,7 +1,8 @@
 """Evaluations that show what a bounded state does with a long context.
 
-- **Passkey retrieval** (:func:`passkey_eval`): a random 5-digit key is hidden at a chosen depth of filler
-  text, a question follows at the end ("... the pass key is "), and the model greedily writes 5 bytes.
+- **Passkey retrieval** (:func:`passkey_eval`): a random 5-digit key is hidden at a chosen (or random)
+  depth of a haystack (filler lines, or real Python source: ``thl_np.haystack``), a question follows at
+  the end ("... the pass key is "), and the model greedily writes 5 bytes.
   Accuracy over seeded trials at each context length, with a chance baseline, the process's resident
   memory and the THL state's bytes (fixed by the config, whatever the length). A finer signal than the
   greedy answer: the key's digits scored teacher-forced (bits per digit among the ten digits) against a
@@ -22,53 +23,17 @@ import time
 
 import numpy as np
 
-from .checks import NON_FINITE_OUTPUT, check, check_metric, check_seed, require_matplotlib
+from .checks import NON_FINITE_OUTPUT, check_metric, check_seed, require_matplotlib
 from .components.output import log_softmax
 from .errors import InputError, WeightsError
+from .haystack import FILLERS, KEY_DIGITS, Haystack, depth_label, filler_text, haystack_prompt, parse_depth
 
-KEY_DIGITS = 5
 #: Chance level of a guess: a uniform digit is right 1 time in 10, a whole 5-digit key 1 in 10^5.
 CHANCE_PER_DIGIT = 0.1
 CHANCE_EXACT = 10.0**-KEY_DIGITS
 CHANCE_BITS_PER_DIGIT = math.log2(10)
 DEFAULT_LENGTHS = (256, 1024, 4096)
 DEFAULT_PLOT_LENGTHS = (256, 1024, 4096, 16384, 65536)
-
-#: Filler lines (ASCII), drawn at random per trial, and how the key and the question are phrased.
-FILLERS = {
-    "python": {
-        "lines": (
-            "    total = total + value\n",
-            "    if value is None:\n",
-            "        continue\n",
-            "    result.append(item)\n",
-            "    count += 1\n",
-            "    for name, value in items.items():\n",
-            "    x = compute(x)  # the grass is green\n",
-            "    return result\n",
-            "    self.data[key] = value\n",
-            "    # the sky is blue and the sun is yellow\n",
-            "    while i < n:\n",
-            "        i += 1\n",
-            "    print(name, value)\n",
-            "    assert isinstance(item, str)\n",
-        ),
-        "key": "    # the pass key is {key}. remember it. {key} is the pass key.\n",
-        "question": "    # what is the pass key? the pass key is ",
-    },
-    "prose": {
-        "lines": (
-            "The grass is green.\n",
-            "The sky is blue.\n",
-            "The sun is yellow.\n",
-            "Here we go.\n",
-            "There and back again.\n",
-        ),
-        "key": "The pass key is {key}. Remember it. {key} is the pass key.\n",
-        "question": "What is the pass key? The pass key is ",
-    },
-}
-
 
 # ---------------------------------------------------------------------------------------- memory figures
 def rss_bytes() -> dict:
@@ -128,49 +93,37 @@ def _filler(kind: str) -> dict:
     return FILLERS[kind]
 
 
-def _filler_text(rng: np.random.Generator, lines, n: int) -> str:
-    """At least ``n`` characters of lines drawn uniformly at random from ``lines``."""
-    mean = sum(map(len, lines)) / len(lines)
-    out, size = [], 0
-    while size < n:
-        picks = rng.integers(0, len(lines), size=int(n / mean) + 8)
-        for i in picks:
-            out.append(lines[i])
-            size += len(lines[i])
-    return "".join(out)
-
-
 def passkey_prompt(length: int, key: str, depth: float = 0.5, filler: str = "python",
                    rng: np.random.Generator | None = None) -> tuple[str, int]:
-    """A passkey prompt of exactly ``length`` ASCII bytes, and the byte offset where the key line starts.
+    """A passkey prompt of exactly ``length`` ASCII bytes in filler lines (``python`` or ``prose``), and the
+    byte offset where the key line starts.
 
     The prompt is filler (whole lines drawn at random, except the first, which may be cut: a window into a
     longer text), the key line (at the filler's line boundary nearest to ``depth`` of the filler: 0 = at
-    the start, 1 = just before the question), more filler, then the question, which ends right where the
-    key's digits should follow.
+    the start, 1 = just before the question; or a range ``(lo, hi)``, ``thl_np.haystack.key_position``),
+    more filler, then the question, which ends right where the key's digits should follow. The ``source``
+    haystack (real Python source, bytes) is :func:`thl_np.haystack.haystack_prompt`'s.
     """
-    f = _filler(filler)
-    if not (isinstance(key, str) and len(key) == KEY_DIGITS and key.isdigit()):
-        raise InputError(f"key = {key!r} must be a string of {KEY_DIGITS} digits")
-    check("depth", depth, fix="the fraction of the filler before the key")
-    key_line, question = f["key"].format(key=key), f["question"]
-    n_fill = int(length) - len(key_line) - len(question)
-    if n_fill < 0:
-        raise InputError(f"length {length} is too short for a passkey prompt: it needs at least "
-                         f"{len(key_line) + len(question)} bytes for the key line and the question")
-    rng = rng if rng is not None else np.random.default_rng(0)
-    # the last n_fill characters of whole lines: a window into a longer text, so only the first line may
-    # be cut, and the question starts a line of its own
-    text = _filler_text(rng, f["lines"], n_fill)
-    text = text[len(text) - n_fill:]
-    # the key goes at the line boundary nearest to depth · n_fill (0 and n_fill count as boundaries)
-    ends = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
-    if ends[-1] != n_fill:
-        ends.append(n_fill)
-    at = min(ends, key=lambda e: (abs(e - depth * n_fill), e))
-    prompt = text[:at] + key_line + text[at:] + question
-    assert len(prompt) == length
-    return prompt, at
+    _filler(filler)
+    prompt, at = haystack_prompt(length, key, depth, Haystack(filler),
+                                 rng if rng is not None else np.random.default_rng(0))
+    return prompt.decode("ascii"), at
+
+
+def decoding_session(model, path: str = "auto"):
+    """A batch-1 decoding session on ``path``: "auto" (``model.decoder()``: fast where the components have
+    kernels), "fast" (``FastDecoder``) or "plain" (``PlainDecoder``, the spec's composition)."""
+    from .model import choose_fast
+
+    if path not in ("auto", "fast", "plain"):
+        raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
+    if path == "auto":
+        return model.decoder(batch_size=1)
+    if path == "plain" or not choose_fast(model.config, path):
+        from .inference.plain_decoder import PlainDecoder
+
+        return PlainDecoder(model, batch_size=1)
+    return model._decoder(None, 1)
 
 
 def greedy_bytes(decoder, logits, n: int, vocab_limit: int = 256) -> list[int]:
@@ -206,12 +159,19 @@ def key_digit_scores(decoder, logits, key: str) -> tuple[float, int]:
     return float(bits), top
 
 
-def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float = 0.5, seed: int = 0,
-                 filler: str = "python", keep_samples: int = 3, progress=None) -> dict:
+def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, seed: int = 0,
+                 filler: str = "python", keep_samples: int = 3, progress=None, haystack_dir=None,
+                 path: str = "auto") -> dict:
     """Passkey retrieval accuracy at each context length (module docstring).
 
-    For each length, ``trials`` prompts (keys, filler lines: ``np.random.default_rng([seed, length])``, so
-    a length's trials do not depend on the other lengths asked for) run each in a fresh decoding session.
+    The haystack (``thl_np.haystack``): ``filler`` "python" or "prose" (filler lines) or "source" (real
+    Python source: thl-np's own sources, or the ``.py`` files of ``haystack_dir``); ``depth`` a fraction or
+    a range ``(lo, hi)`` / ``"lo:hi"`` drawn uniformly per trial. Each row records every trial's key offset
+    and depth (``key_depths``: the fraction of the haystack text before the key line).
+    For each length, ``trials`` prompts (keys, haystack, depths: ``np.random.default_rng([seed, length])``,
+    so a length's trials do not depend on the other lengths asked for; the training tasks draw from their
+    own generator, ``thl_np.training.tasks``) run each in a fresh decoding session on ``path``
+    (:func:`decoding_session`; the fast and the plain session give the same answers).
     ``accuracy`` counts answers equal to the key; ``digit_accuracy`` counts digits in the right place.
     Teacher-forced (:func:`key_digit_scores`, chance 0.1 and log2 10 ≈ 3.32): ``forced_digit_accuracy``,
     how often the right digit is the most likely digit, and ``key_bits_per_digit``; the control,
@@ -228,6 +188,11 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
     check_seed(seed)
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
         raise InputError(f"trials = {trials!r} must be an integer >= 1")
+    depth = parse_depth(depth)
+    hay = Haystack(filler, haystack_dir)
+    for length in lengths:   # every length checked before the first trial runs
+        hay.check_prompt(length)
+    room = hay.room()
     tok = Tokenizer()
     limit = min(256, model.config.vocab_size)
     rows = []
@@ -236,11 +201,13 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
         t0 = time.perf_counter()
         exact = digits = forced_top = 0
         key_bits = control_bits = 0.0
-        samples = []
+        samples, offsets, depths = [], [], []
         for _ in range(trials):
             key = "".join(str(d) for d in rng.integers(0, 10, size=KEY_DIGITS))
-            prompt, at = passkey_prompt(length, key, depth, filler, rng)
-            dec = model.decoder(batch_size=1)
+            prompt, at = haystack_prompt(length, key, depth, hay, rng)
+            offsets.append(at)
+            depths.append(round(at / max(1, length - room), 4))
+            dec = decoding_session(model, path)
             logits = dec.prompt(tok.encode(prompt)[None, :], logits="last")
             forced = dec.clone()
             answer = bytes(greedy_bytes(dec, logits, KEY_DIGITS, limit)).decode("latin-1")
@@ -252,11 +219,12 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
             # control: the same prompt carrying another key; the right key's bits without its information
             decoy = "".join(str((int(d) + 1 + int(o)) % 10) for d, o in zip(key, rng.integers(0, 9, KEY_DIGITS),
                                                                             strict=True))
-            ctrl = model.decoder(batch_size=1)
-            ctrl_logits = ctrl.prompt(tok.encode(prompt.replace(key, decoy))[None, :], logits="last")
+            ctrl = decoding_session(model, path)
+            ctrl_logits = ctrl.prompt(tok.encode(prompt.replace(key.encode(), decoy.encode()))[None, :],
+                                      logits="last")
             control_bits += key_digit_scores(ctrl, ctrl_logits, key)[0]
             if len(samples) < keep_samples:
-                samples.append({"key": key, "answer": answer, "key_offset": at})
+                samples.append({"key": key, "answer": answer, "key_offset": at, "depth": depths[-1]})
         state_bytes = dec.state().nbytes
         mem = rss_bytes()
         row = {"length": length, "trials": trials, "correct": exact, "accuracy": exact / trials,
@@ -266,13 +234,14 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth: float 
                "control_bits_per_digit": control_bits / (trials * KEY_DIGITS), "rss_bytes": mem["rss"],
                "rss_peak_bytes": mem["peak"], "state_bytes": int(state_bytes),
                "session_bytes": session_bytes(dec), "seconds": time.perf_counter() - t0,
-               "samples": samples}
+               "key_offsets": offsets, "key_depths": depths, "samples": samples}
         for name in ("key_bits_per_digit", "control_bits_per_digit"):
             check_metric(f"passkey {name} at length {length}", row[name], NON_FINITE_OUTPUT, WeightsError)
         rows.append(row)
         if progress is not None:
             progress(row)
-    return {"task": "passkey", "filler": filler, "depth": float(depth), "trials": trials, "seed": seed,
+    return {"task": "passkey", "filler": filler, "haystack": hay.describe(), "depth": depth_label(depth),
+            "trials": trials, "seed": seed,
             "key_digits": KEY_DIGITS, "chance": {"accuracy": CHANCE_EXACT, "digit_accuracy": CHANCE_PER_DIGIT,
                        "forced_digit_accuracy": CHANCE_PER_DIGIT, "key_bits_per_digit": CHANCE_BITS_PER_DIGIT},
             "decoding": "greedy, bytes only, fresh state per trial", "results": rows}
@@ -302,7 +271,7 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
     model.decoder(batch_size=1).prompt(tok.encode(f["lines"][0])[None, :], logits="none")
     for length in lengths:
         rng = np.random.default_rng([int(seed), int(length)])
-        ids = tok.encode(_filler_text(rng, f["lines"], length)[:length])[None, :]
+        ids = tok.encode(filler_text(rng, f["lines"], length)[:length])[None, :]
         t0 = time.perf_counter()
         dec = model.decoder(batch_size=1)
         dec.prompt(ids[:, :1], logits="none")
@@ -388,7 +357,11 @@ def format_bytes(n) -> str:
 def passkey_lines(report: dict) -> list[str]:
     """The passkey report as a small text table."""
     ch = report["chance"]
-    out = [f"passkey retrieval ({report['filler']} filler, key at depth {report['depth']:.2f}, "
+    d, hay = report["depth"], report.get("haystack", {"kind": report["filler"]})
+    where = f"at depth {d:.2f}" if not isinstance(d, list) else f"at a random depth in [{d[0]:.2f}, {d[1]:.2f}]"
+    what = (f"{report['filler']} filler" if hay["kind"] != "source"
+            else f"Python source haystack ({hay['files']} .py files of {hay['dir']}, {hay['bytes']:,} bytes)")
+    out = [f"passkey retrieval ({what}, key {where}, "
            f"{report['trials']} trials per length, seed {report['seed']}, greedy)",
            f"{'length':>8}  {'accuracy':>8}  {'digits':>6}  {'forced':>6}  {'bits/digit':>10}  {'control':>7}  "
            f"{'RSS':>10}  "

@@ -31,29 +31,29 @@ from .components.registry import router_score_rule
 from .components.router import slot_scores
 from .diagnostics import BRANCHES, MemoryObserver
 from .errors import InputError
-from .evaluation import FILLERS, KEY_DIGITS, greedy_bytes, passkey_prompt
+from .evaluation import KEY_DIGITS, decoding_session, greedy_bytes
+from .haystack import Haystack, depth_label, haystack_prompt, parse_depth
 
 
-def passkey_trial(length: int, seed: int = 0, depth: float = 0.5, filler: str = "python") -> dict:
-    """The first trial ``passkey_eval`` runs at ``length``: its key, prompt and where the parts sit."""
+def passkey_trial(length: int, seed: int = 0, depth=0.5, filler: str = "python", haystack_dir=None) -> dict:
+    """The first trial ``passkey_eval`` runs at ``length`` with the same seed, depth and haystack: its key,
+    prompt (bytes) and where the parts sit."""
+    hay = Haystack(filler, haystack_dir)
     rng = np.random.default_rng([int(seed), int(length)])
     key = "".join(str(d) for d in rng.integers(0, 10, size=KEY_DIGITS))
-    prompt, at = passkey_prompt(length, key, depth, filler, rng)
-    key_line = FILLERS[filler]["key"].format(key=key)
+    prompt, at = haystack_prompt(length, key, depth, hay, rng)
+    key_line = hay.phrasing["key"].format(key=key)
     digits = sorted({at + i + k for i in range(len(key_line)) if key_line.startswith(key, i) for k in range(len(key))})
+    question = len(hay.phrasing["question"])
     return {"key": key, "prompt": prompt, "key_start": at, "key_end": at + len(key_line), "digit_steps": digits,
-            "question_start": length - len(FILLERS[filler]["question"])}
+            "question_start": length - question, "haystack": hay.describe(),
+            "key_depth": round(at / max(1, length - len(key_line) - question), 4)}
 
 
 def trace_decoder(model, path: str = "auto"):
-    """A batch-1 decoding session on ``path``: "auto" (``model.decoder()``), "fast" or "plain"."""
-    from .model import choose_fast
-
-    if path == "plain" or not choose_fast(model.config, path):
-        from .inference.plain_decoder import PlainDecoder
-
-        return PlainDecoder(model, batch_size=1)
-    return model._decoder(None, 1)
+    """A batch-1 decoding session on ``path``: "auto" (``model.decoder()``), "fast" or "plain"
+    (``thl_np.evaluation.decoding_session``)."""
+    return decoding_session(model, path)
 
 
 def _query_ranks(model, state, token: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,12 +74,14 @@ def _query_ranks(model, state, token: int) -> tuple[np.ndarray, np.ndarray]:
     return ranks, np.asarray(scores[0], dtype=np.float64)
 
 
-def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, filler: str = "python",
-                  path: str = "auto") -> dict:
-    """Trace the first passkey trial at ``length`` (module docstring) → a dict (``trace_lines`` prints it)."""
+def passkey_trace(model, length: int = 1024, seed: int = 0, depth=0.5, filler: str = "python",
+                  path: str = "auto", haystack_dir=None) -> dict:
+    """Trace the first passkey trial at ``length`` (module docstring) → a dict (``trace_lines`` prints it).
+    ``depth``, ``filler`` and ``haystack_dir`` choose the prompt as in ``passkey_eval``."""
     from .tokenizer import Tokenizer
 
-    trial = passkey_trial(length, seed, depth, filler)
+    depth = parse_depth(depth)
+    trial = passkey_trial(length, seed, depth, filler, haystack_dir)
     ids = Tokenizer().encode(trial["prompt"])
     c = model.config
     dec = trace_decoder(model, path)
@@ -160,7 +162,8 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth: float = 0.5, 
     for s in slots.values():
         for key in ("refines", "fills", "evictions", "reads"):
             s[key + "_count"] = len(s[key])
-    return {"length": int(length), "seed": int(seed), "depth": float(depth), "filler": filler,
+    return {"length": int(length), "seed": int(seed), "depth": depth_label(depth), "filler": filler,
+            "haystack": trial["haystack"], "key_depth": trial["key_depth"],
             "path": "fast" if obs.fast else "plain", "key": trial["key"], "answer": answer,
             "correct": answer == trial["key"], "key_start": k0, "key_end": k1, "question_start": q0,
             "memory_slots": int(c.memory_slots), "read_topk": int(c.read_topk), "written": written,
@@ -176,7 +179,8 @@ def trace_lines(tr: dict) -> list[str]:
     """The trace as text."""
     J, kappa = tr["memory_slots"], tr["read_topk"]
     out = [f"passkey trace ({tr['path']} path): length {tr['length']}, seed {tr['seed']}, key {tr['key']} in the "
-           f"line at bytes {tr['key_start']}-{tr['key_end'] - 1}, question from byte {tr['question_start']}; "
+           f"line at bytes {tr['key_start']}-{tr['key_end'] - 1} (depth {tr['key_depth']:.2f} of a "
+           f"{tr['haystack']['kind']} haystack), question from byte {tr['question_start']}; "
            f"greedy answer {tr['answer']!r} ({'right' if tr['correct'] else 'wrong'})"]
     by_branch = {b: sum(w["branch"] == b for w in tr["written"]) for b in BRANCHES}
     out.append(f"key line: {len(tr['written'])} writes into slots {[s['slot'] for s in tr['key_slots']]} "

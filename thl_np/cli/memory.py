@@ -7,9 +7,10 @@ import numpy as np
 DIAG_BYTES = 4096
 
 
-def diagnostics_text(stream, lengths, filler: str, seed: int) -> tuple[np.ndarray, str]:
+def diagnostics_text(stream, lengths, filler: str, seed: int, depth=0.5, haystack_dir=None) -> tuple[np.ndarray, str]:
     """The byte ids the diagnostics run over, and what they are: the first DIAG_BYTES of ``stream`` (the
-    --data bytes) or, without --data, the first passkey prompt at the longest of ``lengths``."""
+    --data bytes) or, without --data, the first passkey prompt at the longest of ``lengths`` (the haystack and
+    depth of --passkey)."""
     if stream is not None:
         ids = np.asarray(stream[:DIAG_BYTES], dtype=np.int64)
         return ids, f"the first {len(ids):,} bytes of --data"
@@ -17,8 +18,9 @@ def diagnostics_text(stream, lengths, filler: str, seed: int) -> tuple[np.ndarra
     from ..trace import passkey_trial
 
     length = max(lengths)
-    trial = passkey_trial(length, seed, 0.5, filler)
-    return Tokenizer().encode(trial["prompt"]), f"a {length:,}-byte passkey prompt ({filler} filler, seed {seed})"
+    trial = passkey_trial(length, seed, depth, filler, haystack_dir)
+    return (Tokenizer().encode(trial["prompt"]),
+            f"a {length:,}-byte passkey prompt ({filler} haystack, key at depth {trial['key_depth']:.2f}, seed {seed})")
 
 
 def run_diagnostics(model, ids, what: str, path: str, plot: str | None, say) -> dict:
@@ -43,13 +45,13 @@ def run_diagnostics(model, ids, what: str, path: str, plot: str | None, say) -> 
     return summary
 
 
-def run_traces(model, lengths, seed: int, depth: float, filler: str, path: str, say) -> list[dict]:
+def run_traces(model, lengths, seed: int, depth, filler: str, path: str, say, haystack_dir=None) -> list[dict]:
     """``passkey_trace`` at each length, printed."""
     from ..trace import passkey_trace, trace_lines
 
     out = []
     for length in lengths:
-        tr = passkey_trace(model, length, seed=seed, depth=depth, filler=filler, path=path)
+        tr = passkey_trace(model, length, seed=seed, depth=depth, filler=filler, path=path, haystack_dir=haystack_dir)
         for line in trace_lines(tr):
             say(line)
         out.append(tr)

@@ -16,6 +16,7 @@ import click
 from ..checks import check_output_dir, check_output_file, require_matplotlib
 from ..config import DTYPES, THLConfig
 from ..errors import InputError
+from ..haystack import HAYSTACKS
 from ..training.trainer import TrainConfig
 from .params import Number
 
@@ -25,7 +26,7 @@ NEW_RUN_SLOTS = 64
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
                 "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path", "full_bptt",
-                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight")
+                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -145,6 +146,9 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
                    "lines, or a mix.  [default: corpus]")
 @click.option("--answer-weight", type=Number("answer_weight"),
               help="Loss weight of a task's answer bytes (1: like any byte).  [default: 1]")
+@click.option("--routing", type=click.Choice(["gumbel", "hard"]),
+              help="Memory reads while training: with the Gumbel noise of training-mode routing, or the hard "
+                   "top-k of inference (no noise).  [default: gumbel]")
 @click.option("--batch-size", type=Number("batch_size"), help="Parallel lanes per batch.  [default: 8]")
 @click.option("--dim", type=Number("dim"), help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
 @click.option("--memory-slots", type=Number("memory_slots"),
@@ -249,6 +253,27 @@ def _int_list(ctx, param, value):
     return out
 
 
+def _depth(ctx, param, value):
+    """--depth 0.5 or 0.1:0.9 -> (lo, hi); a usage error naming the flag otherwise."""
+    from ..haystack import parse_depth
+
+    try:
+        return parse_depth(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _check_haystack(filler, haystack_dir, lengths) -> None:
+    """The passkey haystack can be read and is long enough for every length (an InputError otherwise)."""
+    from ..haystack import Haystack
+
+    if haystack_dir is not None and filler != "source":
+        raise click.UsageError(f"--haystack-dir is the source of --filler source, not --filler {filler}: drop one")
+    hay = Haystack(filler, haystack_dir)
+    for length in lengths:
+        hay.check_prompt(length, "--lengths")
+
+
 @click.command("eval")
 @click.option("--model", "model_dir",
               help="Model folder (config.json + model.safetensors) or a `thl-np train` output folder "
@@ -263,16 +288,20 @@ def _int_list(ctx, param, value):
 @click.option("--lanes", type=click.IntRange(min=1), default=4, show_default=True,
               help="Contiguous lanes evaluated in parallel (each starts from an empty state).")
 @click.option("--max-bytes", type=click.IntRange(min=2), help="Evaluate only the first N bytes.")
-@click.option("--passkey", is_flag=True, help="Passkey retrieval: a 5-digit key hidden in filler, asked for "
-                                               "at the end, at each --lengths.")
+@click.option("--passkey", is_flag=True, help="Passkey retrieval: a 5-digit key hidden in a haystack (--filler), "
+                                               "asked for at the end, at each --lengths.")
 @click.option("--lengths", callback=_int_list, default="256,1024,4096", show_default=True,
               help="Passkey context lengths (bytes).")
 @click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True,
               help="Passkey trials per length.")
-@click.option("--depth", type=Number("depth"), default=0.5, show_default=True,
-              help="Where the key sits in the filler (0 = start, 1 = just before the question).")
-@click.option("--filler", type=click.Choice(["python", "prose"]), default="python", show_default=True,
-              help="Passkey filler text.")
+@click.option("--depth", callback=_depth, default="0.1:0.9", show_default=True, metavar="D|LO:HI",
+              help="Where the key sits in the haystack (0 = start, 1 = just before the question): a fraction, "
+                   "or a range LO:HI drawn uniformly for each trial.")
+@click.option("--filler", type=click.Choice(HAYSTACKS), default="source", show_default=True,
+              help="Passkey haystack: real Python source ('source': thl-np's own .py files, never trained on "
+                   "by the packaged model, or --haystack-dir's), or filler lines ('python', 'prose').")
+@click.option("--haystack-dir", "haystack_dir", type=click.Path(),
+              help="With --filler source: a folder of .py files to hide the key in instead of thl-np's sources.")
 @click.option("--seed", type=Number("seed"), default=0, show_default=True,
               help="Seed of the passkey keys and filler.")
 @click.option("--memory-plot", "memory_plot", type=click.Path(dir_okay=False),
@@ -292,12 +321,12 @@ def _int_list(ctx, param, value):
 @click.option("--trace", is_flag=True, help="With --passkey: follow the first trial at each --lengths through "
                                              "the memory (where the key is written, kept, read).")
 @click.option("--path", "run_path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True,
-              help="Decoding path of --diagnostics and --trace (both give the same figures).")
+              help="Decoding path of --passkey, --diagnostics and --trace (both give the same figures).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
-          depth, filler, seed, memory_plot, plot_lengths, compare_dir, diagnostics, diag_plot, trace, run_path, dtype,
-          as_json):
+          depth, filler, haystack_dir, seed, memory_plot, plot_lengths, compare_dir, diagnostics, diag_plot, trace,
+          run_path, dtype, as_json):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
     context length (--memory-plot), the memory's workings (--diagnostics, --passkey --trace). Give at least
     one of them.
@@ -311,7 +340,8 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     Example:
       thl-np eval --model runs/gpl --data /usr/share/common-licenses/MPL-2.0 --max-bytes 20000
       thl-np eval --data /usr/lib/python3.11 --include "*.py" --exclude test --held-out 0.05
-      thl-np eval --passkey --lengths 256,1024,4096 --trials 10 --json
+      thl-np eval --passkey --lengths 1024,4096,16384 --trials 20 --seed 1000   # source haystack, depth 0.1:0.9
+      thl-np eval --passkey --filler python --depth 0.5 --json   # the filler lines at a fixed depth
       thl-np eval --memory-plot docs/memory_vs_context.png
       thl-np eval --data /usr/lib/python3.11/json --compare default-int8   # float model vs its int8 copy
       thl-np eval --diagnostics --plot slots.png --lengths 4096
@@ -334,6 +364,8 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if diag_plot:
         check_output_file(diag_plot, "--plot")
         require_matplotlib("the diagnostics plot")
+    if passkey or (diagnostics and data is None):  # the haystack, before the model is loaded
+        _check_haystack(filler, haystack_dir, lengths if passkey else [max(lengths)])
     t0 = time.perf_counter()
     path = _eval_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
@@ -343,14 +375,15 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if passkey:
         from ..evaluation import passkey_eval, passkey_lines
 
-        report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler)
+        report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler,
+                              haystack_dir=haystack_dir, path=run_path)
         res["passkey"] = report
         for line in passkey_lines(report):
             say(line)
         if trace:
             from .memory import run_traces
 
-            res["trace"] = run_traces(model, lengths, seed, depth, filler, run_path, say)
+            res["trace"] = run_traces(model, lengths, seed, depth, filler, run_path, say, haystack_dir)
     if memory_plot is not None:
         from ..evaluation import format_bytes, memory_vs_context, plot_memory
 
@@ -376,7 +409,7 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if diagnostics:
         from .memory import diagnostics_text, run_diagnostics
 
-        ids, what = diagnostics_text(stream, lengths, filler, seed)
+        ids, what = diagnostics_text(stream, lengths, filler, seed, depth, haystack_dir)
         res["diagnostics"] = run_diagnostics(model, ids, what, run_path, diag_plot, say)
     if data is not None:
         from ..training.trainer import evaluate

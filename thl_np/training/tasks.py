@@ -13,10 +13,14 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
 - ``copy`` (delayed copy): ``# copy this: S`` (8-16 letters and digits) early in the window, ``# paste it: S``
   at its end.
 
-Filler (``filler``): ``corpus`` (a random window of the training bytes, so the haystack is real text), the
-evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per row). Inserted lines go to the
-filler's line boundary nearest their depth. ``answer_weight`` w > 1 gives the answer bytes' targets weight w in
-the loss (every other target 1; ``Batch.weights``).
+Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
+haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
+row). Inserted lines go to the filler's line boundary nearest their depth, and the question starts a line of
+its own: the prompt of ``thl-np eval --passkey --filler source`` (``thl_np.haystack``: real Python source, the
+key line and the question phrased alike), except that the evaluation keeps the key within a depth range
+(``--depth 0.1:0.9``) and draws from its own generators (``[seed, length]``), never this one's.
+``answer_weight`` w > 1 gives the answer bytes' targets weight w in the loss (every other target 1;
+``Batch.weights``).
 
 The sequence length follows ``seq_len_at``: from ``start`` it doubles in equal stages over ``ramp`` steps up
 to ``final`` (``128:4096`` over 6,000 steps: 128, 256, ..., 4096, 1,000 steps each). Everything is drawn from
@@ -159,7 +163,8 @@ class WindowBatches:
         if len(self.data) < longest + 1:
             raise InputError(f"training data has {len(self.data)} bytes: too few for windows of {longest + 1} "
                              "bytes; use more data or a shorter --seq-len")
-        self.rng = np.random.default_rng([int(seed), 0x7461736B])
+        self.rng = np.random.default_rng([int(seed), 0x7461736B])   # not passkey_eval's ([seed, length])
+        self._line_ends = None
         self.count = 0
         if position is not None:
             self.position = position
@@ -199,14 +204,26 @@ class WindowBatches:
         start = int(self.rng.integers(0, len(self.data) - n + 1))
         return self.data[start:start + n].tobytes()
 
+    def _corpus_lines(self, n: int) -> bytes:
+        """``n`` corpus bytes ending at a line boundary (the question then starts a line of its own, as in
+        ``thl-np eval --passkey``'s haystacks): the ``n`` bytes before a line end drawn uniformly among those
+        at least ``n`` bytes in; a plain window when the corpus has no such line end."""
+        if self._line_ends is None:
+            self._line_ends = np.flatnonzero(self.data == _NEWLINE) + 1
+        first = int(np.searchsorted(self._line_ends, n))
+        if first >= len(self._line_ends):
+            return self._corpus(n)
+        end = int(self._line_ends[first + int(self.rng.integers(0, len(self._line_ends) - first))])
+        return self.data[end - n:end].tobytes()
+
     def _filler(self, n: int, style: str) -> bytes:
         if n <= 0:
             return b""
         if style == "corpus":
-            return self._corpus(n)
-        from ..evaluation import FILLERS, _filler_text
+            return self._corpus_lines(n)
+        from ..haystack import FILLERS, filler_text
 
-        text = _filler_text(self.rng, FILLERS[style]["lines"], n)
+        text = filler_text(self.rng, FILLERS[style]["lines"], n)
         return text[len(text) - n:].encode()
 
     def sample(self, n: int) -> tuple[bytes, int]:

@@ -3,7 +3,8 @@
 One step (``_train_step``), in this order:
 
 1. the next chunk of every lane (``LaneBatches``); the carried state is dropped when the lanes wrap;
-2. Gumbel uniforms [T, B, H, J] from the run's own seeded ``np.random.Generator`` (training-mode routing);
+2. Gumbel uniforms [T, B, H, J] from the run's own seeded ``np.random.Generator`` (training-mode routing;
+   none with ``routing="hard"``: eval-mode routing);
 3. ``value_and_grad(model, inputs, targets, state, gumbel_uniform, return_state=True)``: the loss, the
    gradients, and the state after the chunk (the gradient does not flow back into the state passed in);
 4. global-norm clipping, the learning rate of the step (a pure function of it), AdamW;
@@ -50,11 +51,13 @@ LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "mem
               "mem_effective_slots", "mem_share_refine", "mem_share_novel_empty", "mem_share_novel_evict",
               "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots"]
 EVAL_FIELDS = ["step", "bits_per_byte"]
+#: Routing while training: with the Gumbel noise of spec §4.3 (the default), or the hard top-κ of eval mode.
+ROUTINGS = ("gumbel", "hard")
 #: The reported training loss is the mean over this many last steps (one step's loss is noisy).
 LOSS_WINDOW = 20
 
 
-_TEXT_FIELDS = ("tasks", "filler", "task")          # checked by their own rules (parse_tasks, TASKS, ...)
+_TEXT_FIELDS = ("tasks", "filler", "task", "routing")          # checked by their own rules (parse_tasks, TASKS, ...)
 _OPTIONAL_FIELDS = ("lr_decay_steps", "eval_tokens", "seq_len_final", "seq_len_ramp", "eval_examples", "dropout")
 _RULE_OF = {"dropout": "classifier_dropout"}         # a field named otherwise than its rule
 
@@ -74,6 +77,10 @@ class TrainConfig:
     carried state; it is implied by ``task_mix > 0`` (that share of the rows are synthetic ``tasks`` hidden
     in ``filler``) and by ``seq_len_final`` (the length doubles in stages from ``seq_len`` to it over
     ``seq_len_ramp`` steps, default ``steps``). ``answer_weight``: the loss weight of a task's answer bytes.
+
+    ``routing``: "gumbel" (training-mode routing, spec §4.3: Gumbel noise on the router's scores picks the
+    slots read, the run's own seeded stream) or "hard" (no noise: the eval-mode top-κ, the reads training sees
+    are the reads inference makes; an ablation of the noise).
     """
 
     steps: int = 1000
@@ -105,6 +112,7 @@ class TrainConfig:
     tasks: str = "passkey,recall,copy"
     filler: str = "corpus"
     answer_weight: float = 1.0
+    routing: str = "gumbel"       # "gumbel": training-mode routing (spec §4.3's noise); "hard": eval-mode top-κ
 
     def __post_init__(self):
         self.validate()
@@ -130,6 +138,8 @@ class TrainConfig:
         parse_tasks(self.tasks)
         if self.filler not in FILLER_SOURCES:
             raise InputError(f"filler = {self.filler!r}: use one of {', '.join(FILLER_SOURCES)}")
+        if self.routing not in ROUTINGS:
+            raise InputError(f"routing = {self.routing!r}: use one of {', '.join(ROUTINGS)}")
 
     @property
     def windows(self) -> bool:
@@ -366,7 +376,9 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     batch = run.batches.next_batch()
     T = batch.inputs.shape[1]
     state_in = run.state if (tc.carry_state and not batch.reset) else None
-    uniforms = world.draw_uniforms(run.rng, (T, tc.batch_size, cfg.num_heads, cfg.memory_slots))
+    # hard routing draws nothing: the noise stream stays where it is (a resumed run reads the same)
+    uniforms = None if tc.routing == "hard" else \
+        world.draw_uniforms(run.rng, (T, tc.batch_size, cfg.num_heads, cfg.memory_slots))
     inputs, targets = world.take_batch(batch.inputs, batch.targets)  # this rank's lanes (all, alone)
     weights = None if batch.weights is None else world.take_batch(batch.weights, batch.weights)[0]
     stats = MemoryStats(cfg.memory_slots)
