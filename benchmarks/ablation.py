@@ -8,7 +8,7 @@ The base recipe is docs/MEMORY.md's retr1 run (a fresh model trained on the long
     --batch-size 8 --seed 0 --held-out 0.05
 
 and each row changes one thing (``ROWS``; add a row there, e.g. a router variant registered by a plugin:
-``Row("unit_keys", "router scores ...", ["--set", 'components={"router": "unit_keys"}'])`` with
+``Row("my_router", "router scores ...", ["--set", 'components={"router": "my_router"}'])`` with
 ``--plugin my_router.py``):
 
 | row | what changes |
@@ -20,6 +20,8 @@ and each row changes one thing (``ROWS``; add a row there, e.g. a router variant
 | write_rate_0.2 | write rate η = 0.2 (``write_rate``: m_j += η·g·w, how far one write moves a slot; 4x) |
 | theta_0.6 | novelty threshold θ = 0.6 (``novelty_theta``: how often a write is novel rather than a refine) |
 | gamma_0.9995 | the spec's decay γ = 0.9995 (``memory_decay``) instead of 1 |
+| unit_keys | the router variant ``unit_keys`` (scores by the slot's unit row, docs/MEMORY.md) |
+| unit_keys_protect | ``unit_keys`` and λ_u = −1 (``underuse_weight``: a never-read slot is evicted last) |
 
 "Write rate" has two readings in the spec's writer: how strongly a write moves a slot (η, the field named
 ``write_rate``) and how often the writer opens a slot instead of refining one (θ); both get a row.
@@ -88,6 +90,10 @@ ROWS = [
     Row("write_rate_0.2", "write rate η = 0.2 (4x the step of a write)", ["--write-rate", "0.2"]),
     Row("theta_0.6", "novelty threshold θ = 0.6 (fewer novel writes)", ["--set", "novelty_theta=0.6"]),
     Row("gamma_0.9995", "memory decay γ = 0.9995 (the spec's)", ["--set", "memory_decay=0.9995"]),
+    Row("unit_keys", "router variant unit_keys: scores by the slot's unit row",
+        ["--set", 'components={"router": "unit_keys"}']),
+    Row("unit_keys_protect", "unit_keys and λ_u = -1 (a never-read slot is evicted last)",
+        ["--set", 'components={"router": "unit_keys"}', "--set", "underuse_weight=-1"]),
 ]
 
 #: The shipped model card's data filters (CPython's standard library, its tests and generated tables left out).

@@ -43,17 +43,20 @@ def test_every_row_is_a_valid_command_that_changes_what_it_names(ablation, tmp_p
     base_config, base_flags = row_setup(ablation, ablation.ROWS[0], tmp_path)
     assert (base_config.embedding_dim, base_config.memory_slots, base_config.memory_decay) == (64, 16, 1.0)
     assert base_flags["task_mix"] == 0.9 and base_flags["seq_len_text"] == "128:1024"
-    fields = ("local_window", "memory_slots", "write_rate", "novelty_theta", "memory_decay")
-    want = {"no_local": ("local_window", 0), "J64": ("memory_slots", 64), "J256": ("memory_slots", 256),
-            "write_rate_0.2": ("write_rate", 0.2), "theta_0.6": ("novelty_theta", 0.6),
-            "gamma_0.9995": ("memory_decay", 0.9995)}
+    fields = ("local_window", "memory_slots", "write_rate", "novelty_theta", "memory_decay", "components",
+              "underuse_weight")
+    unit_keys = ("components", {"router": "unit_keys"})
+    want = {"no_local": [("local_window", 0)], "J64": [("memory_slots", 64)], "J256": [("memory_slots", 256)],
+            "write_rate_0.2": [("write_rate", 0.2)], "theta_0.6": [("novelty_theta", 0.6)],
+            "gamma_0.9995": [("memory_decay", 0.9995)], "unit_keys": [unit_keys],
+            "unit_keys_protect": [unit_keys, ("underuse_weight", -1)]}
     for row in ablation.ROWS[1:]:
         config, flags = row_setup(ablation, row, tmp_path)
         changed = {f: getattr(config, f) for f in fields if getattr(config, f) != getattr(base_config, f)}
         if row.name == "hard_routing":
             assert not changed and flags["routing"] == "hard" and base_flags["routing"] is None
         else:
-            assert changed == dict([want[row.name]]), row.name
+            assert changed == dict(want[row.name]), row.name
 
 
 def test_set_can_name_component_variants(ablation, tmp_path):
