@@ -107,13 +107,14 @@ def dot_content_backward(d_score, m_sel, q_mem, scale):
 DOT = ScoreRule("spec", dot_content, dot_content_backward)
 
 
-def slot_scores(memory, q, W_k, read_ema, load_penalty, rule: ScoreRule = DOT):
+def slot_scores(memory, q, W_k, read_ema, load_penalty, rule: ScoreRule | None = None):
     """score_{h,j} = (k_{h,j}·q_h)/√d_h − λ_load·read_ema_j for every slot, computed as m_j·(W_k,h^T q_h):
     the same number (k_{h,j} = m_j W_k,h^T), but every slot's score is one dot product of its own row
     with one shared vector, so identical rows get identical scores and the tie rule (lower index first)
     holds exactly; it is also J·d_m work per head instead of J·d_m·d_h. Returns (q_mem [B, H, d_m], scores).
-    ``rule`` forms the content term (``DOT``: the spec's)."""
+    ``rule`` forms the content term (None: ``DOT``, the spec's)."""
     xp = array_module(memory)
+    rule = rule or DOT
     B, H, d_h = q.shape
     q_mem = xp.einsum("bhd,hdm->bhm", q, W_k.reshape(H, d_h, memory.shape[2]))
     scale = 1.0 / math.sqrt(d_h)  # a Python float: keeps float32 inputs float32
@@ -122,7 +123,7 @@ def slot_scores(memory, q, W_k, read_ema, load_penalty, rule: ScoreRule = DOT):
 
 
 def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, topk, load_penalty,
-                   capacity=None, gumbel=None, rule: ScoreRule = DOT):
+                   capacity=None, gumbel=None, rule: ScoreRule | None = None):
     """u [B, d_u], memory [B, J, d_m], read_ema [B, J] → (r [B, d_v], alpha [B, H, κ], idx [B, H, κ], RouterCache).
 
     ``gumbel`` is the noise term [B, H, J] already transformed by ``gumbel_noise`` (training mode) or None.
@@ -131,7 +132,7 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
     B, J, d_m = memory.shape
     H, d_h = num_heads, head_dim
     q = (u @ W_q.T).reshape(B, H, d_h)
-    q_mem, scores = slot_scores(memory, q, W_k, read_ema, load_penalty, rule)
+    q_mem, scores = slot_scores(memory, q, W_k, read_ema, load_penalty, rule or DOT)
     if gumbel is not None:
         scores = scores + xp.asarray(gumbel)
     idx = top_k_desc(scores, topk)                                     # [B, H, κ]
@@ -153,7 +154,7 @@ def router_forward(u, memory, read_ema, W_q, W_k, W_v, *, num_heads, head_dim, t
 
 
 def router_backward(d_r, d_alpha_extra, cache: RouterCache, W_q, W_k, W_v, *, num_heads, head_dim, load_penalty,
-                    rule: ScoreRule = DOT):
+                    rule: ScoreRule | None = None):
     """d_r [B, d_v] and d_alpha_extra [B, H, κ] (from read_ema / the load-balance term) →
     (d_u, d_m_sel [B, H, κ, d_m] to scatter at idx, d_read_ema_sel [B, H, κ] to scatter at idx,
      dW_q, dW_k, dW_v)."""
@@ -175,7 +176,7 @@ def router_backward(d_r, d_alpha_extra, cache: RouterCache, W_q, W_k, W_v, *, nu
         d_alpha = xp.where(c.cap_used[..., None], d_capped, d_alpha)
     d_picked = alpha_soft * (d_alpha - (alpha_soft * d_alpha).sum(axis=-1, keepdims=True))
     # score = content(m, q_mem) − λ·read_ema (+ constant noise), q_mem_h = W_k,h^T q_h
-    d_q_mem, d_m_score = rule.content_backward(d_picked, c.m_sel, c.q_mem, scale)
+    d_q_mem, d_m_score = (rule or DOT).content_backward(d_picked, c.m_sel, c.q_mem, scale)
     d_m_sel = d_m_sel + d_m_score
     W_k_heads = W_k.reshape(H, d_h, d_m)
     d_q = xp.einsum("bhm,hdm->bhd", d_q_mem, W_k_heads)
