@@ -17,6 +17,17 @@ from ..components.router_unit_keys import UNIT_KEY_EPS
 from .primitives import axpy, dot, multi_row_dots, row_dots, top_k_desc
 
 
+@njit(cache=True)
+def key_scales(memory, scale, unit_keys, out):
+    """out[j]: what slot j's stored dot product m_j·q_mem is multiplied by to give its content score before
+    1/√d_h: ``scale`` (true row = scale·stored row) for the spec's scores, and with ``unit_keys``
+    scale/√(‖true row‖² + ε²) (thl_np.components.router_unit_keys)."""
+    for j in range(memory.shape[0]):
+        out[j] = scale
+        if unit_keys:
+            out[j] = scale / math.sqrt(scale * scale * dot(memory[j], memory[j]) + UNIT_KEY_EPS * UNIT_KEY_EPS)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decode: one step for a batch, in place on the decoder's state
 # ---------------------------------------------------------------------------------------------------
@@ -33,10 +44,7 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
     J = memory.shape[0]
     H = q_mem.shape[0]
     multi_row_dots(memory, q_mem, dots)
-    for j in range(J):
-        key_scale[j] = scale
-        if unit_keys:
-            key_scale[j] = scale / math.sqrt(scale * scale * dot(memory[j], memory[j]) + UNIT_KEY_EPS * UNIT_KEY_EPS)
+    key_scales(memory, scale, unit_keys, key_scale)
     for h in range(H):
         for j in range(J):
             scores[j] = (key_scale[j] * dots[h, j]) * inv_sqrt - load_penalty * read_ema[j]
@@ -148,11 +156,7 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
             QK[i, b, h] = qm[b]
     for b in range(B):
         A[:] = 0.0
-        for j in range(J):
-            key_scale[j] = scale
-            if unit_keys:
-                key_scale[j] = scale / math.sqrt(scale * scale * dot(mem[b, j], mem[b, j])
-                                                 + UNIT_KEY_EPS * UNIT_KEY_EPS)
+        key_scales(mem[b], scale, unit_keys, key_scale)
         for h in range(H):
             row_dots(mem[b], QK[i, b, h], dots)
             for j in range(J):
