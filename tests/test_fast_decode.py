@@ -41,9 +41,10 @@ def configs(draw):
 
 
 @settings(max_examples=30, deadline=None)
-@given(cfg=configs(), seed=st.integers(0, 2**16), B=st.integers(1, 3), T=st.integers(1, 60))
+@given(cfg=configs(), seed=st.integers(0, 2**16), B=st.integers(1, 10), T=st.integers(1, 60))
 def test_fast_equals_plain_float64(cfg, seed, B, T):
-    """Spec §4, whole step: logits and every state array, fast vs plain, from a zero state."""
+    """Spec §4, whole step: logits and every state array, fast vs plain, from a zero state (batches on
+    each side of linalg.PACK_ROWS: packed step matrices for 2..8 sequences, row-major ones otherwise)."""
     model = THLModel(cfg, seed=seed)
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T))
     lp, sp = model(ids, path="plain")
@@ -190,6 +191,40 @@ def test_linear_kernels_match_numpy(rows, dtype, tol):
     assert np.abs(got - want).max() <= tol * np.abs(want).max()
     # a transposed (non-contiguous) weight takes the BLAS path and gives the same numbers
     assert np.abs(linear(x, np.asfortranarray(W), b) - want).max() <= tol * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
+@pytest.mark.parametrize("R", [1, 15, 16, 33, 64])
+def test_packed_matrix_matches_numpy(rows, R, dtype, tol):
+    """linalg.PackedMatrix.linear = x @ W.T + b for any number of rows (padded to PACK_ROWS, several calls
+    above it) and row counts that leave a partial tile, one tile, or an odd number of tiles."""
+    from thl_np.fast.linalg import PackedMatrix, linear
+
+    rng = np.random.default_rng(rows * 100 + R)
+    W = rng.standard_normal((R, 37)).astype(dtype)
+    b = rng.standard_normal(R).astype(dtype)
+    P = PackedMatrix(W)
+    for _ in range(2):  # the padding buffers are reused: a second call must not see the first's rows
+        x = rng.standard_normal((rows, 37)).astype(dtype)
+        want = x.astype(np.float64) @ W.T.astype(np.float64) + b
+        got = linear(x, P, b)
+        assert got.dtype == dtype and got.shape == (rows, R)
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+def test_step_matrices_are_packed_for_small_batches_only():
+    """The step's products run on packed copies for 2..PACK_ROWS sequences of a float model, built once and
+    shared with clones; one sequence and larger batches keep the row-major weights."""
+    from thl_np.fast.linalg import PACK_ROWS, PackedMatrix
+
+    model = THLModel(small_config(), seed=0)
+    for B, packed in [(1, False), (2, True), (PACK_ROWS, True), (PACK_ROWS + 1, False)]:
+        dec = model.decoder(batch_size=B)
+        assert all(isinstance(W, PackedMatrix) == packed for W in dec._mats.values()), B
+    dec = model.decoder(batch_size=3)
+    assert dec.clone()._mats["q"] is dec._mats["q"]
+    assert all(isinstance(W, np.ndarray) for W in FastDecoder(model, batch_size=3, packed_head=False)._mats.values())
 
 
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 2e-5)])

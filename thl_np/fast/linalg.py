@@ -245,3 +245,39 @@ def packed_linear(Wp, h, out):
         _packed_tiles_2(Wp, h, out, 2 * p)
     if T % 2:
         _packed_tiles_1(Wp, h, out, T - 1)
+
+
+class PackedMatrix:
+    """A weight matrix W [R, D] packed for ``packed_linear`` (``pack_rows``), behind the same ``linear(x, b)``
+    as a quantized matrix, so ``linear`` dispatches to it: x @ W.T + b for any number of rows, PACK_ROWS at a
+    time (fewer are padded with zeros). The decoder uses it for 2..PACK_ROWS sequences, where row-major
+    kernels end every dot product in a horizontal sum and read several streams at once (measured on the
+    default tier-0 gates, 1,536 × 2,304 at batch 8: 0.48 ms against 0.67 ms for ``small_batch_linear``).
+    The padding buffers live on the object: one decoding session (and its clones) at a time."""
+
+    def __init__(self, W: np.ndarray):
+        W = np.ascontiguousarray(W)
+        R, D = W.shape
+        L = lanes(W.dtype)
+        self.shape, self.dtype = W.shape, W.dtype
+        self.Wp = np.empty((-(-R // L), D, L), W.dtype)
+        pack_rows(W, L, self.Wp)
+        self._in = np.zeros((PACK_ROWS, D), W.dtype)
+        self._out = np.empty((PACK_ROWS, self.Wp.shape[0] * L), W.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.Wp.nbytes
+
+    def linear(self, x, b, out=None) -> np.ndarray:
+        R = self.shape[0]
+        n = x.shape[0]
+        if out is None:
+            out = np.empty((n, R), self.dtype)
+        for r0 in range(0, n, PACK_ROWS):
+            m = min(PACK_ROWS, n - r0)
+            self._in[:m] = x[r0:r0 + m]
+            self._in[m:] = 0
+            packed_linear(self.Wp, self._in, self._out)
+            np.add(self._out[:m, :R], b, out=out[r0:r0 + m])
+        return out

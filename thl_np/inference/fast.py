@@ -14,7 +14,9 @@ What it does less of, and why that is exact:
   makes no BLAS call (see ``thl_np.fast.linalg`` for why), above it OpenBLAS runs on one thread.
   For 2..SMALL_BATCH sequences the output head runs on a copy of its weights packed in tiles
   (``thl_np.fast.linalg.packed_linear``), built on first use and kept on the model: a second V·d array
-  (463 MB for the default config in float32); ``packed_head=False`` does without.
+  (463 MB for the default config in float32); ``packed_head=False`` does without. For 2..PACK_ROWS
+  sequences the step's other matrices run on packed copies too (built when such a batch is loaded, kept by
+  the session and its clones: 42 MB for the default config).
 
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
@@ -123,6 +125,25 @@ class FastDecoder:
         self._targets = np.empty((B, c.write_slots), np.int64)
         self._g = np.empty(B, dt)
         self._novel = np.empty(B, np.bool_)   # the writer's branch of the last step (memory diagnostics)
+        self._mats = self._step_matrices(B)
+
+    def _step_matrices(self, B: int) -> dict:
+        """The matrices of a step's products, by name: packed copies (linalg.PackedMatrix) for 2..PACK_ROWS
+        sequences of a float model, where they stream each weight once without horizontal sums; else the
+        weights as they are (a quantized model's Q8Matrix picks its own kernel)."""
+        mats = {"qkv": self.W_qkv, "q": self.W_q, "w": self.W_w}
+        mats.update({f"zr{k}": W for k, W in enumerate(self.W_zr)})
+        mats.update({f"h{k}": W for k, W in enumerate(self.W_h)})
+        if not (1 < B <= linalg.PACK_ROWS and self.packed_head):
+            return mats
+        if getattr(self, "_packed", None) is None:
+            self._packed = {}
+        for name, W in mats.items():
+            if isinstance(W, np.ndarray):
+                if name not in self._packed:
+                    self._packed[name] = linalg.PackedMatrix(W)
+                mats[name] = self._packed[name]
+        return mats
 
     def state(self) -> InferenceState:
         """The session's state as a spec §3 ``InferenceState`` (a copy: the session may go on)."""
@@ -180,7 +201,7 @@ class FastDecoder:
         W = c.local_window
         if W > 0:
             d_q = c.query_dim
-            qkv = linear(e, self.W_qkv, zeros[:self.W_qkv.shape[0]])
+            qkv = linear(e, self._mats["qkv"], zeros[:self.W_qkv.shape[0]])
             n = self.ring_n
             if n > 0:
                 local_attention.local_attend(np.ascontiguousarray(qkv[:, :d_q]), self.ring_k, self.ring_v,
@@ -199,7 +220,7 @@ class FastDecoder:
         # 3-4. router read and read metadata
         o = self.offsets
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
-        q = linear(u, self.W_q, zeros[:self.W_q.shape[0]])
+        q = linear(u, self._mats["q"], zeros[:self.W_q.shape[0]])
         q_heads = np.ascontiguousarray(q.reshape(self.B, H, d_h).transpose(1, 0, 2))            # [H, B, d_h]
         quant.per_head(q_heads, self.W_k_heads_T, self._q_mem_heads)                             # [H, B, d_m]
         q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))                       # [B, H, d_m]
@@ -216,13 +237,13 @@ class FastDecoder:
                 d = o[k + 1] - o[k]
                 ctx = r + self._loc if k == 0 else r
                 p = np.concatenate([self.S[:, o[k]:o[k + 1]], lower, ctx], axis=1)
-                zr = linear(p, self.W_zr[k], self.b_zr[k])
+                zr = linear(p, self._mats[f"zr{k}"], self.b_zr[k])
                 gru.gru_reset(zr, p, d)
-                gru.gru_update(self.S, o[k], zr, linear(p, self.W_h[k], self.b_h[k]))
+                gru.gru_update(self.S, o[k], zr, linear(p, self._mats[f"h{k}"], self.b_h[k]))
             lower = self.S[:, o[k]:o[k + 1]]
         # 6-7. writer, memory decay (lazy) and write
         x_w = np.concatenate([self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
-        w_raw = linear(x_w, self.W_w, self.b_w)
+        w_raw = linear(x_w, self._mats["w"], self.b_w)
         write = writer.write if self.B == 1 else writer.write_parallel
         self.scale = write(
             w_raw, self.memory, self.norm2, self.scale, self.read_ema, self.write_ema,
@@ -252,31 +273,14 @@ class FastDecoder:
 
     def _head_batch(self, h: np.ndarray) -> np.ndarray:
         """The head for 2..SMALL_BATCH rows, on the packed copy of its weights (linalg.packed_linear)."""
-        V = self.W_o.shape[0]
-        Wp = self._packed_head()
-        R = linalg.PACK_ROWS
-        if getattr(self, "_pack_in", None) is None:
-            self._pack_in = np.zeros((R, h.shape[1]), self.dtype)
-            self._pack_out = np.empty((R, Wp.shape[0] * Wp.shape[2]), self.dtype)
-        out = np.empty((h.shape[0], V), self.dtype)
-        for r0 in range(0, h.shape[0], R):
-            m = min(R, h.shape[0] - r0)
-            self._pack_in[:m] = h[r0:r0 + m]
-            self._pack_in[m:] = 0
-            linalg.packed_linear(Wp, self._pack_in, self._pack_out)
-            np.add(self._pack_out[:m, :V], self.b_o, out=out[r0:r0 + m])
-        return out
+        return self._packed_head().linear(h, self.b_o)
 
-    def _packed_head(self) -> np.ndarray:
+    def _packed_head(self) -> linalg.PackedMatrix:
         """The output head packed for linalg.packed_linear: built once per weight array and kept on the
         model (it is a second copy of the head: V·d values, 463 MB for the default config in float32)."""
         cached = getattr(self.model, "_packed_output_head", None)
         if cached is None or cached[0] is not self.W_o:
-            lanes = linalg.lanes(self.dtype)
-            V, D = self.W_o.shape
-            Wp = np.empty((-(-V // lanes), D, lanes), self.dtype)
-            linalg.pack_rows(self.W_o, lanes, Wp)
-            cached = self.model._packed_output_head = (self.W_o, Wp)
+            cached = self.model._packed_output_head = (self.W_o, linalg.PackedMatrix(self.W_o))
         return cached[1]
 
     def step(self, token_ids, want_logits: bool = True):
