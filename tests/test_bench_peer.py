@@ -128,8 +128,7 @@ def test_peer_training_step_is_forward_and_backward():
 def test_bench_prints_the_peer_beside_thl_np(capsys):
     code, out, err = _run(capsys, "--int8", "none", "--peer", PEER, "--json")
     assert code == 0, err
-    text, _, blob = out.partition("{")
-    figures = json.loads("{" + blob)
+    figures, text = json.loads(out), err
     assert "the same weights as thl-np" in text and figures["peer_weights"] == "the same weights as thl-np"
     for B in (1, 8):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"PyTorch THL decode batch {B}:"))

@@ -104,8 +104,8 @@ def test_bench_prints_every_figure_of_one_run(capsys):
     code, out, err = run(capsys, "bench", "--dim", 16, "--memory-slots", 8, "--decode-steps", 3, "--prompt-len", 4,
                          "--json")
     assert code == 0, err
-    text, _, blob = out.partition("{")
-    figures = json.loads("{" + blob)
+    figures = json.loads(out)  # --json: standard output is the JSON object alone, the text goes to stderr
+    text = err
     for B in (1, 8):
         assert f"decode batch {B}:" in text
         tps, bound = figures[f"decode_b{B}_tok_s"], figures[f"decode_b{B}_bound_tok_s"]

@@ -454,10 +454,9 @@ def test_bench_measures_int8_beside_float32(capsys):
 
     code = main(["bench", "--dim", "16", "--memory-slots", "8", "--decode-steps", "3", "--prompt-len", "4",
                  "--no-train", "--int8", "int8-block32", "--json"])
-    out = capsys.readouterr().out
+    out, text = capsys.readouterr()
     assert code == 0
-    text, _, blob = out.partition("{")
-    figures = json.loads("{" + blob)
+    figures = json.loads(out)
     assert figures["int8_scheme"] == "int8-block32" and figures["int8_prompt_tok_s"] > 0
     c = THLConfig(dim=16, memory_slots=8)
     for B in (1, 8):
