@@ -117,3 +117,25 @@ def test_bench_prints_every_figure_of_one_run(capsys):
     assert figures["gemv_bandwidth_GBps"] == max(figures["gemv_bandwidth_blas_GBps"],
                                                  figures["gemv_bandwidth_kernel_GBps"]) > 0
     assert "GEMV bandwidth" in text and "train fwd+bwd" in text
+
+
+def test_lr_decay_steps_makes_a_short_run_the_start_of_a_longer_schedule(tmp_path, text_file, capsys):
+    """--lr-decay-steps N: the cosine reaches its floor at step N, not at --steps, so a run of 4 steps logs
+    the learning rates of the first 4 steps of a 12-step run (and a plain 4-step run does not)."""
+    import csv
+
+    from thl_np.training.checkpoint import latest_checkpoint
+    from thl_np.training.schedule import lr_at
+
+    def lrs(out_dir, *extra):
+        code, out, err = run(capsys, "train", "--data", text_file, "--out", out_dir, "--steps", 4, *TINY, *extra)
+        assert code == 0, err
+        with open(f"{latest_checkpoint(str(out_dir))}/log.csv") as f:
+            return [float(row["lr"]) for row in csv.DictReader(f)]
+
+    longer = lrs(tmp_path / "a", "--lr-decay-steps", 12)
+    assert longer == pytest.approx([lr_at(s, 3e-3, 1, 12) for s in range(4)])
+    assert lrs(tmp_path / "b") == pytest.approx([lr_at(s, 3e-3, 1, 4) for s in range(4)]) != longer
+    code, out, err = run(capsys, "train", "--data", text_file, "--out", tmp_path / "c", "--steps", 4, *TINY,
+                         "--lr-decay-steps", 0)
+    assert code != 0 and "lr_decay_steps" in (out + err).replace("-", "_")

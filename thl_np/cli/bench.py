@@ -24,7 +24,8 @@ from ..errors import InputError
 @click.option("--peer", "peer_dir", type=click.Path(), default=None, metavar="PATH",
               help="Also run the PyTorch THL (the thl/ package in PATH; needs torch: pip install 'thl-np[torch]') "
                    "in the same run, same config, float32 and the same weights, and print thl-np / PyTorch.")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object on standard output (the text lines go to standard error).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the figures as one JSON object on standard output (the text lines go to standard error).")
 def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, peer_dir, as_json):
     """Measure decode (batch 1 and 8), prompt and training tokens/s, the GEMV bandwidth, the bandwidth
     bound of a decode step and the ratio to it, and peak memory, all in one run; the same for the model's
@@ -66,7 +67,8 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
         if memory_slots:
             kw["memory_slots"] = memory_slots
         config = THLConfig(**kw)
-    figures = B.run(model=model, config=config, echo=functools.partial(click.echo, err=as_json), decode_steps=decode_steps,
+    echo = functools.partial(click.echo, err=as_json)  # with --json, stdout holds the JSON object alone
+    figures = B.run(model=model, config=config, echo=echo, decode_steps=decode_steps,
                     prompt_len=prompt_len, train=not no_train, int8=None if int8 == "none" else int8, peer=peer)
     if as_json:
         click.echo(json.dumps(figures, indent=2))

@@ -24,8 +24,9 @@ NEW_RUN_DIM = 128
 NEW_RUN_SLOTS = 64
 
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
-_TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "eval_every",
-                "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path", "full_bptt",
+_TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "lr_decay_steps", "weight_decay", "grad_clip",
+                "eval_every", "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path",
+                "full_bptt",
                 "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing")
 
 
@@ -159,6 +160,9 @@ def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfi
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype, new run.  [default: float32]")
 @click.option("--lr", type=Number("lr"), help="Peak learning rate.  [default: 3e-3]")
 @click.option("--warmup", type=Number("warmup"), help="Linear warm-up steps.  [default: 50]")
+@click.option("--lr-decay-steps", type=Number("lr_decay_steps"),
+              help="Step at which the cosine decay reaches its floor (default: --steps). With a larger value, "
+                   "a run stopped at --steps is the first part of a longer schedule.")
 @click.option("--weight-decay", type=Number("weight_decay"), help="AdamW decay.  [default: 0.01]")
 @click.option("--grad-clip", type=Number("grad_clip"), help="Global-norm clip, 0 = off.  [default: 1.0]")
 @click.option("--eval-every", type=Number("eval_every"), help="Eval period, 0 = end only.  [default: 100]")
