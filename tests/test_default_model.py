@@ -75,3 +75,19 @@ def test_the_default_command_compiles_nothing(tmp_path):
                           text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert any(p.suffix == ".nbi" for p in cache.rglob("*"))
+
+
+def test_the_default_model_retrieves_a_passkey_from_its_memory(model):
+    """The shipped model's claim (its card): a 5-digit key hidden in real Python source 1,024 bytes long,
+    far beyond the 64-byte local window, is answered from the memory. With the writer switched off
+    (write_rate 0: the bank stays empty) the same weights answer at chance, so it is the memory that
+    carries the key, not the tiers or the window."""
+    from thl_np.evaluation import passkey_eval
+
+    report = passkey_eval(model, lengths=[1024], trials=4, depth="0.1:0.9", seed=77, filler="source")
+    row = report["results"][0]
+    assert row["correct"] >= 3, row["samples"]
+    assert row["key_bits_per_digit"] < 1.0 < 3.0 < row["control_bits_per_digit"]
+    no_writes = THLModel(model.config.replace(write_rate=0.0), params=model.params)
+    row = passkey_eval(no_writes, lengths=[1024], trials=2, depth="0.1:0.9", seed=77, filler="source")["results"][0]
+    assert row["correct"] == 0 and row["key_bits_per_digit"] > 2.5
