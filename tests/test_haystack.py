@@ -131,6 +131,22 @@ def test_a_span_holding_the_key_is_drawn_again(tmp_path):
         haystack_prompt(500, "77777", 0.5, Haystack("source", tmp_path), np.random.default_rng(0))
 
 
+def test_a_span_without_a_boundary_in_the_depth_range_is_drawn_again(tmp_path):
+    """A short prompt over long lines: most spans are one line, with no line boundary inside [0.1, 0.9] of
+    them, and would put the key at the span's start or end. Such a span is drawn again, so the key lands
+    inside the range; where no span has such a boundary, a span is used anyway (the key at its edge)."""
+    block = "x = '" + "a" * 300 + "'\n" + "".join(f"y{i} = {i}\n" for i in range(12))
+    (tmp_path / "long.py").write_text(block * 40)
+    hay = Haystack("source", tmp_path)
+    for seed in range(30):
+        prompt, at = haystack_prompt(200, "31415", (0.1, 0.9), hay, np.random.default_rng(seed))
+        text = check_prompt(prompt, at, "31415", 200, (0.1, 0.9), hay.source.data)
+        assert 0.1 * len(text) <= at <= 0.9 * len(text), seed
+    (tmp_path / "long.py").write_text(("z = '" + "b" * 400 + "'\n") * 40)
+    prompt, at = haystack_prompt(200, "31415", (0.1, 0.9), Haystack("source", tmp_path), np.random.default_rng(0))
+    assert at in (0, 200 - len(PY["key"].format(key="31415")) - len(PY["question"]))
+
+
 def test_parse_depth():
     assert parse_depth(0.5) == (0.5, 0.5) and parse_depth("0.25") == (0.25, 0.25)
     assert parse_depth("0.1:0.9") == (0.1, 0.9) and parse_depth((0, 1)) == (0.0, 1.0)

@@ -206,9 +206,11 @@ class Haystack:
                              f"source: too few for {what} ({n:,} bytes of haystack); give a folder with more "
                              "source or a shorter length")
 
-    def text(self, rng: np.random.Generator, n: int, avoid: bytes = b"") -> bytes:
+    def text(self, rng: np.random.Generator, n: int, avoid: bytes = b"", boundary_in=None) -> bytes:
         """``n`` bytes of haystack ending at a line boundary (module docstring); a ``source`` span holding
-        ``avoid`` is drawn again."""
+        ``avoid`` is drawn again, and so is one without a line boundary inside ``boundary_in`` = (lo, hi)
+        (fractions of n; a short span of long lines may have none, and the key would then land outside the
+        depth range asked for) unless every draw lacks one."""
         if self.source is None:
             text = filler_text(rng, FILLERS[self.kind]["lines"], n)
             return text[len(text) - n:].encode("ascii")
@@ -217,13 +219,31 @@ class Haystack:
         self.check_length(n)
         ends, data = self.source.line_ends, self.source.data
         first = int(np.searchsorted(ends, n))      # line ends at least n bytes into the corpus
+        fallback = None
         for _ in range(_REDRAWS):
             e = int(ends[first + int(rng.integers(0, len(ends) - first))])
             span = data[e - n:e]
-            if not avoid or avoid not in span:
+            if avoid and avoid in span:
+                continue
+            if boundary_in is None or _has_boundary_in(span, *boundary_in):
                 return span
+            fallback = span if fallback is None else fallback
+        if fallback is not None:
+            return fallback
         raise InputError(f"haystack folder {self.source.folder!r}: {_REDRAWS} spans of {n:,} bytes all hold "
                          f"{avoid!r}; give a folder with more (or other) source")
+
+
+def _line_boundaries(text: bytes) -> np.ndarray:
+    """0, every position just after a newline, and the end."""
+    n = len(text)
+    ends = np.concatenate([[0], np.flatnonzero(np.frombuffer(text, np.uint8) == _NEWLINE) + 1])
+    return ends if ends[-1] == n else np.append(ends, n)
+
+
+def _has_boundary_in(text: bytes, lo: float, hi: float) -> bool:
+    ends = _line_boundaries(text)
+    return bool(np.any((ends >= lo * len(text)) & (ends <= hi * len(text))))
 
 
 def key_position(text: bytes, depth: tuple[float, float], rng: np.random.Generator) -> int:
@@ -231,9 +251,7 @@ def key_position(text: bytes, depth: tuple[float, float], rng: np.random.Generat
     to ``lo · n`` for a fixed depth (ties to the earlier one), else nearest to a depth drawn uniformly in
     [lo, hi] among the boundaries inside [lo · n, hi · n] (all of them if none is)."""
     n = len(text)
-    ends = np.concatenate([[0], np.flatnonzero(np.frombuffer(text, np.uint8) == _NEWLINE) + 1])
-    if ends[-1] != n:
-        ends = np.append(ends, n)
+    ends = _line_boundaries(text)
     lo, hi = depth
     if lo == hi:
         target, pool = lo * n, ends
@@ -257,7 +275,7 @@ def haystack_prompt(length: int, key: str, depth, haystack: Haystack, rng: np.ra
         raise InputError(f"length {length} is too short for a passkey prompt: it needs at least "
                          f"{len(key_line) + len(question)} bytes for the key line and the question")
     haystack.check_length(n_fill, int(length))
-    text = haystack.text(rng, n_fill, avoid=key.encode())
+    text = haystack.text(rng, n_fill, avoid=key.encode(), boundary_in=None if depth[0] == depth[1] else depth)
     at = key_position(text, depth, rng)
     prompt = text[:at] + key_line + text[at:] + question
     assert len(prompt) == length
