@@ -214,16 +214,22 @@ def test_packed_matrix_matches_numpy(rows, R, dtype, tol):
 
 
 def test_step_matrices_are_packed_for_small_batches_only():
-    """The step's products run on packed copies for 2..PACK_ROWS sequences of a float model, built once and
-    shared with clones; one sequence and larger batches keep the row-major weights."""
-    from thl_np.fast.linalg import PACK_ROWS, PackedMatrix
+    """The step's products run on packed copies for 2..PACK_ROWS sequences of a float model, built once per
+    set of weights and shared by every such session; one sequence and larger batches keep the row-major
+    weights."""
+    from thl_np.fast.linalg import PACK_ROWS, PackedMatrix, linear
 
     model = THLModel(small_config(), seed=0)
     for B, packed in [(1, False), (2, True), (PACK_ROWS, True), (PACK_ROWS + 1, False)]:
         dec = model.decoder(batch_size=B)
         assert all(isinstance(W, PackedMatrix) == packed for W in dec._mats.values()), B
     dec = model.decoder(batch_size=3)
-    assert dec.clone()._mats["q"] is dec._mats["q"]
+    assert dec.clone()._mats["q"] is dec._mats["q"] is model.decoder(batch_size=5)._mats["q"]  # packed once
+    model.params = {k: v * 2 for k, v in model.params.items()}   # new arrays: packed again, from them
+    again = model.decoder(batch_size=3)
+    assert again._mats["q"] is not dec._mats["q"]
+    x = np.random.default_rng(0).standard_normal((3, again.W_q.shape[1]))
+    assert np.allclose(linear(x, again._mats["q"], np.zeros(again.W_q.shape[0])), x @ again.W_q.T, atol=1e-12)
     assert all(isinstance(W, np.ndarray) for W in FastDecoder(model, batch_size=3, packed_head=False)._mats.values())
 
 

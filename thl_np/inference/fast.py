@@ -15,8 +15,8 @@ What it does less of, and why that is exact:
   For 2..SMALL_BATCH sequences the output head runs on a copy of its weights packed in tiles
   (``thl_np.fast.linalg.packed_linear``), built on first use and kept on the model: a second V·d array
   (463 MB for the default config in float32); ``packed_head=False`` does without. For 2..PACK_ROWS
-  sequences the step's other matrices run on packed copies too (built when such a batch is loaded, kept by
-  the session and its clones: 42 MB for the default config).
+  sequences the step's other matrices run on packed copies too (built when such a batch is first loaded,
+  kept on the model like the head's: 42 MB for the default config).
 
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
@@ -136,13 +136,17 @@ class FastDecoder:
         mats.update({f"h{k}": W for k, W in enumerate(self.W_h)})
         if not (1 < B <= linalg.PACK_ROWS and self.packed_head):
             return mats
-        if getattr(self, "_packed", None) is None:
-            self._packed = {}
+        # kept on the model, like the packed head, for as long as its parameter arrays are these (the
+        # cache holds them, so their ids cannot be reused while it stands)
+        cached = getattr(self.model, "_packed_step_matrices", None)
+        if cached is None or cached[0] != self.weights_key:
+            cached = self.model._packed_step_matrices = (self.weights_key, {}, list(self.model.params.values()))
+        packed = cached[1]
         for name, W in mats.items():
             if isinstance(W, np.ndarray):
-                if name not in self._packed:
-                    self._packed[name] = linalg.PackedMatrix(W)
-                mats[name] = self._packed[name]
+                if name not in packed:
+                    packed[name] = linalg.PackedMatrix(W)
+                mats[name] = packed[name]
         return mats
 
     def state(self) -> InferenceState:
