@@ -217,12 +217,9 @@ class Haystack:
         if n <= 0:
             return b""
         self.check_length(n)
-        ends, data = self.source.line_ends, self.source.data
-        first = int(np.searchsorted(ends, n))      # line ends at least n bytes into the corpus
         fallback = None
         for _ in range(_REDRAWS):
-            e = int(ends[first + int(rng.integers(0, len(ends) - first))])
-            span = data[e - n:e]
+            span = span_ending_at_line(self.source.data, self.source.line_ends, n, rng)
             if avoid and avoid in span:
                 continue
             if boundary_in is None or _has_boundary_in(span, *boundary_in):
@@ -232,6 +229,17 @@ class Haystack:
             return fallback
         raise InputError(f"haystack folder {self.source.folder!r}: {_REDRAWS} spans of {n:,} bytes all hold "
                          f"{avoid!r}; give a folder with more (or other) source")
+
+
+def span_ending_at_line(data, line_ends, n: int, rng: np.random.Generator):
+    """The ``n`` items of ``data`` that end at one of ``line_ends`` (offsets just after a newline), drawn
+    uniformly among those at least ``n`` in; None when there is none. The haystack's spans and the training
+    tasks' corpus filler (thl_np.training.tasks) both come from here, so both end at a line boundary."""
+    first = int(np.searchsorted(line_ends, n))
+    if first >= len(line_ends):
+        return None
+    e = int(line_ends[first + int(rng.integers(0, len(line_ends) - first))])
+    return data[e - n:e]
 
 
 def _line_boundaries(text: bytes) -> np.ndarray:

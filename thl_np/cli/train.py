@@ -26,8 +26,7 @@ NEW_RUN_SLOTS = 64
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "lr_decay_steps", "weight_decay", "grad_clip",
                 "eval_every", "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path",
-                "full_bptt",
-                "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing")
+                "full_bptt", "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing")
 
 
 def _fmt_time(seconds: float) -> str:

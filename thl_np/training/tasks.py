@@ -208,13 +208,12 @@ class WindowBatches:
         """``n`` corpus bytes ending at a line boundary (the question then starts a line of its own, as in
         ``thl-np eval --passkey``'s haystacks): the ``n`` bytes before a line end drawn uniformly among those
         at least ``n`` bytes in; a plain window when the corpus has no such line end."""
+        from ..haystack import span_ending_at_line
+
         if self._line_ends is None:
             self._line_ends = np.flatnonzero(self.data == _NEWLINE) + 1
-        first = int(np.searchsorted(self._line_ends, n))
-        if first >= len(self._line_ends):
-            return self._corpus(n)
-        end = int(self._line_ends[first + int(self.rng.integers(0, len(self._line_ends) - first))])
-        return self.data[end - n:end].tobytes()
+        span = span_ending_at_line(self.data, self._line_ends, n, self.rng)
+        return self._corpus(n) if span is None else span.tobytes()
 
     def _filler(self, n: int, style: str) -> bytes:
         if n <= 0:
