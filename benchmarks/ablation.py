@@ -35,7 +35,7 @@ Measured for each row (the trained model of its last checkpoint):
   the two can differ a lot, docs/MEMORY.md);
 - passkey retrieval (``thl-np eval --passkey``'s defaults: a haystack of real Python source, thl-np's own
   sources, never trained on; the key at a random depth in [0.1, 0.9]) at ``--lengths``, ``--trials`` trials
-  with ``--eval-seed`` (its generators are not the training's; thl_np/haystack.py): greedy accuracy, and the
+  with ``--eval-seed`` (its generators are not the training's; thl_np/training/haystack.py): greedy accuracy, and the
   key's teacher-forced bits per digit against a control prompt holding another key (equal: the key did not
   reach the question).
 
@@ -133,7 +133,7 @@ def run_row(args, row: Row, held, say) -> dict:
     from thl_np.checks import NON_FINITE_OUTPUT, check_metric
     from thl_np.cli import main
     from thl_np.errors import WeightsError
-    from thl_np.evaluation import passkey_eval
+    from thl_np.eval.long_context import passkey_eval
     from thl_np.model import THLModel
     from thl_np.training import checkpoint as ckpt
     from thl_np.training.trainer import evaluate
@@ -301,8 +301,8 @@ def main(argv=None, say=print) -> int:
     from thl_np.checks import check_output_dir, require_matplotlib
     from thl_np.components.registry import load_plugin
     from thl_np.errors import InputError, THLError
-    from thl_np.haystack import Haystack
     from thl_np.training.data import load_bytes, split_bytes
+    from thl_np.training.haystack import Haystack
 
     try:   # everything the rows need, checked before the first one trains
         check_output_dir(args.out, "--out")

@@ -64,8 +64,8 @@ def main() -> None:
         child(args.child)
         return
     from thl_np import THLConfig, THLModel
-    from thl_np.inference.layered import LayeredInferenceEngine, plan_layers
-    from thl_np.quant import quantize_model
+    from thl_np.engines.layered import LayeredInferenceEngine, plan_layers
+    from thl_np.model import quantize_model
 
     tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="thl-np-int8-")
     root = Path(args.dir or tmp.name)

@@ -1,4 +1,4 @@
-"""Benchmark of the layered engine (thl_np.inference.layered): a default-size model within a small budget.
+"""Benchmark of the layered engine (thl_np.engines.layered): a default-size model within a small budget.
 
     python benchmarks/bench_layered.py                                  # CPU, 64MB, batch 1
     python benchmarks/bench_layered.py --device cuda --budget 1GB --batch 1 8 64
@@ -25,9 +25,9 @@ import tracemalloc
 import numpy as np
 
 from thl_np import InferenceState, THLConfig, THLModel
-from thl_np.inference.layered import LayeredInferenceEngine
-from thl_np.inference.layered.backends import cuda_available
-from thl_np.inference.layered.units import format_bytes, parse_bytes
+from thl_np.engines.layered import LayeredInferenceEngine
+from thl_np.engines.layered.backends import cuda_available
+from thl_np.engines.layered.units import format_bytes, parse_bytes
 
 
 def load_model(args):

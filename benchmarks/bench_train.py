@@ -1,5 +1,5 @@
 """Training forward + backward throughput and memory: the plain ``value_and_grad`` against
-``thl_np.training.fast_grad.fast_value_and_grad``.
+``thl_np.engines.gradient.fast_value_and_grad``.
 
 Issue config: ``THLConfig(dim=128, memory_slots=64, vocab_size=259)`` (3 tiers, timescales 1/8/64, 4 heads ×
 64, κ = 4, local window 64), B = 8 sequences of T = 128 tokens, float32, Gumbel noise (training routing).
@@ -108,7 +108,7 @@ def plain_record_bytes(model, ids, U) -> int:
 # Child processes
 # ---------------------------------------------------------------------------------------------------
 def child(args) -> dict:
-    from thl_np.training import fast_grad
+    from thl_np.engines import gradient as fast_grad
 
     B, T = args.batch, args.seq_len
     cfg = BIG if args.config == "big" else ISSUE
@@ -172,7 +172,7 @@ def main():
         return
 
     from thl_np.config import THLConfig
-    from thl_np.training.fast_grad import training_memory_bytes
+    from thl_np.engines.gradient import training_memory_bytes
 
     B, T = 8, 128
     tokens = B * T
@@ -200,8 +200,8 @@ def main():
           f"formula for the whole call {fast['formula_bytes'] / 2**20:.1f} MiB")
 
     # the issue's large target: J = 1024, d = 768, T = 512, B = 1
+    from thl_np.engines.gradient import fast_forward
     from thl_np.model import THLModel
-    from thl_np.training.fast_grad import fast_forward
 
     cfg = THLConfig(**BIG)
     parts = training_memory_bytes(cfg, 1, 512, dtype="float32", breakdown=True)

@@ -68,7 +68,7 @@ SECTIONS = [
     Section("§4.9", "Advance (t ← t + 1, tier states ← s_new), and the whole step",
             ["thl_np.step.thl_step"],
             ["thl_np.step.thl_step", "thl_np.step.run_sequence"], ["thl_np.step.sequence_backward"],
-            note="`thl_np.inference.state.InferenceState` holds the spec §3 state. Which implementation of "
+            note="`thl_np.state.InferenceState` holds the spec §3 state. Which implementation of "
                  "each component the step calls is the config's choice (`thl_np.components.registry`)."),
     Section("§5", "Losses and gradients", ["thl_np.step.loss_and_grads"],
             [f"{NN}.output.cross_entropy_forward", f"{NN}.output.load_balance_forward",
@@ -82,9 +82,9 @@ SECTIONS = [
             [f"{NN}.heads.pooled_head_backward", f"{NN}.heads.token_head_backward"],
             helpers=[f"{NN}.heads.pool_last_forward", f"{NN}.heads.pool_last_backward",
                      f"{NN}.heads.dropout_forward", f"{NN}.heads.dropout_backward", f"{NN}.heads.token_labels"],
-            note="`thl_np.tasks.models` composes them with the body: the head's backward gives d tier states "
+            note="`thl_np.finetune.models` composes them with the body: the head's backward gives d tier states "
                  "[N, T, Σd_k], which `thl_np.step.sequence_backward` (plain) or "
-                 "`thl_np.training.fast_grad.fast_backward` (fast) takes through the T steps."),
+                 "`thl_np.engines.gradient.fast_backward` (fast) takes through the T steps."),
 ]
 
 

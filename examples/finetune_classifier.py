@@ -25,8 +25,8 @@ import sysconfig
 import numpy as np
 
 import thl_np
-from thl_np.tasks.data import batch, parse_records
-from thl_np.tasks.models import Subset
+from thl_np.finetune.examples import batch, parse_records
+from thl_np.finetune.models import Subset
 from thl_np.training import AdamW, clip_grad_norm, lr_at
 
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from thl_np.components.output import cross_entropy_forward, load_balance_forward
 from thl_np.config import THLConfig
-from thl_np.inference.state import InferenceState
 from thl_np.params import param_shapes
+from thl_np.state import InferenceState
 from thl_np.step import output_forward, run_sequence, thl_step
 
 

@@ -6,8 +6,8 @@ import pytest
 from helpers import tiny_config
 
 from thl_np.errors import InputError, StateError, THLError
-from thl_np.inference.state import InferenceState
 from thl_np.model import THLModel, value_and_grad
+from thl_np.state import InferenceState
 
 CFG = tiny_config()
 MODEL = THLModel(CFG, seed=0)

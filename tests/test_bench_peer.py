@@ -1,4 +1,5 @@
-"""`thl-np bench --peer PATH` (thl_np/bench_peer.py): the PyTorch THL measured beside thl-np in the same run.
+"""`python benchmarks/bench_peer.py --peer PATH` (`thl-np bench` with the PyTorch THL harness): the PyTorch THL
+measured beside thl-np in the same run.
 
 The error paths run everywhere; the runs need torch and the PyTorch THL's folder (../shared/peer beside the
 checkout, or THL_PEER) and are skipped without them (CI installs no torch). Nothing here asserts a speed."""
@@ -28,6 +29,15 @@ def _has_torch() -> bool:
 
 needs_peer = pytest.mark.skipif(not (_has_torch() and (PEER / "thl" / "__init__.py").is_file()),
                                 reason="needs torch and the PyTorch THL's folder (THL_PEER)")
+
+
+@pytest.fixture(autouse=True)
+def harness(monkeypatch):
+    """What benchmarks/bench_peer.py does before it runs `thl-np bench`."""
+    import thl_np.cli.bench
+    from benchmarks import bench_peer
+
+    monkeypatch.setattr(thl_np.cli.bench, "PEER_HARNESS", bench_peer)
 
 
 def _run(capsys, *argv):
@@ -77,7 +87,7 @@ def test_float64_is_refused(capsys):
 def test_component_variants_and_task_models_have_no_peer():
     from types import SimpleNamespace
 
-    from thl_np.bench_peer import check_config
+    from benchmarks.bench_peer import check_config
 
     with pytest.raises(ConfigError, match="component variants"):
         check_config(SimpleNamespace(components={"gru": "a_variant"}, task=None))
@@ -91,7 +101,7 @@ def test_component_variants_and_task_models_have_no_peer():
 def test_peer_gets_the_same_weights_or_says_it_did_not():
     import torch
 
-    from thl_np.bench_peer import PeerModel, load_peer
+    from benchmarks.bench_peer import PeerModel, load_peer
 
     peer = load_peer(PEER)
     config = THLConfig(dim=16, memory_slots=8, vocab_size=40)
@@ -117,7 +127,7 @@ def test_peer_gets_the_same_weights_or_says_it_did_not():
 
 @needs_peer
 def test_peer_training_step_is_forward_and_backward():
-    from thl_np.bench_peer import load_peer, train_tokens_per_s
+    from benchmarks.bench_peer import load_peer, train_tokens_per_s
 
     tps, weights = train_tokens_per_s(load_peer(PEER), THLConfig(dim=16, memory_slots=8, vocab_size=40),
                                       seq_len=6, batch_size=2, repeats=1)
@@ -140,3 +150,24 @@ def test_bench_prints_the_peer_beside_thl_np(capsys):
     assert "PyTorch THL prompt (4 tokens, all logits)" in text
     assert "PyTorch THL training not measured (--no-train)" in text and "peer_train_tok_s" not in figures
     assert not any(k.startswith("int8_") for k in figures)
+
+
+def test_the_installed_cli_points_to_the_harness(tmp_path, capsys, monkeypatch):
+    """The harness is not in the package: `thl-np bench --peer` alone says where it is, in one line."""
+    import thl_np.cli.bench
+
+    monkeypatch.setattr(thl_np.cli.bench, "PEER_HARNESS", None)
+    code, out, err = _run(capsys, "--peer", tmp_path)
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert "python benchmarks/bench_peer.py --peer PATH" in err
+
+
+def test_the_harness_runs_as_a_script(tmp_path):
+    """`python benchmarks/bench_peer.py --peer PATH` is `thl-np bench --peer PATH` with the harness set."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_peer.py"), "--dim", "16",
+                          "--memory-slots", "8", "--peer", str(tmp_path)], capture_output=True, text=True,
+                         cwd=root, timeout=120)
+    assert run.returncode == 1 and "holds no thl/ package" in run.stderr, run.stderr[-2000:]

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from thl_np import InferenceState, THLConfig, THLModel
 from thl_np.cli import basic, cli, main
 from thl_np.generation import generate_ids, generate_text
+from thl_np.io import folder
 from thl_np.params import num_parameters, param_shapes
 from thl_np.tokenizer import Tokenizer
 
@@ -198,7 +199,7 @@ def test_missing_model_folder_is_one_line(tmp_path, capsys):
 
 
 def test_missing_default_model_says_what_to_do(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(basic, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
+    monkeypatch.setattr(folder, "DEFAULT_MODEL_DIR", tmp_path / "default_model")
     err = one_line_error(capsys, "generate", "hi")
     assert "--model" in err and "thl-np init" in err
 

@@ -8,7 +8,7 @@ import pytest
 
 from thl_np import THLModel, Tokenizer, generate_text
 from thl_np.cli import main
-from thl_np.cli.basic import DEFAULT_MODEL_DIR
+from thl_np.io.folder import DEFAULT_MODEL_DIR
 
 MAX_PARAMETERS = 5_000_000
 MAX_BYTES_ON_DISK = 20_000_000
@@ -82,7 +82,7 @@ def test_the_default_model_retrieves_a_passkey_from_its_memory(model):
     far beyond the 64-byte local window, is answered from the memory. With the writer switched off
     (write_rate 0: the bank stays empty) the same weights answer at chance, so it is the memory that
     carries the key, not the tiers or the window."""
-    from thl_np.evaluation import passkey_eval
+    from thl_np.eval.long_context import passkey_eval
 
     report = passkey_eval(model, lengths=[1024], trials=4, depth="0.1:0.9", seed=77, filler="source")
     row = report["results"][0]

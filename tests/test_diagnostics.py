@@ -1,4 +1,4 @@
-"""Memory diagnostics (thl_np.diagnostics) and the passkey trace (thl_np.trace): every statistic defined once,
+"""Memory diagnostics (thl_np.eval.diagnostics) and the passkey trace (thl_np.eval.trace): every statistic defined once,
 the fast and the plain path feeding it the same choices, in decoding and in training."""
 import sys
 
@@ -9,23 +9,13 @@ from hypothesis import strategies as st
 from test_fast_decode import configs, small_config
 
 from thl_np import THLConfig, THLModel
-from thl_np.diagnostics import (
-    NOVEL_EVICT,
-    REFINE,
-    MemoryObserver,
-    MemoryStats,
-    MemorySteps,
-    empty_slots,
-    observe_decoder,
-    plot_diagnostics,
-    summary_lines,
-    track_empty,
-)
+from thl_np.engines.decoder import FastDecoder
+from thl_np.engines.plain_decoder import PlainDecoder
 from thl_np.errors import InputError
-from thl_np.inference.fast import FastDecoder
-from thl_np.inference.plain_decoder import PlainDecoder
+from thl_np.eval.diagnostics import MemoryStats, observe_decoder, plot_diagnostics, summary_lines
+from thl_np.eval.trace import passkey_trace, passkey_trial, trace_lines
+from thl_np.memory_steps import NOVEL_EVICT, REFINE, MemoryObserver, MemorySteps, empty_slots, track_empty
 from thl_np.model import value_and_grad
-from thl_np.trace import passkey_trace, passkey_trial, trace_lines
 
 
 def observed(decoder, ids):

@@ -95,7 +95,7 @@ def test_ranks_scaled_gradients_sum_to_the_batch_gradient(ranks):
 
 
 def test_state_lanes_split_and_join_back():
-    from thl_np.inference.state import InferenceState
+    from thl_np.state import InferenceState
 
     rng = np.random.default_rng(2)
     state = InferenceState.init(5, model_config())

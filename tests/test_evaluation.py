@@ -1,4 +1,4 @@
-"""Passkey retrieval and memory-vs-context evaluation (thl_np.evaluation) and their `thl-np eval` flags."""
+"""Passkey retrieval and memory-vs-context evaluation (thl_np.eval.long_context) and their `thl-np eval` flags."""
 import json
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 from thl_np import THLConfig, THLModel
 from thl_np.cli import main
 from thl_np.errors import InputError
-from thl_np.evaluation import (
+from thl_np.eval.long_context import (
     CHANCE_EXACT,
     CHANCE_PER_DIGIT,
     FILLERS,
@@ -19,7 +19,7 @@ from thl_np.evaluation import (
     plot_memory,
     rss_bytes,
 )
-from thl_np.inference.state import InferenceState
+from thl_np.state import InferenceState
 
 
 @pytest.fixture(scope="module")

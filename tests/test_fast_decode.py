@@ -1,4 +1,4 @@
-"""The fast decode path (thl_np.inference.fast) computes the plain path's function (spec §4).
+"""The fast decode path (thl_np.engines.decoder) computes the plain path's function (spec §4).
 
 DESIGN.md: float64 within 1e-10, float32 logits within 1e-5, over runs long enough to fill the memory,
 force least-recently-used writes and renormalise the lazily applied decay.
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from thl_np import THLConfig, THLModel
-from thl_np.inference.fast import FastDecoder
+from thl_np.engines.decoder import FastDecoder
 from thl_np.step import output_forward, run_sequence, thl_step
 
 
@@ -179,7 +179,7 @@ def test_cache_is_not_reused_after_the_weights_change():
 def test_linear_kernels_match_numpy(rows, dtype, tol):
     """fast.linear (GEMV for one row, 6×4 tiles for up to SMALL_BATCH rows, BLAS above) equals x @ W.T + b, for
     widths that leave remainders of the tiles (1001 = 6·166 + 5 rows of W, 37 columns)."""
-    from thl_np.inference.fast import linear
+    from thl_np.engines.decoder import linear
 
     rng = np.random.default_rng(rows)
     W = rng.standard_normal((1001, 37)).astype(dtype)

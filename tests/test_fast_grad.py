@@ -1,4 +1,4 @@
-"""The fast training path (``thl_np.training.fast_grad``) against the plain one (spec §5).
+"""The fast training path (``thl_np.engines.gradient``) against the plain one (spec §5).
 
 ``fast_value_and_grad`` must return what the plain ``value_and_grad`` returns: the loss, every parameter
 gradient, the final state and the gradient w.r.t. the initial state. In float64 each tensor agrees within
@@ -21,12 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from thl_np.components.output import cross_entropy_forward, layer_norm_backward, linear_backward, load_balance_forward
+from thl_np.engines import gradient as fast_grad
+from thl_np.engines.gradient import blas_threads, fast_value_and_grad, training_memory_bytes
 from thl_np.errors import InputError
-from thl_np.inference.state import InferenceState
 from thl_np.model import THLModel
+from thl_np.state import InferenceState
 from thl_np.step import output_forward, run_sequence, sequence_backward
-from thl_np.training import fast_grad
-from thl_np.training.fast_grad import blas_threads, fast_value_and_grad, training_memory_bytes
 
 CASES = Path("/work/shared/conformance/cases")
 TOL64 = 1e-10

@@ -12,10 +12,11 @@ import thl_np
 from thl_np.cli import main
 from thl_np.components.heads import draw_dropout
 from thl_np.errors import InputError
-from thl_np.tasks import MODEL_CLASSES
-from thl_np.tasks.data import ExampleOrder, aligned_length, batch, read_task_file
+from thl_np.finetune import MODEL_CLASSES
+from thl_np.finetune.examples import ExampleOrder, aligned_length, batch, read_task_file
+from thl_np.finetune.trainer import FinetuneConfig, finetune
+from thl_np.io.folder import resolve_model_dir
 from thl_np.training import checkpoint as ckpt
-from thl_np.training.finetune import FinetuneConfig, finetune
 from thl_np.training.optim import AdamW, clip_grad_norm
 from thl_np.training.schedule import lr_at
 from thl_np.training.trainer import _new_rng
@@ -141,12 +142,12 @@ def test_one_step_is_the_documented_step(files, tmp_path):
     names = model.trainable_names()
     grads = {n: grads[n] for n in names}
     clip_grad_norm(grads, config.grad_clip)
-    from thl_np.tasks.models import Subset
+    from thl_np.finetune.models import Subset
 
     AdamW(Subset(model.params, names), weight_decay=config.weight_decay, betas=(config.beta1, config.beta2),
           eps=config.eps).step(Subset(model.params, names), grads, lr_at(0, config.lr, 0, 1))
     model.save_pretrained(tmp_path / "manual")
-    assert same_weights(ckpt.resolve_model_dir(str(tmp_path / "run")), tmp_path / "manual")
+    assert same_weights(resolve_model_dir(str(tmp_path / "run")), tmp_path / "manual")
     lm = thl_np.THLModel.from_pretrained(files / "lm")
     trained = thl_np.THLForSequenceClassification.from_pretrained(tmp_path / "run")
     for name in ("output_head.weight", "layer_norm.weight", "writer.W_r.weight"):   # not trainable: untouched
@@ -169,7 +170,7 @@ def test_resume_after_an_interruption_is_bit_identical(task, files, tmp_path):
     assert os.path.basename(ckpt.latest_checkpoint(str(tmp_path / "part"))) == "step-000002"
     resumed = finetune(None, data, tmp_path / "part", tc(task, resume=True))
     assert resumed.step == 6
-    assert same_weights(ckpt.resolve_model_dir(str(tmp_path / "full")), ckpt.resolve_model_dir(str(tmp_path / "part")))
+    assert same_weights(resolve_model_dir(str(tmp_path / "full")), resolve_model_dir(str(tmp_path / "part")))
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
     assert resumed.evals == full.evals
     other = tmp_path / "other.jsonl"

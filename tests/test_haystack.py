@@ -1,4 +1,4 @@
-"""The passkey haystacks (thl_np.haystack): real Python source at a random depth, its validation, and the
+"""The passkey haystacks (thl_np.training.haystack): real Python source at a random depth, its validation, and the
 `thl-np eval --passkey --filler source --depth LO:HI` flags."""
 import json
 
@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from thl_np import THLConfig, THLModel
 from thl_np.cli import main
 from thl_np.errors import InputError
-from thl_np.evaluation import passkey_eval
-from thl_np.haystack import FILLERS, PACKAGE_SOURCES, Haystack, haystack_prompt, load_source, parse_depth
-from thl_np.trace import passkey_trace, passkey_trial
+from thl_np.eval.long_context import passkey_eval
+from thl_np.eval.trace import passkey_trace, passkey_trial
+from thl_np.training.haystack import FILLERS, PACKAGE_SOURCES, Haystack, haystack_prompt, load_source, parse_depth
 
 PY = FILLERS["python"]
 SOURCE = Haystack("source")   # thl-np's own sources, read once

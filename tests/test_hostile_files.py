@@ -23,6 +23,7 @@ import pytest
 
 from thl_np import THLConfig, THLModel
 from thl_np.cli import main
+from thl_np.io.folder import resolve_model_dir
 from thl_np.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,8 +232,8 @@ def test_checkpoint_on_a_full_filesystem(tmp_path, text_file, small_fs, capsys, 
 
 
 def assert_same_weights(a, b):
-    ma = THLModel.from_pretrained(ckpt.resolve_model_dir(str(a)))
-    mb = THLModel.from_pretrained(ckpt.resolve_model_dir(str(b)))
+    ma = THLModel.from_pretrained(resolve_model_dir(str(a)))
+    mb = THLModel.from_pretrained(resolve_model_dir(str(b)))
     for name, value in ma.params.items():
         np.testing.assert_array_equal(mb.params[name], value, err_msg=name)
 

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from thl_np import InferenceState, THLConfig, THLModel, generate_text, value_and_grad
 from thl_np.checks import MAX_COEFFICIENT, RULES
+from thl_np.engines.layered import LayeredInferenceEngine
 from thl_np.errors import ConfigError, InputError, StateError, THLError, WeightsError
 from thl_np.generation import generate_ids
-from thl_np.inference.layered import LayeredInferenceEngine
 from thl_np.io.safetensors import write_safetensors
 from thl_np.training.trainer import TrainConfig, evaluate
 
@@ -494,7 +494,7 @@ def test_config_json_that_is_a_folder(tmp_path):
 def test_non_finite_metric_is_an_error():
     """evaluate() (thl-np eval, the trainer's held-out evaluations) and the passkey evaluation raise on a
     NaN weight instead of reporting bits_per_byte = nan."""
-    from thl_np.evaluation import passkey_eval
+    from thl_np.eval.long_context import passkey_eval
 
     cfg = tiny(vocab_size=259, dtype="float32")
     model = THLModel(cfg, seed=0)

@@ -1,4 +1,4 @@
-"""The layered engine (thl_np.inference.layered): spec §4 steps within a device budget.
+"""The layered engine (thl_np.engines.layered): spec §4 steps within a device budget.
 
 Spec §6: the PyTorch THL's layered engine skipped the LayerNorm and ran under autocast; here the engine's
 logits and state must equal the plain model's ``forward_step`` (float64 1e-12, float32 1e-5) for every
@@ -16,9 +16,9 @@ import pytest
 from thl_np import InferenceState, THLConfig, THLModel
 from thl_np.components.router import read_meta_forward, router_forward
 from thl_np.components.writer import memory_write_forward, writer_forward
+from thl_np.engines.layered import DeviceBudgetError, LayeredInferenceEngine, parse_bytes, plan_layers
+from thl_np.engines.layered.backends import cuda_available
 from thl_np.errors import ConfigError, InputError, StateError, THLError
-from thl_np.inference.layered import DeviceBudgetError, LayeredInferenceEngine, parse_bytes, plan_layers
-from thl_np.inference.layered.backends import cuda_available
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 STEPS = 20
@@ -556,7 +556,7 @@ def test_cuda_backend_logic_on_a_numpy_stand_in(monkeypatch):
     """The CuPy backend's code (pinned staging, memcpy into slot views, events, the generic ops on
     device-array types, state and logits transfers) run against a NumPy stand-in for CuPy: the engine
     equals the plain model at the CUDA minimal budget. CuPy itself is not exercised here."""
-    from thl_np.inference.layered.backends import cuda as cuda_backend
+    from thl_np.engines.layered.backends import cuda as cuda_backend
 
     monkeypatch.setattr(cuda_backend, "import_cupy", _fake_cupy)
     monkeypatch.setattr(cuda_backend.CupyBackend, "STAGE_BYTES", 1000)   # many staging rounds per piece

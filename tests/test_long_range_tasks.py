@@ -1,4 +1,4 @@
-"""Long-range training data (thl_np.training.tasks), the answer-weighted loss, and whole-sequence training
+"""Long-range training data (thl_np.training.synthetic_tasks), the answer-weighted loss, and whole-sequence training
 with a length schedule in the trainer and the CLI."""
 import json
 
@@ -9,10 +9,10 @@ from helpers import random_params, tiny_config
 from thl_np import THLModel
 from thl_np.cli import main
 from thl_np.errors import InputError
-from thl_np.evaluation import FILLERS
+from thl_np.eval.long_context import FILLERS
 from thl_np.model import value_and_grad
 from thl_np.training import checkpoint as ckpt
-from thl_np.training.tasks import (
+from thl_np.training.synthetic_tasks import (
     TASK_MAKERS,
     WindowBatches,
     insert_lines,

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from thl_np.config import THLConfig
 from thl_np.errors import ConfigError, StateError
-from thl_np.inference.state import InferenceState
 from thl_np.model import THLModel, value_and_grad
+from thl_np.state import InferenceState
 from thl_np.step import run_sequence
 
 CONFORMANCE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "conformance").resolve()

@@ -15,15 +15,9 @@ from thl_np import THLConfig, THLModel
 from thl_np.cli import main
 from thl_np.errors import ConfigError, InputError, WeightsError
 from thl_np.io.safetensors import list_tensors, read_safetensors, write_safetensors
-from thl_np.quant import (
-    SCHEMES,
-    QuantizedParams,
-    dequantize,
-    dequantize_model,
-    quantize_matrix,
-    quantize_model,
-    scheme_config,
-)
+from thl_np.model import dequantize_model, quantize_model
+from thl_np.quant import SCHEMES, dequantize, quantize_matrix, scheme_config
+from thl_np.quant.params import QuantizedParams
 
 SCHEME_NAMES = list(SCHEMES)
 
@@ -372,7 +366,7 @@ def test_quantize_info_and_generate_commands(tmp_path, capsys):
 def test_eval_compare(tmp_path, capsys):
     """Both bits per byte, the difference and the KL: a model against itself gives 0 and 100% agreement; against
     its int8 copy, the figures of compare_models (which the JSON carries)."""
-    from thl_np.compare import compare_models
+    from thl_np.eval.compare import compare_models
 
     src, out = tmp_path / "float", tmp_path / "int8"
     model = THLModel(small_config("float32", vocab_size=259), seed=0)
@@ -397,7 +391,7 @@ def test_eval_compare(tmp_path, capsys):
 
 
 def test_eval_compare_refuses_another_vocabulary(tmp_path):
-    from thl_np.compare import compare_models
+    from thl_np.eval.compare import compare_models
 
     with pytest.raises(InputError, match="different vocabularies"):
         compare_models(THLModel(small_config(), seed=0), THLModel(small_config(vocab_size=98), seed=0), b"abcdefgh")
@@ -429,7 +423,7 @@ def test_convert_round_trips_a_quantized_folder(tmp_path):
 def test_decode_bytes_per_step_counts_the_stored_int8_bytes(scheme):
     """The int8 bound's bytes: each matrix a step reads as stored (int8 values and float32 scales, from the
     quantized model itself), biases in the compute dtype, tiers by their clocks; the state scan as in float."""
-    from thl_np.bench import decode_bytes_per_step
+    from thl_np.eval.bench import decode_bytes_per_step
 
     c = wide_config("float32")
     qp = quantize_model(THLModel(c, seed=0), scheme).params
@@ -450,7 +444,7 @@ def test_decode_bytes_per_step_counts_the_stored_int8_bytes(scheme):
 def test_bench_measures_int8_beside_float32(capsys):
     """`thl-np bench` decodes the int8 copy in the same run: its tokens/s, its own bound (int8 bytes ÷ the same
     GEMV bandwidth), the ratio to it and the speed-up over float32, consistent with each other."""
-    from thl_np.bench import decode_bytes_per_step
+    from thl_np.eval.bench import decode_bytes_per_step
 
     code = main(["bench", "--dim", "16", "--memory-slots", "8", "--decode-steps", "3", "--prompt-len", "4",
                  "--no-train", "--int8", "int8-block32", "--json"])

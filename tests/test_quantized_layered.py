@@ -1,4 +1,4 @@
-"""The layered engine on int8 weights (thl_np.inference.layered.storage): it streams the int8 values and
+"""The layered engine on int8 weights (thl_np.engines.layered.storage): it streams the int8 values and
 scales, dequantizes on the device, equals the plain model on the same quantized weights, and its budget
 counts the int8 bytes it moves and the float copies it makes (measured with tracemalloc)."""
 import contextlib
@@ -9,8 +9,9 @@ import pytest
 from test_layered import _fake_cupy, _FakeDeviceArray, assert_states_equal, small_config
 
 from thl_np import InferenceState, THLConfig, THLModel
-from thl_np.inference.layered import LayeredInferenceEngine, parse_bytes, plan_layers
-from thl_np.quant import SCHEMES, quantize_model, scheme_config
+from thl_np.engines.layered import LayeredInferenceEngine, parse_bytes, plan_layers
+from thl_np.model import quantize_model
+from thl_np.quant import SCHEMES, scheme_config
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 
@@ -141,7 +142,7 @@ def test_workspace_bounds_cover_real_allocations_with_int8_weights():
 
 def test_cuda_backend_on_a_numpy_stand_in_with_int8_weights(monkeypatch):
     """The CuPy backend's code with int8 pieces in the slots and dequantization on "device" arrays."""
-    from thl_np.inference.layered.backends import cuda as cuda_backend
+    from thl_np.engines.layered.backends import cuda as cuda_backend
 
     monkeypatch.setattr(cuda_backend, "import_cupy", _fake_cupy)
     monkeypatch.setattr(cuda_backend.CupyBackend, "STAGE_BYTES", 1000)

@@ -57,7 +57,7 @@ def test_token_labels_follow_tokenize():
 def test_stdlib_data_sets_are_well_formed(tmp_path):
     tasks = load("stdlib_tasks")
     tasks.build(str(tmp_path))
-    from thl_np.tasks.data import read_task_file
+    from thl_np.finetune.examples import read_task_file
 
     for name, (task, _) in tasks.TASKS.items():
         train = read_task_file(tmp_path / name / "train.jsonl", task)

@@ -13,9 +13,9 @@ import thl_np
 from thl_np import THLConfig, THLForMultipleChoice, THLForSequenceClassification, THLForTokenClassification
 from thl_np.components import heads as H
 from thl_np.errors import ConfigError, InputError, WeightsError
+from thl_np.finetune import MODEL_CLASSES
+from thl_np.finetune.head_gradcheck import check_task_gradients
 from thl_np.io.convert import convert_pytorch_checkpoint
-from thl_np.tasks import MODEL_CLASSES
-from thl_np.tasks.gradcheck import check_task_gradients
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PAD = 0

@@ -9,6 +9,7 @@ import pytest
 
 from thl_np.config import THLConfig
 from thl_np.errors import ConfigError, InputError
+from thl_np.io.folder import resolve_model_dir
 from thl_np.training import checkpoint as ckpt
 from thl_np.training.data import LaneBatches
 from thl_np.training.optim import AdamW, clip_grad_norm, default_no_decay, global_grad_norm
@@ -152,15 +153,15 @@ def test_write_checkpoint_failure_keeps_previous(tmp_path):
     second = ckpt.write_checkpoint(str(tmp_path), 2, good, keep=1)
     assert ckpt.latest_checkpoint(str(tmp_path)) == second
     assert sorted(os.listdir(tmp_path)) == ["LATEST", "step-000002"]  # the older one pruned
-    assert ckpt.resolve_model_dir(str(tmp_path)) == os.path.join(second, "model")
+    assert resolve_model_dir(str(tmp_path)) == os.path.join(second, "model")
 
 
 # ---------------------------------------------------------------------- the loop
 def assert_same_weights(dir_a, dir_b):
     from thl_np.model import THLModel
 
-    a = THLModel.from_pretrained(ckpt.resolve_model_dir(str(dir_a)))
-    b = THLModel.from_pretrained(ckpt.resolve_model_dir(str(dir_b)))
+    a = THLModel.from_pretrained(resolve_model_dir(str(dir_a)))
+    b = THLModel.from_pretrained(resolve_model_dir(str(dir_b)))
     assert a.dtype == np.float64 and a.params.keys() == b.params.keys()
     for name in a.params:
         assert np.array_equal(a.params[name], b.params[name]), f"{name} differs"
@@ -187,7 +188,7 @@ def test_one_step_is_the_documented_step(tmp_path):
     clip_grad_norm(grads, tc.grad_clip)
     opt = AdamW(model.params, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.eps)
     opt.step(model.params, grads, lr_at(0, tc.lr, 0, 1))
-    trained = ckpt.resolve_model_dir(str(tmp_path))
+    trained = resolve_model_dir(str(tmp_path))
     model.save_pretrained(str(tmp_path / "manual"))
     assert_same_weights(trained, tmp_path / "manual")
 
@@ -206,10 +207,10 @@ def test_training_lowers_the_loss_and_writes_a_complete_checkpoint(uninterrupted
     log = ckpt.read_csv(os.path.join(latest, "log.csv"))
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == result.history[-1]["loss"]  # repr round trip: the same float
-    from thl_np.diagnostics import LOG_COLUMNS
+    from thl_np.eval.diagnostics import LOG_COLUMNS
 
     assert set(log[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len"} | {
-        f"mem_{k}" for k in LOG_COLUMNS}  # the memory figures of each step's chunk (thl_np.diagnostics)
+        f"mem_{k}" for k in LOG_COLUMNS}  # the memory figures of each step's chunk (thl_np.eval.diagnostics)
     assert ckpt.read_csv(os.path.join(latest, "eval.csv")) == result.evals  # the final eval included
     try:
         import matplotlib  # noqa: F401

@@ -112,7 +112,7 @@ RULES: dict[str, Rule] = {
     **{name: _COEF for name in ("load_penalty", "router_load_balance_lambda", "write_rate", "novelty_beta",
                                 "novelty_theta", "stale_weight", "underuse_weight")},
     "write_clip_max": Rule(0.0, MAX_COEFFICIENT, lo_open=True),
-    "num_labels": _SIZE, "classifier_dropout": Rule(0.0, 1.0, hi_open=True),     # task heads (thl_np.tasks)
+    "num_labels": _SIZE, "classifier_dropout": Rule(0.0, 1.0, hi_open=True),     # task heads (thl_np.finetune)
     # TrainConfig
     **{name: Rule(1, MAX_SIZE, integer=True) for name in ("steps", "seq_len", "batch_size", "eval_lanes",
                                                           "keep_checkpoints", "lr_decay_steps", "seq_len_final",
@@ -358,3 +358,23 @@ def require_matplotlib(what: str = "the plot"):
     except ImportError:
         raise InputError(f"{what} needs matplotlib: pip install 'thl-np[plot]' (or pip install matplotlib)") from None
     return Figure, FigureCanvasAgg
+
+
+def as_int_array(x, name):
+    """Any array-like of integer token ids (lists, NumPy, a CPU torch tensor) → an int64 array."""
+    import numpy as np
+
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:
+        raise InputError(f"{name} could not be read as an array ({exc})") from None
+    if arr.dtype == object:
+        raise InputError(f"{name} must be a rectangular array of integer token ids")
+    if arr.size == 0 and arr.dtype.kind not in "iu":  # np.asarray([]) is float64: say what is wrong
+        raise InputError(f"{name} is empty (shape {list(arr.shape)}): give at least one token per sequence")
+    if arr.dtype.kind == "b" or arr.dtype.kind not in "iu":
+        raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}: "
+                         "convert with np.asarray(ids, dtype=np.int64)")
+    return arr.astype(np.int64, copy=False)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from .checks import check
 from .errors import ConfigError
+from .task_fields import TASK_FIELDS, check_task_fields
 
 DTYPES = ("float32", "float64")
-TASK_FIELDS = ("task", "num_labels", "id2label", "label2id", "classifier_dropout")
 
 
 @dataclass
@@ -57,7 +57,7 @@ class THLConfig:
     # Int8 weights, {"method": "int8", "block_size": null | b} (thl_np.quant, docs/QUANTIZATION.md); None for
     # float weights. Written to config.json only for a quantized model.
     quantization: dict = field(default=None)
-    # A task head (thl_np.tasks): written to config.json only when ``task`` is set, as Hugging Face configs
+    # A task head (thl_np.finetune): written to config.json only when ``task`` is set, as Hugging Face configs
     # write them; a language model's config.json has none of them.
     task: str | None = None
     num_labels: int | None = None
@@ -159,8 +159,6 @@ class THLConfig:
         from .quant.scheme import check_quantization
 
         self.quantization = check_quantization(self.quantization)
-        from .tasks.config import check_task_fields  # imported here: thl_np.tasks imports this module
-
         check_task_fields(self)
 
     # ------------------------------------------------------------------ derived sizes

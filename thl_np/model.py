@@ -1,6 +1,6 @@
 """THLModel, the public face of THL: a config and its parameters, the choice between the plain path
 (``thl_np.step``, the spec composed from ``thl_np.components``) and the fast path
-(``thl_np.inference.fast``, ``thl_np.training.fast_grad``), and saving and loading.
+(``thl_np.engines.decoder``, ``thl_np.engines.gradient``), and saving and loading.
 """
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import as_dtype, as_path
+from .checks import as_dtype, as_int_array, as_path
 from .components.registry import components_for
 from .config import THLConfig
 from .errors import InputError, StateError, WeightsError
-from .inference.state import InferenceState
 from .params import check_params, init_params, num_parameters, param_shapes
-from .quant import SCALE_SUFFIX, QuantizedParams, scheme_name
-from .quant import model_params as quantized_params
+from .quant import SCALE_SUFFIX, scheme_config, scheme_name
+from .quant.params import QuantizedParams
+from .quant.quantize import model_params as quantized_params
+from .quant.quantize import quantize_params
+from .state import InferenceState
 from .step import head_loss_and_backward, loss_and_grads, output_forward, run_sequence, thl_step
 
 FORMAT_VERSION = "1"
@@ -96,7 +98,7 @@ class THLModel:
 
     # ----------------------------------------------------------------- input checks
     def _check_ids(self, input_ids, name="input_ids", ndim=2):
-        ids = _as_int_array(input_ids, name)
+        ids = as_int_array(input_ids, name)
         if ids.ndim != ndim:
             shape = "[B, T]" if ndim == 2 else "[B]"
             raise InputError(f"{name} must have shape {shape}, got shape {list(ids.shape)}"
@@ -154,7 +156,7 @@ class THLModel:
 
     def forward_step(self, token_ids, state=None, path: str = "auto"):
         """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state)."""
-        ids = _as_int_array(token_ids, "token_ids")
+        ids = as_int_array(token_ids, "token_ids")
         if ids.ndim == 2 and ids.shape[1] == 1:
             ids = ids[:, 0]
         elif ids.ndim == 0:
@@ -170,12 +172,12 @@ class THLModel:
         return logits, _state_with_cache(decoder)
 
     def decoder(self, state=None, batch_size: int = 1):
-        """A mutable decoding session starting at ``state``: ``thl_np.inference.fast.FastDecoder``, or, for a
-        config whose component variants have no fast kernels, ``thl_np.inference.plain_decoder.PlainDecoder``
+        """A mutable decoding session starting at ``state``: ``thl_np.engines.decoder.FastDecoder``, or, for a
+        config whose component variants have no fast kernels, ``thl_np.engines.plain_decoder.PlainDecoder``
         (the same interface on the plain path)."""
         B = batch_size if state is None else state.batch_size
         if not choose_fast(self.config, "auto"):
-            from .inference.plain_decoder import PlainDecoder
+            from .engines.plain_decoder import PlainDecoder
 
             if state is not None and not isinstance(state, InferenceState):
                 raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
@@ -186,7 +188,7 @@ class THLModel:
         return not choose_fast(self.config, path, gumbel_given=gumbel is not None)
 
     def _decoder(self, state, batch_size):
-        from .inference.fast import FastDecoder
+        from .engines.decoder import FastDecoder
 
         if state is None:
             return FastDecoder(self, batch_size=batch_size)
@@ -232,7 +234,7 @@ class THLModel:
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)
         if config.task is not None:
-            from .tasks.models import class_name_for
+            from .task_fields import class_name_for
 
             raise WeightsError(f"{directory} holds a {config.task} model (config.json task), not a language model: "
                                f"load it with thl_np.{class_name_for(config.task)}.from_pretrained")
@@ -241,7 +243,7 @@ class THLModel:
             raise WeightsError(f"{path} is missing: a model folder needs model.safetensors next to config.json")
         tensors, _ = read_safetensors(path)
         if config.quantization:  # int8 values stay memory-mapped; scales and float tensors are checked
-            from .quant import from_file_tensors
+            from .quant.params import from_file_tensors
 
             tensors = from_file_tensors(config, tensors, source=path)
         else:
@@ -263,6 +265,29 @@ class THLModel:
 
 
 # ---------------------------------------------------------------------------------------------------
+# The quantized form
+# ---------------------------------------------------------------------------------------------------
+def quantize_model(model, scheme: str = "int8"):
+    """A quantized copy of a float THLModel: ``scheme`` "int8" (the default scheme), "int8-row" or
+    "int8-block32" (``thl_np.quant.scheme.SCHEMES``). The float model is not changed."""
+    if isinstance(model.params, QuantizedParams):
+        raise InputError(f"the model is already quantized ({scheme_name(model.config.quantization)}): quantize "
+                         "its float original instead")
+    quantization = scheme_config(scheme)
+    params = quantize_params(model.params, quantization, model.dtype)
+    return THLModel(model.config.replace(quantization=quantization), params=params, dtype=model.dtype)
+
+
+def dequantize_model(model):
+    """The float model a quantized model stands for (W = s·q for every weight): the whole model in float,
+    e.g. to train it further or to save it for a reader without int8 support."""
+    if not isinstance(model.params, QuantizedParams):
+        return model
+    params = {name: model.params[name] for name in model.params}
+    return THLModel(model.config.replace(quantization=None), params=params, dtype=model.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
@@ -272,15 +297,15 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
 
     Returns ``(loss, grads)``; with ``return_state=True`` also the final state (to carry into the next
     chunk of truncated BPTT); with ``return_state_grad=True`` also the gradient w.r.t. the initial state.
-    ``path``: "fast" runs ``thl_np.training.fast_grad`` (the same numbers with much less work), "plain"
+    ``path``: "fast" runs ``thl_np.engines.gradient`` (the same numbers with much less work), "plain"
     runs ``thl_np.step.loss_and_grads`` (the spec, step by step); "auto" picks fast unless the config
     chooses a component variant that has no kernels (``choose_fast``).
     ``loss_weights`` [B, T] (optional, >= 0, not all 0): the cross-entropy becomes Σ w·CE / Σ w (e.g. more
     weight on the answer bytes of a retrieval task). ``observe`` (optional): called once with the
-    forward's memory choices, a ``thl_np.diagnostics.MemorySteps``, on either path.
+    forward's memory choices, a ``thl_np.eval.diagnostics.MemorySteps``, on either path.
     """
     if choose_fast(model.config, path, gumbel_given=False):
-        from .training.fast_grad import fast_value_and_grad  # imported here: fast_grad imports this module
+        from .engines.gradient import fast_value_and_grad  # imported here: fast_grad imports this module
 
         return fast_value_and_grad(model, input_ids, targets, state=state, gumbel_uniform=gumbel_uniform,
                                    return_state=return_state, return_state_grad=return_state_grad,
@@ -349,23 +374,6 @@ def _state_with_cache(decoder) -> InferenceState:
     return state
 
 
-def _as_int_array(x, name):
-    """Any array-like of integer token ids (lists, NumPy, a CPU torch tensor) → an int64 array."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:
-        raise InputError(f"{name} could not be read as an array ({exc})") from None
-    if arr.dtype == object:
-        raise InputError(f"{name} must be a rectangular array of integer token ids")
-    if arr.size == 0 and arr.dtype.kind not in "iu":  # np.asarray([]) is float64: say what is wrong
-        raise InputError(f"{name} is empty (shape {list(arr.shape)}): give at least one token per sequence")
-    if arr.dtype.kind == "b" or arr.dtype.kind not in "iu":
-        raise InputError(f"{name} must hold integer token ids, got dtype {arr.dtype}: "
-                         "convert with np.asarray(ids, dtype=np.int64)")
-    return arr.astype(np.int64, copy=False)
-
-
-__all__ = ["THLModel", "InferenceState", "value_and_grad", "choose_fast", "thl_step", "run_sequence", "output_forward",
+__all__ = ["THLModel", "InferenceState", "value_and_grad", "choose_fast", "quantize_model", "dequantize_model",
+           "thl_step", "run_sequence", "output_forward",
            "head_loss_and_backward", "param_shapes"]

@@ -4,11 +4,11 @@ This file is the plain path: the spec, read top to bottom. Its callers:
 
 - ``THLModel`` (``thl_np.model``): the plain forward, ``value_and_grad(path="plain")``, training on the
   plain path;
-- the layered engine (``thl_np.inference.layered``): the same ``thl_step``, with weights streamed into
+- the layered engine (``thl_np.engines.layered``): the same ``thl_step``, with weights streamed into
   it through a weight provider and arrays on the device (NumPy or CuPy);
 - the reference-vector generator (``thl_np.reference``).
 
-The fast path (``thl_np.inference.fast``, ``thl_np.training.fast_grad``) computes the same numbers with
+The fast path (``thl_np.engines.decoder``, ``thl_np.engines.gradient``) computes the same numbers with
 Numba kernels, and is tested equal to this file.
 
 Weights come from a *provider*: ``provider.module(name)`` is a context manager giving the parameters
@@ -43,7 +43,7 @@ from .components.output import (
 from .components.primitives import array_module, scatter_add
 from .components.registry import components_for
 from .components.router import gumbel_noise, read_meta_backward, read_meta_forward
-from .inference.state import InferenceState
+from .state import InferenceState
 
 
 class ParamWeights:
@@ -326,12 +326,12 @@ def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=Non
                    observe=None):
     """Spec §5 on the plain path: T steps with a tape, the loss (mean cross-entropy over B·T, or weighted by
     ``loss_weights`` [B, T], plus the load-balance term when its weight is non-zero) and BPTT through all T
-    steps. ``observe``, if given, is called with the steps' memory choices (``thl_np.diagnostics``).
+    steps. ``observe``, if given, is called with the steps' memory choices (``thl_np.eval.diagnostics``).
     Returns (loss, grads, final state, gradient w.r.t. the initial state)."""
     B, T = input_ids.shape
     tier_states, state_out, tape = run_sequence(params, config, input_ids, state, gumbel_uniform, record=True)
     if observe is not None:
-        from .diagnostics import steps_from_records
+        from .memory_steps import steps_from_records
 
         observe(steps_from_records(tape, state))
     loss, d_tiers, head_grads = head_loss_and_backward(

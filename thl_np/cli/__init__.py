@@ -7,9 +7,9 @@ import warnings
 import click
 
 from ..errors import THLError
-from . import basic, bench, golden, quant, tasks, train, weights
+from . import basic, bench, finetune, golden, quant, train, weights
 
-_MODULES = (basic, train, tasks, weights, quant, bench, golden)
+_MODULES = (basic, train, finetune, weights, quant, bench, golden)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -16,7 +16,6 @@ from ..config import DTYPES, THLConfig
 from ..errors import WeightsError
 from .params import Number, check_new_model_folder
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 BYTE_VOCAB_SIZE = 259  # the byte tokenizer's 256 bytes + pad, eos, unk
 WIDTH_FIELDS = ("embedding_dim", "hidden_dim", "memory_dim", "value_dim", "tier_dims")
 
@@ -25,25 +24,11 @@ WIDTH_FIELDS = ("embedding_dim", "hidden_dim", "memory_dim", "value_dim", "tier_
 
 
 def resolve_model_dir(model: str | None) -> Path:
-    """The folder to load: --model (a model folder, or a training run's output folder: its latest
-    checkpoint's model), or the packaged default model; a one-line error if neither exists."""
-    if model is None:
-        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            raise WeightsError(
-                f"no --model given and the default model is not installed (looked in {DEFAULT_MODEL_DIR}): "
-                "pass --model DIR, or create a model with `thl-np init --out DIR`"
-            )
-        return DEFAULT_MODEL_DIR
-    path = Path(model)
-    if not path.is_dir():
-        what = "is not a folder" if path.exists() else "does not exist"
-        raise WeightsError(
-            f"model folder {model} {what}: pass a folder holding config.json + model.safetensors "
-            "(`thl-np init --out DIR` makes one)"
-        )
-    from ..training.checkpoint import resolve_model_dir as run_or_model
+    """The folder to load for --model (``thl_np.io.folder.resolve_model_dir``: a model folder, a training
+    run's latest checkpoint, or the packaged default model)."""
+    from ..io.folder import resolve_model_dir as resolve
 
-    return Path(run_or_model(str(path)))
+    return Path(resolve(model))
 
 
 def human_bytes(n: int) -> str:
@@ -79,10 +64,10 @@ def build_init_config(config_file, overrides: dict, dim: int | None, num_tiers: 
 
 def model_summary(model_dir: Path) -> dict:
     """Everything `info` shows, as plain JSON-able values. Reads config.json and the weights header only."""
-    from ..inference.state import InferenceState
     from ..io.safetensors import list_tensors
     from ..params import num_parameters
     from ..quant.report import file_summary
+    from ..state import InferenceState
 
     config = THLConfig.load(str(model_dir))
     n = num_parameters(config)
@@ -233,8 +218,8 @@ def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, sta
       echo "Hello" | thl-np generate - --seed 1
     """
     from ..generation import check_sampling_args, stream_text
-    from ..inference.state import InferenceState
     from ..model import THLModel
+    from ..state import InferenceState
     from ..tokenizer import Tokenizer
 
     check_sampling_args(temperature, top_k, top_p)

@@ -6,6 +6,11 @@ import click
 
 from ..errors import InputError
 
+#: The PyTorch THL harness (``benchmarks/bench_peer.py`` of a checkout: ``load_peer``, ``check_config``,
+#: ``PeerModel``, ``train_tokens_per_s``). It is not part of the package; that script sets this and runs
+#: this command, so ``--peer`` works from a checkout: ``python benchmarks/bench_peer.py --peer PATH``.
+PEER_HARNESS = None
+
 
 @click.command()
 @click.option("--model", "model_dir", type=click.Path(), default=None,
@@ -23,7 +28,8 @@ from ..errors import InputError
                                       "its own bandwidth bound; none skips it.")
 @click.option("--peer", "peer_dir", type=click.Path(), default=None, metavar="PATH",
               help="Also run the PyTorch THL (the thl/ package in PATH; needs torch: pip install 'thl-np[torch]') "
-                   "in the same run, same config, float32 and the same weights, and print thl-np / PyTorch.")
+                   "in the same run, same config, float32 and the same weights, and print thl-np / PyTorch. "
+                   "Run from a checkout as python benchmarks/bench_peer.py --peer PATH [options].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the figures as one JSON object on standard output (the text lines go to standard error).")
 def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, peer_dir, as_json):
@@ -38,28 +44,29 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
       thl-np bench                      # the default config (174M parameters, float32)
       thl-np bench --dim 256 --memory-slots 128 --no-train
       thl-np bench --model my-model --json
-      thl-np bench --peer ../shared/peer --json    # beside the PyTorch THL, same weights
+      python benchmarks/bench_peer.py --peer PEER_DIR --json   # beside the PyTorch THL, same weights
     """
-    from .. import bench as B
     from ..config import THLConfig
     from ..errors import ConfigError
+    from ..eval import bench as B
     from ..model import THLModel
 
     if decode_steps < 1 or prompt_len < 1:
         raise InputError("--decode-steps and --prompt-len must be >= 1")
     peer = None
     if peer_dir is not None:  # before any work: a missing torch or thl/ is one line, not a late failure
-        from ..bench_peer import check_config, load_peer
-
+        if PEER_HARNESS is None:
+            raise InputError("--peer runs the PyTorch THL harness of a thl-np checkout: run "
+                             "python benchmarks/bench_peer.py --peer PATH [options] there")
         if dtype != "float32":
             raise ConfigError(f"--peer compares float32 with float32, got --dtype {dtype}: drop --dtype")
-        peer = load_peer(peer_dir)
+        peer = PEER_HARNESS.load_peer(peer_dir)
     model = None
     config = None
     if model_dir:
         model = THLModel.from_pretrained(model_dir, dtype=dtype)
         if peer is not None:
-            check_config(model.config)
+            PEER_HARNESS.check_config(model.config)
     else:
         kw = {"dtype": dtype}
         if dim:

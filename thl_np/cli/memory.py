@@ -1,5 +1,5 @@
 """`thl-np eval --diagnostics` and `--trace`: the memory figures of a run and one passkey trial traced through
-the memory (``thl_np.diagnostics``, ``thl_np.trace``), turned into lines and JSON for the eval command."""
+the memory (``thl_np.eval.diagnostics``, ``thl_np.eval.trace``), turned into lines and JSON for the eval command."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +14,8 @@ def diagnostics_text(stream, lengths, filler: str, seed: int, depth=0.5, haystac
     if stream is not None:
         ids = np.asarray(stream[:DIAG_BYTES], dtype=np.int64)
         return ids, f"the first {len(ids):,} bytes of --data"
+    from ..eval.trace import passkey_trial
     from ..tokenizer import Tokenizer
-    from ..trace import passkey_trial
 
     length = max(lengths)
     trial = passkey_trial(length, seed, depth, filler, haystack_dir)
@@ -26,8 +26,8 @@ def diagnostics_text(stream, lengths, filler: str, seed: int, depth=0.5, haystac
 def run_diagnostics(model, ids, what: str, path: str, plot: str | None, say) -> dict:
     """Memory figures over ``ids`` (one sequence, a fresh state) on the decoding path ``path``; draws the
     slot-use plot into ``plot`` when given. Returns the summary (and the plot's path)."""
-    from ..diagnostics import MemoryStats, observe_decoder, plot_diagnostics, summary_lines
-    from ..trace import trace_decoder
+    from ..eval.diagnostics import MemoryStats, observe_decoder, plot_diagnostics, summary_lines
+    from ..eval.trace import trace_decoder
 
     dec = trace_decoder(model, path)
     stats = observe_decoder(dec, np.asarray(ids)[None, :], MemoryStats(model.config.memory_slots,
@@ -47,7 +47,7 @@ def run_diagnostics(model, ids, what: str, path: str, plot: str | None, say) -> 
 
 def run_traces(model, lengths, seed: int, depth, filler: str, path: str, say, haystack_dir=None) -> list[dict]:
     """``passkey_trace`` at each length, printed."""
-    from ..trace import passkey_trace, trace_lines
+    from ..eval.trace import passkey_trace, trace_lines
 
     out = []
     for length in lengths:

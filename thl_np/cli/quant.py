@@ -32,8 +32,7 @@ def quantize(model_dir, out, scheme, force):
       thl-np eval --data /usr/lib/python3.11/json --compare default-int8
     """
     from ..io.safetensors import list_tensors
-    from ..model import THLModel
-    from ..quant import quantize_model
+    from ..model import THLModel, quantize_model
     from ..quant.report import file_summary, weight_errors
     from .basic import human_bytes, resolve_model_dir
     from .params import check_new_model_folder

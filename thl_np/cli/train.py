@@ -14,14 +14,13 @@ import time
 import click
 
 from ..checks import check_output_dir, check_output_file, require_matplotlib
-from ..config import DTYPES, THLConfig
+from ..config import DTYPES
 from ..errors import InputError
-from ..haystack import HAYSTACKS
+from ..io.folder import resolve_model_dir
+from ..training.haystack import HAYSTACKS
 from ..training.trainer import TrainConfig
 from .params import Number
-
-NEW_RUN_DIM = 128
-NEW_RUN_SLOTS = 64
+from .train_init import NEW_RUN_DIM, NEW_RUN_SLOTS
 
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "lr_decay_steps", "weight_decay", "grad_clip",
@@ -69,7 +68,7 @@ class _Progress:
     def _step(self, e: dict) -> None:
         text = (f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
                 f"{e['tokens_per_s']:,.0f} tok/s  ETA {_fmt_time(e['eta_s'])}")
-        if "mem_read_entropy" in e:  # the memory over the step's chunk (thl_np.diagnostics)
+        if "mem_read_entropy" in e:  # the memory over the step's chunk (thl_np.eval.diagnostics)
             text += (f"  | T {e['seq_len']} mem H {e['mem_read_entropy']:.2f} top1 {e['mem_top1_mass']:.2f} "
                      f"eff {e['mem_effective_slots']:.1f} refine {e['mem_share_refine']:.0%} "
                      f"evict {e['mem_share_novel_evict']:.0%} g {e['mem_mean_gate']:.2f}")
@@ -112,18 +111,6 @@ def _load_data(data, include, exclude):
     from ..training.data import load_bytes
 
     return load_bytes(data, include, exclude)
-
-
-def _model_config(config_file, dim, memory_slots, write_rate, dtype) -> THLConfig:
-    """A new run's model: vocab 259 (byte tokenizer), every width ``dim``, ``memory_slots`` slots, the
-    rest THLConfig defaults; or ``--config``'s fields with only the flags actually given on top."""
-    from .basic import build_init_config
-
-    if config_file is None:
-        dim = NEW_RUN_DIM if dim is None else dim
-        memory_slots = NEW_RUN_SLOTS if memory_slots is None else memory_slots
-    overrides = {"memory_slots": memory_slots, "write_rate": write_rate, "dtype": dtype}
-    return build_init_config(config_file, overrides, dim, None)
 
 
 @click.command("train", context_settings={"show_default": True})
@@ -218,7 +205,7 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
     base = (saved_train_config(out) if resume else None) or TrainConfig()
     base = world.root_value(base)  # rank 0's --out decides: only rank 0 need see it
     if seq_len_text is not None:
-        from ..training.tasks import parse_seq_len
+        from ..training.synthetic_tasks import parse_seq_len
 
         try:
             flags["seq_len"], flags["seq_len_final"] = parse_seq_len(seq_len_text)
@@ -258,7 +245,7 @@ def _int_list(ctx, param, value):
 
 def _depth(ctx, param, value):
     """--depth 0.5 or 0.1:0.9 -> (lo, hi); a usage error naming the flag otherwise."""
-    from ..haystack import parse_depth
+    from ..training.haystack import parse_depth
 
     try:
         return parse_depth(value)
@@ -268,7 +255,7 @@ def _depth(ctx, param, value):
 
 def _check_haystack(filler, haystack_dir, lengths) -> None:
     """The passkey haystack can be read and is long enough for every length (an InputError otherwise)."""
-    from ..haystack import Haystack
+    from ..training.haystack import Haystack
 
     if haystack_dir is not None and filler != "source":
         raise click.UsageError(f"--haystack-dir is the source of --filler source, not --filler {filler}: drop one")
@@ -370,13 +357,13 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if passkey or (diagnostics and data is None):  # the haystack, before the model is loaded
         _check_haystack(filler, haystack_dir, lengths if passkey else [max(lengths)])
     t0 = time.perf_counter()
-    path = _eval_model_dir(model_dir)
+    path = resolve_model_dir(model_dir)
     model = THLModel.from_pretrained(path, dtype=dtype)
-    other = None if compare_dir is None else THLModel.from_pretrained(_eval_model_dir(compare_dir), dtype=dtype)
+    other = None if compare_dir is None else THLModel.from_pretrained(resolve_model_dir(compare_dir), dtype=dtype)
     res = {"model": os.fspath(path)}
     say = (lambda text: None) if as_json else click.echo
     if passkey:
-        from ..evaluation import passkey_eval, passkey_lines
+        from ..eval.long_context import passkey_eval, passkey_lines
 
         report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler,
                               haystack_dir=haystack_dir, path=run_path)
@@ -388,7 +375,7 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
 
             res["trace"] = run_traces(model, lengths, seed, depth, filler, run_path, say, haystack_dir)
     if memory_plot is not None:
-        from ..evaluation import format_bytes, memory_vs_context, plot_memory
+        from ..eval.long_context import format_bytes, memory_vs_context, plot_memory
 
         report = memory_vs_context(model, plot_lengths, seed=seed)
         report["plot"] = plot_memory(report, memory_plot)
@@ -420,10 +407,10 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         if other is None:
             bpb = evaluate(model, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
         else:
-            from ..compare import compare_lines, compare_models
+            from ..eval.compare import compare_lines, compare_models
 
             bpb = compare_models(model, other, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
-            bpb["compare"]["model"] = os.fspath(_eval_model_dir(compare_dir))
+            bpb["compare"]["model"] = os.fspath(resolve_model_dir(compare_dir))
         res.update(bpb, data=data)
         if include or exclude or held_out:
             res.update(include=list(include), exclude=list(exclude), held_out=held_out)
@@ -437,16 +424,6 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
             click.echo(line)
     elif data is not None:
         click.echo(f"bits_per_byte: {res['bits_per_byte']:.4f}")
-
-
-def _eval_model_dir(model_dir):
-    """--model as given (a model folder or a training output folder), or the packaged default model."""
-    from ..training.checkpoint import resolve_model_dir
-    from .basic import resolve_model_dir as packaged_or_given
-
-    if model_dir is None:
-        return packaged_or_given(None)
-    return resolve_model_dir(model_dir)
 
 
 COMMANDS = [train, eval_]

@@ -6,6 +6,9 @@ import json
 
 import click
 
+NEW_RUN_DIM = 128
+NEW_RUN_SLOTS = 64
+
 
 def parse_sets(values) -> dict:
     """--set FIELD=VALUE (repeatable) → {field: value}; VALUE is read as JSON (1.0, null, [1, 8]) or kept as
@@ -23,21 +26,31 @@ def parse_sets(values) -> dict:
 
 
 def start_model(init, config_file, dim, memory_slots, write_rate, dtype, sets):
-    """A new run's model: a fresh one from flags (``train._model_config``), or --init's weights (a model folder, a
+    """A new run's model: a fresh one from flags (``new_model_config``), or --init's weights (a model folder, a
     training run folder, or ``default``: the packaged model) under its config with --set's fields on top."""
     if init is None:
-        from .train import _model_config
-
-        config = _model_config(config_file, dim, memory_slots, write_rate, dtype)
+        config = new_model_config(config_file, dim, memory_slots, write_rate, dtype)
         return config.replace(**sets) if sets else config
     if any(v is not None for v in (config_file, dim, memory_slots)):
         raise click.UsageError("--init takes the model's shape from its weights: drop --config/--dim/--memory-slots "
                                "(change other config fields with --set FIELD=VALUE)")
+    from ..io.folder import resolve_model_dir
     from ..model import THLModel
-    from .train import _eval_model_dir
 
-    model = THLModel.from_pretrained(_eval_model_dir(None if init == "default" else init), dtype=dtype)
+    model = THLModel.from_pretrained(resolve_model_dir(None if init == "default" else init), dtype=dtype)
     changes = dict(sets, **({"write_rate": write_rate} if write_rate is not None else {}))
     if dtype is not None:
         changes["dtype"] = dtype
     return THLModel(model.config.replace(**changes), params=model.params) if changes else model
+
+
+def new_model_config(config_file, dim, memory_slots, write_rate, dtype):
+    """A new run's model: vocab 259 (byte tokenizer), every width ``dim``, ``memory_slots`` slots, the
+    rest THLConfig defaults; or ``--config``'s fields with only the flags actually given on top."""
+    from .basic import build_init_config
+
+    if config_file is None:
+        dim = NEW_RUN_DIM if dim is None else dim
+        memory_slots = NEW_RUN_SLOTS if memory_slots is None else memory_slots
+    overrides = {"memory_slots": memory_slots, "write_rate": write_rate, "dtype": dtype}
+    return build_init_config(config_file, overrides, dim, None)

@@ -43,7 +43,7 @@ def convert(pytorch_dir, out_dir, dtype, force, task):
     config = convert_pytorch_checkpoint(pytorch_dir, out_dir, dtype=dtype, log=click.echo, task=task)
     loader = "THLModel"
     if config.task is not None:
-        from ..tasks.models import class_name_for
+        from ..task_fields import class_name_for
 
         loader = class_name_for(config.task)
     click.echo(f"done: {out_dir} is a thl-np model (vocab {config.vocab_size}, tiers {config.tier_dims}); "

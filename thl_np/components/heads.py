@@ -20,7 +20,7 @@ with padding handled through ``pad_token_id``:
   (tokens). With no counted position the loss is 0 and so is every gradient.
 
 Forward and backward of each piece side by side; the backward of a head returns the gradient of S, which
-the body's BPTT (``thl_np.step.sequence_backward`` or ``thl_np.training.fast_grad.fast_backward``) takes from
+the body's BPTT (``thl_np.step.sequence_backward`` or ``thl_np.engines.gradient.fast_backward``) takes from
 there.
 """
 from __future__ import annotations

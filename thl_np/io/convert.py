@@ -69,7 +69,7 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     write_rate (it behaves as write_rate = 1.0), so the converted config sets write_rate = 1.0 and the
     model keeps computing what it computed in PyTorch. ``log`` (a callable taking one line) hears what
     was read, changed and written. A task model's checkpoint (its body under ``thl.``, a ``classifier``)
-    converts to a task-model folder (``thl_np.tasks.convert``); ``task`` names its task where the
+    converts to a task-model folder (``thl_np.finetune.from_pytorch``); ``task`` names its task where the
     classifier's shape leaves it open.
     """
     say = log or (lambda line: None)
@@ -87,12 +87,12 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
     keep = ()
     head = {}
     if config.quantization:  # an int8 folder (thl_np.quant): its int8 values and float32 scales go as they are
-        from ..quant import from_file_tensors
+        from ..quant.params import from_file_tensors
 
         names = list(from_file_tensors(config, tensors, source=weights_path).stored())
         keep = [n for n in names if tensors[n].dtype == np.int8 or n.endswith("_scale")]
     else:
-        from ..tasks.convert import split_head_checkpoint
+        from ..finetune.from_pytorch import split_head_checkpoint
 
         tensors, head, config = split_head_checkpoint(tensors, config, task, say)
         check_params(config, tensors, source=weights_path)

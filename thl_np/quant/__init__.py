@@ -7,12 +7,15 @@ formula and the reasons for the default scheme: docs/QUANTIZATION.md.
     scheme.py   the schemes, the config value, quantize_matrix and dequantize (NumPy or CuPy)
     tensor.py   QuantizedTensor: one stored int8 matrix and its scales
     params.py   QuantizedParams: a model's parameters read as float, stored as int8; file tensors in/out
-    model.py    quantize_model, dequantize_model, and the parameters THLModel gets for a quantized config
+    quantize.py quantize_params, and the parameters THLModel gets for a quantized config
 
-The fast path's int8 kernels are in ``thl_np.fast.quant``; the CLI is ``thl-np quantize``.
+Turning a whole THLModel into its int8 form and back is the model's: ``thl_np.model.quantize_model`` and
+``dequantize_model``.
+
+The package's own names are the schemes and the stored matrix (they read no config, and the config
+checks its ``quantization`` with them); a model's parameters are ``thl_np.quant.params`` and
+``thl_np.quant.quantize``. The fast path's int8 kernels are in ``thl_np.fast.quant``; the CLI is ``thl-np quantize``.
 """
-from .model import dequantize_model, is_quantized, model_params, quantize_model, quantize_params
-from .params import QuantizedParams, from_file_tensors
 from .scheme import (
     DEFAULT_SCHEME,
     SCALE_SUFFIX,
@@ -25,6 +28,5 @@ from .scheme import (
 )
 from .tensor import QuantizedTensor
 
-__all__ = ["DEFAULT_SCHEME", "SCALE_SUFFIX", "SCHEMES", "QuantizedParams", "QuantizedTensor", "check_quantization",
-           "dequantize", "dequantize_model", "from_file_tensors", "is_quantized", "model_params", "quantize_matrix",
-           "quantize_model", "quantize_params", "scheme_config", "scheme_name"]
+__all__ = ["DEFAULT_SCHEME", "SCALE_SUFFIX", "SCHEMES", "QuantizedTensor", "check_quantization", "dequantize",
+           "quantize_matrix", "scheme_config", "scheme_name"]

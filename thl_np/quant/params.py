@@ -12,7 +12,7 @@ protocol (``module(name)``, as the layered engine does): inside a module block e
 dequantized at most once and dropped when the block ends, and the embedding hands out only the rows a
 step reads. So the plain path holds at most one module's float weights at a time (the largest is the
 output head: V·Σd_k values, 463 MB in float32 for the default config) and never the whole model, at the
-price of dequantizing each weight once per step. ``thl_np.quant.dequantize_model`` materialises the
+price of dequantizing each weight once per step. ``thl_np.model.dequantize_model`` materialises the
 whole float model when asked. The fast path does not dequantize at all: its kernels read the int8
 values (``thl_np.fast.quant``).
 """
@@ -66,7 +66,7 @@ class QuantizedParams(Mapping):
 
     def __setitem__(self, name, value):
         raise InputError(f"cannot replace {name!r}: a quantized model's weights are fixed. Train the float model "
-                         "and quantize it afterwards (thl_np.quant.dequantize_model gives a float copy to train)")
+                         "and quantize it afterwards (thl_np.model.dequantize_model gives a float copy to train)")
 
     # ----------------------------------------------------------------- what is stored
     def tensor(self, name):

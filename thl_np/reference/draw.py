@@ -7,8 +7,8 @@ import math
 import numpy as np
 
 from ..config import THLConfig
-from ..inference.state import InferenceState
 from ..params import param_shapes
+from ..state import InferenceState
 from .cases import SequenceCase
 
 DEFAULT_GAINS = {"embedding": 0.6, "bias": 0.15, "router.W_q": 1.5, "router.W_k": 1.5, "writer.W_w": 1.0}
@@ -100,7 +100,8 @@ def quantized_tensors(params: dict, scheme: str) -> dict:
     matrix as int8 ``name`` and float32 ``name_scale``, LayerNorm and biases as they are (float64).
     Quantizing weights that already are ``s·q`` gives back the same q and s, so this is also how the
     generator recovers the file from ``draw_sequence``'s dequantized params."""
-    from ..quant import quantize_params, scheme_config
+    from ..quant import scheme_config
+    from ..quant.quantize import quantize_params
 
     return quantize_params(params, scheme_config(scheme), np.float64).stored()
 

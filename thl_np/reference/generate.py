@@ -41,8 +41,8 @@ from .check import DTYPES, KIND_DOC, TOLERANCES, compare_arrays
 from .component_vectors import Component
 from .draw import cast_params, dequantized, draw_sequence, quantized_tensors, random_params, random_state, state_arrays
 from .files import CaseOutputs, describe_arrays, round_sig, save_npz, write_json
-from .gradcheck import directional_checks
 from .margins import MARGINS, MAX_ATTEMPTS, trace_sequence
+from .sequence_gradcheck import directional_checks
 
 FORMAT = "thl-np reference vectors"
 FORMAT_VERSION = 1

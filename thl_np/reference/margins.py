@@ -15,7 +15,7 @@ import numpy as np
 
 from ..components.router import gumbel_noise
 from ..components.writer import EMPTY_NORM
-from ..inference.state import InferenceState
+from ..state import InferenceState
 from ..step import thl_step
 
 #: Smallest margin every discrete choice must keep (``trace_sequence``, ``writer_margins``): score gaps,

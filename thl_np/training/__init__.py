@@ -1,7 +1,7 @@
 """Training: AdamW, the learning-rate schedule, byte-level data lanes, the truncated-BPTT loop and its
 atomic checkpoints, and its data-parallel form over MPI (``distributed``). ``thl-np train`` / ``thl-np eval``
 (thl_np/cli/train.py) are thin wrappers over ``train`` and ``evaluate``."""
-from .checkpoint import latest_checkpoint, resolve_model_dir
+from ..io.folder import latest_checkpoint, resolve_model_dir
 from .data import Batch, LaneBatches, load_bytes, split_bytes
 from .optim import AdamW, clip_grad_norm, global_grad_norm
 from .schedule import CosineSchedule, lr_at

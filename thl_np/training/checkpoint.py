@@ -28,10 +28,9 @@ import shutil
 from collections.abc import Callable, Iterable
 
 from ..errors import InputError
-from ..io.folder import pid_alive
+from ..io.folder import LATEST, latest_checkpoint, pid_alive
+from ..io.folder import STEP_DIR as _STEP_DIR
 
-LATEST = "LATEST"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 # the temporary names below, by the id of the process writing them: .tmp-step-NNNNNN-PID, LATEST.tmp-PID,
 # .loss.tmp-PID.png
@@ -55,19 +54,6 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
-
-
-def latest_checkpoint(out_dir: str) -> str | None:
-    """The path of the newest complete checkpoint in ``out_dir``, or None when there is none."""
-    pointer = os.path.join(out_dir, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(out_dir, name)
-    if not _STEP_DIR.match(name) or not os.path.isdir(path):
-        raise InputError(f"{pointer} names {name!r}, which is not a checkpoint folder in {out_dir}")
-    return path
 
 
 def write_checkpoint(out_dir: str, step: int, write: Callable[[str], None], keep: int = 1) -> str:
@@ -130,20 +116,6 @@ def _prune(out_dir: str, keep: int, current: str) -> None:
 def is_model_folder(path: str) -> bool:
     """Whether ``path`` holds a model's files (config.json or model.safetensors) at its top."""
     return any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model.safetensors"))
-
-
-def resolve_model_dir(path: str) -> str:
-    """A model folder as given, or the model of the latest checkpoint when ``path`` is a training output."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        if os.path.isfile(os.path.join(path, LATEST)):
-            raise InputError(f"{path} holds both a model (config.json) and a training run (LATEST): it is not "
-                             f"clear which to use; pass the model folder itself, e.g. {path}/step-NNNNNN/model")
-        return path
-    if os.path.isdir(path):
-        ckpt = latest_checkpoint(path)
-        if ckpt is not None:
-            return os.path.join(ckpt, "model")
-    return path  # let the model loader say what is missing
 
 
 # ---------------------------------------------------------------------- small file formats

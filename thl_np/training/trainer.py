@@ -44,9 +44,9 @@ from . import distributed
 from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
 from .optim import AdamW, clip_grad_norm
 from .schedule import lr_at
-from .tasks import FILLER_SOURCES, WindowBatches, parse_tasks
+from .synthetic_tasks import FILLER_SOURCES, WindowBatches, parse_tasks
 
-# the memory columns: thl_np.diagnostics.LOG_COLUMNS, each figure over the step's chunk (all its sequences)
+# the memory columns: thl_np.eval.diagnostics.LOG_COLUMNS, each figure over the step's chunk (all its sequences)
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "mem_read_entropy", "mem_top1_mass",
               "mem_effective_slots", "mem_share_refine", "mem_share_novel_empty", "mem_share_novel_evict",
               "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots"]
@@ -72,7 +72,7 @@ class TrainConfig:
     final one reads all of it). ``beta2 = 0.99`` rather than PyTorch's 0.999: short runs on small models
     adapt faster with it (nanoGPT's character-level setting).
 
-    Whole-sequence training (``thl_np.training.tasks``): ``full_bptt`` reads independent windows of
+    Whole-sequence training (``thl_np.training.synthetic_tasks``): ``full_bptt`` reads independent windows of
     ``seq_len`` bytes, each from an empty state with the gradient through all of it, instead of lanes with a
     carried state; it is implied by ``task_mix > 0`` (that share of the rows are synthetic ``tasks`` hidden
     in ``filler``) and by ``seq_len_final`` (the length doubles in stages from ``seq_len`` to it over
@@ -244,8 +244,8 @@ def train(
     ``world``: the ranks sharing the run's lanes (``thl_np.training.distributed``); by default the MPI world
     when an MPI launcher started this process, else this process alone.
     """
+    from ..engines.gradient import training_memory_bytes
     from ..model import THLModel, choose_fast, value_and_grad
-    from .fast_grad import training_memory_bytes
 
     world = distributed.detect_world() if world is None else world
     world.start()
@@ -369,7 +369,7 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
 
 def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distributed.SINGLE) -> tuple[dict, float]:
     """One truncated-BPTT step (module docstring). Returns the log row and the step's wall time."""
-    from ..diagnostics import MemoryStats, log_row
+    from ..eval.diagnostics import MemoryStats, log_row
 
     t0 = time.perf_counter()
     cfg = run.model.config
@@ -542,7 +542,7 @@ def _restore(path: str, tc: TrainConfig, train_bytes, model_cls, emit) -> _Run:
     """The run saved at ``path``; a damaged file is an InputError naming it, never a KeyError deep inside."""
     import zipfile
 
-    from ..inference.state import InferenceState
+    from ..state import InferenceState
 
     info = _read_trainer_json(path)
     saved = info["train_config"]

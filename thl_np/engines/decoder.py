@@ -30,12 +30,13 @@ import math
 import numpy as np
 
 from .._blas import blas_threads
+from ..checks import as_int_array
 from ..components.output import layer_norm_forward
 from ..components.registry import components_for, has_fast_path, uses_unit_keys
 from ..errors import InputError
 from ..fast import gru, linalg, local_attention, primitives, quant, router, writer
 from ..fast.linalg import SMALL_BATCH, linear
-from .state import InferenceState
+from ..state import InferenceState
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 
@@ -182,10 +183,8 @@ class FastDecoder:
     def _ids(self, token_ids, ndim: int) -> np.ndarray:
         """Token ids checked as the model checks its own (integers, in the vocabulary, [B] or [B, T]),
         for this session's batch."""
-        from ..model import _as_int_array
-
         name = "token_ids" if ndim == 1 else "input_ids"
-        ids = _as_int_array(token_ids, name)
+        ids = as_int_array(token_ids, name)
         if ndim == 1 and ids.ndim == 2 and ids.shape[1] == 1:
             ids = ids[:, 0]
         elif ndim == 1 and ids.ndim == 0:

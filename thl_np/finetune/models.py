@@ -4,7 +4,7 @@ Each is a THL body (a ``THLModel``: the spec §2 parameters, under their own nam
 (``classifier.weight``, ``classifier.bias``; the equations are in ``thl_np.components.heads``). Calling a
 model returns ``(logits, loss)`` as the PyTorch THL's task models do; ``value_and_grad`` gives the loss and
 the exact gradient of every parameter: the head's backward gives the gradient of the tier states
-[N, T, Σd_k], and the body's BPTT takes it from there, on the fast path (``thl_np.training.fast_grad``) or
+[N, T, Σd_k], and the body's BPTT takes it from there, on the fast path (``thl_np.engines.gradient``) or
 the plain one (``thl_np.step``), with the same numbers.
 
 Training mode is explicit, never a flag on the model: ``dropout`` (a seeded ``np.random.Generator`` or a
@@ -30,7 +30,7 @@ from ..config import THLConfig
 from ..errors import InputError, WeightsError
 from ..model import THLModel, choose_fast
 from ..params import check_params
-from .config import CHOICE, SEQUENCE, TOKEN
+from ..task_fields import CHOICE, SEQUENCE, TOKEN
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
 FORMAT_VERSION = "1"
@@ -248,7 +248,7 @@ class TaskModel:
         # the training path's forward (with or without routing noise): it runs a batch of whole sequences with
         # the sequence-wide products batched (FastDecoder is made for one token at a time); its record is dropped
         from .._blas import blas_threads
-        from ..training.fast_grad import BLAS_THREADS, fast_forward
+        from ..engines.gradient import BLAS_THREADS, fast_forward
 
         with blas_threads(BLAS_THREADS):
             S_tm, _, _ = fast_forward(body, ids, body.init_state(N), U)
@@ -261,7 +261,7 @@ class TaskModel:
         state0 = body.init_state(ids.shape[0])
         want_A = bool(c.router_load_balance_lambda)
         if choose_fast(c, path, gumbel_given=False):
-            from ..training.fast_grad import fast_backward, fast_forward
+            from ..engines.gradient import fast_backward, fast_forward
 
             S_tm, _, tape = fast_forward(body, ids, state0, U)
 
@@ -319,7 +319,7 @@ class TaskModel:
         U = self.body._check_gumbel(gumbel_uniform, N, T)
         keep = self._check_dropout(dropout, self._features_shape(ids))
         from .._blas import blas_threads
-        from ..training.fast_grad import BLAS_THREADS
+        from ..engines.gradient import BLAS_THREADS
 
         with blas_threads(BLAS_THREADS if choose_fast(self.config, path) else None):
             S, A, body_backward = self._tier_states_for_backward(ids, U, path)
@@ -343,17 +343,14 @@ class TaskModel:
     def save_pretrained(self, directory: str, dtype: str | None = None) -> None:
         """Write config.json (with the task fields) and model.safetensors (body under its spec §2 names,
         then ``classifier.weight`` and ``classifier.bias``) into ``directory``."""
-        from ..io.safetensors import write_safetensors
+        from ..io.folder import write_model_folder
 
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
         config = self.config
         if dtype in ("float32", "float64") and dtype != config.dtype:
             config = config.replace(dtype=dtype)
-        write_safetensors(os.path.join(directory, "model.safetensors"), dict(self.params.items()),
-                          metadata={"format": "thl-np", "format_version": FORMAT_VERSION,
-                                    "config": config.to_json()}, dtype=dtype)
-        config.save(os.path.join(directory, "config.json"))
+        write_model_folder(directory, dict(self.params.items()), config,
+                           metadata={"format": "thl-np", "format_version": FORMAT_VERSION,
+                                     "config": config.to_json()}, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory, dtype: str | None = None, verify: bool | None = None, *,
@@ -366,11 +363,11 @@ class TaskModel:
         classes (2 by default, as the PyTorch THL); that is said through ``log`` (a callable taking one
         line) or, without it, a ``UserWarning``. ``dtype`` / ``verify`` as ``THLModel.from_pretrained``;
         ``pad_token_id`` sets the config's (batches of different lengths need one: 256 for the byte tokenizer)."""
+        from ..io.folder import resolve_model_dir
         from ..io.safetensors import check_finite, read_safetensors
         from ..model import VERIFY_BELOW_BYTES
-        from ..training.checkpoint import resolve_model_dir
 
-        directory = resolve_model_dir(os.fspath(directory))
+        directory = resolve_model_dir(directory)
         if not os.path.isdir(directory):
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)
@@ -496,11 +493,6 @@ class THLForMultipleChoice(THLForSequenceClassification):
 
     def _check_labels(self, labels, ids, lead):
         return _int_labels(labels, lead[:1], lead[1], "labels", "[B] (the index of the right choice)")
-
-
-def class_name_for(task: str) -> str:
-    return {SEQUENCE: "THLForSequenceClassification", TOKEN: "THLForTokenClassification",
-            CHOICE: "THLForMultipleChoice"}[task]
 
 
 def _as_ids(x):

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..checks import MAX_SIZE, Rule, check, check_allocation, check_float_array, check_int_array
-from ..config import THLConfig
-from ..errors import StateError
+from .checks import MAX_SIZE, Rule, check, check_allocation, check_float_array, check_int_array
+from .config import THLConfig
+from .errors import StateError
 
 FLOAT_KEYS = ("memory", "read_ema", "write_ema", "local_buffer")
 INT_KEYS = ("last_read", "last_write")

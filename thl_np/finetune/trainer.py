@@ -4,7 +4,7 @@ over examples instead of byte lanes.
 One step, in this order:
 
 1. the next ``batch_size`` examples of a seeded per-epoch order (``ExampleOrder``), as a batch
-   (``thl_np.tasks.data.batch``: byte ids padded with ``pad_token_id``, at most ``seq_len`` bytes a row);
+   (``thl_np.finetune.examples.batch``: byte ids padded with ``pad_token_id``, at most ``seq_len`` bytes a row);
 2. Gumbel uniforms [T, N, H, J] (training-mode routing), then the head's dropout keep-mask, both from the
    run's own seeded ``np.random.Generator``;
 3. ``model.value_and_grad``: the loss and the exact gradient through the head and the body (BPTT, every
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from ..tasks.config import CHOICE, SEQUENCE, TASKS
-from . import checkpoint as ckpt
-from .optim import AdamW, clip_grad_norm
-from .schedule import lr_at
-from .trainer import LOG_FIELDS, LOSS_WINDOW, TrainConfig, _DeferredInterrupt, _new_rng
+from ..task_fields import CHOICE, SEQUENCE, TASKS
+from ..training import checkpoint as ckpt
+from ..training.optim import AdamW, clip_grad_norm
+from ..training.schedule import lr_at
+from ..training.trainer import LOG_FIELDS, LOSS_WINDOW, TrainConfig, _DeferredInterrupt, _new_rng
 
 EVAL_FIELDS = ["step", "loss", "accuracy"]
 BYTE_PAD_ID = 256   # the byte tokenizer's pad (thl_np.tokenizer.PAD_ID)
@@ -105,7 +105,7 @@ def start_model(task: str, base=None, id2label=None, seed: int | None = 0, dropo
     folder (None: the packaged default model); a head of another task or none is initialised fresh for
     ``id2label`` (``log`` hears it)."""
     from ..model import THLModel
-    from ..tasks import MODEL_CLASSES, TaskModel
+    from . import MODEL_CLASSES, TaskModel
 
     cls = MODEL_CLASSES[task]
     labels = {} if task == CHOICE else {"id2label": id2label}
@@ -114,7 +114,7 @@ def start_model(task: str, base=None, id2label=None, seed: int | None = 0, dropo
             raise InputError(f"the model is a {base.task} model, not {task}")
         return base
     if isinstance(base, THLModel):
-        from ..tasks.models import language_model_config
+        from .models import language_model_config
 
         model = cls(language_model_config(base.config), seed=seed, params=base.params, dtype=base.dtype,
                     classifier_dropout=dropout, **labels)
@@ -122,7 +122,7 @@ def start_model(task: str, base=None, id2label=None, seed: int | None = 0, dropo
             log(f"a new {task} head on the given THLModel (seed {seed})")
         return model
     if base is None:
-        from ..cli.basic import resolve_model_dir
+        from ..io.folder import resolve_model_dir
 
         base = resolve_model_dir(None)
     model = cls.from_pretrained(base, seed=seed, log=log, **labels)
@@ -157,7 +157,7 @@ def _held_out_split(data, fraction: float, seed: int):
 
 
 def _read(data, task, label2id, what):
-    from ..tasks.data import TaskData, read_task_file
+    from .examples import TaskData, read_task_file
 
     if isinstance(data, TaskData):
         if data.task != task:
@@ -176,7 +176,7 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
     TaskData); without it ``held_out_fraction`` of ``data`` is held out. ``config`` plus keyword
     ``overrides`` make the FinetuneConfig. ``log`` receives one dict per event (start, step, eval,
     checkpoint, message, done), as ``trainer.train``'s does."""
-    from ..tasks.data import ExampleOrder, majority_accuracy
+    from .examples import ExampleOrder, majority_accuracy
 
     tc = (config or FinetuneConfig()).replace(**overrides)
     emit = log or (lambda event: None)
@@ -196,7 +196,7 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
         model, train, held = _prepare(tc, base, data, eval_data, say)
         _ensure_pad(model, emit)
         trainable = model.trainable_names()
-        from ..tasks.models import Subset
+        from .models import Subset
 
         optimizer = AdamW(Subset(model.params, trainable), weight_decay=tc.weight_decay,
                           betas=(tc.beta1, tc.beta2), eps=tc.eps)
@@ -230,16 +230,16 @@ def _check_writable(out_dir) -> None:
 def _prepare(tc, base, data, eval_data, say):
     """A new run's model and examples: labels from the model's head when it has this task's, else from the
     training examples (sorted)."""
-    from ..tasks import TaskModel
+    from . import TaskModel
 
     label2id = None
     if isinstance(base, TaskModel) and base.task == tc.task:
         label2id = base.config.label2id
     elif isinstance(base, (str, os.PathLike)):
         from ..config import THLConfig
-        from .checkpoint import resolve_model_dir
+        from ..io.folder import resolve_model_dir
 
-        cfg = THLConfig.load(resolve_model_dir(os.fspath(base)))
+        cfg = THLConfig.load(resolve_model_dir(base))
         if cfg.task == tc.task:
             label2id = cfg.label2id
     train = _read(data, tc.task, label2id, "training examples")
@@ -277,7 +277,7 @@ def _loop(run, tc, train, held, baseline, out_dir, emit) -> FinetuneResult:
             emit({"event": "checkpoint", "step": run.step, "path": checkpoint_path})
 
     def evaluate(limit):
-        from ..tasks.evaluate import evaluate_task
+        from .evaluate import evaluate_task
 
         res = evaluate_task(run.model, held, tc.batch_size, tc.seq_len, limit, path=tc.path)
         run.evals.append({"step": run.step, "loss": res["loss"], "accuracy": res["accuracy"]})
@@ -323,8 +323,8 @@ def _loop(run, tc, train, held, baseline, out_dir, emit) -> FinetuneResult:
 
 def _step(run, tc, train, emit):
     """One step (module docstring) → (log row, wall time, bytes in the batch)."""
-    from ..tasks.data import batch
-    from ..tasks.models import Subset
+    from .examples import batch
+    from .models import Subset
 
     t0 = time.perf_counter()
     model = run.model
@@ -388,9 +388,9 @@ def saved_finetune_config(out_dir: str) -> FinetuneConfig | None:
 
 
 def _restore(path, tc, data, eval_data):
-    from ..tasks import MODEL_CLASSES
-    from ..tasks.data import ExampleOrder
-    from ..tasks.models import Subset
+    from . import MODEL_CLASSES
+    from .examples import ExampleOrder
+    from .models import Subset
 
     info = ckpt.read_json(os.path.join(path, "trainer.json"))
     saved = info.get("train_config", {})

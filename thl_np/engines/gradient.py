@@ -3,7 +3,7 @@ return values, the same numbers up to rounding) computed with much less work.
 
 Every discrete choice is the forward's (spec §5), so the savings are exact rearrangements of the same math:
 
-- **The bank is stored divided by a running scalar** (as in ``thl_np.inference.fast``): the decay ``M ← γM``
+- **The bank is stored divided by a running scalar** (as in ``thl_np.engines.decoder``): the decay ``M ← γM``
   is one multiplication of ``scale``, a write touches its target rows, and the squared norms of the stored
   rows are kept up to date. Scores are ``m_j · q_mem_h`` with ``q_mem_h = W_k,h^T q_h`` (the plain router's
   ``slot_scores``), so no key is ever projected and identical rows tie exactly; values are projected once
@@ -72,8 +72,8 @@ from ..components.registry import uses_unit_keys
 from ..components.router import gumbel_noise
 from ..errors import InputError
 from ..fast import embedding, gru, local_attention, primitives, router, writer
-from ..inference.state import InferenceState
 from ..model import check_loss_weights, head_loss_and_backward, pack_value_and_grad
+from ..state import InferenceState
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 MIN_DECAY = writer.MIN_DECAY
@@ -455,7 +455,7 @@ def _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_st
     B, T = ids.shape
     tier_states, state_out, tape = fast_forward(model, ids, state0, U, Wt)
     if observe is not None:
-        from ..diagnostics import steps_from_fast_tape
+        from ..memory_steps import steps_from_fast_tape
 
         observe(steps_from_fast_tape(tape, state0))
     loss, d_tiers, head_grads = head_loss_and_backward(P, tier_states.reshape(T * B, -1), tg.T.reshape(-1),

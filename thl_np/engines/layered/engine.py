@@ -11,11 +11,12 @@ import time
 
 import numpy as np
 
+from ...checks import as_int_array
 from ...components.output import layer_norm_forward
 from ...config import THLConfig
 from ...errors import InputError, StateError
+from ...state import InferenceState
 from ...step import thl_step
-from ..state import InferenceState
 from .backends import make_backend
 from .plan import LayeredPlan, plan_layers
 from .storage import head_linear, stored_tensors, tensor_layout
@@ -117,12 +118,10 @@ class LayeredInferenceEngine:
 
     # ----------------------------------------------------------------- inputs
     def _token_ids(self, token) -> np.ndarray:
-        from ...model import _as_int_array
-
         if self.backend.device == "cuda" and not isinstance(token, np.ndarray) and hasattr(token, "get") \
                 and hasattr(token, "device"):
             token = token.get()   # a CuPy array of ids
-        ids = _as_int_array(token, "token")
+        ids = as_int_array(token, "token")
         if ids.ndim == 2 and ids.shape[1] == 1:
             ids = ids[:, 0]
         elif ids.ndim == 0:

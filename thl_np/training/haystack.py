@@ -22,7 +22,7 @@ The key's depth (``parse_depth``) is one number (the line boundary nearest that 
 text, as always) or a range ``lo:hi``: a depth drawn uniformly in it for each prompt, the key at the line
 boundary nearest to it among those inside the range (any boundary if none is). The key line and the
 question are phrased as in ``FILLERS`` (``source`` takes the ``python`` phrasing), the phrasing the
-training tasks (``thl_np.training.tasks``) use too.
+training tasks (``thl_np.training.synthetic_tasks``) use too.
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .checks import check
-from .errors import InputError
+from ..checks import check
+from ..errors import InputError
 
 #: Filler lines (ASCII), drawn at random per trial, and how the key and the question are phrased.
 FILLERS = {
@@ -73,7 +73,7 @@ HAYSTACKS = ("python", "prose", "source")
 #: Digits of a pass key.
 KEY_DIGITS = 5
 #: The default corpus of the ``source`` haystack: the folder of this package.
-PACKAGE_SOURCES = os.path.dirname(os.path.abspath(__file__))
+PACKAGE_SOURCES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # thl_np/
 #: How often a span holding the key's digits is drawn again before giving up.
 _REDRAWS = 100
 _NEWLINE = ord("\n")
@@ -137,7 +137,7 @@ class SourceCorpus:
 
 def load_source(folder: str | os.PathLike | None = None) -> SourceCorpus:
     """The ``.py`` files of ``folder`` (default: thl-np's own sources) as one corpus (module docstring)."""
-    from .training.data import list_text_files
+    from .data import list_text_files
 
     where = PACKAGE_SOURCES if folder is None else os.fspath(folder)
     if not os.path.isdir(where):
@@ -234,7 +234,7 @@ class Haystack:
 def span_ending_at_line(data, line_ends, n: int, rng: np.random.Generator):
     """The ``n`` items of ``data`` that end at one of ``line_ends`` (offsets just after a newline), drawn
     uniformly among those at least ``n`` in; None when there is none. The haystack's spans and the training
-    tasks' corpus filler (thl_np.training.tasks) both come from here, so both end at a line boundary."""
+    tasks' corpus filler (thl_np.training.synthetic_tasks) both come from here, so both end at a line boundary."""
     first = int(np.searchsorted(line_ends, n))
     if first >= len(line_ends):
         return None

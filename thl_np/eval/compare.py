@@ -14,15 +14,15 @@ import time
 
 import numpy as np
 
-from .components.output import log_softmax
-from .errors import InputError, WeightsError
+from ..components.output import log_softmax
+from ..errors import InputError, WeightsError
 
 
 def compare_models(model, other, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None) -> dict:
     """Bits per byte of ``model`` (keys as ``evaluate``'s) with ``"compare"``: ``other``'s bits per byte, the
     difference (other − model), the mean KL(P_model ‖ P_other) in nats per byte, and the fraction of
     positions where both models rank the same byte first."""
-    from .training.data import eval_lanes
+    from ..training.data import eval_lanes
 
     if seq_len < 1:
         raise InputError(f"seq_len = {seq_len} must be >= 1")

@@ -2,21 +2,27 @@
 their validation and defaults. A config without a task has none of them (a language model)."""
 from __future__ import annotations
 
-from ..checks import check
-from ..errors import ConfigError
+from .checks import check
+from .errors import ConfigError
 
+TASK_FIELDS = ("task", "num_labels", "id2label", "label2id", "classifier_dropout")
 SEQUENCE = "sequence-classification"
 TOKEN = "token-classification"
 CHOICE = "multiple-choice"
 TASKS = (SEQUENCE, TOKEN, CHOICE)
 DEFAULT_DROPOUT = 0.1  # the PyTorch THL's nn.Dropout(0.1)
+#: The model class of each task (``thl_np.finetune.models``), by name: what an error tells a user to load.
+CLASS_NAMES = {SEQUENCE: "THLForSequenceClassification", TOKEN: "THLForTokenClassification",
+               CHOICE: "THLForMultipleChoice"}
+
+
+def class_name_for(task: str) -> str:
+    return CLASS_NAMES[task]
 
 
 def check_task_fields(config) -> None:
     """Validate and normalise the task fields in place: ``id2label`` gets int keys 0..L−1 (config.json's are
     strings, as Hugging Face writes them), ``label2id`` its inverse, ``num_labels`` its length."""
-    from ..config import TASK_FIELDS
-
     if config.task is None:
         stray = [name for name in TASK_FIELDS if getattr(config, name) is not None]
         if stray:

@@ -1,8 +1,8 @@
 """Task heads on the THL body: the three task models (``models``), their config fields (``config``), JSONL data
 and batching (``data``), and finite-difference gradient checks (``gradcheck``). The head equations are in
-``thl_np.components.heads``; fine-tuning is ``thl_np.training.finetune``; the commands ``thl-np finetune`` and
-``thl-np predict`` are in ``thl_np.cli.tasks``. docs/TASKS.md describes all of it."""
-from .config import CHOICE, SEQUENCE, TASKS, TOKEN
+``thl_np.components.heads``; fine-tuning is ``thl_np.finetune.trainer``; the commands ``thl-np finetune`` and
+``thl-np predict`` are in ``thl_np.cli.finetune``. docs/TASKS.md describes all of it."""
+from ..task_fields import CHOICE, SEQUENCE, TASKS, TOKEN
 from .models import (
     TaskModel,
     THLForMultipleChoice,

@@ -3,7 +3,7 @@ slots until the question, and whether the question's reads found them.
 
 ``passkey_trace`` runs the first trial of ``passkey_eval`` (the same key, filler and prompt for the same
 length, depth, filler and seed) one token at a time on a decoding session, fast or plain, reading every
-step's choices with ``thl_np.diagnostics.MemoryObserver``:
+step's choices with ``thl_np.eval.diagnostics.MemoryObserver``:
 
 - **written**: every write made while the key line is read (the "key slots"), with its branch and gate;
   the steps that read a digit of the key are marked;
@@ -26,13 +26,13 @@ import math
 
 import numpy as np
 
-from .components.primitives import top_k_desc
-from .components.registry import router_score_rule
-from .components.router import slot_scores
-from .diagnostics import BRANCHES, MemoryObserver
-from .errors import InputError
-from .evaluation import KEY_DIGITS, decoding_session, greedy_bytes
-from .haystack import Haystack, depth_label, haystack_prompt, parse_depth
+from ..components.primitives import top_k_desc
+from ..components.registry import router_score_rule
+from ..components.router import slot_scores
+from ..errors import InputError
+from ..memory_steps import BRANCHES, MemoryObserver
+from ..training.haystack import Haystack, depth_label, haystack_prompt, parse_depth
+from .long_context import KEY_DIGITS, decoding_session, greedy_bytes
 
 
 def passkey_trial(length: int, seed: int = 0, depth=0.5, filler: str = "python", haystack_dir=None) -> dict:
@@ -52,7 +52,7 @@ def passkey_trial(length: int, seed: int = 0, depth=0.5, filler: str = "python",
 
 def trace_decoder(model, path: str = "auto"):
     """A batch-1 decoding session on ``path``: "auto" (``model.decoder()``), "fast" or "plain"
-    (``thl_np.evaluation.decoding_session``)."""
+    (``thl_np.eval.long_context.decoding_session``)."""
     return decoding_session(model, path)
 
 
@@ -78,7 +78,7 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth=0.5, filler: s
                   path: str = "auto", haystack_dir=None) -> dict:
     """Trace the first passkey trial at ``length`` (module docstring) → a dict (``trace_lines`` prints it).
     ``depth``, ``filler`` and ``haystack_dir`` choose the prompt as in ``passkey_eval``."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     depth = parse_depth(depth)
     trial = passkey_trial(length, seed, depth, filler, haystack_dir)

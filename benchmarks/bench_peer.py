@@ -1,11 +1,16 @@
-"""The PyTorch THL run beside thl-np by ``thl-np bench --peer PATH``: its figures, measured in the same run.
+"""The PyTorch THL run beside thl-np, in the same run as ``thl-np bench``: its figures beside thl-np's.
+
+    python benchmarks/bench_peer.py --peer PATH [thl-np bench's options]   # e.g. --json, --no-train
+
+This harness is not part of the installed package: it sets itself as ``thl_np.cli.bench.PEER_HARNESS`` and
+runs ``thl-np bench`` with the same arguments.
 
 PATH is a folder holding the PyTorch THL's ``thl`` package (``../shared/peer/`` in this project's
 workspace); torch must be installed (``pip install "thl-np[torch]"``). The peer is read through its public
 API only: ``thl.THLConfig``, ``thl.THLModel`` (``forward_step``, ``forward``, ``load_state_dict``) and
 ``thl.inference.state.InferenceState.init``.
 
-What is measured, each beside thl-np's own figure (``thl_np.bench.run`` pairs them):
+What is measured, each beside thl-np's own figure (``thl_np.eval.bench.run`` pairs them):
 
 - **decode, batch 1 and 8**: one ``forward_step`` per token under ``torch.inference_mode`` from the state
   ``InferenceState.init`` gives, logits every step (as thl-np's decoder), fed the same token ids; its steps
@@ -32,8 +37,8 @@ import time
 
 import numpy as np
 
-from .config import THLConfig
-from .errors import ConfigError, InputError
+from thl_np.config import THLConfig
+from thl_np.errors import ConfigError, InputError
 
 #: Seconds to wait after the peer's steps before anything else is timed: torch's worker threads spin for a
 #: moment after each parallel region and would take cores from what follows.
@@ -48,6 +53,13 @@ class Peer:
     torch: object
     state_type: object   # thl.inference.state.InferenceState
     path: str
+
+    def model(self, config: THLConfig, params) -> PeerModel:
+        """The PyTorch THL of ``config``, with thl-np's ``params`` where it takes them (``PeerModel``)."""
+        return PeerModel(self, config, params)
+
+    def train_tokens_per_s(self, config: THLConfig):
+        return train_tokens_per_s(self, config)
 
     @property
     def description(self) -> str:
@@ -110,7 +122,7 @@ def check_config(config: THLConfig) -> None:
 
 class PeerModel:
     """The PyTorch THL built for a thl-np model: same config, float32, and the same weights if it takes
-    them. Exposes what ``thl_np.bench`` measures: ``decoder(batch_size)``, ``prompt_tokens_per_s``."""
+    them. Exposes what ``thl_np.eval.bench`` measures: ``decoder(batch_size)``, ``prompt_tokens_per_s``."""
 
     settle_s = SETTLE_S
 
@@ -184,7 +196,7 @@ class _PeerDecoder:
 def train_tokens_per_s(peer: Peer, config: THLConfig, seq_len: int = 128, batch_size: int = 8, repeats: int = 3,
                        seed: int = 0) -> tuple[float, str]:
     """Tokens/s of the peer's forward + cross-entropy + backward (torch autograd, training mode) on the
-    config and weights ``thl_np.bench.bench_train`` uses; returns (tokens/s, which weights)."""
+    config and weights ``thl_np.eval.bench.bench_train`` uses; returns (tokens/s, which weights)."""
     from .model import THLModel
 
     torch = peer.torch
@@ -210,3 +222,11 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    import thl_np.cli
+    import thl_np.cli.bench
+
+    thl_np.cli.bench.PEER_HARNESS = sys.modules[__name__]
+    sys.exit(thl_np.cli.main(["bench", *sys.argv[1:]]))

@@ -5,7 +5,7 @@ fields the config then needs. ``thl_np.io.convert`` calls this; it reads the wei
 from __future__ import annotations
 
 from ..errors import WeightsError
-from .config import CHOICE, SEQUENCE, TASKS, TOKEN
+from ..task_fields import CHOICE, SEQUENCE, TASKS, TOKEN
 from .models import HEAD_NAMES
 
 BODY_PREFIX = "thl."

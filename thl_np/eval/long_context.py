@@ -1,7 +1,7 @@
 """Evaluations that show what a bounded state does with a long context.
 
 - **Passkey retrieval** (:func:`passkey_eval`): a random 5-digit key is hidden at a chosen (or random)
-  depth of a haystack (filler lines, or real Python source: ``thl_np.haystack``), a question follows at
+  depth of a haystack (filler lines, or real Python source: ``thl_np.training.haystack``), a question follows at
   the end ("... the pass key is "), and the model greedily writes 5 bytes.
   Accuracy over seeded trials at each context length, with a chance baseline, the process's resident
   memory and the THL state's bytes (fixed by the config, whatever the length). A finer signal than the
@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 
-from .checks import NON_FINITE_OUTPUT, check_metric, check_seed, require_matplotlib
-from .components.output import log_softmax
-from .errors import InputError, WeightsError
-from .haystack import FILLERS, KEY_DIGITS, Haystack, depth_label, filler_text, haystack_prompt, parse_depth
+from ..checks import NON_FINITE_OUTPUT, check_metric, check_seed, require_matplotlib
+from ..components.output import log_softmax
+from ..errors import InputError, WeightsError
+from ..training.haystack import FILLERS, KEY_DIGITS, Haystack, depth_label, filler_text, haystack_prompt, parse_depth
 
 #: Chance level of a guess: a uniform digit is right 1 time in 10, a whole 5-digit key 1 in 10^5.
 CHANCE_PER_DIGIT = 0.1
@@ -54,8 +54,8 @@ def rss_bytes() -> dict:
 def session_bytes(decoder) -> int:
     """Bytes of the arrays a decoding session owns (the state, its key/norm caches, the local ring, per-step
     scratch), weights excluded. Like the state, fixed by the config and batch size."""
-    from .inference.fast import _SHARED_WEIGHTS
-    from .inference.state import InferenceState
+    from ..engines.decoder import _SHARED_WEIGHTS
+    from ..state import InferenceState
 
     return int(sum(v.nbytes for k, v in vars(decoder).items()
                    if isinstance(v, InferenceState) or (isinstance(v, np.ndarray) and k not in _SHARED_WEIGHTS)))
@@ -100,9 +100,9 @@ def passkey_prompt(length: int, key: str, depth: float = 0.5, filler: str = "pyt
 
     The prompt is filler (whole lines drawn at random, except the first, which may be cut: a window into a
     longer text), the key line (at the filler's line boundary nearest to ``depth`` of the filler: 0 = at
-    the start, 1 = just before the question; or a range ``(lo, hi)``, ``thl_np.haystack.key_position``),
+    the start, 1 = just before the question; or a range ``(lo, hi)``, ``thl_np.training.haystack.key_position``),
     more filler, then the question, which ends right where the key's digits should follow. The ``source``
-    haystack (real Python source, bytes) is :func:`thl_np.haystack.haystack_prompt`'s.
+    haystack (real Python source, bytes) is :func:`thl_np.training.haystack.haystack_prompt`'s.
     """
     _filler(filler)
     prompt, at = haystack_prompt(length, key, depth, Haystack(filler),
@@ -113,14 +113,14 @@ def passkey_prompt(length: int, key: str, depth: float = 0.5, filler: str = "pyt
 def decoding_session(model, path: str = "auto"):
     """A batch-1 decoding session on ``path``: "auto" (``model.decoder()``: fast where the components have
     kernels), "fast" (``FastDecoder``) or "plain" (``PlainDecoder``, the spec's composition)."""
-    from .model import choose_fast
+    from ..model import choose_fast
 
     if path not in ("auto", "fast", "plain"):
         raise InputError(f"path = {path!r}: use 'auto', 'fast' or 'plain'")
     if path == "auto":
         return model.decoder(batch_size=1)
     if path == "plain" or not choose_fast(model.config, path):
-        from .inference.plain_decoder import PlainDecoder
+        from ..engines.plain_decoder import PlainDecoder
 
         return PlainDecoder(model, batch_size=1)
     return model._decoder(None, 1)
@@ -164,13 +164,13 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, se
                  path: str = "auto") -> dict:
     """Passkey retrieval accuracy at each context length (module docstring).
 
-    The haystack (``thl_np.haystack``): ``filler`` "python" or "prose" (filler lines) or "source" (real
+    The haystack (``thl_np.training.haystack``): ``filler`` "python" or "prose" (filler lines) or "source" (real
     Python source: thl-np's own sources, or the ``.py`` files of ``haystack_dir``); ``depth`` a fraction or
     a range ``(lo, hi)`` / ``"lo:hi"`` drawn uniformly per trial. Each row records every trial's key offset
     and depth (``key_depths``: the fraction of the haystack text before the key line).
     For each length, ``trials`` prompts (keys, haystack, depths: ``np.random.default_rng([seed, length])``,
     so a length's trials do not depend on the other lengths asked for; the training tasks draw from their
-    own generator, ``thl_np.training.tasks``) run each in a fresh decoding session on ``path``
+    own generator, ``thl_np.training.synthetic_tasks``) run each in a fresh decoding session on ``path``
     (:func:`decoding_session`; the fast and the plain session give the same answers).
     ``accuracy`` counts answers equal to the key; ``digit_accuracy`` counts digits in the right place.
     Teacher-forced (:func:`key_digit_scores`, chance 0.1 and log2 10 ≈ 3.32): ``forced_digit_accuracy``,
@@ -182,7 +182,7 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, se
     (``InferenceState.nbytes``) and ``session_bytes`` the decoding session's arrays, both measured.
     ``progress``, if given, is called with each length's result row as it is done.
     """
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     lengths = _check_lengths(lengths)
     check_seed(seed)
@@ -259,7 +259,7 @@ def memory_vs_context(model, lengths=DEFAULT_PLOT_LENGTHS, seed: int = 0, filler
     ``kv_cache_bytes`` (float32) and ``kv_cache_bytes_float16`` (computed, not measured). A short warm-up
     run first loads the compiled kernels and the weights, so the first row does not carry them.
     """
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     lengths = _check_lengths(lengths)
     check_seed(seed)

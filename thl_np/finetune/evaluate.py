@@ -8,8 +8,8 @@ import numpy as np
 
 from ..components.output import log_softmax
 from ..errors import THLError
-from .config import TOKEN
-from .data import IGNORE, TaskData, batch
+from ..task_fields import TOKEN
+from .examples import IGNORE, TaskData, batch
 
 
 def predict_batches(model, data: TaskData, batch_size: int = 16, max_len: int | None = None, path: str = "auto"):

@@ -1,6 +1,6 @@
 """`thl-np finetune` and `thl-np predict`: task heads from the command line.
 
-Thin wrappers over ``thl_np.training.finetune.finetune`` and ``thl_np.tasks.evaluate``; heavy imports happen
+Thin wrappers over ``thl_np.finetune.trainer.finetune`` and ``thl_np.finetune.evaluate``; heavy imports happen
 inside the commands.
 """
 from __future__ import annotations
@@ -105,8 +105,8 @@ def finetune(task, base, data, eval_data, out, resume, log_every, **flags):
           --out runs/topic --steps 300 --batch-size 16
       thl-np predict --model runs/topic "import email.message"
     """
-    from ..training.finetune import FinetuneConfig, saved_finetune_config
-    from ..training.finetune import finetune as run_finetune
+    from ..finetune.trainer import FinetuneConfig, saved_finetune_config
+    from ..finetune.trainer import finetune as run_finetune
 
     saved = saved_finetune_config(out) if resume else None
     if resume and saved is None:
@@ -155,13 +155,12 @@ def predict(model_dir, texts, data, choices, top, max_len, batch_size, path, as_
     import numpy as np
 
     from ..config import THLConfig
-    from ..tasks import CHOICE, MODEL_CLASSES, TOKEN
-    from ..tasks.data import IGNORE, read_task_file, texts_as_data
-    from ..tasks.evaluate import predict_batches
-    from ..training.checkpoint import resolve_model_dir
-    from .basic import resolve_model_dir as existing_folder
+    from ..finetune import CHOICE, MODEL_CLASSES, TOKEN
+    from ..finetune.evaluate import predict_batches
+    from ..finetune.examples import IGNORE, read_task_file, texts_as_data
+    from ..io.folder import resolve_model_dir
 
-    folder = resolve_model_dir(str(existing_folder(model_dir)))
+    folder = resolve_model_dir(model_dir)
     config = THLConfig.load(folder)
     if config.task is None:
         raise click.UsageError(f"{model_dir} is a language model, not a task model: fine-tune one with "

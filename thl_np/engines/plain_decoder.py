@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..state import InferenceState
 from ..step import output_forward, thl_step
-from .state import InferenceState
 
 
 class PlainDecoder:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .config import CHOICE, SEQUENCE, TASKS, TOKEN
+from ..task_fields import CHOICE, SEQUENCE, TASKS, TOKEN
 
 IGNORE = -100
 

@@ -1,11 +1,12 @@
-"""Quantizing and dequantizing a THLModel, and the parameters a model with a quantized config gets."""
+"""Quantizing parameters, and the parameters a model with a quantized config gets (``THLModel`` calls
+``model_params``; ``thl_np.model.quantize_model`` / ``dequantize_model`` turn one model into the other)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 import numpy as np
 
-from ..errors import InputError, WeightsError
+from ..errors import WeightsError
 from ..params import check_params, init_params
 from .params import QuantizedParams
 from .scheme import (
@@ -13,7 +14,6 @@ from .scheme import (
     is_quantizable,
     quantize_matrix,
     scale_shape,
-    scheme_config,
     scheme_name,
 )
 from .tensor import QuantizedTensor
@@ -57,34 +57,9 @@ def model_params(config, params, dtype, seed=None):
     return quantize_params(params, config.quantization, dtype)
 
 
-def quantize_model(model, scheme: str = "int8"):
-    """A quantized copy of a float THLModel: ``scheme`` "int8" (the default scheme), "int8-row" or
-    "int8-block32" (thl_np.quant.scheme.SCHEMES). The float model is not changed."""
-    from ..model import THLModel
-
-    if isinstance(model.params, QuantizedParams):
-        raise InputError(f"the model is already quantized ({scheme_name(model.config.quantization)}): quantize "
-                         "its float original instead")
-    quantization = scheme_config(scheme)
-    params = quantize_params(model.params, quantization, model.dtype)
-    return THLModel(model.config.replace(quantization=quantization), params=params, dtype=model.dtype)
-
-
-def dequantize_model(model):
-    """The float model a quantized model stands for (W = s·q for every weight): the whole model in float,
-    e.g. to train it further or to save it for a reader without int8 support."""
-    from ..model import THLModel
-
-    if not isinstance(model.params, QuantizedParams):
-        return model
-    params = {name: model.params[name] for name in model.params}
-    return THLModel(model.config.replace(quantization=None), params=params, dtype=model.dtype)
-
-
 def is_quantized(model_or_params) -> bool:
     params = getattr(model_or_params, "params", model_or_params)
     return isinstance(params, QuantizedParams)
 
 
-__all__ = ["quantize_params", "model_params", "quantize_model", "dequantize_model", "is_quantized",
-           "QuantizedTensor"]
+__all__ = ["quantize_params", "model_params", "is_quantized", "QuantizedTensor"]

@@ -7,7 +7,7 @@ written, so long windows fit). A row is, with probability ``task_mix``, a synthe
 window of the corpus. The tasks, each ending with its answer (the last bytes of the window):
 
 - ``passkey``: a key line holding a 5-digit key at a uniform random depth of filler, then the question; the
-  phrasing is ``thl_np.evaluation``'s (``FILLERS``), so ``thl-np eval --passkey`` asks what was trained;
+  phrasing is ``thl_np.training.haystack``'s (``FILLERS``), so ``thl-np eval --passkey`` asks what was trained;
 - ``recall`` (associative recall): 2-6 lines ``# remember: NAME is VALUE.`` (4 letters, 5 digits) at random
   depths, then ``# what is NAME? NAME is `` for one of them, and its value;
 - ``copy`` (delayed copy): ``# copy this: S`` (8-16 letters and digits) early in the window, ``# paste it: S``
@@ -16,7 +16,7 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
 Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
 haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
 row). Inserted lines go to the filler's line boundary nearest their depth, and the question starts a line of
-its own: the prompt of ``thl-np eval --passkey --filler source`` (``thl_np.haystack``: real Python source, the
+its own: the prompt of ``thl-np eval --passkey --filler source`` (``thl_np.training.haystack``: real Python source, the
 key line and the question phrased alike), except that the evaluation keeps the key within a depth range
 (``--depth 0.1:0.9``) and draws from its own generators (``[seed, length]``), never this one's.
 ``answer_weight`` w > 1 gives the answer bytes' targets weight w in the loss (every other target 1;
@@ -83,13 +83,13 @@ def _digits(rng, n=KEY_DIGITS) -> bytes:
 
 
 def _phrasing(style: str) -> dict:
-    from ..evaluation import FILLERS
+    from .haystack import FILLERS
 
     return FILLERS["prose" if style == "prose" else "python"]
 
 
 def passkey_task(rng, style: str) -> tuple[list[bytes], bytes, bytes]:
-    """(lines to hide, question, answer) of a passkey sample (``thl_np.evaluation``'s phrasing)."""
+    """(lines to hide, question, answer) of a passkey sample (``thl_np.eval.long_context``'s phrasing)."""
     f = _phrasing(style)
     key = _digits(rng).decode()
     return [f["key"].format(key=key).encode()], f["question"].encode(), key.encode()
@@ -208,7 +208,7 @@ class WindowBatches:
         """``n`` corpus bytes ending at a line boundary (the question then starts a line of its own, as in
         ``thl-np eval --passkey``'s haystacks): the ``n`` bytes before a line end drawn uniformly among those
         at least ``n`` bytes in; a plain window when the corpus has no such line end."""
-        from ..haystack import span_ending_at_line
+        from .haystack import span_ending_at_line
 
         if self._line_ends is None:
             self._line_ends = np.flatnonzero(self.data == _NEWLINE) + 1
@@ -220,7 +220,7 @@ class WindowBatches:
             return b""
         if style == "corpus":
             return self._corpus_lines(n)
-        from ..haystack import FILLERS, filler_text
+        from .haystack import FILLERS, filler_text
 
         text = filler_text(self.rng, FILLERS[style]["lines"], n)
         return text[len(text) - n:].encode()

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .config import THLConfig
+from ..config import THLConfig
 
 
 def decode_bytes_per_step(config: THLConfig, batch_size: int = 1, itemsize: int = 4,
@@ -50,7 +50,7 @@ class _Gemv:
     kernel (``thl_np.fast.linalg.gemv``); ``sample()`` times each a few times."""
 
     def __init__(self, nbytes: int = 256 << 20, cols: int = 2048):
-        from .fast.linalg import gemv
+        from ..fast.linalg import gemv
 
         rows = max(1, nbytes // (4 * cols))
         self.A = np.random.default_rng(0).random((rows, cols), dtype=np.float32)
@@ -60,7 +60,7 @@ class _Gemv:
         self.times = {"blas": [], "kernel": []}
 
     def sample(self, repeats: int = 3) -> None:
-        from ._blas import blas_threads
+        from .._blas import blas_threads
 
         self.times["blas"] += [_timed(lambda: self.A @ self.x) for _ in range(repeats)]
         time.sleep(0.2)  # OpenBLAS's workers spin for a while after a call: let them sleep before what follows
@@ -83,7 +83,7 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
     at least ``warmup_s`` seconds per decoder and for the GEMVs (freshly allocated memory reads slower at
     first on some machines). ``model`` may be a dict {label: model} (e.g. float32 and int8), measured in
     the same rounds: tokens/s are then keyed (label, batch size). A model is anything with
-    ``decoder(batch_size).step(ids)`` and ``config.vocab_size`` (the PyTorch THL of ``thl_np.bench_peer``
+    ``decoder(batch_size).step(ids)`` and ``config.vocab_size`` (the PyTorch THL of ``benchmarks.bench_peer``
     too); one with a ``settle_s`` is left that long after its steps, so its threads go idle first."""
     models = model if isinstance(model, dict) else {None: model}
     gemv = _Gemv()
@@ -133,7 +133,7 @@ def bench_prompt(model, length: int = 128, repeats: int = 3) -> float:
 def bench_train(config: THLConfig, seq_len: int = 128, batch_size: int = 8, repeats: int = 3,
                 seed: int = 0) -> float:
     """Tokens/s of forward + backward (value_and_grad, training-mode routing) on random bytes."""
-    from .model import THLModel, value_and_grad
+    from ..model import THLModel, value_and_grad
 
     model = THLModel(config, seed=seed)
     rng = np.random.default_rng(seed)
@@ -150,7 +150,7 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
         peer=None) -> dict:
     """Every figure of issue 5 in one run; returns them as a dict and prints them with ``echo``.
 
-    ``peer``: a ``thl_np.bench_peer.Peer`` (``load_peer``) to run the PyTorch THL beside thl-np: its decode
+    ``peer``: a ``benchmarks.bench_peer.Peer`` (``load_peer``) to run the PyTorch THL beside thl-np: its decode
     steps in the same rounds as thl-np's, its prompt right after thl-np's float prompt, its training step
     right after thl-np's, each printed with the ratio thl-np / PyTorch (``peer_*`` and ``*_vs_peer`` keys).
 
@@ -158,8 +158,9 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     as the float model, against its own bandwidth bound (the int8 bytes a step reads ÷ the same GEMV
     bandwidth), and its prompt throughput is measured too. A quantized ``model`` is measured against the
     float model it stands for."""
-    from .model import THLModel
-    from .quant import dequantize_model, is_quantized, quantize_model, scheme_name
+    from ..model import THLModel, dequantize_model, quantize_model
+    from ..quant import scheme_name
+    from ..quant.quantize import is_quantized
 
     if model is None:
         config = config or THLConfig()
@@ -180,10 +181,8 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     models = {"float": model} if qmodel is None else {"float": model, "int8": qmodel}
     measured = dict(models)
     if peer is not None:
-        from .bench_peer import PeerModel
-
         t0 = time.perf_counter()
-        measured["peer"] = pmodel = PeerModel(peer, c, model.params)
+        measured["peer"] = pmodel = peer.model(c, model.params)
         echo(f"built {peer.description} in {time.perf_counter() - t0:.1f}s, float32, {pmodel.weights}")
         figures.update(peer=peer.description, peer_weights=pmodel.weights, peer_torch=peer.torch.__version__,
                        peer_threads=peer.torch.get_num_threads())
@@ -234,9 +233,7 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
         echo(f"train fwd+bwd (d={tc.embedding_dim}, J={tc.memory_slots}, T=128, B=8): "
              f"{figures['train_tok_s']:.0f} tokens/s")
         if peer is not None:
-            from .bench_peer import train_tokens_per_s
-
-            tps, weights = train_tokens_per_s(peer, tc)
+            tps, weights = peer.train_tokens_per_s(tc)
             figures["peer_train_tok_s"], figures["peer_train_weights"] = tps, weights
             echo(f"PyTorch THL train fwd+bwd (same config, torch autograd, {weights}): {tps:.0f} tokens/s   "
                  "thl-np / PyTorch: " + _vs_peer(figures, {"float": figures["train_tok_s"]}, "train", tps))
