@@ -125,7 +125,7 @@ def child(args) -> dict:
             fast_grad.fast_value_and_grad(model, ids, tg, gumbel_uniform=U)
             times.append(time.perf_counter() - t0)
         with fast_grad.blas_threads(1):
-            _, _, tape = fast_grad.fast_forward(model, ids, model.init_state(B), U)
+            _, _, tape = fast_grad.fast_forward(model.params, model.config, ids, model.init_state(B), U)
         out["tape_bytes_per_step"] = tape.nbytes / T
         out["formula_bytes"] = fast_grad.training_memory_bytes(model.config, B, T, dtype="float32")
     else:
@@ -213,7 +213,7 @@ def main():
     ids = rng.integers(0, 256, (1, Tm))
     U = rng.random((Tm, 1, cfg.num_heads, cfg.memory_slots))
     per_step_plain = plain_record_bytes(small, ids, U) / Tm
-    _, _, tape = fast_forward(small, ids, small.init_state(1), U)
+    _, _, tape = fast_forward(small.params, small.config, ids, small.init_state(1), U)
     per_step_fast = tape.nbytes / Tm
     head = 4 * 512 * cfg.vocab_size * 4
     print(f"  recorded per step (B=1), measured over {Tm} steps: plain StepRecords {per_step_plain / 2**20:.2f} MiB, "

@@ -227,7 +227,7 @@ def test_equal_rows_tie_to_lower_index():
     config = tiny_config(write_slots=6, load_penalty=0.0, novelty_theta=-0.5, num_heads=2, read_topk=3)
     model = THLModel(config, params=random_params(config, np.random.default_rng(0)))
     ids = np.array([[1, 2, 3, 4, 0, 1]])
-    _, _, tape = fast_grad.fast_forward(model, ids, model.init_state(1))
+    _, _, tape = fast_grad.fast_forward(model.params, model.config, ids, model.init_state(1))
     assert (tape.IDX[1:] == np.arange(3)).all()
     assert (np.sort(tape.TGT, axis=-1) == np.arange(6)).all()
     _, _, plain_tape = run_sequence(model.params, config, ids, model.init_state(1), record=True)
@@ -331,7 +331,7 @@ def test_training_memory_formula_is_the_tape(overrides, gumbel, n0):
     ids = rng.integers(0, config.vocab_size, (B, T))
     U = rng.random((T, B, config.num_heads, config.memory_slots)) if gumbel else None
     state = random_state(config, B, rng, timestep=0, local_valid=n0 if config.local_window else 0)
-    _, _, tape = fast_grad.fast_forward(model, ids, state, U)
+    _, _, tape = fast_grad.fast_forward(model.params, model.config, ids, state, U)
     parts = training_memory_bytes(config, B, T, gumbel=gumbel, local_valid=n0, breakdown=True)
     assert tape.nbytes == parts["tape"]
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
