@@ -41,9 +41,10 @@ from .components.output import (
     load_balance_forward,
 )
 from .components.primitives import array_module, scatter_add
-from .components.registry import components_for
-from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_input
+from .components.registry import components_for, router_score_rule
+from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_input, slot_scores
 from .components.writer import writer_input
+from .errors import InputError
 from .inference.state import InferenceState
 
 
@@ -147,6 +148,22 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
         rec = StepRecord(token_ids=token_ids, local=local_cache, local_start=-n, router=router_cache, idx=idx,
                          A=A, tier_caches=tier_caches, writer=writer_cache, targets=targets, g=g, w=w)
     return xp.concatenate(s_new, axis=1), next_state, rec
+
+
+def read_scores(params, config, e, state, gumbel=None):
+    """Every slot's spec §4.3 score [B, H, J] at the step that reads embeddings e [B, d_e] from ``state``: the
+    numbers the config's router ranks (its ``ScoreRule``, the spec's or ``unit_keys``), for code that looks at
+    a step from outside (the passkey trace, the reference margins). ``gumbel``: the transformed noise
+    [B, H, J] or None. InputError for a plugin router, whose scores are its own."""
+    c = config
+    rule = router_score_rule(c)
+    if rule is None:
+        raise InputError(f"the router variant {c.components.get('router')!r} has scores of its own, which only "
+                         "its forward computes: recomputing them needs the spec's router or unit_keys")
+    u = router_input(e, state.tiers)
+    q = (u @ params["router.W_q.weight"].T).reshape(u.shape[0], c.num_heads, c.head_dim)
+    _, scores = slot_scores(state.memory, q, params["router.W_k.weight"], state.read_ema, c.load_penalty, rule)
+    return scores if gumbel is None else scores + gumbel
 
 
 def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None):
