@@ -1,5 +1,5 @@
 """Training forward + backward throughput and memory: the plain ``value_and_grad`` against
-``thl_np.engines.gradient.fast_value_and_grad``.
+``thl_np.value_and_grad(..., path="fast")`` (``thl_np.engines.gradient.loss_and_grads``).
 
 Issue config: ``THLConfig(dim=128, memory_slots=64, vocab_size=259)`` (3 tiers, timescales 1/8/64, 4 heads ×
 64, κ = 4, local window 64), B = 8 sequences of T = 128 tokens, float32, Gumbel noise (training routing).
@@ -109,6 +109,7 @@ def plain_record_bytes(model, ids, U) -> int:
 # ---------------------------------------------------------------------------------------------------
 def child(args) -> dict:
     from thl_np.engines import gradient as fast_grad
+    from thl_np.model import value_and_grad
 
     B, T = args.batch, args.seq_len
     cfg = BIG if args.config == "big" else ISSUE
@@ -118,14 +119,14 @@ def child(args) -> dict:
     times = []
     if args.child == "fast":
         t0 = time.perf_counter()
-        fast_grad.fast_value_and_grad(model, ids, tg, gumbel_uniform=U)
+        value_and_grad(model, ids, tg, gumbel_uniform=U, path="fast")
         out["first_call_s"] = time.perf_counter() - t0
         for _ in range(args.runs):
             t0 = time.perf_counter()
-            fast_grad.fast_value_and_grad(model, ids, tg, gumbel_uniform=U)
+            value_and_grad(model, ids, tg, gumbel_uniform=U, path="fast")
             times.append(time.perf_counter() - t0)
         with fast_grad.blas_threads(1):
-            _, _, tape = fast_grad.fast_forward(model, ids, model.init_state(B), U)
+            _, _, tape = fast_grad.fast_forward(model.params, model.config, ids, model.init_state(B), U)
         out["tape_bytes_per_step"] = tape.nbytes / T
         out["formula_bytes"] = fast_grad.training_memory_bytes(model.config, B, T, dtype="float32")
     else:
@@ -213,7 +214,7 @@ def main():
     ids = rng.integers(0, 256, (1, Tm))
     U = rng.random((Tm, 1, cfg.num_heads, cfg.memory_slots))
     per_step_plain = plain_record_bytes(small, ids, U) / Tm
-    _, _, tape = fast_forward(small, ids, small.init_state(1), U)
+    _, _, tape = fast_forward(small.params, small.config, ids, small.init_state(1), U)
     per_step_fast = tape.nbytes / Tm
     head = 4 * 512 * cfg.vocab_size * 4
     print(f"  recorded per step (B=1), measured over {Tm} steps: plain StepRecords {per_step_plain / 2**20:.2f} MiB, "

@@ -48,7 +48,7 @@ SECTIONS = [
                  "`thl_np.step.sequence_backward`."),
     Section("§4.3", "Router read", [f"{NN}.router"], [f"{NN}.router.router_forward"],
             [f"{NN}.router.router_backward"],
-            helpers=[f"{NN}.router.gumbel_noise", f"{NN}.primitives.top_k_desc",
+            helpers=[f"{NN}.router.router_input", f"{NN}.router.gumbel_noise", f"{NN}.primitives.top_k_desc",
                      f"{NN}.router.slot_scores", f"{NN}.router.apply_slot_capacity"]),
     Section("§4.4", "Read metadata", [f"{NN}.router.read_meta_forward"], [f"{NN}.router.read_meta_forward"],
             [f"{NN}.router.read_meta_backward"], helpers=[f"{NN}.router.read_weights_per_slot"]),
@@ -57,7 +57,8 @@ SECTIONS = [
             [f"{NN}.gru.gru_backward", "thl_np.step.tiers_backward"], helpers=[f"{NN}.primitives.sigmoid"]),
     Section("§4.6", "Writer", [f"{NN}.writer"], [f"{NN}.writer.writer_forward"],
             [f"{NN}.writer.writer_backward"],
-            helpers=[f"{NN}.primitives.top_k_desc"],
+            helpers=[f"{NN}.writer.writer_input", f"{NN}.writer.affinities", f"{NN}.writer.novelty_of",
+                     f"{NN}.writer.eviction_scores", f"{NN}.primitives.top_k_desc"],
             note="`thl_np.step.sequence_backward` adds the writer's `d_m_star` to the memory gradient at "
                  "row j*."),
     Section("§4.7", "Memory decay and write", [f"{NN}.writer.memory_write_forward"],
@@ -70,9 +71,10 @@ SECTIONS = [
             ["thl_np.step.thl_step", "thl_np.step.run_sequence"], ["thl_np.step.sequence_backward"],
             note="`thl_np.state.InferenceState` holds the spec §3 state. Which implementation of "
                  "each component the step calls is the config's choice (`thl_np.components.registry`)."),
-    Section("§5", "Losses and gradients", ["thl_np.step.loss_and_grads"],
+    Section("§5", "Losses and gradients", ["thl_np.step.sequence_loss"],
             [f"{NN}.output.cross_entropy_forward", f"{NN}.output.load_balance_forward",
-             "thl_np.step.loss_and_grads", "thl_np.model.value_and_grad"],
+             "thl_np.step.sequence_loss", "thl_np.step.add_load_balance", "thl_np.step.loss_and_grads",
+             "thl_np.model.value_and_grad"],
             ["thl_np.step.sequence_backward", "thl_np.step.head_loss_and_backward"],
             note="`cross_entropy_forward` returns d loss / d logits and `load_balance_forward` returns "
                  "d KL / d A with their values: each is its own backward."),

@@ -9,6 +9,7 @@ with and without Gumbel noise, and renormalisation thresholds that force the laz
 back often. The three shared conformance cases are checked against the PyTorch THL's numbers.
 """
 import contextlib
+import functools
 import json
 import os
 import zlib
@@ -22,9 +23,9 @@ from hypothesis import strategies as st
 
 from thl_np.components.output import cross_entropy_forward, layer_norm_backward, linear_backward, load_balance_forward
 from thl_np.engines import gradient as fast_grad
-from thl_np.engines.gradient import blas_threads, fast_value_and_grad, training_memory_bytes
+from thl_np.engines.gradient import blas_threads, training_memory_bytes
 from thl_np.errors import InputError
-from thl_np.model import THLModel
+from thl_np.model import THLModel, value_and_grad
 from thl_np.state import InferenceState
 from thl_np.step import output_forward, run_sequence, sequence_backward
 
@@ -35,6 +36,10 @@ TOL64 = 1e-10
 # ---------------------------------------------------------------------------------------------------
 # The plain reference, from the plain path's pieces (so it stays plain whatever value_and_grad dispatches to)
 # ---------------------------------------------------------------------------------------------------
+# the fast path through the public API: the model-level checks, then engines.gradient.loss_and_grads
+fast_value_and_grad = functools.partial(value_and_grad, path="fast")
+
+
 def plain_value_and_grad(model, ids, targets, state=None, gumbel_uniform=None):
     """Spec §5 by the plain forward (``run_sequence``) and BPTT (``sequence_backward``) →
     (loss, grads, final state, initial-state gradient)."""
@@ -227,7 +232,7 @@ def test_equal_rows_tie_to_lower_index():
     config = tiny_config(write_slots=6, load_penalty=0.0, novelty_theta=-0.5, num_heads=2, read_topk=3)
     model = THLModel(config, params=random_params(config, np.random.default_rng(0)))
     ids = np.array([[1, 2, 3, 4, 0, 1]])
-    _, _, tape = fast_grad.fast_forward(model, ids, model.init_state(1))
+    _, _, tape = fast_grad.fast_forward(model.params, model.config, ids, model.init_state(1))
     assert (tape.IDX[1:] == np.arange(3)).all()
     assert (np.sort(tape.TGT, axis=-1) == np.arange(6)).all()
     _, _, plain_tape = run_sequence(model.params, config, ids, model.init_state(1), record=True)
@@ -331,7 +336,7 @@ def test_training_memory_formula_is_the_tape(overrides, gumbel, n0):
     ids = rng.integers(0, config.vocab_size, (B, T))
     U = rng.random((T, B, config.num_heads, config.memory_slots)) if gumbel else None
     state = random_state(config, B, rng, timestep=0, local_valid=n0 if config.local_window else 0)
-    _, _, tape = fast_grad.fast_forward(model, ids, state, U)
+    _, _, tape = fast_grad.fast_forward(model.params, model.config, ids, state, U)
     parts = training_memory_bytes(config, B, T, gumbel=gumbel, local_valid=n0, breakdown=True)
     assert tape.nbytes == parts["tape"]
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .components.output import cross_entropy_forward, load_balance_forward
 from .errors import InputError
-from .step import output_forward, run_sequence
+from .step import read_weights, run_sequence, sequence_loss
 
 
 @dataclass
@@ -58,11 +57,8 @@ class GradCheckReport:
 def _loss_and_choices(params, config, ids, targets, state, gumbel_uniform):
     """Spec §5's loss from the plain forward, and the discrete choices its steps made."""
     tier_states, _, tape = run_sequence(params, config, ids, state.copy(), gumbel_uniform, record=True)
-    logits, _, _ = output_forward(params, tier_states)
-    loss, _ = cross_entropy_forward(logits, targets)
-    lam = config.router_load_balance_lambda
-    if lam:
-        loss = loss + lam * sum(load_balance_forward(rec.A)[0].sum() for rec in tape) / ids.size
+    loss = sequence_loss(params, config, tier_states.reshape(ids.size, -1), targets.reshape(-1),
+                         read_weights(config, tape))[0]
     return float(loss), tape_choices(tape)
 
 

@@ -304,12 +304,7 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     weight on the answer bytes of a retrieval task). ``observe`` (optional): called once with the
     forward's memory choices, a ``thl_np.eval.diagnostics.MemorySteps``, on either path.
     """
-    if choose_fast(model.config, path, gumbel_given=False):
-        from .engines.gradient import fast_value_and_grad  # imported here: fast_grad imports this module
-
-        return fast_value_and_grad(model, input_ids, targets, state=state, gumbel_uniform=gumbel_uniform,
-                                   return_state=return_state, return_state_grad=return_state_grad,
-                                   loss_weights=loss_weights, observe=observe)
+    fast = choose_fast(model.config, path, gumbel_given=False)
     ids = model._check_ids(input_ids)
     tg = model._check_ids(targets, name="targets")
     if tg.shape != ids.shape:
@@ -318,8 +313,11 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     U = model._check_gumbel(gumbel_uniform, B, T)
     state0 = model._prepare_state(state, B)
     weights = check_loss_weights(loss_weights, B, T)
-    loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U, weights,
-                                                     observe)
+    if fast:
+        from .engines.gradient import loss_and_grads as run  # imported here: it needs Numba
+    else:
+        run = loss_and_grads
+    loss, grads, state_out, d_state = run(model.params, model.config, ids, tg, state0, U, weights, observe)
     return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
 
 

@@ -41,8 +41,10 @@ from .components.output import (
     load_balance_forward,
 )
 from .components.primitives import array_module, scatter_add
-from .components.registry import components_for
-from .components.router import gumbel_noise, read_meta_backward, read_meta_forward
+from .components.registry import components_for, router_score_rule
+from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_input, slot_scores
+from .components.writer import writer_input
+from .errors import InputError
 from .state import InferenceState
 
 
@@ -116,7 +118,7 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
     # 3. router read, with the tier states of the previous step; 4. read metadata
     s_prev = state.tiers
     with W.module("router") as P:
-        u = xp.concatenate([e, s_prev[0], s_prev[-1]], axis=1)
+        u = router_input(e, s_prev)
         r, alpha, idx, router_cache = comp.router.forward(
             u, state.memory, state.read_ema, P["router.W_q.weight"], P["router.W_k.weight"],
             P["router.W_v.weight"], num_heads=c.num_heads, head_dim=c.head_dim, topk=c.read_topk,
@@ -128,7 +130,7 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
     s_new, tier_caches = tiers_forward(W, t, e, r, loc, s_prev, c.tier_timescales, comp.gru.forward)
     # 6. writer, against the memory before this step's decay; 7. memory decay and write
     with W.module("writer") as P:
-        x_w = xp.concatenate([s_new[0], s_new[-1]], axis=1)
+        x_w = writer_input(s_new)
         w, g, targets, writer_cache = comp.writer.forward(
             x_w, state.memory, read_ema, state.last_write, t, P["writer.W_w.weight"], P["writer.W_w.bias"],
             write_slots=c.write_slots, clip_max=c.write_clip_max, beta=c.novelty_beta, theta=c.novelty_theta,
@@ -146,6 +148,22 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
         rec = StepRecord(token_ids=token_ids, local=local_cache, local_start=-n, router=router_cache, idx=idx,
                          A=A, tier_caches=tier_caches, writer=writer_cache, targets=targets, g=g, w=w)
     return xp.concatenate(s_new, axis=1), next_state, rec
+
+
+def read_scores(params, config, e, state, gumbel=None):
+    """Every slot's spec §4.3 score [B, H, J] at the step that reads embeddings e [B, d_e] from ``state``: the
+    numbers the config's router ranks (its ``ScoreRule``, the spec's or ``unit_keys``), for code that looks at
+    a step from outside (the passkey trace, the reference margins). ``gumbel``: the transformed noise
+    [B, H, J] or None. InputError for a plugin router, whose scores are its own."""
+    c = config
+    rule = router_score_rule(c)
+    if rule is None:
+        raise InputError(f"the router variant {c.components.get('router')!r} has scores of its own, which only "
+                         "its forward computes: recomputing them needs the spec's router or unit_keys")
+    u = router_input(e, state.tiers)
+    q = (u @ params["router.W_q.weight"].T).reshape(u.shape[0], c.num_heads, c.head_dim)
+    _, scores = slot_scores(state.memory, q, params["router.W_k.weight"], state.read_ema, c.load_penalty, rule)
+    return scores if gumbel is None else scores + gumbel
 
 
 def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None):
@@ -229,8 +247,9 @@ def run_sequence(params, config, input_ids, state, gumbel_uniform=None, record=F
 def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids, initial_state):
     """Back-propagate through T recorded steps.
 
-    d_tier_states [B, T, Σ d_k] comes from the output head; d_A_steps is a list of [B, J] (load-balance
-    term) or None. Returns (grads dict, gradient w.r.t. the initial state as a dict of spec §3 keys).
+    d_tier_states [B, T, Σ d_k] comes from the output head; d_A_steps [T, B, J] (or a list of T [B, J]) is
+    the load-balance term's gradient, or None. Returns (grads dict, gradient w.r.t. the initial state as a
+    dict of spec §3 keys).
     Running gradients: the bank (dM), read_ema, the tier states, and the embedding history that the
     local buffer holds (so the buffer's stored embeddings pass gradient to earlier tokens).
     """
@@ -322,32 +341,54 @@ def head_loss_and_backward(params, tier_states, targets, weights=None):
                            "layer_norm.weight": d_gamma, "layer_norm.bias": d_beta}
 
 
+def add_load_balance(config, loss, A):
+    """Spec §5's router load-balance term added to ``loss``: λ times the mean, over the B·T (step, sequence)
+    rows of A [T, B, J] (the read weight per slot of every step), of KL(p ‖ uniform) with p = A / Σ_j A.
+    → (the loss with the term, its gradient d/dA [T, B, J]); (loss, None) when λ = 0 (A may then be None).
+    The term is the same whatever the cross-entropy's ``loss_weights``."""
+    lam = config.router_load_balance_lambda
+    if not lam:
+        return loss, None
+    kl, d_A = load_balance_forward(A)
+    n = kl.size
+    return loss + lam * kl.sum() / n, d_A * (lam / n)
+
+
+def sequence_loss(params, config, tier_states, targets, A=None, weights=None):
+    """Spec §5's loss, the one definition every path and every gradient check calls: the output head's mean
+    cross-entropy over N = B·T positions (tier states [N, Σ d_k] and targets [N], the positions in any
+    order; ``weights`` [N]: the weighted mean Σ w·CE / Σ w instead), plus ``add_load_balance`` of the read
+    weights A [T, B, J] (``read_weights``; None when λ = 0).
+    → (loss, d tier states [N, Σ d_k], the LayerNorm's and output head's gradients, d A [T, B, J] or None)."""
+    loss, d_tiers, head_grads = head_loss_and_backward(params, tier_states, targets, weights)
+    loss, d_A = add_load_balance(config, loss, A)
+    return loss, d_tiers, head_grads, d_A
+
+
+def read_weights(config, tape):
+    """The recorded steps' read weights per slot, A [T, B, J], when the config's loss has the load-balance
+    term (λ ≠ 0); else None."""
+    if not config.router_load_balance_lambda:
+        return None
+    return array_module(tape[0].A).stack([rec.A for rec in tape])
+
+
 def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
                    observe=None):
-    """Spec §5 on the plain path: T steps with a tape, the loss (mean cross-entropy over B·T, or weighted by
-    ``loss_weights`` [B, T], plus the load-balance term when its weight is non-zero) and BPTT through all T
-    steps. ``observe``, if given, is called with the steps' memory choices (``thl_np.eval.diagnostics``).
-    Returns (loss, grads, final state, gradient w.r.t. the initial state)."""
+    """Spec §5 on the plain path: T steps with a tape, ``sequence_loss`` (mean cross-entropy over B·T, or
+    weighted by ``loss_weights`` [B, T], plus the load-balance term when its weight is non-zero) and BPTT
+    through all T steps. ``observe``, if given, is called with the steps' memory choices
+    (``thl_np.eval.diagnostics``). Returns (loss, grads, final state, gradient w.r.t. the initial state).
+    ``thl_np.engines.gradient.loss_and_grads`` is its fast sibling (same arguments, same numbers)."""
     B, T = input_ids.shape
     tier_states, state_out, tape = run_sequence(params, config, input_ids, state, gumbel_uniform, record=True)
     if observe is not None:
         from .memory_steps import steps_from_records
 
         observe(steps_from_records(tape, state))
-    loss, d_tiers, head_grads = head_loss_and_backward(
-        params, tier_states.reshape(B * T, -1), targets.reshape(-1),
+    loss, d_tiers, head_grads, d_A = sequence_loss(
+        params, config, tier_states.reshape(B * T, -1), targets.reshape(-1), read_weights(config, tape),
         None if loss_weights is None else loss_weights.reshape(-1))
-    d_A_steps = None
-    lam = config.router_load_balance_lambda
-    if lam:
-        d_A_steps = []
-        kl_total = 0.0
-        for rec in tape:
-            kl, d_A = load_balance_forward(rec.A)
-            kl_total += kl.sum()
-            d_A_steps.append(d_A * (lam / (B * T)))
-        loss = loss + lam * kl_total / (B * T)
-    grads, d_state = sequence_backward(params, config, tape, d_tiers.reshape(B, T, -1), d_A_steps, input_ids,
-                                       state)
+    grads, d_state = sequence_backward(params, config, tape, d_tiers.reshape(B, T, -1), d_A, input_ids, state)
     grads.update(head_grads)
     return loss, grads, state_out, d_state

@@ -1,7 +1,7 @@
 """Shared by the per-kernel tests of ``thl_np.fast``: tolerances, a comparison that names what differs, the
 fast paths' rearranged layouts built from plain inputs.
 
-Each kernel test feeds one kernel the layout ``FastDecoder`` / ``fast_value_and_grad`` give it (the bank
+Each kernel test feeds one kernel the layout ``FastDecoder`` / ``loss_and_grads`` give it (the bank
 stored divided by a scale, its squared norms, ring buffers, per-head and transposed weights), built here
 from the plain inputs, and compares what the kernel writes with the plain function of
 ``thl_np.components`` it mirrors.

@@ -23,6 +23,13 @@ from .primitives import array_module, to_host, top_k_desc
 GUMBEL_EPS = 1e-9
 
 
+def router_input(e, tiers):
+    """Spec §4.3's router input u = [e; s^0; s^{K-1}] over any leading shape: the token's embedding and the
+    first and last tier states *before* this step's update (``tiers``: the K states, or any sequence whose
+    first and last items are those two). With K = 1, s^0 appears twice."""
+    return array_module(e).concatenate([e, tiers[0], tiers[-1]], axis=-1)
+
+
 @dataclass
 class RouterCache:
     """What ``router_backward`` needs from ``router_forward`` (shapes for B sequences, H heads, κ picks)."""

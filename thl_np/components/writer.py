@@ -20,6 +20,12 @@ from .primitives import array_module, top_k_desc
 EMPTY_NORM = 1e-6
 
 
+def writer_input(tiers_new):
+    """Spec §4.6's writer input x_w = [s_new^0; s_new^{K-1}] over any leading shape (``tiers_new``: the K
+    states after this step's update, or any sequence whose first and last items are those two)."""
+    return array_module(tiers_new[0]).concatenate([tiers_new[0], tiers_new[-1]], axis=-1)
+
+
 @dataclass
 class WriterCache:
     """What ``writer_backward`` needs from ``writer_forward`` (per sequence b of B)."""
@@ -57,25 +63,46 @@ def writer_forward(x_w, memory, read_ema, last_write, t, W_w, b_w, *, write_slot
     clipped = ratio < 1.0
     scale = xp.where(clipped, ratio, 1.0)
     w = w_raw * scale[:, None]
-    n_w = xp.sqrt((w * w).sum(axis=1))
-    n_m = xp.sqrt((memory * memory).sum(axis=2))                  # [B, J]
-    dots = xp.einsum("bjm,bm->bj", memory, w)
-    aff = dots / ((n_w[:, None] + 1e-8) * (n_m + 1e-8))
+    aff, dots, n_w, n_m = affinities(memory, w)
     rows = xp.arange(B)
-    j_star = xp.argmax(aff, axis=1)                                # first maximum: the lower index
-    novelty = 1.0 - aff[rows, j_star]
+    j_star, novelty = novelty_of(aff)
     novel = novelty > theta
     g = xp.where(novel, 1.0 / (1.0 + xp.exp(-beta * (novelty - theta))), 1.0).astype(w.dtype)
-    empty = n_m <= EMPTY_NORM
-    staleness = (t - last_write).astype(xp.float64)
-    underuse = 1.0 / (1e-8 + read_ema.astype(xp.float64))
-    evict = xp.where(empty.any(axis=1)[:, None], empty.astype(xp.float64),
-                     stale_weight * staleness + underuse_weight * underuse)
+    evict = eviction_scores(n_m, read_ema, last_write, t, stale_weight, underuse_weight)
     targets = top_k_desc(xp.where(novel[:, None], evict, aff.astype(xp.float64)), write_slots)
     cache = WriterCache(x_w=x_w, w_raw=w_raw, n_raw=n_raw, clipped=clipped, scale=scale, w=w, n_w=n_w,
                         j_star=j_star, m_star=memory[rows, j_star], n_m_star=n_m[rows, j_star],
                         dot_star=dots[rows, j_star], novel=novel, g=g, beta=beta, clip_max=clip_max)
     return w, g, targets, cache
+
+
+def affinities(memory, w):
+    """aff_j = (m_j·w) / ((‖w‖ + 1e-8)(‖m_j‖ + 1e-8)) for every slot of memory [B, J, d_m] and write vector
+    w [B, d_m] → (aff [B, J], m_j·w [B, J], ‖w‖ [B], ‖m_j‖ [B, J])."""
+    xp = array_module(memory)
+    n_w = xp.sqrt((w * w).sum(axis=1))
+    n_m = xp.sqrt((memory * memory).sum(axis=2))
+    dots = xp.einsum("bjm,bm->bj", memory, w)
+    return dots / ((n_w[:, None] + 1e-8) * (n_m + 1e-8)), dots, n_w, n_m
+
+
+def novelty_of(aff):
+    """j* = the arg-max affinity slot (the lower index on a tie) and novelty = 1 − aff_j* → (j* [B], novelty [B])."""
+    xp = array_module(aff)
+    j_star = xp.argmax(aff, axis=1)
+    return j_star, 1.0 - aff[xp.arange(aff.shape[0]), j_star]
+
+
+def eviction_scores(n_m, read_ema, last_write, t, stale_weight, underuse_weight):
+    """The novel branch's ranking key [B, J], in float64, from the slot norms n_m [B, J]: where a row has an
+    empty slot (‖m_j‖ ≤ EMPTY_NORM), 1 for its empty slots and 0 for the others; else
+    λ_s·staleness + λ_u·underuse with staleness t − last_write and underuse 1 / (1e-8 + read_ema)."""
+    xp = array_module(n_m)
+    empty = n_m <= EMPTY_NORM
+    staleness = (t - last_write).astype(xp.float64)
+    underuse = 1.0 / (1e-8 + read_ema.astype(xp.float64))
+    return xp.where(empty.any(axis=1)[:, None], empty.astype(xp.float64),
+                    stale_weight * staleness + underuse_weight * underuse)
 
 
 def writer_backward(d_w, d_g, cache: WriterCache, W_w):

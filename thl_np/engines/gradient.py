@@ -1,5 +1,6 @@
-"""The fast training path: ``fast_value_and_grad`` is ``thl_np.model.value_and_grad`` (same arguments, same
-return values, the same numbers up to rounding) computed with much less work.
+"""The fast training path: ``loss_and_grads`` is ``thl_np.step.loss_and_grads`` (same arguments, same return
+values, the same loss ``thl_np.step.sequence_loss``, the same numbers up to rounding) computed with much less
+work; ``thl_np.model.value_and_grad(..., path="fast")`` checks its inputs and calls ``loss_and_grads``.
 
 Every discrete choice is the forward's (spec §5), so the savings are exact rearrangements of the same math:
 
@@ -67,18 +68,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._blas import blas_threads
-from ..components.output import load_balance_forward
 from ..components.registry import uses_unit_keys
-from ..components.router import gumbel_noise
-from ..errors import InputError
+from ..components.router import gumbel_noise, router_input
+from ..components.writer import writer_input
 from ..fast import embedding, gru, local_attention, primitives, router, writer
-from ..model import check_loss_weights, head_loss_and_backward, pack_value_and_grad
 from ..state import InferenceState
+from ..step import sequence_loss
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 MIN_DECAY = writer.MIN_DECAY
 BLAS_THREADS = 1
-"""OpenBLAS threads while ``fast_value_and_grad`` runs (None: leave BLAS alone). Its per-step products are
+"""OpenBLAS threads while ``loss_and_grads`` runs (None: leave BLAS alone). Its per-step products are
 far too small to gain from threads, and on a busy machine OpenBLAS's threaded path costs up to 10× (its
 workers spin for a core that another process holds); the few large products at the end lose < 2× at most."""
 
@@ -146,16 +146,22 @@ class Tape:
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values() if isinstance(a, np.ndarray)))
 
+    @property
+    def read_weights(self):
+        """The read weights per slot A [T, B, J] (recorded when the loss has the load-balance term), or None."""
+        return self.arrays["AW"] if self.steps["record_A"] else None
+
 
 # ---------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------
-def fast_forward(model, ids, state0: InferenceState, U=None, weights=None):
+def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=None):
     """T steps of spec §4 from ``state0`` (not modified) over ids [B, T] with the record the backward needs.
+    ``U``: the Gumbel uniforms [T, B, H, J] or None; ``weights``: a ``_Weights`` of ``params`` to reuse.
     Returns (tier states [T, B, Σd_k] (time-major), final state, tape)."""
-    c = model.config
-    dt = model.dtype
-    Wt = weights or _Weights(c, model.params)
+    c = config
+    dt = np.dtype(params["embedding.weight"].dtype)
+    Wt = weights or _Weights(c, params)
     B, T = ids.shape
     K, H, J, kappa = c.num_tiers, c.num_heads, c.memory_slots, c.read_topk
     d_e, d_m, d_v, Dh, d_lq = c.embedding_dim, c.memory_dim, c.value_dim, c.head_dim, c.query_dim
@@ -236,7 +242,8 @@ def fast_forward(model, ids, state0: InferenceState, U=None, weights=None):
                           off_lo=offs[k - 1] if k else 0, d_lo=dims[k - 1] if k else 0))
         for name in ("P", "Z", "RG", "ST"):
             a[f"{name}{k}"] = tiers[k][name]
-    QS = (np.concatenate([S[0, :, off0:off0 + d0], S[0, :, offK:offK + dK]], axis=1) @ Wt.Wq_s.T).astype(dt)
+    # the state part of the first step's u, [s^0; s^{K-1}]: x_w's form (the writer kernel forms the later ones)
+    QS = (writer_input([S[0, :, off0:off0 + d0], S[0, :, offK:offK + dK]]) @ Wt.Wq_s.T).astype(dt)
     QS = np.ascontiguousarray(QS)
     thr = RENORM_BELOW[np.dtype(dt)]
     inv_lq = 1.0 / math.sqrt(d_lq)
@@ -293,12 +300,12 @@ def fast_forward(model, ids, state0: InferenceState, U=None, weights=None):
 # ---------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------
-def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
+def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
     """Back-propagate d tier states [T, B, Σd_k] (and the load-balance term's d A [T, B, J] or None) through
     the recorded steps → (parameter gradients, gradient w.r.t. the initial state as spec §3 keys)."""
-    c = model.config
-    dt = model.dtype
-    P = model.params
+    c = config
+    P = params
+    dt = np.dtype(P["embedding.weight"].dtype)
     Wt = weights or _Weights(c, P)
     a, st = tape.arrays, tape.steps
     T, B, Dtot = dS_out.shape
@@ -403,7 +410,7 @@ def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
     dW_emb = np.zeros_like(P["embedding.weight"])
     embedding.scatter_rows(dW_emb, np.ascontiguousarray(ids.T).reshape(-1), dE)
     grads["embedding.weight"] = dW_emb
-    U_all = np.concatenate([a["E"], S[:-1, :, off0:off0 + d0], S[:-1, :, offK:offK + dK]], axis=2).reshape(TB, -1)
+    U_all = router_input(a["E"], [S[:-1, :, off0:off0 + d0], S[:-1, :, offK:offK + dK]]).reshape(TB, -1)
     grads["router.W_q.weight"] = DQ2.T @ U_all
     QV2 = a["QV"].reshape(TB, H, Dh)
     dWk = np.empty_like(P["router.W_k.weight"])
@@ -425,54 +432,33 @@ def fast_backward(model, tape: Tape, dS_out, d_A, ids, weights=None):
 # ---------------------------------------------------------------------------------------------------
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
-def fast_value_and_grad(model, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
-                        return_state_grad=False, loss_weights=None, observe=None):
-    """``thl_np.model.value_and_grad`` on the fast path: the loss (mean cross-entropy over B·T, plus the
-    load-balance term when its weight is non-zero) and the exact gradient of every parameter by BPTT through
-    all T steps. Returns ``(loss, grads)``, with ``return_state=True`` also the final state, with
-    ``return_state_grad=True`` also the gradient w.r.t. the initial state (a dict of spec §3 keys).
-    ``loss_weights`` and ``observe`` as ``value_and_grad``'s.
+def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
+                   observe=None):
+    """``thl_np.step.loss_and_grads`` on the fast path: the same arguments (input_ids and targets [B, T] int64,
+    ``state`` the initial state, ``gumbel_uniform`` [T, B, H, J] or None, ``loss_weights`` [B, T] or None,
+    ``observe`` a callable or None), the same loss (``sequence_loss``), the same return value
+    (loss, grads, final state, gradient w.r.t. the initial state), checked by the caller as there.
 
     Runs with OpenBLAS limited to ``BLAS_THREADS`` threads (see ``blas_threads``)."""
-    ids = model._check_ids(input_ids)
-    tg = model._check_ids(targets, name="targets")
-    if tg.shape != ids.shape:
-        raise InputError(f"targets have shape {list(tg.shape)} but input_ids have {list(ids.shape)}")
-    B, T = ids.shape
-    U = model._check_gumbel(gumbel_uniform, B, T)
-    c = model.config
-    state0 = model._prepare_state(state, B)
-    weights = check_loss_weights(loss_weights, B, T)
-    P = model.params
-    Wt = _Weights(c, P)
+    B, T = input_ids.shape
+    Wt = _Weights(config, params)
     with blas_threads(BLAS_THREADS):
-        return _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad, weights,
-                               observe)
+        tier_states, state_out, tape = fast_forward(params, config, input_ids, state, gumbel_uniform, Wt)
+        if observe is not None:
+            from ..memory_steps import steps_from_fast_tape
 
-
-def _value_and_grad(model, P, c, Wt, ids, tg, state0, U, return_state, return_state_grad, weights=None,
-                    observe=None):
-    B, T = ids.shape
-    tier_states, state_out, tape = fast_forward(model, ids, state0, U, Wt)
-    if observe is not None:
-        from ..memory_steps import steps_from_fast_tape
-
-        observe(steps_from_fast_tape(tape, state0))
-    loss, d_tiers, head_grads = head_loss_and_backward(P, tier_states.reshape(T * B, -1), tg.T.reshape(-1),
-                                                       None if weights is None else weights.T.reshape(-1))
-    d_A = None
-    lam = c.router_load_balance_lambda
-    if lam:
-        kl, d_A = load_balance_forward(tape.AW)
-        loss = loss + lam * kl.sum() / (B * T)
-        d_A = d_A * (lam / (B * T))
-    grads, d_state = fast_backward(model, tape, d_tiers.reshape(T, B, -1), d_A, ids, Wt)
+            observe(steps_from_fast_tape(tape, state))
+        # time-major positions: (step, sequence) pairs in the order of the tier states
+        loss, d_tiers, head_grads, d_A = sequence_loss(
+            params, config, tier_states.reshape(T * B, -1), targets.T.reshape(-1),
+            tape.read_weights, None if loss_weights is None else loss_weights.T.reshape(-1))
+        grads, d_state = fast_backward(params, config, tape, d_tiers.reshape(T, B, -1), d_A, input_ids, Wt)
     grads.update(head_grads)
-    return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
+    return loss, grads, state_out, d_state
 
 
 def training_memory_bytes(config, batch_size, seq_len, dtype=None, gumbel=True, local_valid=0, breakdown=False):
-    """The module docstring's formula for one ``fast_value_and_grad`` call → total bytes (or, with
+    """The module docstring's formula for one ``loss_and_grads`` call → total bytes (or, with
     ``breakdown=True``, a dict: tape, backward, head, products, fixed, params, total)."""
     from ..params import param_shapes
 
@@ -513,5 +499,5 @@ def training_memory_bytes(config, batch_size, seq_len, dtype=None, gumbel=True, 
     return out if breakdown else out["total"]
 
 
-__all__ = ["fast_value_and_grad", "fast_forward", "fast_backward", "training_memory_bytes", "blas_threads",
-           "RENORM_BELOW", "BLAS_THREADS"]
+__all__ = ["loss_and_grads", "fast_forward", "fast_backward", "training_memory_bytes",
+           "blas_threads", "RENORM_BELOW", "BLAS_THREADS"]

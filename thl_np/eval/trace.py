@@ -14,9 +14,9 @@ step's choices with ``thl_np.eval.diagnostics.MemoryObserver``:
   less the decay, then decayed to the end) over the row's norm (1: the row is the key line's writes; near
   0: drowned by the rest), with the same share for the writes made at the key's digits;
 - **the question**: at each of its steps, every head's rank of every key slot among all J router scores
-  (spec §4.3 scores, or the ``unit_keys`` variant's, recomputed from the state before the step with ``slot_scores``:
-  rank 0 is the best; a slot is read when its rank is below κ), their scores against the κ-th best (the
-  score a slot needs to be read), and whether it was picked.
+  (spec §4.3 scores, or the ``unit_keys`` variant's, recomputed from the state before the step by
+  ``thl_np.step.read_scores``: rank 0 is the best; a slot is read when its rank is below κ), their scores
+  against the κ-th best (the score a slot needs to be read), and whether it was picked.
 
 The figures come from the steps themselves, so the fast and the plain session give the same trace.
 """
@@ -27,10 +27,8 @@ import math
 import numpy as np
 
 from ..components.primitives import top_k_desc
-from ..components.registry import router_score_rule
-from ..components.router import slot_scores
-from ..errors import InputError
 from ..memory_steps import BRANCHES, MemoryObserver
+from ..step import read_scores
 from ..training.haystack import Haystack, depth_label, haystack_prompt, parse_depth
 from .long_context import KEY_DIGITS, decoding_session, greedy_bytes
 
@@ -58,16 +56,9 @@ def trace_decoder(model, path: str = "auto"):
 
 def _query_ranks(model, state, token: int) -> tuple[np.ndarray, np.ndarray]:
     """([H, J] the rank (0 = best) of every slot's router score at the next step, ties to the lower index;
-    [H, J] the scores)."""
+    [H, J] the scores, by the model's router: ``thl_np.step.read_scores``)."""
     c, P = model.config, model.params
-    e = P["embedding.weight"][[token]]
-    u = np.concatenate([e, state.tiers[0], state.tiers[-1]], axis=1)
-    q = (u @ P["router.W_q.weight"].T).reshape(1, c.num_heads, c.head_dim)
-    rule = router_score_rule(c)
-    if rule is None:
-        raise InputError(f"the trace recomputes router scores, and this model's router variant "
-                         f"{c.components.get('router')!r} has scores of its own: trace the spec's or unit_keys")
-    _, scores = slot_scores(state.memory, q, P["router.W_k.weight"], state.read_ema, c.load_penalty, rule)
+    scores = read_scores(P, c, P["embedding.weight"][[token]], state)
     order = top_k_desc(scores[0], c.memory_slots)          # [H, J] slots, best first
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(c.memory_slots)[None, :], axis=1)

@@ -1,5 +1,5 @@
 """Numba kernels of the fast paths (``thl_np.engines.decoder.FastDecoder`` and
-``thl_np.engines.gradient.fast_value_and_grad``), one file per spec component, each kernel naming the
+``thl_np.engines.gradient.loss_and_grads``), one file per spec component, each kernel naming the
 plain function of ``thl_np.components`` it mirrors and tested alone against it (tests/fast/):
 
     embedding.py         §4.1      scatter_rows                          embedding_backward

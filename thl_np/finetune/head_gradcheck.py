@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..components.output import load_balance_forward
 from ..errors import InputError
 from ..gradcheck import GradCheckReport, directional_report, tape_choices
-from ..step import run_sequence
+from ..step import add_load_balance, read_weights, run_sequence
 
 
 def check_task_gradients(model, input_ids, labels, *, dropout=None, gumbel_uniform=None, path: str = "plain",
@@ -37,14 +36,12 @@ def check_task_gradients(model, input_ids, labels, *, dropout=None, gumbel_unifo
     keep = model._check_dropout(dropout, model._features_shape(ids))
     _, grads = model.value_and_grad(input_ids, labels, dropout=keep, gumbel_uniform=U, path=path)
     body = model.body
-    lam = model.config.router_load_balance_lambda
 
     def loss_and_choices():
         S, _, tape = run_sequence(body.params, body.config, ids, body.init_state(ids.shape[0]), U, record=True)
         logits, _ = model._head_forward(S, ids, last, keep)
         loss, _ = model._loss(model._shape_logits(logits, lead), y, ids)
-        if lam:
-            loss = loss + lam * sum(load_balance_forward(rec.A)[0].sum() for rec in tape) / ids.size
+        loss, _ = add_load_balance(body.config, loss, read_weights(body.config, tape))
         return float(loss), tape_choices(tape)
 
     return directional_report(model.params, grads, loss_and_choices, names or model.trainable_names(), eps=eps,

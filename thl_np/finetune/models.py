@@ -25,11 +25,11 @@ from collections.abc import MutableMapping
 import numpy as np
 
 from ..components import heads as H
-from ..components.output import load_balance_forward
 from ..config import THLConfig
 from ..errors import InputError, WeightsError
 from ..model import THLModel, choose_fast
 from ..params import check_params
+from ..step import add_load_balance
 from ..task_fields import CHOICE, SEQUENCE, TOKEN
 
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
@@ -251,7 +251,7 @@ class TaskModel:
         from ..engines.gradient import BLAS_THREADS, fast_forward
 
         with blas_threads(BLAS_THREADS):
-            S_tm, _, _ = fast_forward(body, ids, body.init_state(N), U)
+            S_tm, _, _ = fast_forward(body.params, body.config, ids, body.init_state(N), U)
         return np.ascontiguousarray(S_tm.transpose(1, 0, 2))
 
     def _tier_states_for_backward(self, ids, U, path):
@@ -259,26 +259,24 @@ class TaskModel:
         body = self.body
         c, P = body.config, body.params
         state0 = body.init_state(ids.shape[0])
-        want_A = bool(c.router_load_balance_lambda)
         if choose_fast(c, path, gumbel_given=False):
             from ..engines.gradient import fast_backward, fast_forward
 
-            S_tm, _, tape = fast_forward(body, ids, state0, U)
+            S_tm, _, tape = fast_forward(P, c, ids, state0, U)
 
             def backward(dS, d_A):
                 dS_tm = np.ascontiguousarray(dS.transpose(1, 0, 2))
-                return fast_backward(body, tape, dS_tm, d_A, ids)[0]
+                return fast_backward(P, c, tape, dS_tm, d_A, ids)[0]
 
-            return S_tm.transpose(1, 0, 2), (tape.AW if want_A else None), backward
-        from ..step import run_sequence, sequence_backward
+            return S_tm.transpose(1, 0, 2), tape.read_weights, backward
+        from ..step import read_weights, run_sequence, sequence_backward
 
         S, _, tape = run_sequence(P, c, ids, state0, U, record=True)
 
         def backward(dS, d_A):
-            d_A_steps = None if d_A is None else list(d_A)
-            return sequence_backward(P, c, tape, dS, d_A_steps, ids, state0)[0]
+            return sequence_backward(P, c, tape, dS, d_A, ids, state0)[0]
 
-        return S, (np.stack([rec.A for rec in tape]) if want_A else None), backward
+        return S, read_weights(c, tape), backward
 
     # ------------------------------------------------------------------ the head (subclasses)
     def _head_forward(self, S, ids, last, keep):  # pragma: no cover
@@ -326,12 +324,7 @@ class TaskModel:
             logits, cache = self._head_forward(S, ids, last, keep)
             loss, d_logits = self._loss(self._shape_logits(logits, lead), y, ids)
             dS, head_grads = self._head_backward(d_logits.reshape(logits.shape), cache)
-            d_A = None
-            lam = self.config.router_load_balance_lambda
-            if lam:
-                kl, d_A = load_balance_forward(A)
-                loss = loss + lam * kl.sum() / (N * T)
-                d_A = d_A * (lam / (N * T))
+            loss, d_A = add_load_balance(self.config, loss, A)
             grads = body_backward(dS, d_A)
         grads.update(head_grads)
         return float(loss), {name: grads[name] for name in self.params}

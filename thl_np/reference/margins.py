@@ -4,19 +4,22 @@ arg-max slot and clip decision of a reference case is from a tie.
 A case is only written when every margin clears ``MARGINS`` (and the float32 run makes the same choices
 as the float64 one), so a correct port, in either precision, makes exactly the same choices.
 ``trace_sequence`` runs the spec §4 step by step and records each choice with the margin that decided it;
-the scores and affinities are recomputed here from the step's inputs, independently of the components.
+the scores, affinities and eviction keys come from the config's own components (``thl_np.step.read_scores``
+for the router's scores, so a ``unit_keys`` router is measured by its own scores; the writer's
+``affinities`` / ``novelty_of`` / ``eviction_scores``), recomputed from the step's inputs.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..components.registry import SPEC, components_for
 from ..components.router import gumbel_noise
-from ..components.writer import EMPTY_NORM
+from ..components.writer import EMPTY_NORM, affinities, eviction_scores, novelty_of
+from ..errors import InputError
 from ..state import InferenceState
-from ..step import thl_step
+from ..step import read_scores, thl_step
 
 #: Smallest margin every discrete choice must keep (``trace_sequence``, ``writer_margins``): score gaps,
 #: arg-max affinity gap, |novelty − θ|, relative distance of ‖w_raw‖ from the clip point, relative gaps
@@ -41,24 +44,18 @@ def desc_gaps(values, k):
 
 
 def router_scores(params, config, e, state, gumbel=None):
-    """Spec §4.3 scores [B, H, J] (recomputed independently of ``router_forward``, for margins)."""
-    c = config
-    B, J, _ = state.memory.shape
-    u = np.concatenate([e, state.tiers[0], state.tiers[-1]], axis=1)
-    q = (u @ params["router.W_q.weight"].T).reshape(B, c.num_heads, c.head_dim)
-    keys = (state.memory @ params["router.W_k.weight"].T).reshape(B, J, c.num_heads, c.head_dim)
-    s = np.einsum("bjhd,bhd->bhj", keys, q) / math.sqrt(c.head_dim) - c.load_penalty * state.read_ema[:, None]
-    return s if gumbel is None else s + gumbel
+    """Spec §4.3 scores [B, H, J] by the config's router (``thl_np.step.read_scores``), for margins."""
+    return read_scores(params, config, e, state, gumbel)
 
 
 def writer_margins(w, n_raw, memory, read_ema_after, last_write, t, *, write_slots, clip_max, theta,
                    stale_weight, underuse_weight):
-    """Margins and branch of the writer's choices for every sequence (spec §4.6)."""
+    """Margins and branch of the writer's choices for every sequence (spec §4.6), from the writer's own
+    affinities, novelty and eviction key."""
     B = w.shape[0]
-    n_m = np.sqrt((memory * memory).sum(axis=2))
-    n_w = np.sqrt((w * w).sum(axis=1))
-    aff = np.einsum("bjm,bm->bj", memory, w) / ((n_w[:, None] + 1e-8) * (n_m + 1e-8))
-    novelty = 1.0 - aff.max(axis=1)
+    aff, _, _, n_m = affinities(memory, w)
+    j_star, novelty = novelty_of(aff)
+    evict = eviction_scores(n_m, read_ema_after, last_write, t, stale_weight, underuse_weight)
     out = {"clip": np.inf, "aff_gap": np.inf, "novelty": np.inf, "lru_gap": np.inf, "empty_decades": np.inf,
            "jstar_norm": np.inf}
     branches = []
@@ -69,14 +66,13 @@ def writer_margins(w, n_raw, memory, read_ema_after, last_write, t, *, write_slo
         if nz.size:
             out["empty_decades"] = min(out["empty_decades"], float(np.abs(np.log10(nz / EMPTY_NORM)).min()))
         empty = n_m[b] <= EMPTY_NORM
-        out["jstar_norm"] = min(out["jstar_norm"], float(n_m[b, np.argmax(aff[b])]))
+        out["jstar_norm"] = min(out["jstar_norm"], float(n_m[b, j_star[b]]))
         if novelty[b] > theta:
             out["aff_gap"] = min(out["aff_gap"], desc_gaps(aff[b], 1))       # the arg-max slot j*
             if empty.any():
                 branches.append("novel_empty")
             else:
-                score = stale_weight * (t - last_write[b]) + underuse_weight / (1e-8 + read_ema_after[b])
-                s = -np.sort(-score)
+                s = -np.sort(-evict[b])
                 n = min(write_slots, s.size - 1)
                 if n > 0:
                     rel = (s[:n] - s[1:n + 1]) / np.maximum(1.0, np.abs(s[:n]))
@@ -108,6 +104,9 @@ class Trace:
 def trace_sequence(params, config, input_ids, state, gumbel_uniform=None) -> Trace:
     """Run ``thl_step`` step by step, recording every discrete choice and the margin that decided it."""
     c = config
+    if components_for(c).writer.name != SPEC:
+        raise InputError(f"the margins measure the spec writer's choices; the writer variant "
+                         f"{c.components.get('writer')!r} makes its own")
     dtype = params["embedding.weight"].dtype
     B, T = input_ids.shape
     margins = {k: np.inf for k in ("score_gap", "aff_gap", "novelty", "clip", "lru_gap", "empty_decades",

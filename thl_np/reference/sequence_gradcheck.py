@@ -7,19 +7,15 @@ import math
 
 import numpy as np
 
-from ..components.output import cross_entropy_forward, load_balance_forward
 from ..errors import THLError
-from ..step import output_forward, run_sequence
+from ..step import read_weights, run_sequence, sequence_loss
 
 
 def _loss_only(params, config, ids, targets, state, U) -> float:
-    """Spec §5's loss, forward only (for finite differences)."""
-    lam = config.router_load_balance_lambda
-    tier_states, _, tape = run_sequence(params, config, ids, state.copy(), U, record=bool(lam))
-    loss = cross_entropy_forward(output_forward(params, tier_states)[0], targets)[0]
-    if lam:
-        loss = loss + lam * sum(load_balance_forward(rec.A)[0].sum() for rec in tape) / ids.size
-    return float(loss)
+    """Spec §5's loss (``thl_np.step.sequence_loss``) of the plain forward, for finite differences."""
+    tier_states, _, tape = run_sequence(params, config, ids, state.copy(), U, record=True)
+    return float(sequence_loss(params, config, tier_states.reshape(ids.size, -1), targets.reshape(-1),
+                               read_weights(config, tape))[0])
 
 
 def _param_group(name: str) -> str:
