@@ -111,12 +111,25 @@ class THLModel:
         return ids
 
     def _prepare_state(self, state, batch_size):
+        """The plain path's input state: validated once (a state this model's plain path returned is
+        read-only and not scanned again, nor copied: thl_step never modifies its input)."""
         if state is None:
             return self.init_state(batch_size)
         if not isinstance(state, InferenceState):
             raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
         state.check(self.config, batch_size)
+        if state.__dict__.get("_valid_for") is self.config and state.dtype == self.dtype:
+            return state
         return state.copy(dtype=self.dtype)
+
+    def _frozen(self, state: InferenceState) -> InferenceState:
+        """A state the plain path returns: read-only (it may share arrays with its input), and marked as
+        computed for this config, so the next step neither rescans nor copies it."""
+        for arr in state.arrays().values():
+            if isinstance(arr, np.ndarray) and arr.ndim:
+                arr.flags.writeable = False
+        state.__dict__["_valid_for"] = self.config
+        return state
 
     def _check_gumbel(self, gumbel_uniform, B, T):
         if gumbel_uniform is None:
@@ -145,15 +158,21 @@ class THLModel:
             state = self._prepare_state(state, B)
             tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
             logits, _, _ = output_forward(self.params, tier_states)
-            return logits, state
+            return logits, self._frozen(state)
         decoder = self._decoder(state, B)
+        decoder.begin_steps()
         logits = decoder.prompt(ids, logits="all")
-        return logits, _state_with_cache(decoder)
+        return logits, InferenceState.held_by(decoder)
 
     forward = __call__
 
     def forward_step(self, token_ids, state=None, path: str = "auto"):
-        """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state)."""
+        """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state).
+
+        ``state`` is not modified, and may be stepped from again (an independent future). On the fast
+        path the state returned holds the session that computed it instead of a copy of its arrays, and
+        the step from it copies only what one step changes (``thl_np.inference.state``), so a chain
+        ``logits, state = model.forward_step(ids, state)`` runs at ``FastDecoder.step``'s speed."""
         ids = _as_int_array(token_ids, "token_ids")
         if ids.ndim == 2 and ids.shape[1] == 1:
             ids = ids[:, 0]
@@ -164,10 +183,12 @@ class THLModel:
             state = self._prepare_state(state, ids.shape[0])
             tier_states, state, _ = thl_step(self.params, self.config, ids, state)
             logits, _, _ = output_forward(self.params, tier_states)
-            return logits, state
+            return logits, self._frozen(state)
         decoder = self._decoder(state, ids.shape[0])
+        before = decoder.begin_steps()
         logits = decoder.step(ids)
-        return logits, _state_with_cache(decoder)
+        decoder.stepped_once(before)
+        return logits, InferenceState.held_by(decoder)
 
     def decoder(self, state=None, batch_size: int = 1):
         """A mutable decoding session starting at ``state``: ``thl_np.inference.fast.FastDecoder``, or, for a
@@ -180,26 +201,26 @@ class THLModel:
             if state is not None and not isinstance(state, InferenceState):
                 raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
             return PlainDecoder(self, state=state, batch_size=B)
-        return self._decoder(state, B)
+        return self._decoder(state, B, link=False)
 
     def _use_plain(self, path, gumbel):
         return not choose_fast(self.config, path, gumbel_given=gumbel is not None)
 
-    def _decoder(self, state, batch_size):
+    def _decoder(self, state, batch_size, link: bool = True):
+        """A fast session at ``state`` that may be stepped: ``state`` itself is left as it is."""
         from .inference.fast import FastDecoder
 
         if state is None:
             return FastDecoder(self, batch_size=batch_size)
         if not isinstance(state, InferenceState):
             raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
-        state.check(self.config, batch_size)
-        cached = state.decoder
-        if cached is not None and cached.model is self and cached.weights_key == self.weights_key():
-            # the state's arrays are read-only while it carries a decoder, so the decoder is still exact;
-            # it is handed over (not copied), so a second use of the same state rebuilds it
-            state.decoder = None
-            return cached
-        return FastDecoder(self, state=state)
+        state.check(self.config, batch_size)  # a state this model computed: its batch size only
+        held = state.decoder
+        if held is not None and held.model is self and held.weights_key == self.weights_key():
+            # the session that computed the state, never stepped while the state lives: its successor
+            # (usually its spare, brought up to date by copying one step's changes) takes the step
+            return held.successor(link=link)
+        return FastDecoder(self, state=state, checked=True)
 
     # ----------------------------------------------------------------- files
     def save_pretrained(self, directory: str, dtype: str | None = None) -> None:
@@ -335,18 +356,6 @@ def pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_st
     if return_state_grad:
         out.append(d_state)
     return tuple(out)
-
-
-def _state_with_cache(decoder) -> InferenceState:
-    """The decoder's state as an InferenceState that carries the decoder along (its declared field
-    ``decoder``), so the next step from it starts without rebuilding. Its arrays are made read-only to
-    keep the two in agreement; ``state.copy()`` gives a writable state without the decoder."""
-    state = decoder.state()
-    for arr in state.arrays().values():
-        if isinstance(arr, np.ndarray) and arr.ndim:
-            arr.flags.writeable = False
-    state.decoder = decoder
-    return state
 
 
 def _as_int_array(x, name):
