@@ -29,6 +29,9 @@ the session's ``successor()``, a second session (the spare) brought up to date b
 step changed (``sync_from``): the tier states, the [B, J] EMAs and step numbers, the bank rows written and
 the ring's new row, ~1% of the state for the default config. In a chain ``state = forward_step(ids,
 state)`` the two sessions alternate; a state stepped from twice (a branch) costs one copy.
+
+Threads: a step runs its kernels on ``self.threads.count`` threads (``thl_np._threads``: one for a step too
+small to gain from more, and only the cores other processes leave idle).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import weakref
 import numpy as np
 
 from .._blas import blas_threads
+from .._threads import StepThreads
 from ..components.output import layer_norm_forward
 from ..components.registry import components_for, has_fast_path, uses_unit_keys
 from ..errors import InputError
@@ -143,7 +147,18 @@ class FastDecoder:
         self._g = np.empty(B, dt)
         self._novel = np.empty(B, np.bool_)   # the writer's branch of the last step (memory diagnostics)
         self._mats = self._step_matrices(B)
+        self.threads = StepThreads(self._step_bytes())
         self._new_version()
+
+    def _step_bytes(self) -> int:
+        """Bytes a step streams (its weights, and the bank scanned per sequence): what sets its threads."""
+        weights = [self.W_qkv, self.W_q, self.W_k_heads_T, self.W_v_heads, self.W_w, self.W_o, *self.W_zr, *self.W_h]
+        total = 0
+        for W in weights:
+            shape = getattr(W, "shape", None)
+            if shape is not None:
+                total += math.prod(shape) * (W.dtype.itemsize if isinstance(W, np.ndarray) else 1)
+        return total + 2 * self.memory.nbytes
 
     def _step_matrices(self, B: int) -> dict:
         """The matrices of a step's products, by name: packed copies (linalg.PackedMatrix) for 2..PACK_ROWS
@@ -263,10 +278,11 @@ class FastDecoder:
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
         ids = self._ids(token_ids, 1)
-        if self.B <= SMALL_BATCH:
-            return self._advance(ids)  # every product in the Numba kernels: no BLAS call
-        with blas_threads(1):
-            return self._advance(ids)
+        with self.threads.applied():
+            if self.B <= SMALL_BATCH:
+                return self._advance(ids)  # every product in the Numba kernels: no BLAS call
+            with blas_threads(1):
+                return self._advance(ids)
 
     def _ids(self, token_ids, ndim: int) -> np.ndarray:
         """Token ids checked as the model checks its own (integers, in the vocabulary, [B] or [B, T]),
@@ -358,10 +374,14 @@ class FastDecoder:
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
         n = flat.shape[0]
-        if n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
-            out = self._head_batch(flat)
-        else:
-            out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv; a prompt's positions: BLAS GEMM
+        with self.threads.applied() as threads:
+            if n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
+                out = self._head_batch(flat)
+            elif n <= SMALL_BATCH:
+                out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv
+            else:
+                with blas_threads(threads):  # a prompt's positions: BLAS GEMM, on the step's threads
+                    out = linear(flat, self.W_o, self.b_o)
         return out.reshape(h.shape[:-1] + (self.W_o.shape[0],))
 
     def _head_batch(self, h: np.ndarray) -> np.ndarray:
