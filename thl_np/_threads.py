@@ -154,8 +154,12 @@ def choose(work_bytes: float, busy: int | None = None) -> int:
     n = requested()
     if n is not None:
         return min(n, pool_size())
+    import numba
+
     cap = max(1, int(work_bytes // BYTES_PER_THREAD))
-    here = min(cores(), pool_size(), cap)
+    # numba.get_num_threads(): the count the caller set (numba.set_num_threads, or the MPI ranks' share in
+    # thl_np.training.distributed), the pool's size by default
+    here = min(cores(), numba.get_num_threads(), cap)
     if here == 1:
         return 1
     if busy is None:
