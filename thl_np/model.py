@@ -79,7 +79,7 @@ class THLModel:
         parameter array in place, pass states through ``state.copy()`` to drop their caches."""
         if isinstance(self.params, QuantizedParams):
             return self.params.key()  # values() would dequantize
-        return tuple(id(v) for v in self.params.values())
+        return tuple(map(id, self.params.values()))
 
     def num_parameters(self) -> int:
         return num_parameters(self.config)
