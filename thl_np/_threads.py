@@ -19,7 +19,9 @@ threads, 1.8 s on one thread; ``eval``: 55 bytes/s, 3,300 with ``OMP_WAIT_POLICY
 
 ``THL_NP_THREADS`` (a positive integer, or ``auto``) or ``set_threads(n)`` (the CLI's ``--threads``)
 fixes the count instead. The training step runs its kernels on one thread (``training.fast_grad``) and
-so is unaffected; the decoders (generation, evaluation, prompts) use ``StepThreads``.
+so is unaffected; the decoders (generation, evaluation, prompts) use ``StepThreads``, and so does the
+plain path for OpenBLAS (its workers spin too: ``thl-np generate`` of 100 bytes on the shipped model, one
+other process running, took 2.6-2.9 s with OpenBLAS's default threads, 0.6 s on one).
 """
 from __future__ import annotations
 
@@ -141,10 +143,21 @@ def _own_running() -> int:
 
 
 def pool_size() -> int:
-    """The most threads Numba can run a kernel on (NUMBA_NUM_THREADS, the cores by default)."""
-    from numba.core import config
-
+    """The most threads Numba can run a kernel on (NUMBA_NUM_THREADS, the cores by default; the cores
+    where Numba is not installed, for the plain path's BLAS)."""
+    try:
+        from numba.core import config
+    except ImportError:
+        return cores()
     return int(config.NUMBA_NUM_THREADS)
+
+
+def _numba_threads() -> int:
+    try:
+        import numba
+    except ImportError:
+        return cores()
+    return numba.get_num_threads()
 
 
 def choose(work_bytes: float, busy: int | None = None) -> int:
@@ -154,12 +167,10 @@ def choose(work_bytes: float, busy: int | None = None) -> int:
     n = requested()
     if n is not None:
         return min(n, pool_size())
-    import numba
-
     cap = max(1, int(work_bytes // BYTES_PER_THREAD))
     # numba.get_num_threads(): the count the caller set (numba.set_num_threads, or the MPI ranks' share in
     # thl_np.training.distributed), the pool's size by default
-    here = min(cores(), numba.get_num_threads(), cap)
+    here = min(cores(), _numba_threads(), cap)
     if here == 1:
         return 1
     if busy is None:

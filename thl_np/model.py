@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._blas import blas_threads
+from ._threads import StepThreads
 from .checks import as_dtype, as_path
 from .components.registry import components_for
 from .config import THLConfig
@@ -156,8 +158,9 @@ class THLModel:
         U = self._check_gumbel(gumbel_uniform, B, T)
         if self._use_plain(path, U):
             state = self._prepare_state(state, B)
-            tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
-            logits, _, _ = output_forward(self.params, tier_states)
+            with blas_threads(self.plain_threads(), scipy=False):
+                tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
+                logits, _, _ = output_forward(self.params, tier_states)
             return logits, self._frozen(state)
         decoder = self._decoder(state, B)
         decoder.begin_steps()
@@ -181,8 +184,9 @@ class THLModel:
         ids = self._check_ids(ids, "token_ids", ndim=1)
         if self._use_plain(path, None):
             state = self._prepare_state(state, ids.shape[0])
-            tier_states, state, _ = thl_step(self.params, self.config, ids, state)
-            logits, _, _ = output_forward(self.params, tier_states)
+            with blas_threads(self.plain_threads(), scipy=False):
+                tier_states, state, _ = thl_step(self.params, self.config, ids, state)
+                logits, _, _ = output_forward(self.params, tier_states)
             return logits, self._frozen(state)
         decoder = self._decoder(state, ids.shape[0])
         before = decoder.begin_steps()
@@ -202,6 +206,15 @@ class THLModel:
                 raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
             return PlainDecoder(self, state=state, batch_size=B)
         return self._decoder(state, B, link=False)
+
+    def plain_threads(self) -> int:
+        """OpenBLAS's threads for the plain path's products (``thl_np._threads``: one for a model too small
+        to gain from more, as the shipped one, and only the cores other processes leave idle), re-chosen
+        every second. OpenBLAS's idle workers spin: on a busy machine its default threads cost up to 5x."""
+        policy = self.__dict__.get("_plain_policy")
+        if policy is None:
+            policy = self._plain_policy = StepThreads(self.nbytes)
+        return policy.count
 
     def _use_plain(self, path, gumbel):
         return not choose_fast(self.config, path, gumbel_given=gumbel is not None)
@@ -314,8 +327,9 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     U = model._check_gumbel(gumbel_uniform, B, T)
     state0 = model._prepare_state(state, B)
     weights = check_loss_weights(loss_weights, B, T)
-    loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U, weights,
-                                                     observe)
+    with blas_threads(model.plain_threads(), scipy=False):
+        loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U, weights,
+                                                         observe)
     return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
 
 
