@@ -10,8 +10,9 @@ threads, 1.8 s on one thread; ``eval``: 55 bytes/s, 3,300 with ``OMP_WAIT_POLICY
   Intel's and LLVM's) and the OpenMP layer first (``omp tbb workqueue``): its launch costs ~10-50 µs,
   the work-queue layer's ~80. A value the user set is never changed.
 - **Kernels too small to gain from threads run on one**: a decode step whose weights and bank scan come
-  to less than ``BYTES_PER_THREAD`` per thread gets fewer threads (the shipped model: one); a second
-  thread pays only where each kernel's half of the work outlasts waking a worker.
+  to less than ``BYTES_PER_THREAD`` per thread gets fewer threads (the shipped model, and any model
+  under ~100 MB: one); a second thread pays only where each kernel's half of the work outlasts waking a
+  worker, about a dozen times a step.
 - **A busy machine costs at most its share**: the step uses only the cores that other processes leave
   idle (the runnable threads of other processes, read from /proc/loadavg at once, not the lagging load
   average), re-read every ``RECHECK_S`` seconds. A kernel split over a core that another process holds
@@ -32,7 +33,12 @@ import time
 from contextlib import contextmanager
 
 ENV = "THL_NP_THREADS"
-BYTES_PER_THREAD = 8 << 20  # a step reading less than this per thread gets fewer threads (see the docstring)
+# A step whose work (FastDecoder._step_bytes: its weights, twice for a batch of 2 or more, which does more
+# arithmetic per byte, and the bank it scans) comes to less than this per thread gets fewer threads.
+# Measured on the 2-core VM of the README (medians of alternating steps, 1 vs 2 passive threads): 2 threads
+# were slower below ~90 MB at batch 1 (0.35-0.88x for 10-87 MB models) and ~40 MB at batch 8 (0.5-0.8x for
+# 12-45 MB, 1.2-1.4x at 102 MB), faster for the default config (505 MB: 1.06-1.6x).
+BYTES_PER_THREAD = 96 << 20
 RECHECK_S = 1.0             # how often a decoder re-reads how busy the machine is
 _override: int | None = None
 

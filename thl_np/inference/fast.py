@@ -151,14 +151,15 @@ class FastDecoder:
         self._new_version()
 
     def _step_bytes(self) -> int:
-        """Bytes a step streams (its weights, and the bank scanned per sequence): what sets its threads."""
+        """What sets a step's threads (thl_np._threads.BYTES_PER_THREAD): the weights it streams, counted
+        twice for a batch of 2 or more (more arithmetic per byte), and the banks it scans twice."""
         weights = [self.W_qkv, self.W_q, self.W_k_heads_T, self.W_v_heads, self.W_w, self.W_o, *self.W_zr, *self.W_h]
         total = 0
         for W in weights:
             shape = getattr(W, "shape", None)
             if shape is not None:
                 total += math.prod(shape) * (W.dtype.itemsize if isinstance(W, np.ndarray) else 1)
-        return total + 2 * self.memory.nbytes
+        return total * min(self.B, 2) + 2 * self.memory.nbytes
 
     def _step_matrices(self, B: int) -> dict:
         """The matrices of a step's products, by name: packed copies (linalg.PackedMatrix) for 2..PACK_ROWS
