@@ -13,8 +13,8 @@ alternating quiet/busy ``--repeats`` times (medians), and prints busy/quiet (tar
 the kernel thread count each run used and how many other runnable threads the machine had at its start
 (a "quiet" run on a shared machine is not quiet: read that column).
 
-    python benchmarks/bench_busy.py                 # ~3-4 minutes
-    python benchmarks/bench_busy.py --quick         # fewer steps, one repeat (~1 minute)
+    python benchmarks/bench_busy.py                 # ~2 minutes on a quiet 2-core machine, ~4 on a busy one
+    python benchmarks/bench_busy.py --quick         # fewer steps, one repeat (~20 s)
     python benchmarks/bench_busy.py --models shipped --batches 1 --json out.json
     THL_NP_THREADS=2 python benchmarks/bench_busy.py   # a fixed thread count, for comparison
 """
@@ -123,11 +123,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="shipped,default", help="shipped, default or both (comma-separated)")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--steps-shipped", type=int, default=400, help="forward_step steps per run, shipped model")
-    ap.add_argument("--steps-default", type=int, default=24, help="forward_step steps per run, default config")
-    ap.add_argument("--gen-bytes", type=int, default=300, help="bytes generated per generate_text / CLI run "
+    ap.add_argument("--steps-shipped", type=int, default=2000, help="forward_step steps per run, shipped model")
+    ap.add_argument("--steps-default", type=int, default=80, help="forward_step steps per run, default config")
+    ap.add_argument("--gen-bytes", type=int, default=500, help="bytes generated per generate_text / CLI run "
                                                                 "(the default config: a tenth)")
-    ap.add_argument("--repeats", type=int, default=2, help="quiet/busy pairs per figure (medians)")
+    ap.add_argument("--repeats", type=int, default=3, help="quiet/busy pairs per figure (medians)")
     ap.add_argument("--no-cli", action="store_true", help="skip thl-np generate in a fresh process")
     ap.add_argument("--cli-default-config", action="store_true",
                     help="also run thl-np generate on the default config (saves ~700 MB to a temporary folder)")
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write every row to this JSON file")
     a = ap.parse_args(argv)
     if a.quick:
-        a.steps_shipped, a.steps_default, a.gen_bytes, a.repeats = 100, 8, 100, 1
+        a.steps_shipped, a.steps_default, a.gen_bytes, a.repeats = 300, 8, 100, 1
     batches = [int(b) for b in a.batches.split(",")]
     print(f"{_threads.cores()} cores; threads {_threads.requested() or 'auto'}; OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY')}; {_threads.others_running()} other runnable thread(s) now; "
