@@ -111,6 +111,13 @@ def test_bench_prints_every_figure_of_one_run(capsys):
         tps, bound = figures[f"decode_b{B}_tok_s"], figures[f"decode_b{B}_bound_tok_s"]
         assert tps > 0 and bound > 0
         assert figures[f"decode_b{B}_ratio_to_bound"] == pytest.approx(tps / bound)
+        # the functional API (model.forward_step) in the same rounds, against the same bound
+        assert f"forward_step batch {B}:" in text
+        fs = figures[f"forward_step_b{B}_tok_s"]
+        assert figures[f"forward_step_b{B}_ratio_to_bound"] == pytest.approx(fs / bound)
+        assert figures[f"forward_step_b{B}_vs_session"] == pytest.approx(fs / tps)
+        assert figures[f"decode_b{B}_threads"] >= 1 and figures[f"forward_step_b{B}_threads"] >= 1
+    assert figures["threads_requested"] == "auto" and figures["others_running"] >= 0
     assert figures["prompt_tok_s"] > 0 and figures["train_tok_s"] > 0
     assert figures["peak_rss_MB"] > 0
     # the bound uses the better of the two GEMVs measured, so it is never easier than either

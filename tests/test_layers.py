@@ -4,7 +4,7 @@ Read from the sources (every ``import`` statement, those inside functions includ
 upwards is still a dependency upwards), so it holds however the modules happen to be imported. The
 layers, bottom up (docs/SPEC_MAP.md describes them):
 
-0. foundation: errors, the tokenizer, the BLAS thread control;
+0. foundation: errors, the tokenizer, the thread counts (BLAS, OpenMP, the kernels);
 1. definitions that read no config: the argument checks, the components (spec equations, forward and
    backward, on plain arrays and numbers), the quantization schemes;
 2. the config (its task fields, the variants and quantization it names, checked against layer 1), the
@@ -29,7 +29,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "thl_np"
 
 LAYERS = [
-    ("thl_np.errors", "thl_np.tokenizer", "thl_np._blas"),
+    ("thl_np.errors", "thl_np.tokenizer", "thl_np._blas", "thl_np._threads"),
     ("thl_np.checks", "thl_np.components", "thl_np.quant"),  # thl_np.quant: its schemes and stored matrix
     ("thl_np.config", "thl_np.task_fields", "thl_np.params", "thl_np.state", "thl_np.io", "thl_np.io.safetensors",
      "thl_np.io.folder"),

@@ -227,8 +227,9 @@ def test_decoder_keeps_int8_and_is_reused():
     assert dec.W_o.q.base is not None or dec.W_o.q is qmodel.params.tensor("output_head.weight").q
     _, s = qmodel.forward_step([1])
     cached = s.decoder
-    _, s2 = qmodel.forward_step([2], s)
-    assert s2.decoder is cached
+    _, s = qmodel.forward_step([2], s)   # the first state is dropped: its session becomes the spare
+    _, s = qmodel.forward_step([3], s)
+    assert s.decoder is cached
 
 
 # ---------------------------------------------------------------------------------------------------

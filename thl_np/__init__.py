@@ -1,4 +1,5 @@
 """thl-np: THL (Transformer Hierarchical Layers) in NumPy."""
+from . import _threads  # noqa: F401  (first: idle OpenMP workers sleep, set before Numba is imported)
 from .config import THLConfig
 from .errors import ConfigError, InputError, StateError, THLError, WeightsError
 from .finetune import THLForMultipleChoice, THLForSequenceClassification, THLForTokenClassification

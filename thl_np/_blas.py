@@ -12,15 +12,16 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def blas_threads(n):
+def blas_threads(n, scipy: bool = True):
     """Limit every loaded OpenBLAS (NumPy's, and SciPy's that Numba's ``np.dot`` calls) to ``n`` threads inside
     the block, restoring each library's count afterwards. A no-op for ``n=None``, on systems without
-    ``/proc/self/maps``, and for other BLAS libraries."""
+    ``/proc/self/maps``, and for other BLAS libraries. ``scipy=False``: the OpenBLAS libraries already
+    loaded only (NumPy's), without importing SciPy's BLAS (~0.2 s) for code that never calls it."""
     if n is None:
         yield
         return
     changed = []
-    for get, set_ in _openblas_controls():
+    for get, set_ in _openblas_controls(scipy):
         old = int(get())
         if old != n:
             set_(int(n))
@@ -33,19 +34,22 @@ def blas_threads(n):
 
 
 _CONTROLS: dict = {}
-_FOUND: list = []
+_FOUND: dict = {}
 
 
-def _openblas_controls():
-    """(get, set) thread-count functions of every OpenBLAS mapped into this process (scanned once)."""
-    if _FOUND:
-        return _FOUND[0]
-    import scipy.linalg.cython_blas  # noqa: F401  (the OpenBLAS that Numba's np.dot calls: mapped before the scan)
+def _openblas_controls(scipy: bool = True):
+    """(get, set) thread-count functions of every OpenBLAS mapped into this process (scanned once; with
+    ``scipy``, after loading SciPy's, the one Numba's np.dot calls)."""
+    if scipy in _FOUND:
+        return _FOUND[scipy]
+    if scipy:
+        import scipy.linalg.cython_blas  # noqa: F401  (the OpenBLAS that Numba's np.dot calls: mapped before the scan)
 
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.rsplit("/", 1)[-1].lower()}
     except OSError:
+        _FOUND[scipy] = []
         return []
     out = []
     for path in sorted(paths):
@@ -64,5 +68,5 @@ def _openblas_controls():
                         _CONTROLS[path] = (get, set_)
         if _CONTROLS[path] is not None:
             out.append(_CONTROLS[path])
-    _FOUND.append(out)
+    _FOUND[scipy] = out
     return out

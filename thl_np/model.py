@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._blas import blas_threads
+from ._threads import StepThreads
 from .checks import as_dtype, as_int_array, as_path
 from .components.registry import components_for
 from .config import THLConfig
@@ -81,7 +83,7 @@ class THLModel:
         parameter array in place, pass states through ``state.copy()`` to drop their caches."""
         if isinstance(self.params, QuantizedParams):
             return self.params.key()  # values() would dequantize
-        return tuple(id(v) for v in self.params.values())
+        return tuple(map(id, self.params.values()))
 
     def num_parameters(self) -> int:
         return num_parameters(self.config)
@@ -113,12 +115,25 @@ class THLModel:
         return ids
 
     def _prepare_state(self, state, batch_size):
+        """The plain path's input state: validated once (a state this model's plain path returned is
+        read-only and not scanned again, nor copied: thl_step never modifies its input)."""
         if state is None:
             return self.init_state(batch_size)
         if not isinstance(state, InferenceState):
             raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
         state.check(self.config, batch_size)
+        if state.__dict__.get("_valid_for") is self.config and state.dtype == self.dtype:
+            return state
         return state.copy(dtype=self.dtype)
+
+    def _frozen(self, state: InferenceState) -> InferenceState:
+        """A state the plain path returns: read-only (it may share arrays with its input), and marked as
+        computed for this config, so the next step neither rescans nor copies it."""
+        for arr in state.arrays().values():
+            if isinstance(arr, np.ndarray) and arr.ndim:
+                arr.flags.writeable = False
+        state.__dict__["_valid_for"] = self.config
+        return state
 
     def _check_gumbel(self, gumbel_uniform, B, T):
         if gumbel_uniform is None:
@@ -145,17 +160,24 @@ class THLModel:
         U = self._check_gumbel(gumbel_uniform, B, T)
         if self._use_plain(path, U):
             state = self._prepare_state(state, B)
-            tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
-            logits, _, _ = output_forward(self.params, tier_states)
-            return logits, state
+            with blas_threads(self.plain_threads(), scipy=False):
+                tier_states, state, _ = run_sequence(self.params, self.config, ids, state, U)
+                logits, _, _ = output_forward(self.params, tier_states)
+            return logits, self._frozen(state)
         decoder = self._decoder(state, B)
+        decoder.begin_steps()
         logits = decoder.prompt(ids, logits="all")
-        return logits, _state_with_cache(decoder)
+        return logits, InferenceState.held_by(decoder)
 
     forward = __call__
 
     def forward_step(self, token_ids, state=None, path: str = "auto"):
-        """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state)."""
+        """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state).
+
+        ``state`` is not modified, and may be stepped from again (an independent future). On the fast
+        path the state returned holds the session that computed it instead of a copy of its arrays, and
+        the step from it copies only what one step changes (``thl_np.state``), so a chain
+        ``logits, state = model.forward_step(ids, state)`` runs at ``FastDecoder.step``'s speed."""
         ids = as_int_array(token_ids, "token_ids")
         if ids.ndim == 2 and ids.shape[1] == 1:
             ids = ids[:, 0]
@@ -164,12 +186,15 @@ class THLModel:
         ids = self._check_ids(ids, "token_ids", ndim=1)
         if self._use_plain(path, None):
             state = self._prepare_state(state, ids.shape[0])
-            tier_states, state, _ = thl_step(self.params, self.config, ids, state)
-            logits, _, _ = output_forward(self.params, tier_states)
-            return logits, state
+            with blas_threads(self.plain_threads(), scipy=False):
+                tier_states, state, _ = thl_step(self.params, self.config, ids, state)
+                logits, _, _ = output_forward(self.params, tier_states)
+            return logits, self._frozen(state)
         decoder = self._decoder(state, ids.shape[0])
+        before = decoder.begin_steps()
         logits = decoder.step(ids)
-        return logits, _state_with_cache(decoder)
+        decoder.stepped_once(before)
+        return logits, InferenceState.held_by(decoder)
 
     def decoder(self, state=None, batch_size: int = 1):
         """A mutable decoding session starting at ``state``: ``thl_np.engines.decoder.FastDecoder``, or, for a
@@ -182,26 +207,35 @@ class THLModel:
             if state is not None and not isinstance(state, InferenceState):
                 raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
             return PlainDecoder(self, state=state, batch_size=B)
-        return self._decoder(state, B)
+        return self._decoder(state, B, link=False)
+
+    def plain_threads(self) -> int:
+        """OpenBLAS's threads for the plain path's products (``thl_np._threads``: one for a model too small
+        to gain from more, as the shipped one, and only the cores other processes leave idle), re-chosen
+        every second. OpenBLAS's idle workers spin: on a busy machine its default threads cost up to 5x."""
+        policy = self.__dict__.get("_plain_policy")
+        if policy is None:
+            policy = self._plain_policy = StepThreads(self.nbytes)
+        return policy.count
 
     def _use_plain(self, path, gumbel):
         return not choose_fast(self.config, path, gumbel_given=gumbel is not None)
 
-    def _decoder(self, state, batch_size):
+    def _decoder(self, state, batch_size, link: bool = True):
+        """A fast session at ``state`` that may be stepped: ``state`` itself is left as it is."""
         from .engines.decoder import FastDecoder
 
         if state is None:
             return FastDecoder(self, batch_size=batch_size)
         if not isinstance(state, InferenceState):
             raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
-        state.check(self.config, batch_size)
-        cached = state.decoder
-        if cached is not None and cached.model is self and cached.weights_key == self.weights_key():
-            # the state's arrays are read-only while it carries a decoder, so the decoder is still exact;
-            # it is handed over (not copied), so a second use of the same state rebuilds it
-            state.decoder = None
-            return cached
-        return FastDecoder(self, state=state)
+        state.check(self.config, batch_size)  # a state this model computed: its batch size only
+        held = state.decoder
+        if held is not None and held.model is self and held.weights_key == self.weights_key():
+            # the session that computed the state, never stepped while the state lives: its successor
+            # (usually its spare, brought up to date by copying one step's changes) takes the step
+            return held.successor(link=link)
+        return FastDecoder(self, state=state, checked=True)
 
     # ----------------------------------------------------------------- files
     def save_pretrained(self, directory: str, dtype: str | None = None) -> None:
@@ -314,10 +348,14 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     state0 = model._prepare_state(state, B)
     weights = check_loss_weights(loss_weights, B, T)
     if fast:
-        from .engines.gradient import loss_and_grads as run  # imported here: it needs Numba
+        from .engines.gradient import loss_and_grads as fast_loss_and_grads  # imported here: it needs Numba
+
+        loss, grads, state_out, d_state = fast_loss_and_grads(model.params, model.config, ids, tg, state0, U,
+                                                              weights, observe)
     else:
-        run = loss_and_grads
-    loss, grads, state_out, d_state = run(model.params, model.config, ids, tg, state0, U, weights, observe)
+        with blas_threads(model.plain_threads(), scipy=False):
+            loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U,
+                                                             weights, observe)
     return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
 
 
@@ -360,18 +398,5 @@ def pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_st
     return tuple(out)
 
 
-def _state_with_cache(decoder) -> InferenceState:
-    """The decoder's state as an InferenceState that carries the decoder along (its declared field
-    ``decoder``), so the next step from it starts without rebuilding. Its arrays are made read-only to
-    keep the two in agreement; ``state.copy()`` gives a writable state without the decoder."""
-    state = decoder.state()
-    for arr in state.arrays().values():
-        if isinstance(arr, np.ndarray) and arr.ndim:
-            arr.flags.writeable = False
-    state.decoder = decoder
-    return state
-
-
-__all__ = ["THLModel", "InferenceState", "value_and_grad", "choose_fast", "quantize_model", "dequantize_model",
-           "thl_step", "run_sequence", "output_forward",
+__all__ = ["THLModel", "InferenceState", "value_and_grad", "choose_fast", "thl_step", "run_sequence", "output_forward",
            "head_loss_and_backward", "param_shapes"]

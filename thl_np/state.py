@@ -1,8 +1,16 @@
 """InferenceState: the bounded recurrent state of spec §3, an explicit value passed in and out of a step.
 
 Its size depends on the config and the batch only, never on how many steps were taken. The spec §3
-keys are also the state file format (.npz). No method modifies a state in place except the model's
-internal step, which always works on a copy it owns.
+keys are also the state file format (.npz). No method modifies a state in place.
+
+A state the fast path returns (``model(ids)``, ``model.forward_step``) is handed over, not copied: it
+holds the decoding session that computed it (its ``decoder``) and reads its fields from that session on
+first access (a copy, with the decay scalar applied), read-only while it holds the session. The session
+is never stepped while such a state lives, so the state keeps its value; the next step from it runs on a
+second session brought up to date by copying the few rows one step changed (``FastDecoder.successor``).
+It is still a value: keep it, ``copy()`` it (writable, without the session), ``save`` it, step from it
+twice (two independent futures), ``copy.deepcopy`` or pickle it. Assigning a field detaches the session,
+and the state is then validated (once) when next used, as a state the user built.
 """
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ from .errors import StateError
 
 FLOAT_KEYS = ("memory", "read_ema", "write_ema", "local_buffer")
 INT_KEYS = ("last_read", "last_write")
+FIELDS = ("timestep", "tiers", "memory", "read_ema", "write_ema", "last_read", "last_write", "local_buffer",
+          "local_valid")
 
 
 @dataclass
@@ -32,12 +42,62 @@ class InferenceState:
     last_write: np.ndarray    # [B, J] int64
     local_buffer: np.ndarray  # [B, W_loc, d_e]
     local_valid: int
-    # Not part of the spec's state: the fast decoding session (``FastDecoder``) that produced this state,
-    # so that the next fast step from it starts without rebuilding the decoder's caches (the bank stored
-    # divided by a running decay scalar, the slot norms, the local keys and values). ``THLModel`` sets it
-    # on the states its fast path returns and makes their arrays read-only meanwhile, so the cache can
-    # never disagree with them; ``copy()`` gives a writable state without it. Never saved.
-    decoder: object = field(default=None, repr=False, compare=False)
+    # Not part of the spec's state: the fast decoding session (``FastDecoder``) that computed this state and
+    # holds it (module docstring), so that the next fast step from it starts without copying the state out
+    # or rebuilding the decoder's caches (the bank stored divided by a running decay scalar, the slot norms,
+    # the local keys and values). ``THLModel`` sets it on the states its fast path returns; their fields
+    # are read from it on first access and are read-only while it is set, so the two never disagree;
+    # ``copy()`` gives a writable state without it. Never saved. Do not step it: it is the state's value.
+    decoder: object = field(default=None, init=False, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ a state held by its session
+    @classmethod
+    def held_by(cls, decoder) -> InferenceState:
+        """The state of a fast session ``decoder``, read from it on first access (module docstring). The
+        session is this state's from now on: it is not stepped while the state lives."""
+        state = object.__new__(cls)
+        state.__dict__["decoder"] = decoder
+        decoder.held_by(state)
+        return state
+
+    def _held(self):
+        """The session this state still reads its fields from (none once they are materialised)."""
+        d = self.__dict__
+        dec = d.get("decoder")
+        return dec if dec is not None and "memory" not in d else None
+
+    def _materialise(self) -> None:
+        st = self.__dict__["decoder"].state()
+        for key, arr in st.arrays().items():
+            if isinstance(arr, np.ndarray) and arr.ndim and key not in ("timestep", "local_valid"):
+                arr.flags.writeable = False
+        self.__dict__.update({k: st.__dict__[k] for k in FIELDS})
+
+    def __getattr__(self, name):
+        # reached only for an attribute not set: a field of a state its session has not materialised yet
+        if name in FIELDS and self._held() is not None:
+            self._materialise()
+            return self.__dict__[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if name in FIELDS or name == "decoder":
+            old = d.get("decoder")
+            if old is not None:
+                if self._held() is not None:
+                    self._materialise()  # the other fields keep their values
+                d["decoder"] = None      # an edited state no longer matches its session
+                old.held_by(None)
+            d.pop("_valid_for", None)    # validated again when next used
+        object.__setattr__(self, name, value)
+
+    def __getstate__(self):
+        """Pickle, copy.copy and copy.deepcopy see the spec's fields only (materialised), never the session."""
+        return {**{k: getattr(self, k) for k in FIELDS}, "decoder": None}
+
+    def __setstate__(self, data):
+        self.__dict__.update(data)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -88,6 +148,9 @@ class InferenceState:
     # ------------------------------------------------------------------ basic facts
     @property
     def batch_size(self) -> int:
+        dec = self._held()
+        if dec is not None:
+            return dec.B
         shape = getattr(self.memory, "shape", None)
         if shape is None or len(shape) != 3:
             raise StateError(f"state memory is {type(self.memory).__name__} of shape {shape}, not a [B, J, d_m] "
@@ -96,7 +159,8 @@ class InferenceState:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.memory.dtype
+        dec = self._held()
+        return dec.dtype if dec is not None else self.memory.dtype
 
     @property
     def nbytes(self) -> int:
@@ -116,6 +180,9 @@ class InferenceState:
     def copy(self, dtype=None) -> InferenceState:
         """A deep copy, optionally cast to another float dtype."""
         dt = np.dtype(dtype) if dtype is not None else self.dtype
+        dec = self._held()
+        if dec is not None and dt == dec.dtype:
+            return dec.state()  # already a fresh, writable copy
         return InferenceState(
             timestep=int(self.timestep),
             tiers=[np.array(s, dtype=dt) for s in self.tiers],
@@ -133,14 +200,16 @@ class InferenceState:
         """Raise StateError if this state was made for another config or batch size, or holds a value no
         step can take: a counter that is not an integer in range, an array of the wrong type, shape or
         dtype, a NaN or an infinity, a step number outside [0, timestep]. Every path checks its input
-        state here, so a state one path accepts is never mangled by another."""
+        state here, so a state one path accepts is never mangled by another.
+
+        A state a model computed for this config (one held by its fast session, or a read-only state its
+        plain path returned) is not scanned again: only its batch size is compared."""
+        dec = self.__dict__.get("decoder")
+        if self.__dict__.get("_valid_for") is config or (dec is not None and dec.config is config):
+            self._check_batch(batch_size)
+            return
         self._check_arrays()
-        B = self.batch_size
-        if batch_size is not None and B != batch_size:
-            raise StateError(
-                f"the state holds {B} sequence(s) but the input has batch size {batch_size}: "
-                f"use InferenceState.init({batch_size}, config) or a state from a batch-{batch_size} run"
-            )
+        B = self._check_batch(batch_size)
         if len(self.tiers) != config.num_tiers:
             raise StateError(
                 f"the state has {len(self.tiers)} tier(s) but the model has {config.num_tiers}: "
@@ -157,12 +226,16 @@ class InferenceState:
                     f"state {key} has shape {list(arrays[key].shape)}, the model needs {list(want)}: "
                     "the state was made for another config"
                 )
-        # a state a fast decoding session handed out (its arrays frozen, see model._state_with_cache) was
-        # checked on its way in and computed since: its values are not scanned again on every step
-        if self.decoder is None:
-            self.check_values(config.local_window)
-        else:
-            self._check_counters(config.local_window)
+        self.check_values(config.local_window)
+
+    def _check_batch(self, batch_size: int | None) -> int:
+        B = self.batch_size
+        if batch_size is not None and B != batch_size:
+            raise StateError(
+                f"the state holds {B} sequence(s) but the input has batch size {batch_size}: "
+                f"use InferenceState.init({batch_size}, config) or a state from a batch-{batch_size} run"
+            )
+        return B
 
     def check_values(self, local_window: int | None = None) -> None:
         """The config-free part of ``check``: counters, array dtypes, finite floats, step numbers in range."""

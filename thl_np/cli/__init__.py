@@ -17,7 +17,11 @@ _MODULES = (basic, train, finetune, weights, quant, bench, golden)
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE",
               help="Import this Python file or module first: one that registers component variants "
                    "(docs/CHANGING_A_COMPONENT.md). Repeatable.")
-def cli(plugins):
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Run the kernels on N threads (at most NUMBA_NUM_THREADS, the cores by default). Default: "
+                   "THL_NP_THREADS, else automatic: one for a small model, and only the cores that other "
+                   "processes leave idle.")
+def cli(plugins, threads):
     """thl-np: THL (Transformer Hierarchical Layers) in NumPy.
 
     \b
@@ -26,9 +30,15 @@ def cli(plugins):
       thl-np init --out my-model --dim 128 --memory-slots 64
       thl-np info --model my-model
       thl-np --plugin my_router.py train --data corpus.txt --out runs/mine --config my_config.json
+      thl-np --threads 1 generate "def fibonacci(n):"
     """
+    from .. import _threads
     from ..components.registry import load_plugin
 
+    if threads is not None:
+        _threads.set_threads(threads)
+    else:
+        _threads.requested()  # a THL_NP_THREADS that is not a number: one line now, not in the middle of a run
     for source in plugins:
         load_plugin(source)
 

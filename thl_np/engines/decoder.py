@@ -21,15 +21,29 @@ What it does less of, and why that is exact:
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
 (Gumbel noise) and the tape for gradients stay on the plain path.
+
+The functional API (``model.forward_step(ids, state) → (logits, state)``) runs at the session's speed
+without copying the state out each step: the state it returns holds the session that computed it
+(``InferenceState.held_by``), which is not stepped again while that state lives; the next step runs on
+the session's ``successor()``, a second session (the spare) brought up to date by copying only what one
+step changed (``sync_from``): the tier states, the [B, J] EMAs and step numbers, the bank rows written and
+the ring's new row, ~1% of the state for the default config. In a chain ``state = forward_step(ids,
+state)`` the two sessions alternate; a state stepped from twice (a branch) costs one copy.
+
+Threads: a step runs its kernels on ``self.threads.count`` threads (``thl_np._threads``: one for a step too
+small to gain from more, and only the cores other processes leave idle).
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import weakref
 
 import numpy as np
 
 from .._blas import blas_threads
+from .._threads import StepThreads
 from ..checks import as_int_array
 from ..components.output import layer_norm_forward
 from ..components.registry import components_for, has_fast_path, uses_unit_keys
@@ -39,6 +53,10 @@ from ..fast.linalg import SMALL_BATCH, linear
 from ..state import InferenceState
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
+# the arrays that hold a session's state (with the scalars t, scale, ring_start and ring_n)
+STATE_ARRAYS = ("S", "memory", "norm2", "read_ema", "write_ema", "last_read", "last_write", "ring_e", "ring_k",
+                "ring_v")
+_VERSIONS = itertools.count(1)  # a session's state is tagged with a number that changes at each step
 
 
 class FastDecoder:
@@ -51,7 +69,7 @@ class FastDecoder:
     """
 
     def __init__(self, model, state: InferenceState | None = None, batch_size: int = 1, renorm_below=None,
-                 packed_head: bool = True):
+                 packed_head: bool = True, checked: bool = False):
         if not has_fast_path(model.config):
             raise InputError(f"FastDecoder has no kernels for the component variant(s) "
                              f"{components_for(model.config).without_kernels()}: use model.decoder(), which runs them "
@@ -92,13 +110,16 @@ class FastDecoder:
         self.b_o = P["output_head.bias"]
         self.zeros = np.zeros(max(self.W_qkv.shape[0], self.W_q.shape[0]), dt)  # the bias of bias-free products
         self.offsets = np.cumsum([0] + list(c.tier_dims)).tolist()
-        self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt))
+        self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt),
+                  checked=checked or state is None)
 
     # ------------------------------------------------------------------ state conversion
-    def load(self, state: InferenceState) -> None:
-        """Take ``state`` (copied, never modified) as the session's state and build the caches."""
+    def load(self, state: InferenceState, checked: bool = False) -> None:
+        """Take ``state`` (copied, never modified) as the session's state and build the caches.
+        ``checked``: the caller has just run ``state.check(config)``."""
         c, dt = self.config, self.dtype
-        state.check(c)
+        if not checked:
+            state.check(c)
         B, J, H = state.batch_size, c.memory_slots, c.num_heads
         self.B = B
         self.t = int(state.timestep)
@@ -127,6 +148,19 @@ class FastDecoder:
         self._g = np.empty(B, dt)
         self._novel = np.empty(B, np.bool_)   # the writer's branch of the last step (memory diagnostics)
         self._mats = self._step_matrices(B)
+        self.threads = StepThreads(self._step_bytes())
+        self._new_version()
+
+    def _step_bytes(self) -> int:
+        """What sets a step's threads (thl_np._threads.BYTES_PER_THREAD): the weights it streams, counted
+        twice for a batch of 2 or more (more arithmetic per byte), and the banks it scans twice."""
+        weights = [self.W_qkv, self.W_q, self.W_k_heads_T, self.W_v_heads, self.W_w, self.W_o, *self.W_zr, *self.W_h]
+        total = 0
+        for W in weights:
+            shape = getattr(W, "shape", None)
+            if shape is not None:
+                total += math.prod(shape) * (W.dtype.itemsize if isinstance(W, np.ndarray) else 1)
+        return total * min(self.B, 2) + 2 * self.memory.nbytes
 
     def _step_matrices(self, B: int) -> dict:
         """The matrices of a step's products, by name: packed copies (linalg.PackedMatrix) for 2..PACK_ROWS
@@ -169,16 +203,88 @@ class FastDecoder:
         for name, value in self.__dict__.items():
             if isinstance(value, np.ndarray) and name not in _SHARED_WEIGHTS:
                 setattr(new, name, value.copy())
+        new._new_version()
         return new
+
+    # ------------------------------------------------------------------ the functional API's hand-over
+    def _new_version(self) -> None:
+        """A state no other session is known to share (after loading, cloning, a prompt)."""
+        self._version, self._prev_version, self._prev_t = next(_VERSIONS), None, -1
+        self._owner = self._spare = None
+
+    def held_by(self, state) -> None:
+        """``state`` (an InferenceState, or None) now holds this session as its value: the session is not
+        stepped or synced while that state lives (``owned``)."""
+        self._owner = None if state is None else weakref.ref(state)
+
+    @property
+    def owned(self) -> bool:
+        return self._owner is not None and self._owner() is not None
+
+    def begin_steps(self) -> tuple:
+        """Call before stepping a session that states may share: returns the tag of its state and gives it
+        a new one, so that no other session (or a failed step) is taken for this state. After exactly
+        one ``step``, pass the tag to ``stepped_once``."""
+        before = (self._version, self.t)
+        self._version, self._prev_version, self._prev_t = next(_VERSIONS), None, -1
+        return before
+
+    def stepped_once(self, before: tuple) -> None:
+        """Record that this session took exactly one step from the state tagged ``before``, so that its
+        successor can copy only what that step changed."""
+        self._prev_version, self._prev_t = before
+
+    def successor(self, link: bool = True) -> FastDecoder:
+        """A session at this session's state that may be stepped while this one stays as it is. The spare
+        left by the previous call is reused when no state holds it any more (``sync_from``, usually a
+        copy of one step's changes), else this session is cloned. With ``link``, this session becomes the
+        new one's spare (a chain of steps alternates between two sessions); a session handed to a user
+        (``model.decoder``) is not linked."""
+        spare, self._spare = self._spare, None
+        if (spare is None or spare.owned or spare.model is not self.model or spare.B != self.B
+                or spare.weights_key != self.weights_key):
+            spare = self.clone()
+        else:
+            spare.sync_from(self)
+        spare._spare = self if link else None
+        spare._owner = None
+        return spare
+
+    def sync_from(self, src: FastDecoder) -> None:
+        """Make this session's state equal to ``src``'s (same model and batch), in place, caches included.
+        When this session holds the state ``src`` took its last single step from, only what that step
+        changed is copied: the tier states, the [B, J] EMAs and step numbers, the bank rows written (and
+        their squared norms), the ring's new row; else every state array."""
+        c = self.config
+        one_step = (src._prev_version is not None and self._version == src._prev_version
+                    and self.t == src._prev_t == src.t - 1 and c.memory_decay >= writer.MIN_DECAY
+                    and src.scale == self.scale * c.memory_decay)  # a renormalised bank changed every row
+        if one_step:
+            for name in ("S", "read_ema", "write_ema", "last_read", "last_write"):
+                np.copyto(getattr(self, name), getattr(src, name))
+            rows = (np.arange(self.B)[:, None], src._targets)
+            self.memory[rows] = src.memory[rows]
+            self.norm2[rows] = src.norm2[rows]
+            W = c.local_window
+            if W:
+                pos = (self.ring_start + self.ring_n) % W if self.ring_n < W else self.ring_start
+                for name in ("ring_e", "ring_k", "ring_v"):
+                    getattr(self, name)[:, pos] = getattr(src, name)[:, pos]
+        else:
+            for name in STATE_ARRAYS:
+                np.copyto(getattr(self, name), getattr(src, name))
+        self.t, self.scale, self.ring_start, self.ring_n = src.t, src.scale, src.ring_start, src.ring_n
+        self._version, self._prev_version, self._prev_t = src._version, src._prev_version, src._prev_t
 
     # ------------------------------------------------------------------ stepping
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
         ids = self._ids(token_ids, 1)
-        if self.B <= SMALL_BATCH:
-            return self._advance(ids)  # every product in the Numba kernels: no BLAS call
-        with blas_threads(1):
-            return self._advance(ids)
+        with self.threads.applied():
+            if self.B <= SMALL_BATCH:
+                return self._advance(ids)  # every product in the Numba kernels: no BLAS call
+            with blas_threads(1):
+                return self._advance(ids)
 
     def _ids(self, token_ids, ndim: int) -> np.ndarray:
         """Token ids checked as the model checks its own (integers, in the vocabulary, [B] or [B, T]),
@@ -268,10 +374,14 @@ class FastDecoder:
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
         n = flat.shape[0]
-        if n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
-            out = self._head_batch(flat)
-        else:
-            out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv; a prompt's positions: BLAS GEMM
+        with self.threads.applied() as threads:
+            if n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
+                out = self._head_batch(flat)
+            elif n <= SMALL_BATCH:
+                out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv
+            else:
+                with blas_threads(threads):  # a prompt's positions: BLAS GEMM, on the step's threads
+                    out = linear(flat, self.W_o, self.b_o)
         return out.reshape(h.shape[:-1] + (self.W_o.shape[0],))
 
     def _head_batch(self, h: np.ndarray) -> np.ndarray:

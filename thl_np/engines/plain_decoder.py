@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._blas import blas_threads
 from ..state import InferenceState
 from ..step import output_forward, thl_step
 
@@ -48,13 +49,15 @@ class PlainDecoder:
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k]."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        tier_states, self._state, self.last_record = thl_step(self.model.params, self.config, ids, self._state,
-                                                              record=self.keep_record)
+        with blas_threads(self.model.plain_threads(), scipy=False):  # OpenBLAS on the machine's idle cores only
+            tier_states, self._state, self.last_record = thl_step(self.model.params, self.config, ids,
+                                                                  self._state, record=self.keep_record)
         return tier_states
 
     def logits(self, tier_states: np.ndarray) -> np.ndarray:
         """Spec §4.8 over any leading shape."""
-        return output_forward(self.model.params, tier_states)[0]
+        with blas_threads(self.model.plain_threads(), scipy=False):
+            return output_forward(self.model.params, tier_states)[0]
 
     def step(self, token_ids, want_logits: bool = True):
         """One token per sequence → logits [B, V] (or None with want_logits=False)."""

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from .. import _threads
 from ..config import THLConfig
 
 
@@ -75,8 +76,25 @@ class _Gemv:
         return out
 
 
+class ForwardStepChain:
+    """The functional API as a user steps it, ``logits, state = model.forward_step(ids, state)``, behind a
+    session's ``step(ids)`` (so the bench times it in the same rounds as ``FastDecoder.step``)."""
+
+    def __init__(self, model, batch_size: int):
+        self.model, self.state = model, model.init_state(batch_size)
+
+    def step(self, ids):
+        logits, self.state = self.model.forward_step(ids, self.state)
+        return logits
+
+    @property
+    def threads(self):
+        return getattr(self.state.decoder, "threads", None)
+
+
 def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps: int = 8,
-                               warmup_s: float = 1.0) -> tuple[dict, dict]:
+                               warmup_s: float = 1.0, forward_step=(), threads: dict | None = None
+                               ) -> tuple[dict, dict]:
     """Tokens/s of the fast decode path (logits every step) at each batch size, and the GEMV bandwidth,
     measured in alternating rounds so that both see the same machine (on a shared machine the memory
     bandwidth moves by 1.5× within seconds). Each figure is a median over all rounds, after a warm-up of
@@ -84,11 +102,22 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
     first on some machines). ``model`` may be a dict {label: model} (e.g. float32 and int8), measured in
     the same rounds: tokens/s are then keyed (label, batch size). A model is anything with
     ``decoder(batch_size).step(ids)`` and ``config.vocab_size`` (the PyTorch THL of ``benchmarks.bench_peer``
-    too); one with a ``settle_s`` is left that long after its steps, so its threads go idle first."""
+    too); one with a ``settle_s`` is left that long after its steps, so its threads go idle first.
+
+    ``forward_step``: labels of models also stepped through the functional API (``ForwardStepChain``),
+    each right after its session in every round; their tokens/s are keyed (label, batch size,
+    "forward_step"), or (batch size, "forward_step") for a single model. ``threads``: a dict that
+    receives the kernel thread count each of them last ran on (same keys)."""
     models = model if isinstance(model, dict) else {None: model}
     gemv = _Gemv()
-    decoders = {(label, B): m.decoder(batch_size=B) for label, m in models.items() for B in batch_sizes}
-    ids = {(label, B): np.arange(B) % m.config.vocab_size for label, m in models.items() for B in batch_sizes}
+    decoders, ids = {}, {}
+    for label, m in models.items():
+        for B in batch_sizes:
+            decoders[(label, B)] = m.decoder(batch_size=B)
+            if label in forward_step:
+                decoders[(label, B, "forward_step")] = ForwardStepChain(m, B)
+    for key in decoders:
+        ids[key] = np.arange(key[1]) % models[key[0]].config.vocab_size
     for B, dec in decoders.items():
         t_end = time.perf_counter() + warmup_s
         for i in range(1_000_000):
@@ -100,16 +129,28 @@ def bench_decode_and_bandwidth(model, batch_sizes=(1, 8), rounds: int = 8, steps
         gemv.sample(1)
     gemv.times = {"blas": [], "kernel": []}
     step_times = {key: [] for key in decoders}
+    # a session and its forward_step chain read the same weights: their steps alternate, one by one
+    groups = {}
+    for key in decoders:
+        groups.setdefault(key[:2], []).append(key)
     for _ in range(rounds):
         gemv.sample()
-        for key, dec in decoders.items():
-            dec.step(ids[key])  # the first step after the GEMVs finds its weights out of the caches: not timed
-            step_times[key] += [_timed(functools.partial(dec.step, ids[key])) for _ in range(steps)]
-            if getattr(models[key[0]], "settle_s", 0):
-                time.sleep(models[key[0]].settle_s)
+        for (label, _B), keys in groups.items():
+            for key in keys:
+                decoders[key].step(ids[key])  # the first step after the GEMVs finds its weights out of the caches
+            for _ in range(steps):
+                for key in keys:
+                    step_times[key].append(_timed(functools.partial(decoders[key].step, ids[key])))
+            if getattr(models[label], "settle_s", 0):
+                time.sleep(models[label].settle_s)
     tokens_per_s = {key: key[1] / float(np.median(t)) for key, t in step_times.items()}
+    if threads is not None:
+        for key, dec in decoders.items():
+            policy = getattr(dec, "threads", None)
+            if policy is not None:
+                threads[key if isinstance(model, dict) else key[1:] if len(key) > 2 else key[1]] = policy.count
     if not isinstance(model, dict):
-        tokens_per_s = {B: v for (_, B), v in tokens_per_s.items()}
+        tokens_per_s = {(key[1:] if len(key) > 2 else key[1]): v for key, v in tokens_per_s.items()}
     return tokens_per_s, gemv.rates()
 
 
@@ -177,6 +218,7 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     c = model.config
     itemsize = model.dtype.itemsize
     figures = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
+               "threads_requested": _threads.requested() or "auto", "others_running": _threads.others_running(),
                "dtype": str(model.dtype), "parameters": model.num_parameters()}
     models = {"float": model} if qmodel is None else {"float": model, "int8": qmodel}
     measured = dict(models)
@@ -186,7 +228,9 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
         echo(f"built {peer.description} in {time.perf_counter() - t0:.1f}s, float32, {pmodel.weights}")
         figures.update(peer=peer.description, peer_weights=pmodel.weights, peer_torch=peer.torch.__version__,
                        peer_threads=peer.torch.get_num_threads())
-    decode, rates = bench_decode_and_bandwidth(measured, (1, 8), rounds=max(1, decode_steps // 8))
+    threads: dict = {}
+    decode, rates = bench_decode_and_bandwidth(measured, (1, 8), rounds=max(1, decode_steps // 8),
+                                               forward_step=("float",), threads=threads)
     bw = rates["best"]
     figures["gemv_bandwidth_GBps"] = bw / 1e9
     figures["gemv_bandwidth_blas_GBps"] = rates["blas"] / 1e9
@@ -201,12 +245,23 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
             figures[f"{prefix}decode_b{B}_tok_s"] = tps
             figures[f"{prefix}decode_b{B}_bound_tok_s"] = bound
             figures[f"{prefix}decode_b{B}_ratio_to_bound"] = tps / bound
+            figures[f"{prefix}decode_b{B}_threads"] = n_threads = threads.get((label, B))
             vs = ""
             if quant is not None:
                 figures[f"int8_decode_b{B}_speedup"] = tps / decode[("float", B)]
                 vs = f"   {tps / decode[('float', B)]:.2f}x float32"
             echo(f"{name} batch {B}: {tps:8.1f} tokens/s   bound {bound:8.1f} tokens/s "
-                 f"({need['total'] / 1e6:.0f} MB/step at {bw / 1e9:.1f} GB/s)   ratio {tps / bound:.2f}{vs}")
+                 f"({need['total'] / 1e6:.0f} MB/step at {bw / 1e9:.1f} GB/s)   ratio {tps / bound:.2f}{vs}"
+                 f"   {n_threads} thread(s)")
+            if (label, B, "forward_step") in decode:  # the functional API, in the same rounds as the session
+                fs = decode[(label, B, "forward_step")]
+                figures[f"forward_step_b{B}_tok_s"] = fs
+                figures[f"forward_step_b{B}_ratio_to_bound"] = fs / bound
+                figures[f"forward_step_b{B}_vs_session"] = fs / tps
+                figures[f"forward_step_b{B}_threads"] = threads.get((label, B, "forward_step"))
+                echo(f"forward_step batch {B}: {fs:8.1f} tokens/s   bound {bound:8.1f} tokens/s   "
+                     f"ratio {fs / bound:.2f}   {fs / tps:.3f}x the session (model.forward_step(ids, state), "
+                     "the state handed over)")
     if qmodel is not None:
         figures["int8_scheme"] = scheme_name(qmodel.config.quantization)
     if peer is not None:
@@ -241,7 +296,8 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
         echo("PyTorch THL training not measured (--no-train)")
     figures["peak_rss_MB"] = peak_rss_bytes() / 1e6
     echo(f"GEMV bandwidth {bw / 1e9:.1f} GB/s (the better of OpenBLAS {rates['blas'] / 1e9:.1f} and thl-np's kernel "
-         f"{rates['kernel'] / 1e9:.1f}); peak resident memory {figures['peak_rss_MB']:.0f} MB; {figures['machine']}")
+         f"{rates['kernel'] / 1e9:.1f}); peak resident memory {figures['peak_rss_MB']:.0f} MB; {figures['machine']}; "
+         f"threads {figures['threads_requested']} ({figures['others_running']} other runnable thread(s) at the start)")
     return figures
 
 

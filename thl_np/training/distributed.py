@@ -242,13 +242,15 @@ class MPIWorld(World):
     def _share_cores(ranks_here: int) -> None:
         """The ranks on one machine share its cores: each rank's Numba pool (the evaluation's kernels) and
         OpenBLAS (the gradient norm and the optimiser's products run outside the training step's one-thread
-        block) get their part, unless NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS say otherwise. Threads that
+        block) get their part, unless THL_NP_THREADS, NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS say otherwise
+        (the decoders then also use only the cores other processes leave idle, thl_np._threads). Threads that
         outnumber the cores spin against each other: on 2 cores, 2 ranks of 2 threads each made the held-out
         evaluation 10x slower and the gradient norm up to 100x."""
         if ranks_here <= 1:
             return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // ranks_here)
+        from .._threads import cores, requested
+
+        threads = requested() or max(1, cores() // ranks_here)  # THL_NP_THREADS (or --threads) decides if set
         if "NUMBA_NUM_THREADS" not in os.environ:
             import numba
 

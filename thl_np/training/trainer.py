@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._blas import blas_threads
+from .._threads import StepThreads
 from ..checks import NON_FINITE_OUTPUT, check, check_allocation, check_metric, check_output_dir, first_non_finite
 from ..components.output import log_softmax
 from ..components.registry import components_for
@@ -367,6 +369,13 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
     return result
 
 
+@functools.lru_cache(maxsize=4)
+def _norm_threads(nbytes: int) -> StepThreads:
+    """OpenBLAS's threads for the gradient norm over ``nbytes`` (thl_np._threads: one for a small model,
+    and only the cores other processes leave idle; re-read every second)."""
+    return StepThreads(nbytes)
+
+
 def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distributed.SINGLE) -> tuple[dict, float]:
     """One truncated-BPTT step (module docstring). Returns the log row and the step's wall time."""
     from ..eval.diagnostics import MemoryStats, log_row
@@ -388,7 +397,9 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     loss = float(loss)
     grads = dict(grads)
     loss = world.sum_gradients(grads, loss, tc.batch_size)  # the whole batch's, on every rank
-    norm = clip_grad_norm(grads, tc.grad_clip)
+    # the norm's dot products run outside the training step's one-thread block: on the idle cores only
+    with blas_threads(_norm_threads(sum(np.asarray(g).nbytes for g in grads.values())).count):
+        norm = clip_grad_norm(grads, tc.grad_clip)
     lr = lr_at(run.step, tc.lr, tc.warmup, tc.lr_decay_steps or tc.steps, tc.min_lr_ratio)
     if math.isfinite(loss) and math.isfinite(norm):
         run.optimizer.step(run.model.params, grads, lr)
