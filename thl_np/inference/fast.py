@@ -35,6 +35,7 @@ from ..components.registry import components_for, has_fast_path, uses_unit_keys
 from ..errors import InputError
 from ..fast import gru, linalg, local_attention, primitives, quant, router, writer
 from ..fast.linalg import SMALL_BATCH, linear
+from . import compiled_steps
 from .state import InferenceState
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
@@ -91,6 +92,8 @@ class FastDecoder:
         self.b_o = P["output_head.bias"]
         self.zeros = np.zeros(max(self.W_qkv.shape[0], self.W_q.shape[0]), dt)  # the bias of bias-free products
         self.offsets = np.cumsum([0] + list(c.tier_dims)).tolist()
+        # a small float model's whole step in one compiled call (thl_np.inference.compiled_steps), else None
+        self._compiled = compiled_steps.prepare(self)
         self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt))
 
     # ------------------------------------------------------------------ state conversion
@@ -174,6 +177,8 @@ class FastDecoder:
     def advance(self, token_ids) -> np.ndarray:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
         ids = self._ids(token_ids, 1)
+        if self._compiled is not None:
+            return compiled_steps.advance(self, ids[:, None])
         if self.B <= SMALL_BATCH:
             return self._advance(ids)  # every product in the Numba kernels: no BLAS call
         with blas_threads(1):
@@ -299,6 +304,10 @@ class FastDecoder:
             raise InputError(f"logits = {logits!r}: use 'all', 'last' or 'none'")
         ids = self._ids(input_ids, 2)
         B, T = ids.shape
+        if self._compiled is not None:  # the whole prompt in one compiled call
+            hidden = np.empty((B, T, self.S.shape[1]), self.dtype) if logits == "all" else None
+            S = compiled_steps.advance(self, ids, hidden)
+            return None if logits == "none" else self.logits(hidden if logits == "all" else S)
         if logits == "all":
             hidden = np.empty((B, T, self.S.shape[1]), self.dtype)
             for t in range(T):
