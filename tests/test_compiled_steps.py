@@ -171,3 +171,21 @@ def test_the_cache_key_follows_the_kernels():
     sources, which Numba's cache key includes, so an edited kernel is compiled in, never a stale copy."""
     cells = [c.cell_contents for c in compiled_steps.run_steps.py_func.__closure__]
     assert compiled_steps._kernel_digest() in cells
+
+
+def test_bench_model_reports_prefill_and_generation_on_one_thread(tmp_path, capsys):
+    """`thl-np bench --model DIR --generation-only --json`: prefill and generate_text bytes/s (greedy and
+    sampled) on one thread, the thread count it used."""
+    import json
+
+    from thl_np.cli import main
+
+    THLModel(small_config(dtype="float32", vocab_size=259), seed=0).save_pretrained(str(tmp_path / "m"))
+    code = main(["bench", "--model", str(tmp_path / "m"), "--generation-only", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    figures = json.loads(out)
+    assert figures["generation_threads"] == 1 and figures["generation_path"] == "fast"
+    for key in ("prefill_bytes_s", "greedy_bytes_s", "sampled_bytes_s"):
+        assert figures[f"generation_{key}"] > 0
+    assert "prefill" in err and "sampled" in err

@@ -214,21 +214,22 @@ def _iter_session(session, prompt, max_length, temperature, top_k, top_p, rng, e
     """:func:`iter_ids` on a fast decoding session: the prompt in one call (logits of its last position
     only), then per token one compiled step (``thl_np.inference.compiled_steps``), the head and the draw;
     the state is taken from the session once, at the end. The draws are :func:`sample_next`'s."""
+    from .inference.compiled_steps import step_logits
+
     last = session.prompt(prompt[None, :], logits="last")[0, :limit]
-    ids = np.empty(1, np.int64)
+    ids = np.empty((1, 1), np.int64)
     token = None
     for i in range(max_length):
         token = sample_next(last, rng, temperature, top_k, top_p)
         yield token
         if token == eos_id or i == max_length - 1:
             break
-        ids[0] = token
-        last = session.step(ids)[0, :limit]
+        ids[0, 0] = token   # sampled below the model's vocab_size: no input check needed
+        last = step_logits(session, ids)[0, :limit]
     if not return_state:
         return None
     if token is not None:
-        ids[0] = token
-        session.step(ids, want_logits=False)
+        session.step(np.array([token]), want_logits=False)
     from .model import _state_with_cache
 
     return _state_with_cache(session)

@@ -355,6 +355,14 @@ def advance(decoder, ids: np.ndarray, hidden: np.ndarray | None = None) -> np.nd
     return decoder.S
 
 
+def step_logits(decoder, ids: np.ndarray) -> np.ndarray:
+    """One step of a FastDecoder for ids [B, 1] that are already checked (ids the session itself sampled),
+    then the logits [B, V]: ``decoder.step`` without its input checks (a generation loop's step)."""
+    if decoder._compiled is None:
+        return decoder.step(ids[:, 0])
+    return decoder.logits(advance(decoder, ids))
+
+
 def applies(model) -> bool:
     """Whether a FastDecoder of ``model`` steps with ``run_steps`` (see ``prepare``), from the model alone."""
     from ..quant import is_quantized

@@ -18,6 +18,11 @@ What it does less of, and why that is exact:
   sequences the step's other matrices run on packed copies too (built when such a batch is first loaded,
   kept on the model like the head's: 42 MB for the default config).
 
+For a small float model (``thl_np.inference.compiled_steps``: at most MAX_STEP_PARAMETERS in the step's
+products) ``prompt`` and ``step`` run the same composition, with the same kernels, as one compiled call
+(``compiled_steps.run_steps``) on the session's arrays: a prompt without Python per byte. ``_advance``
+below is the composition kernel by kernel, for larger and quantized models.
+
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
 (Gumbel noise) and the tape for gradients stay on the plain path.
