@@ -124,6 +124,20 @@ def test_steps_and_one_call_agree_and_the_state_converts():
         np.testing.assert_allclose(a.state().arrays()[key], want, rtol=0, atol=1e-10, err_msg=key)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_a_long_prompt_runs_in_chunks_with_the_same_result(B, monkeypatch):
+    """compiled_steps.advance splits a prompt into calls of CHUNK steps (Ctrl-C is seen between two): the
+    same session and tier states as one call."""
+    model = THLModel(small_config(), seed=4)
+    ids = np.random.default_rng(4).integers(0, 37, size=(B, 40))
+    one = session(model, B)
+    want = one.prompt(ids, logits="all")
+    monkeypatch.setattr(compiled_steps, "CHUNK", 7)
+    chunked = session(model, B)
+    np.testing.assert_array_equal(chunked.prompt(ids, logits="all"), want)
+    assert_same_session(chunked, one, 0)
+
+
 def test_float32_logits_within_1e5_of_the_plain_path():
     cfg = small_config(dtype="float32", vocab_size=259, embedding_dim=16, hidden_dim=16, tier_dims=[16, 12],
                        num_tiers=2, tier_timescales=[1, 8], local_window=8, memory_slots=8, memory_dim=16,

@@ -45,6 +45,9 @@ from ..fast.primitives import VECTORISE, dot
 # kernels. The shipped model has 0.7 M; the default config 93 M. (Rough, on a shared 2-core machine: at
 # width 512, 12 M, the compiled step on one thread and the threaded kernels on two were about even.)
 MAX_STEP_PARAMETERS = 4_000_000
+# Steps per call of run_steps: a long prompt is a few calls (Ctrl-C is seen between two; the shipped model
+# runs ~8,000 steps in well under a second), each writing its tier states to a contiguous buffer.
+CHUNK = 8192
 
 
 class StepWeights(NamedTuple):
@@ -344,14 +347,20 @@ def _arguments(decoder, ids: np.ndarray, hidden: np.ndarray) -> tuple:
 
 
 def advance(decoder, ids: np.ndarray, hidden: np.ndarray | None = None) -> np.ndarray:
-    """Run checked ids [B, T] through ``decoder`` (a FastDecoder that ``prepare`` accepted) in one call;
-    ``hidden`` [B, T, Σd_k] receives every step's tier states. Returns the tier states after the last step
-    (the session's own array)."""
-    if hidden is None:
-        hidden = np.empty((ids.shape[0], 0, decoder.S.shape[1]), decoder.dtype)
-    ids = np.require(ids, np.int64, ["C", "W"])   # a read-only array would be another signature: compiled anew
-    scale, t, start, n = run_steps(*_arguments(decoder, ids, hidden))
-    decoder.scale, decoder.t, decoder.ring_start, decoder.ring_n = scale, t, start, n
+    """Run checked ids [B, T] through ``decoder`` (a FastDecoder that ``prepare`` accepted), CHUNK steps a
+    call; ``hidden`` [B, T, Σd_k] receives every step's tier states. Returns the tier states after the last
+    step (the session's own array)."""
+    B, T = ids.shape
+    D = decoder.S.shape[1]
+    none = np.empty((B, 0, D), decoder.dtype)
+    for a in range(0, T, CHUNK):
+        b = min(T, a + CHUNK)
+        chunk = np.require(ids[:, a:b], np.int64, ["C", "W"])   # a read-only array: another signature
+        out = none if hidden is None else (hidden[:, a:b] if B == 1 else np.empty((B, b - a, D), decoder.dtype))
+        scale, t, start, n = run_steps(*_arguments(decoder, chunk, out))
+        decoder.scale, decoder.t, decoder.ring_start, decoder.ring_n = scale, t, start, n
+        if hidden is not None and B > 1:
+            hidden[:, a:b] = out
     return decoder.S
 
 
