@@ -42,8 +42,10 @@ from ..fast.primitives import VECTORISE, dot
 
 # Above this many parameters in the step's products (the output head and the embedding table excluded),
 # FastDecoder keeps its threaded kernels: one thread's step then costs more than the Python between
-# kernels. The shipped model has 0.7 M; the default config 93 M. (Rough, on a shared 2-core machine: at
-# width 512, 12 M, the compiled step on one thread and the threaded kernels on two were about even.)
+# kernels. The shipped model has 0.7 M; the default config 93 M. Measured roughly (a shared 2-core machine,
+# float32, default threads): width 256 (2.3 M), the compiled step faster at batch 1 and 8 (86 against 117
+# µs a step at batch 1); width 512 (8.7 M), about even at batch 1 but 2.7x slower at batch 8 than the
+# threaded packed kernels.
 MAX_STEP_PARAMETERS = 4_000_000
 # Steps per call of run_steps: a long prompt is a few calls (Ctrl-C is seen between two; the shipped model
 # runs ~8,000 steps in well under a second), each writing its tier states to a contiguous buffer.
