@@ -42,7 +42,7 @@ from ..fast.primitives import VECTORISE, dot
 
 # Above this many parameters in the step's products (the output head and the embedding table excluded),
 # FastDecoder keeps its threaded kernels: one thread's step then costs more than the Python between
-# kernels. The shipped model has 0.7 M; the default config 93 M. Measured roughly (a shared 2-core machine,
+# kernels. The shipped model has 0.66 M; the default config 19 M. Measured roughly (a shared 2-core machine,
 # float32, default threads): width 256 (2.3 M), the compiled step faster at batch 1 and 8 (86 against 117
 # µs a step at batch 1); width 512 (8.7 M), about even at batch 1 but 2.7x slower at batch 8 than the
 # threaded packed kernels.
