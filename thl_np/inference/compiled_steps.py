@@ -403,12 +403,14 @@ def is_warm(model) -> bool:
     compile first (about 10 s), and for a model that ``run_steps`` does not apply to."""
     if not applies(model):
         return False
-    sig = _signature(model)
-    if any(tuple(s) == sig for s in run_steps.signatures):
-        return True
-    try:   # Numba's cache index (numba.core.caching: the key that Cache.load_overload looks up)
+    try:
+        sig = _signature(model)
+        if any(tuple(s) == sig for s in run_steps.signatures):
+            return True
+        # Numba's cache index (numba.core.caching: the key that Cache.load_overload looks up)
         cache = run_steps._cache
         key = cache._index_key(sig, run_steps.targetctx.codegen())
         return key in cache._cache_file._load_index()
-    except Exception:  # another Numba's internals: say cold, so the caller only avoids a compile it fears
+    except Exception:  # another Numba's internals, or NUMBA_DISABLE_JIT: say cold, so the caller only
+        # avoids a compile it fears
         return False
