@@ -162,8 +162,8 @@ def test_it_applies_to_small_float_models_only():
     assert not compiled_steps.applies(q) and FastDecoder(q)._compiled is None
     # the count is the step's products: the matrices run_steps reads, but the embedding table
     weights, _ = FastDecoder(small)._compiled
-    mats = [weights.W_qkv, weights.W_q, weights.W_k_heads_T, weights.W_v_heads, weights.W_w, *weights.W_zr,
-            *weights.W_h]
+    mats = [weights.W_qkv, weights.W_q, weights.W_k_heads_T, weights.W_v_heads, weights.W_w, weights.W_zr,
+            weights.W_h]
     assert compiled_steps.step_parameters(small.config) == sum(m.size for m in mats)
 
 

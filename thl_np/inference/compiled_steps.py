@@ -61,10 +61,12 @@ class StepWeights(NamedTuple):
     W_q: np.ndarray          # [H·d_h, d_e + d_0 + d_{K-1}]
     W_k_heads_T: np.ndarray  # [H, d_m, d_h]: q_mem_h = W_k,h^T q_h
     W_v_heads: np.ndarray    # [H, d_v/H, d_m]: r_h = W_v,h mix_h
-    W_zr: tuple              # per tier [2·d_k, d_k + d_in + d_v]: update and reset gates in one product
-    b_zr: tuple
-    W_h: tuple               # per tier [d_k, d_k + d_in + d_v]
-    b_h: tuple
+    # the tiers' matrices, each tier's raveled after the one below (``tier_weights`` views them): one
+    # argument type for every number of tiers, so Numba compiles run_steps once per dtype
+    W_zr: np.ndarray         # tier k: [2·d_k, d_k + d_in,k + d_v], update and reset gates in one product
+    b_zr: np.ndarray         # tier k: [2·d_k]
+    W_h: np.ndarray          # tier k: [d_k, d_k + d_in,k + d_v]
+    b_h: np.ndarray          # tier k: [d_k]
     W_w: np.ndarray          # [d_m, d_0 + d_{K-1}]
     b_w: np.ndarray
 
@@ -125,6 +127,22 @@ def products(W, bias, x, out):
             out[b, j] = dot(W[j], x[b]) + bias[j]
 
 
+@njit(cache=True)
+def tier_weights(w, o, d_e, d_v, k):
+    """(W_zr, b_zr, W_h, b_h) of tier k: views of StepWeights' raveled tiers. o: the tier offsets; tier k's
+    input is [s_k; lower; ctx] with lower e (d_e) for tier 0, else tier k−1."""
+    a = b = 0
+    for i in range(k):  # the tiers below k
+        d = o[i + 1] - o[i]
+        width = d + (d_e if i == 0 else o[i] - o[i - 1]) + d_v
+        a += d * width
+        b += d
+    d = o[k + 1] - o[k]
+    width = d + (d_e if k == 0 else o[k] - o[k - 1]) + d_v
+    return (w.W_zr[2 * a:2 * (a + d * width)].reshape((2 * d, width)), w.b_zr[2 * b:2 * (b + d)],
+            w.W_h[a:a + d * width].reshape((d, width)), w.b_h[b:b + d])
+
+
 def _kernel_digest() -> int:
     """A digest of the kernels' sources (thl_np/fast/*.py), part of run_steps's cache key."""
     h = hashlib.sha256()
@@ -172,7 +190,7 @@ def _build(kernel_digest: int):
         d_max = 0
         for k in range(K):
             d_max = max(d_max, o[k + 1] - o[k])
-            width = max(width, w.W_h[k].shape[1])
+            width = max(width, tier_weights(w, o, d_e, d_v, k)[2].shape[1])
         p = np.empty((B, width), dt)
         zr = np.empty((B, 2 * d_max), dt)
         pre = np.empty((B, d_max), dt)
@@ -250,9 +268,10 @@ def _build(kernel_digest: int):
                         else:
                             p[b, d:d + n_lo] = S[b, lo0:lo1]
                             p[b, d + n_lo:d + n_lo + d_v] = r[b]
-                    products(w.W_zr[k], w.b_zr[k], p, zr)
+                    W_zr, b_zr, W_h, b_h = tier_weights(w, o, d_e, d_v, k)
+                    products(W_zr, b_zr, p, zr)
                     gru.gru_reset(zr, p, d)
-                    products(w.W_h[k], w.b_h[k], p, pre)
+                    products(W_h, b_h, p, pre)
                     gru.gru_update(S, a0, zr, pre[:, :d])
             # 6-7. writer, memory decay (lazy: the scale) and write
             for b in range(B):
@@ -318,12 +337,14 @@ def prepare(decoder) -> tuple | None:
     def a(x):   # a fresh writable C array: run_steps's argument types do not depend on how params were loaded
         return np.array(x, dtype=dt, order="C")
 
+    def ravel(per_tier):
+        return np.concatenate([np.asarray(x, dtype=dt).ravel() for x in per_tier])
+
     weights = StepWeights(
         emb=a(decoder.emb), W_qkv=a(decoder.W_qkv), W_q=a(decoder.W_q),
         zeros=np.zeros(max(decoder.W_qkv.shape[0], decoder.W_q.shape[0], c.memory_dim, c.value_dim), dt),
         W_k_heads_T=a(decoder.W_k_heads_T), W_v_heads=a(decoder.W_v_heads),
-        W_zr=tuple(a(x) for x in decoder.W_zr), b_zr=tuple(a(x) for x in decoder.b_zr),
-        W_h=tuple(a(x) for x in decoder.W_h), b_h=tuple(a(x) for x in decoder.b_h),
+        W_zr=ravel(decoder.W_zr), b_zr=ravel(decoder.b_zr), W_h=ravel(decoder.W_h), b_h=ravel(decoder.b_h),
         W_w=a(decoder.W_w), b_w=a(decoder.b_w))
     cfg = StepConfig(
         local_window=int(c.local_window), query_dim=int(c.query_dim), num_heads=int(c.num_heads),
@@ -387,11 +408,11 @@ def _signature(model) -> tuple:
     array a fresh C array of the model's dtype (``prepare``, ``FastDecoder.load``), ids int64."""
     from numba import typeof
 
-    dt, K = model.dtype, model.config.num_tiers
+    dt = model.dtype
     f1, f2, f3 = np.zeros(1, dt), np.zeros((1, 1), dt), np.zeros((1, 1, 1), dt)
     i1, i2, i3 = np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), np.int64)
-    weights = StepWeights(emb=f2, W_qkv=f2, zeros=f1, W_q=f2, W_k_heads_T=f3, W_v_heads=f3, W_zr=(f2,) * K,
-                          b_zr=(f1,) * K, W_h=(f2,) * K, b_h=(f1,) * K, W_w=f2, b_w=f1)
+    weights = StepWeights(emb=f2, W_qkv=f2, zeros=f1, W_q=f2, W_k_heads_T=f3, W_v_heads=f3, W_zr=f1, b_zr=f1,
+                          W_h=f1, b_h=f1, W_w=f2, b_w=f1)
     cfg = StepConfig(0, 0, 0, 0, 0, 0, False, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, i1, i1)
     return tuple(typeof(x) for x in (i2, weights, cfg, f2, f3, f2, f2, f2, i2, i2, f3, f3, f3, f2, f3, i3, f3, i2,
                                      f1, np.zeros(1, np.bool_), 0, 0.0, 0, 0, 0.0, f3))
