@@ -3,6 +3,7 @@ the same session state after every prompt, step by step or in one call, and the 
 (DESIGN.md: float64 within 1e-10, float32 logits within 1e-5)."""
 import numpy as np
 import pytest
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,7 +65,7 @@ def assert_same_session(a, b, tol):
     assert abs(a.scale - b.scale) <= tol * max(1.0, abs(b.scale))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(cfg=configs(), seed=st.integers(0, 2**16), B=st.sampled_from([1, 3]), T=st.integers(1, 40),
        renorm=st.sampled_from([None, 0.9]))
 def test_one_call_equals_advance_and_plain(cfg, seed, B, T, renorm):
