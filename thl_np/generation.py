@@ -37,11 +37,15 @@ from .checks import check, check_seed
 from .errors import InputError, StateError
 from .tokenizer import Tokenizer
 
-# "auto" and the first use of the fast path on a machine: its Numba code compiles once (about 10 s for the
-# shipped model's compiled step, thl_np.inference.compiled_steps) and is then cached. Once cached, the fast
-# path is the faster one for every job (measured on the shipped model, roughly, on a shared machine: from
-# the first token on, a compiled step plus the head is ~0.1 ms against the plain path's ~0.9 ms, and a new
-# session costs about what the plain path's first step does), so "auto" takes it. While it is not cached, a
+# "auto" and the first use of the fast path on a machine: its Numba code compiles once (about 12 s for the
+# shipped model: the compiled step, thl_np.inference.compiled_steps, and the head) and is then cached.
+# Once cached, "auto" takes the fast path for every job. Measured roughly on the shipped model (a shared
+# 2-core machine, one thread): in a process, the fast path is faster from the first token (1 token: 0.8
+# against 2.3 ms; 100 tokens: 16 against 84 ms); from a fresh process, loading Numba's cached code costs
+# the fast path about 0.35 s of CPU more than the plain path at start-up (its per-token cost is then 0.15
+# against 0.7 ms), so jobs under ~600 tokens would finish up to 0.35 s sooner on the plain path on a quiet
+# machine, but the plain path's small BLAS products collapse on a busy one (500 tokens: 16.7 s against
+# 2.7 s measured under load), so the fast path is the safe choice. While the fast path is not cached, a
 # job of at most this many parameter-steps (parameters × tokens) runs on the plain path instead: about a
 # second there (the shipped model: ~1,200 tokens), less than the compile it would wait for.
 SMALL_JOB_PARAMETER_STEPS = 1e9
