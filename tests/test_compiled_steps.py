@@ -206,3 +206,16 @@ def test_bench_model_reports_prefill_and_generation_on_one_thread(tmp_path, caps
     for key in ("prefill_bytes_s", "greedy_bytes_s", "sampled_bytes_s"):
         assert figures[f"generation_{key}"] > 0
     assert "prefill" in err and "sampled" in err
+
+
+def test_a_new_session_sees_parameters_edited_in_place():
+    """As FastDecoder._advance's sessions: a session built after an in-place edit of a parameter array steps
+    with the edited values (prepare keeps no copy across sessions)."""
+    model = THLModel(small_config(), seed=6)
+    ids = np.random.default_rng(6).integers(0, 37, size=(1, 12))
+    session(model, 1).prompt(ids, logits="none")
+    model.params["router.W_q.weight"][:] *= 1.5
+    model.params["tiers.cells.0.W_h.weight"][:] *= 0.5
+    got = session(model, 1).prompt(ids, logits="all")
+    want, _ = model(ids, path="plain")
+    assert np.abs(got - want).max() < 1e-10

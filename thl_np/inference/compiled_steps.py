@@ -322,8 +322,10 @@ def step_parameters(config) -> int:
 
 def prepare(decoder) -> tuple | None:
     """(StepWeights, StepConfig) for a FastDecoder where ``run_steps`` applies (float32/float64 weights, no
-    int8 matrix, at most MAX_STEP_PARAMETERS in the step's products), else None. Kept on the model while
-    its weights are the same arrays, so a new session costs no copies."""
+    int8 matrix, at most MAX_STEP_PARAMETERS in the step's products), else None. Built per session, as
+    FastDecoder builds its own concatenations, so a new session sees the parameters as they are now; a
+    parameter array is used as it is where it already is a writable C array of the dtype (else copied: a
+    small model's step weights are a few MB)."""
     c, dt = decoder.config, decoder.dtype
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)) or step_parameters(c) > MAX_STEP_PARAMETERS:
         return None
@@ -331,13 +333,9 @@ def prepare(decoder) -> tuple | None:
             *decoder.W_zr, *decoder.W_h]
     if not all(isinstance(m, np.ndarray) for m in mats):
         return None   # a quantized model's Q8Matrix: FastDecoder._advance
-    model = decoder.model
-    cached = getattr(model, "_compiled_step", None)
-    if cached is not None and cached[0] == decoder.weights_key and cached[1] == dt:
-        return cached[2]
 
-    def a(x):   # a fresh writable C array: run_steps's argument types do not depend on how params were loaded
-        return np.array(x, dtype=dt, order="C")
+    def a(x):   # a writable C ndarray: run_steps's argument types do not depend on how params were loaded
+        return np.require(x, dt, ["C", "W", "E"])
 
     def ravel(per_tier):
         return np.concatenate([np.asarray(x, dtype=dt).ravel() for x in per_tier])
@@ -358,8 +356,6 @@ def prepare(decoder) -> tuple | None:
         underuse_weight=float(c.underuse_weight), memory_decay=float(c.memory_decay),
         write_rate=float(c.write_rate), write_ema_decay=float(c.write_ema_decay),
         offsets=np.asarray(decoder.offsets, np.int64), timescales=np.asarray(c.tier_timescales, np.int64))
-    # the parameter arrays are kept with it, so their ids (in weights_key) cannot be reused while it stands
-    model._compiled_step = (decoder.weights_key, dt, (weights, cfg), list(model.params.values()))
     return weights, cfg
 
 
@@ -407,7 +403,7 @@ def applies(model) -> bool:
 
 def _signature(model) -> tuple:
     """run_steps's argument types for a session of ``model`` (``_arguments``), from the model alone: every
-    array a fresh C array of the model's dtype (``prepare``, ``FastDecoder.load``), ids int64."""
+    array a writable C array of the model's dtype (``prepare``, ``FastDecoder.load``), ids int64."""
     from numba import typeof
 
     dt = model.dtype
