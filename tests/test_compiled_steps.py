@@ -180,6 +180,7 @@ def test_is_warm_knows_the_signature_a_session_calls(dtype):
     real = tuple(typeof(x) for x in compiled_steps._arguments(dec, np.zeros((1, 1), np.int64),
                                                                 np.empty((1, 0, dec.S.shape[1]), dec.dtype)))
     assert compiled_steps._signature(model) == real
+    dec.logits(dec.S)   # the head's products
     assert compiled_steps.is_warm(model)
 
 
@@ -219,3 +220,21 @@ def test_a_new_session_sees_parameters_edited_in_place():
     got = session(model, 1).prompt(ids, logits="all")
     want, _ = model(ids, path="plain")
     assert np.abs(got - want).max() < 1e-10
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_head_on_one_thread_sums_as_gemv(dtype):
+    """A small model's logits (compiled_steps.head, one thread) are linalg.linear's: gemv's sums for one row,
+    the packed tiles' within rounding for several."""
+    from thl_np.components.output import layer_norm_forward
+    from thl_np.fast.linalg import linear
+
+    model = THLModel(small_config(dtype=dtype, vocab_size=259), seed=8)
+    dec = session(model, 3)
+    dec.prompt(np.random.default_rng(8).integers(0, 259, size=(3, 20)), logits="none")
+    h = np.ascontiguousarray(layer_norm_forward(dec.S, dec.ln_w, dec.ln_b)[0])
+    got = compiled_steps.head(dec, h)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(got[:1], linear(h[:1], dec.W_o, dec.b_o), rtol=0, atol=tol)
+    np.testing.assert_allclose(got, linear(h, dec.W_o, dec.b_o), rtol=0, atol=tol)
+    np.testing.assert_array_equal(dec.logits(dec.S), got)

@@ -71,6 +71,8 @@ class StepWeights(NamedTuple):
     b_h: np.ndarray          # tier k: [d_k]
     W_w: np.ndarray          # [d_m, d_0 + d_{K-1}]
     b_w: np.ndarray
+    W_o: np.ndarray          # [V, Σd_k]: the output head, for ``head`` (run_steps does not read it)
+    b_o: np.ndarray
 
 
 class StepConfig(NamedTuple):
@@ -330,7 +332,7 @@ def prepare(decoder) -> tuple | None:
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)) or step_parameters(c) > MAX_STEP_PARAMETERS:
         return None
     mats = [decoder.emb, decoder.W_qkv, decoder.W_q, decoder.W_k_heads_T, decoder.W_v_heads, decoder.W_w,
-            *decoder.W_zr, *decoder.W_h]
+            *decoder.W_zr, *decoder.W_h, decoder.W_o]
     if not all(isinstance(m, np.ndarray) for m in mats):
         return None   # a quantized model's Q8Matrix: FastDecoder._advance
 
@@ -345,7 +347,7 @@ def prepare(decoder) -> tuple | None:
         zeros=np.zeros(max(decoder.W_qkv.shape[0], decoder.W_q.shape[0], c.memory_dim, c.value_dim), dt),
         W_k_heads_T=a(decoder.W_k_heads_T), W_v_heads=a(decoder.W_v_heads),
         W_zr=ravel(decoder.W_zr), b_zr=ravel(decoder.b_zr), W_h=ravel(decoder.W_h), b_h=ravel(decoder.b_h),
-        W_w=a(decoder.W_w), b_w=a(decoder.b_w))
+        W_w=a(decoder.W_w), b_w=a(decoder.b_w), W_o=a(decoder.W_o), b_o=a(decoder.b_o))
     cfg = StepConfig(
         local_window=int(c.local_window), query_dim=int(c.query_dim), num_heads=int(c.num_heads),
         head_dim=int(c.head_dim), read_topk=int(c.read_topk), read_slot_capacity=int(c.read_slot_capacity or 0),
@@ -385,6 +387,17 @@ def advance(decoder, ids: np.ndarray, hidden: np.ndarray | None = None) -> np.nd
     return decoder.S
 
 
+def head(decoder, h: np.ndarray) -> np.ndarray:
+    """The output head for a few rows h [n, Σd_k] (C-contiguous, after the LayerNorm): ``products`` on one
+    thread, the sums of linalg.gemv (tested equal). For a small model the head is a few µs; linalg.gemv
+    splits it over Numba's threads, which on a busy machine made each call take milliseconds (measured:
+    3.4 ms a token, 1.7 s of a 500-byte `thl-np generate`, with one other CPU-bound process)."""
+    weights = decoder._compiled[0]
+    out = np.empty((h.shape[0], weights.W_o.shape[0]), h.dtype)
+    products(weights.W_o, weights.b_o, h, out)
+    return out
+
+
 def step_logits(decoder, ids: np.ndarray) -> np.ndarray:
     """One step of a FastDecoder for ids [B, 1] that are already checked (ids the session itself sampled),
     then the logits [B, V]: ``decoder.step`` without its input checks (a generation loop's step)."""
@@ -410,26 +423,33 @@ def _signature(model) -> tuple:
     f1, f2, f3 = np.zeros(1, dt), np.zeros((1, 1), dt), np.zeros((1, 1, 1), dt)
     i1, i2, i3 = np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), np.int64)
     weights = StepWeights(emb=f2, W_qkv=f2, zeros=f1, W_q=f2, W_k_heads_T=f3, W_v_heads=f3, W_zr=f1, b_zr=f1,
-                          W_h=f1, b_h=f1, W_w=f2, b_w=f1)
+                          W_h=f1, b_h=f1, W_w=f2, b_w=f1, W_o=f2, b_o=f1)
     cfg = StepConfig(0, 0, 0, 0, 0, 0, False, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, i1, i1)
     return tuple(typeof(x) for x in (i2, weights, cfg, f2, f3, f2, f2, f2, i2, i2, f3, f3, f3, f2, f3, i3, f3, i2,
                                      f1, np.zeros(1, np.bool_), 0, 0.0, 0, 0, 0.0, f3))
 
 
+def _compiled_or_cached(dispatcher, sig) -> bool:
+    if any(tuple(s) == sig for s in dispatcher.signatures):
+        return True
+    # Numba's cache index (numba.core.caching: the key that Cache.load_overload looks up)
+    cache = dispatcher._cache
+    key = cache._index_key(sig, dispatcher.targetctx.codegen())
+    return key in cache._cache_file._load_index()
+
+
 def is_warm(model) -> bool:
-    """Whether a FastDecoder of ``model`` would find ``run_steps`` compiled, in this process or in Numba's
-    cache (a look at the cache's index: nothing is loaded or compiled); False when its first step would
-    compile first (about 10 s), and for a model that ``run_steps`` does not apply to."""
+    """Whether a FastDecoder of ``model`` would find ``run_steps`` and ``head``'s ``products`` compiled, in this
+    process or in Numba's cache (a look at the cache's index: nothing is loaded or compiled); False when
+    its first step would compile first (about 10 s), and for a model that ``run_steps`` does not apply to."""
     if not applies(model):
         return False
+    from numba import typeof
+
     try:
-        sig = _signature(model)
-        if any(tuple(s) == sig for s in run_steps.signatures):
-            return True
-        # Numba's cache index (numba.core.caching: the key that Cache.load_overload looks up)
-        cache = run_steps._cache
-        key = cache._index_key(sig, run_steps.targetctx.codegen())
-        return key in cache._cache_file._load_index()
+        f1, f2 = np.zeros(1, model.dtype), np.zeros((1, 1), model.dtype)
+        return all(_compiled_or_cached(fn, sig) for fn, sig in (
+            (run_steps, _signature(model)), (products, tuple(typeof(x) for x in (f2, f1, f2, f2)))))
     except Exception:  # another Numba's internals, or NUMBA_DISABLE_JIT: say cold, so the caller only
         # avoids a compile it fears
         return False

@@ -284,7 +284,9 @@ class FastDecoder:
         h, _ = layer_norm_forward(tier_states, self.ln_w, self.ln_b)
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
         n = flat.shape[0]
-        if n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
+        if self._compiled is not None and n <= SMALL_BATCH:  # a small model: one thread (compiled_steps.head)
+            out = compiled_steps.head(self, flat)
+        elif n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
             out = self._head_batch(flat)
         else:
             out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv; a prompt's positions: BLAS GEMM
