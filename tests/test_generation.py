@@ -375,17 +375,30 @@ def test_generation_argument_errors(model):
 # ---------------------------------------------------------------------------------------- path choice
 
 
-def test_auto_path_is_plain_only_for_small_jobs(model):
+def test_auto_path_is_plain_only_for_small_jobs_while_the_fast_path_is_not_compiled(model, monkeypatch):
+    from thl_np.engines import compiled_steps
     from thl_np.generation import SMALL_JOB_PARAMETER_STEPS, decode_path
 
     n = model.num_parameters()
     small = int(SMALL_JOB_PARAMETER_STEPS // n)
+    monkeypatch.setattr(compiled_steps, "is_warm", lambda m: False)
     assert decode_path(model, small) == "plain"
     assert decode_path(model, small + 1) == "fast"
+    monkeypatch.setattr(compiled_steps, "is_warm", lambda m: True)
+    assert decode_path(model, 1) == decode_path(model, small) == "fast"
     assert decode_path(model, 1, "fast") == "fast"
     assert decode_path(model, 10**9, "plain") == "plain"
     with pytest.raises(InputError, match="path"):
         decode_path(model, 1, "quick")
+
+
+def test_auto_path_sees_the_compiled_step_in_the_cache(model):
+    """is_warm is true once a session of the model has stepped (in this process or in Numba's cache)."""
+    from thl_np.engines.compiled_steps import is_warm
+    from thl_np.generation import decode_path
+
+    generate_text(model, TOK, "a", max_length=2, path="fast")
+    assert is_warm(model) and decode_path(model, 2) == "fast"
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3)])

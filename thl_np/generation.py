@@ -22,7 +22,8 @@ Conventions, shared by :func:`generate_text`, :func:`stream_text` and :func:`gen
   the result also carries the state after the prompt *and every generated token* (a final eos
   included), ready to be passed back in with the next prompt.
 - ``path`` is the model's ("fast", "plain"), or "auto": the fast path, except for a job so small that the
-  plain path finishes it in about a second (see :func:`decode_path`). Both give the same numbers.
+  plain path finishes it before the fast path's first compile would (see :func:`decode_path`). Both give
+  the same numbers.
 """
 from __future__ import annotations
 
@@ -36,20 +37,35 @@ from .checks import check, check_seed
 from .errors import InputError, StateError
 from .tokenizer import Tokenizer
 
-# A job of at most this many parameter-steps (parameters × tokens) runs on the plain path under "auto":
-# about a second there (the default model: ~0.5 ms per token), while the fast path's Numba kernels cost
-# about 10 s to compile the first time they run on a machine. Larger jobs amortise that once-per-machine cost.
+# "auto" and the first use of the fast path on a machine: its Numba code compiles once (about 12 s for the
+# shipped model: the compiled step, thl_np.engines.compiled_steps, and the head) and is then cached.
+# Once cached, "auto" takes the fast path for every job. Measured roughly on the shipped model (a shared
+# 2-core machine, one thread): in a process, the fast path is faster from the first token (1 token: 0.8
+# against 2.3 ms; 100 tokens: 16 against 84 ms); from a fresh process, loading Numba's cached code costs
+# the fast path about 0.35 s of CPU more than the plain path at start-up (its per-token cost is then 0.15
+# against 0.7 ms), so jobs under ~600 tokens would finish up to 0.35 s sooner on the plain path on a quiet
+# machine, but the plain path's small BLAS products collapse on a busy one (500 tokens: 16.7 s against
+# 2.7 s measured under load), so the fast path is the safe choice. While the fast path is not cached, a
+# job of at most this many parameter-steps (parameters × tokens) runs on the plain path instead: about a
+# second there (the shipped model: ~1,200 tokens), less than the compile it would wait for.
 SMALL_JOB_PARAMETER_STEPS = 1e9
 
 
 def decode_path(model, steps: int, path: str = "auto") -> str:
-    """The path ("fast" or "plain") a generation of ``steps`` tokens (prompt included) runs on."""
+    """The path ("fast" or "plain") a generation of ``steps`` tokens (prompt included) runs on: "auto" is
+    the fast path, except for a small job (``SMALL_JOB_PARAMETER_STEPS``) while the fast path's compiled
+    code is not in Numba's cache yet (``compiled_steps.is_warm``; a model the compiled step does not apply
+    to keeps the size rule alone)."""
     from .model import choose_fast
 
     fast_possible = choose_fast(model.config, path)   # checks the name; "fast" without kernels is an error
     if path != "auto" or not fast_possible:
         return "fast" if fast_possible else "plain"
-    return "plain" if steps * model.num_parameters() <= SMALL_JOB_PARAMETER_STEPS else "fast"
+    if steps * model.num_parameters() > SMALL_JOB_PARAMETER_STEPS:
+        return "fast"
+    from .engines.compiled_steps import is_warm
+
+    return "fast" if is_warm(model) else "plain"
 
 
 # ---------------------------------------------------------------------------------------- sampling
@@ -166,8 +182,12 @@ def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0,
     check_sampling_args(temperature, top_k, top_p)
     prompt = _check_prompt_ids(prompt_ids, V)
     _check_state(state, model.config)
-    run_prompt, run_step = _bind_path(model, prompt.size + max_length, path)
     rng = np.random.default_rng(check_seed(seed))
+    session = _fast_session(model, prompt.size + max_length, path, state)
+    if session is not None:
+        return (yield from _iter_session(session, prompt, max_length, temperature, top_k, top_p, rng, eos_id,
+                                         limit, return_state))
+    run_prompt, run_step = _bind_path(model, prompt.size + max_length, path)
 
     logits, state = run_prompt(prompt[None, :], state)
     last = np.asarray(logits)[0, -1, :limit]
@@ -184,6 +204,39 @@ def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0,
     if token is not None:
         _, state = _step(run_step, token, state)
     return state
+
+
+def _fast_session(model, steps: int, path: str, state):
+    """A FastDecoder session for a THLModel whose generation runs on the fast path (:func:`decode_path`),
+    starting at ``state`` (never modified); None for the plain path and for other model objects."""
+    if not hasattr(model, "num_parameters") or decode_path(model, steps, path) != "fast":
+        return None
+    return model._decoder(state, 1)
+
+
+def _iter_session(session, prompt, max_length, temperature, top_k, top_p, rng, eos_id, limit, return_state):
+    """:func:`iter_ids` on a fast decoding session: the prompt in one call (logits of its last position
+    only), then per token one compiled step (``thl_np.engines.compiled_steps``), the head and the draw;
+    the state is taken from the session once, at the end. The draws are :func:`sample_next`'s."""
+    from .engines.compiled_steps import step_logits
+
+    last = session.prompt(prompt[None, :], logits="last")[0, :limit]
+    ids = np.empty((1, 1), np.int64)
+    token = None
+    for i in range(max_length):
+        token = sample_next(last, rng, temperature, top_k, top_p)
+        yield token
+        if token == eos_id or i == max_length - 1:
+            break
+        ids[0, 0] = token   # sampled below the model's vocab_size: no input check needed
+        last = step_logits(session, ids)[0, :limit]
+    if not return_state:
+        return None
+    if token is not None:
+        session.step(np.array([token]), want_logits=False)
+    from .state import InferenceState
+
+    return InferenceState.held_by(session)
 
 
 def _bind_path(model, steps: int, path: str):

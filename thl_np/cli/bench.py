@@ -30,9 +30,12 @@ PEER_HARNESS = None
               help="Also run the PyTorch THL (the thl/ package in PATH; needs torch: pip install 'thl-np[torch]') "
                    "in the same run, same config, float32 and the same weights, and print thl-np / PyTorch. "
                    "Run from a checkout as python benchmarks/bench_peer.py --peer PATH [options].")
+@click.option("--generation-only", is_flag=True,
+              help="With --model: only the one-thread prefill and generation figures (see below).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the figures as one JSON object on standard output (the text lines go to standard error).")
-def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, peer_dir, as_json):
+def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, peer_dir, generation_only,
+          as_json):
     """Measure decode (batch 1 and 8), prompt and training tokens/s, the GEMV bandwidth, the bandwidth
     bound of a decode step and the ratio to it, and peak memory, all in one run; the same for the model's
     int8 copy (--int8), decoded in the same rounds as the float model. With --peer, the PyTorch THL's
@@ -44,6 +47,7 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
       thl-np bench                      # the default config (174M parameters, float32)
       thl-np bench --dim 256 --memory-slots 128 --no-train
       thl-np bench --model my-model --json
+      thl-np bench --model thl_np/assets/default_model --generation-only
       python benchmarks/bench_peer.py --peer PEER_DIR --json   # beside the PyTorch THL, same weights
     """
     from ..config import THLConfig
@@ -53,6 +57,8 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
 
     if decode_steps < 1 or prompt_len < 1:
         raise InputError("--decode-steps and --prompt-len must be >= 1")
+    if generation_only and not model_dir:
+        raise InputError("--generation-only measures a model folder: give --model DIR")
     peer = None
     if peer_dir is not None:  # before any work: a missing torch or thl/ is one line, not a late failure
         if PEER_HARNESS is None:
@@ -75,8 +81,17 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
             kw["memory_slots"] = memory_slots
         config = THLConfig(**kw)
     echo = functools.partial(click.echo, err=as_json)  # with --json, stdout holds the JSON object alone
+    if generation_only:
+        g = B.bench_generation(model)
+        echo(f"{model!r}, one thread ({g['threads']} used): prefill {g['prefill_bytes_s']:,.0f} bytes/s; "
+             f"generate_text ({g['path']} path) greedy {g['greedy_bytes_s']:,.0f} bytes/s, sampled "
+             f"{g['sampled_bytes_s']:,.0f} bytes/s")
+        if as_json:
+            click.echo(json.dumps({f"generation_{k}": v for k, v in g.items()}, indent=2))
+        return
     figures = B.run(model=model, config=config, echo=echo, decode_steps=decode_steps,
-                    prompt_len=prompt_len, train=not no_train, int8=None if int8 == "none" else int8, peer=peer)
+                    prompt_len=prompt_len, train=not no_train, int8=None if int8 == "none" else int8, peer=peer,
+                    generation=model is not None)
     if as_json:
         click.echo(json.dumps(figures, indent=2))
 

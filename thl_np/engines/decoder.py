@@ -18,6 +18,11 @@ What it does less of, and why that is exact:
   sequences the step's other matrices run on packed copies too (built when such a batch is first loaded,
   kept on the model like the head's: 42 MB for the default config).
 
+For a small float model (``thl_np.engines.compiled_steps``: at most MAX_STEP_PARAMETERS in the step's
+products) ``prompt`` and ``step`` run the same composition, with the same kernels, as one compiled call
+(``compiled_steps.run_steps``) on the session's arrays: a prompt without Python per byte. ``_advance``
+below is the composition kernel by kernel, for larger and quantized models.
+
 ``FastDecoder`` owns a mutable state and steps it in place (no per-step allocation of large arrays);
 ``state()`` / ``load()`` convert to and from the spec's ``InferenceState``. Training-mode routing
 (Gumbel noise) and the tape for gradients stay on the plain path.
@@ -51,6 +56,7 @@ from ..errors import InputError
 from ..fast import gru, linalg, local_attention, primitives, quant, router, writer
 from ..fast.linalg import SMALL_BATCH, linear
 from ..state import InferenceState
+from . import compiled_steps
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 # the arrays that hold a session's state (with the scalars t, scale, ring_start and ring_n)
@@ -110,6 +116,8 @@ class FastDecoder:
         self.b_o = P["output_head.bias"]
         self.zeros = np.zeros(max(self.W_qkv.shape[0], self.W_q.shape[0]), dt)  # the bias of bias-free products
         self.offsets = np.cumsum([0] + list(c.tier_dims)).tolist()
+        # a small float model's whole step in one compiled call (thl_np.engines.compiled_steps), else None
+        self._compiled = compiled_steps.prepare(self)
         self.load(state if state is not None else InferenceState.init(batch_size, c, dtype=dt),
                   checked=checked or state is None)
 
@@ -135,8 +143,13 @@ class FastDecoder:
         self.ring_e = np.array(state.local_buffer, dtype=dt)
         self.ring_start = 0
         self.ring_n = int(state.local_valid)
-        self.ring_k = quant.times_transposed(self.ring_e, self.lk, dt)
-        self.ring_v = quant.times_transposed(self.ring_e, self.lv, dt)
+        if self.ring_n:
+            self.ring_k = quant.times_transposed(self.ring_e, self.lk, dt)
+            self.ring_v = quant.times_transposed(self.ring_e, self.lv, dt)
+        else:  # an empty window (a new session): no rows are read before the steps write them, and no BLAS
+            # call (its threads, spinning on a busy machine, made a new session take 30 ms instead of 2)
+            self.ring_k = np.zeros(self.ring_e.shape[:2] + (self.lk.shape[0],), dt)
+            self.ring_v = np.zeros(self.ring_e.shape[:2] + (self.lv.shape[0],), dt)
         # per-step scratch, allocated once (the per-head products read and write head-major blocks)
         self._q_mem_heads = np.empty((H, B, c.memory_dim), dt)
         self._mix = np.empty((B, H, c.memory_dim), dt)
@@ -281,6 +294,8 @@ class FastDecoder:
         """Steps 1-7 and 9 of spec §4 for token ids [B]; returns the tier states [B, Σ d_k] (a view)."""
         ids = self._ids(token_ids, 1)
         with self.threads.applied():
+            if self._compiled is not None:
+                return compiled_steps.advance(self, ids[:, None])
             if self.B <= SMALL_BATCH:
                 return self._advance(ids)  # every product in the Numba kernels: no BLAS call
             with blas_threads(1):
@@ -375,7 +390,9 @@ class FastDecoder:
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
         n = flat.shape[0]
         with self.threads.applied() as threads:
-            if n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
+            if self._compiled is not None and n <= SMALL_BATCH:  # a small model: one thread (compiled_steps.head)
+                out = compiled_steps.head(self, flat)
+            elif n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
                 out = self._head_batch(flat)
             elif n <= SMALL_BATCH:
                 out = linear(flat, self.W_o, self.b_o)  # one row: linalg.gemv
@@ -408,6 +425,10 @@ class FastDecoder:
             raise InputError(f"logits = {logits!r}: use 'all', 'last' or 'none'")
         ids = self._ids(input_ids, 2)
         B, T = ids.shape
+        if self._compiled is not None:  # the whole prompt in one compiled call
+            hidden = np.empty((B, T, self.S.shape[1]), self.dtype) if logits == "all" else None
+            S = compiled_steps.advance(self, ids, hidden)
+            return None if logits == "none" else self.logits(hidden if logits == "all" else S)
         if logits == "all":
             hidden = np.empty((B, T, self.S.shape[1]), self.dtype)
             for t in range(T):

@@ -171,6 +171,50 @@ def bench_prompt(model, length: int = 128, repeats: int = 3) -> float:
     return length / min(_timed(lambda: model(ids)) for _ in range(repeats))
 
 
+def bench_generation(model, prompt_bytes: int = 4096, new_bytes: int = 500, repeats: int = 3,
+                     threads: int = 1) -> dict:
+    """A model's byte throughput as a user sees it, on ``threads`` threads (Numba's and OpenBLAS's):
+    prefill (a decoding session's ``prompt`` over ``prompt_bytes`` of Python source, logits of the last
+    position only, as generation runs it) and generation of ``new_bytes`` through the public
+    ``generate_text`` (its path choice, its prompt and the session included), greedy and sampled
+    (temperature 0.8, top-k 40, top-p 0.95). Each figure is the best of ``repeats`` after one untimed run
+    (which compiles or loads the compiled code)."""
+    import inspect
+
+    import numba
+
+    from .. import generation
+    from .._blas import blas_threads
+
+    source = inspect.getsource(generation).encode()
+    text = (source * (prompt_bytes // len(source) + 1))[:prompt_bytes]
+    ids = np.frombuffer(text, np.uint8).astype(np.int64)[None, :] % model.config.vocab_size
+    sampled = dict(temperature=0.8, top_k=40, top_p=0.95, seed=0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        with blas_threads(threads):
+            used = numba.get_num_threads()
+            model.decoder(batch_size=1).prompt(ids[:, :8], logits="last")
+
+            def prefill():
+                model.decoder(batch_size=1).prompt(ids, logits="last")
+
+            def generate(**kw):
+                return lambda: generation.generate_text(model, None, "def main():\n", max_length=new_bytes, **kw)
+
+            out = {"threads": used, "prompt_bytes": prompt_bytes, "new_bytes": new_bytes,
+                   "path": generation.decode_path(model, 12 + new_bytes)}
+            for key, fn in (("prefill_bytes_s", prefill), ("greedy_bytes_s", generate(temperature=0)),
+                            ("sampled_bytes_s", generate(**sampled))):
+                fn()
+                n = prompt_bytes if key == "prefill_bytes_s" else new_bytes
+                out[key] = n / min(_timed(fn) for _ in range(repeats))
+    finally:
+        numba.set_num_threads(before)
+    return out
+
+
 def bench_train(config: THLConfig, seq_len: int = 128, batch_size: int = 8, repeats: int = 3,
                 seed: int = 0) -> float:
     """Tokens/s of forward + backward (value_and_grad, training-mode routing) on random bytes."""
@@ -188,7 +232,7 @@ def bench_train(config: THLConfig, seq_len: int = 128, batch_size: int = 8, repe
 
 def run(model=None, config: THLConfig | None = None, echo=print, train_config: THLConfig | None = None,
         decode_steps: int = 64, prompt_len: int = 128, train: bool = True, int8: str | None = "int8",
-        peer=None) -> dict:
+        peer=None, generation: bool = False) -> dict:
     """Every figure of issue 5 in one run; returns them as a dict and prints them with ``echo``.
 
     ``peer``: a ``benchmarks.bench_peer.Peer`` (``load_peer``) to run the PyTorch THL beside thl-np: its decode
@@ -198,7 +242,10 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     ``int8``: a scheme of thl_np.quant (None: skip): the model's int8 copy is decoded in the same rounds
     as the float model, against its own bandwidth bound (the int8 bytes a step reads ÷ the same GEMV
     bandwidth), and its prompt throughput is measured too. A quantized ``model`` is measured against the
-    float model it stands for."""
+    float model it stands for.
+
+    ``generation``: first, the model's prefill and generation bytes/s on one thread (``bench_generation``:
+    ``generation_*`` keys), what a user of a small model sees."""
     from ..model import THLModel, dequantize_model, quantize_model
     from ..quant import scheme_name
     from ..quant.quantize import is_quantized
@@ -220,6 +267,13 @@ def run(model=None, config: THLConfig | None = None, echo=print, train_config: T
     figures = {"machine": f"{platform.processor() or platform.machine()}, {_cores()} cores",
                "threads_requested": _threads.requested() or "auto", "others_running": _threads.others_running(),
                "dtype": str(model.dtype), "parameters": model.num_parameters()}
+    if generation:
+        g = bench_generation(model)
+        figures.update({f"generation_{k}": v for k, v in g.items()})
+        echo(f"one thread ({g['threads']} used): prefill {g['prefill_bytes_s']:,.0f} bytes/s ({g['prompt_bytes']} "
+             f"bytes, last logits); generate_text {g['new_bytes']} bytes ({g['path']} path): greedy "
+             f"{g['greedy_bytes_s']:,.0f} bytes/s, sampled (T 0.8, top-k 40, top-p 0.95) "
+             f"{g['sampled_bytes_s']:,.0f} bytes/s")
     models = {"float": model} if qmodel is None else {"float": model, "int8": qmodel}
     measured = dict(models)
     if peer is not None:
