@@ -157,7 +157,7 @@ def test_it_applies_to_small_float_models_only():
     assert compiled_steps.applies(small) and FastDecoder(small)._compiled is not None
     big = THLConfig(dim=512, memory_slots=64)
     assert compiled_steps.step_parameters(big) > compiled_steps.MAX_STEP_PARAMETERS
-    from thl_np.quant import quantize_model
+    from thl_np import quantize_model
 
     q = quantize_model(THLModel(small_config(dtype="float32"), seed=0), "int8")
     assert not compiled_steps.applies(q) and FastDecoder(q)._compiled is None
