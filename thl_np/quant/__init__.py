@@ -9,7 +9,7 @@ formula and the reasons for the default scheme: docs/QUANTIZATION.md.
     params.py   QuantizedParams: a model's parameters read as float, stored as int8; file tensors in/out
     model.py    quantize_model, dequantize_model, and the parameters THLModel gets for a quantized config
 
-The fast path's int8 kernels are in ``thl_np.fast.quant``; the CLI is ``thl-np quantize``.
+The fast path's int8 kernels are in ``thl_np.fast.int8``; the CLI is ``thl-np quantize``.
 """
 from .model import dequantize_model, is_quantized, model_params, quantize_model, quantize_params
 from .params import QuantizedParams, from_file_tensors
