@@ -1,6 +1,8 @@
 """Spec §4.3 (router read) and §4.4 (read metadata) as Numba kernels, mirroring
 ``thl_np.components.router``: ``route`` for a decode step (``route_parallel`` splits the batch over the
-cores), ``route_forward`` / ``route_backward`` for a training step.
+cores), ``route_forward`` / ``route_backward`` for a training step. One sequence's read is written once, in
+three helpers both paths call: ``pick_slots`` (scores, top-κ, softmax), ``capacity_walk`` (the slot
+capacity) and ``read_meta`` (§4.4).
 
 Both compute scores as m_j·q_mem_h with q_mem_h = W_k,h^T q_h (``slot_scores``) over a bank stored divided
 by a running scalar (true memory = scale·memory), one code path per row, so identical rows tie exactly and
@@ -14,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..components.router_unit_keys import UNIT_KEY_EPS
-from .primitives import axpy, dot, multi_row_dots, row_dots, top_k_desc
+from .primitives import axpy, dot, gather_ends, multi_row_dots, row_dots, scatter_add_ends, top_k_desc
 
 
 @njit(cache=True)
@@ -183,11 +185,7 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
     qh = np.empty((B, Dh), mem.dtype)
     key_scale = np.empty(J, np.float64)
     x = np.empty((B, d0 + dK), S.dtype)
-    for b in range(B):
-        for a in range(d0):
-            x[b, a] = S[i, b, off0 + a]
-        for a in range(dK):
-            x[b, d0 + a] = S[i, b, offK + a]
+    gather_ends(S[i], off0, d0, offK, dK, x)
     QS = np.dot(x, WqsT)                                # [B, Q]
     for h in range(H):
         for b in range(B):
@@ -311,9 +309,4 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
         for b in range(B):
             for a in range(Dh):
                 DQ[i, b, h * Dh + a] = dq[b, a]
-    du = np.dot(DQ[i], Wq_s)
-    for b in range(B):
-        for a in range(d0):
-            DS[b, off0 + a] += du[b, a]
-        for a in range(dK):
-            DS[b, offK + a] += du[b, d0 + a]
+    scatter_add_ends(DS, np.dot(DQ[i], Wq_s), off0, d0, offK, dK)

@@ -1,7 +1,8 @@
 """Spec §4.6 (writer) and §4.7 (memory decay and write) as Numba kernels, mirroring
-``thl_np.components.writer``: ``choose_write`` (the discrete part, shared by both paths), ``write`` for a
-decode step (``write_parallel`` splits the batch over the cores), ``write_forward`` / ``write_backward``
-for a training step.
+``thl_np.components.writer``: ``write`` for a decode step (``write_parallel`` splits the batch over the
+cores), ``write_forward`` / ``write_backward`` for a training step. One sequence's writer and write are
+written once, in helpers both paths call: ``clip_write`` (the clip), ``choose_write`` (branch, gate,
+targets; an empty slot is ``components.writer.EMPTY_NORM``'s, ``is_empty``) and ``decay_and_write`` (§4.7).
 
 The bank is stored divided by a running scalar (true memory = scale·memory; the decay M ← γM is
 scale ← γ·scale) with the squared norms of the stored rows kept beside it (``primitives.row_norms2``).
@@ -13,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..components.writer import EMPTY_NORM
-from .primitives import axpy, dot, row_dots, top_k_desc
+from .primitives import axpy, dot, gather_ends, row_dots, scatter_add_ends, top_k_desc
 
 # The bank is stored divided by a running scale that the decay γ multiplies; below this γ (0 included) a
 # write would divide by it, so the decay is applied to the rows eagerly (training's write kernels too).
@@ -192,13 +193,8 @@ def write_forward(i, t, S, off0, d0, offK, dK, WwT, b_w, XW, mem, norm2, scale, 
     ``eager`` (for γ too small to divide by, γ = 0 included): the bank and its norms are multiplied by γ
     here instead, and the scale is returned unchanged."""
     B, J, Dm = mem.shape
-    xw = XW[i]
-    for b in range(B):
-        for a in range(d0):
-            xw[b, a] = S[i + 1, b, off0 + a]
-        for a in range(dK):
-            xw[b, d0 + a] = S[i + 1, b, offK + a]
-    out = np.dot(xw, WwT)
+    gather_ends(S[i + 1], off0, d0, offK, dK, XW[i])
+    out = np.dot(XW[i], WwT)
     new_scale = scale if eager else scale * decay
     aff = np.empty(J, np.float64)
     prio = np.empty(J, np.float64)
@@ -287,9 +283,4 @@ def write_backward(i, DS, D, c_old, c_new, TGT, GG, WCL, WRAW, NRAW, CLIP, SC, N
         else:
             for m in range(Dm):
                 out[m] = dw[m]
-    dxw = np.dot(DWR[i], W_w)
-    for b in range(B):
-        for a in range(d0):
-            DS[b, off0 + a] += dxw[b, a]
-        for a in range(dK):
-            DS[b, offK + a] += dxw[b, d0 + a]
+    scatter_add_ends(DS, np.dot(DWR[i], W_w), off0, d0, offK, dK)
