@@ -23,8 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from thl_np.fast import quant  # noqa: E402
-from thl_np.fast.linalg import gemv  # noqa: E402
+from thl_np.fast import int8, linalg  # noqa: E402
 from thl_np.quant.scheme import quantize_matrix  # noqa: E402
 
 V, C = 50257, 2304
@@ -32,11 +31,12 @@ V, C = 50257, 2304
 
 def packed(q, s):
     """The k-major copy ``Q8Matrix`` builds for the head."""
-    L = quant.lanes(np.float32)
+    L = linalg.lanes(np.float32)
     T = -(-q.shape[0] // L)
     Qp = np.empty((T, q.shape[1], L), np.int8)
     Sp = np.empty((T, s.shape[1], L), np.float32)
-    quant.pack_rows_q8(q, s, L, Qp, Sp)
+    linalg.pack_rows(q, L, Qp)
+    linalg.pack_rows(s, L, Sp)
     return Qp, Sp
 
 
@@ -61,33 +61,33 @@ def main(argv=None) -> None:
     b = np.zeros(V, np.float32)
     row_out, packed_out, float_out = (np.empty((1, V), np.float32), np.empty((1, Qp.shape[0] * Qp.shape[2]),
                                       np.float32), np.empty(V, np.float32))
-    quant.gemv_q8(q, s, C, b, x[0], row_out[0])
-    quant.packed_gemv_q8(Qp, Sp, x, packed_out)
-    gemv(W, b, x[0], float_out)
+    int8.gemv_q8(q, s, C, b, x[0], row_out[0])
+    int8.packed_gemv_q8(Qp, Sp, x, packed_out)
+    linalg.gemv(W, b, x[0], float_out)
     err = np.abs(row_out[0] - packed_out[0, :V]).max() / np.abs(row_out).max()
     print(f"head {V} x {C}: {q.nbytes / 1e6:.1f} MB int8, {W.nbytes / 1e6:.1f} MB float32; "
           f"packed vs row-major relative difference {err:.1e}")
     for r in range(args.rounds):
-        row = median_time(lambda: quant.gemv_q8(q, s, C, b, x[0], row_out[0]), 20)
-        pk = median_time(lambda: quant.packed_gemv_q8(Qp, Sp, x, packed_out), 20)
-        fl = median_time(lambda: gemv(W, b, x[0], float_out), 20)
+        row = median_time(lambda: int8.gemv_q8(q, s, C, b, x[0], row_out[0]), 20)
+        pk = median_time(lambda: int8.packed_gemv_q8(Qp, Sp, x, packed_out), 20)
+        fl = median_time(lambda: linalg.gemv(W, b, x[0], float_out), 20)
         bound = q.nbytes / (W.nbytes / fl)
         print(f"round {r + 1} batch 1: gemv_q8 {row * 1e3:.2f} ms, packed_gemv_q8 {pk * 1e3:.2f} ms; float32 GEMV "
               f"{fl * 1e3:.2f} ms ({W.nbytes / fl / 1e9:.1f} GB/s), int8 bound {bound * 1e3:.2f} ms: "
               f"row-major {bound / row:.2f}, packed {bound / pk:.2f} of it")
-    h = rng.standard_normal((quant.PACK_ROWS, C)).astype(np.float32)
+    h = rng.standard_normal((int8.PACK_ROWS, C)).astype(np.float32)
     for rows, reps in ((V, 10), (512, 2000)):
         Qs, Ss = (Qp, Sp) if rows == V else packed(q[:rows], s[:rows])
-        out = np.empty((quant.PACK_ROWS, Qs.shape[0] * Qs.shape[2]), np.float32)
-        quant.packed_linear_q8(Qs, Ss, C, h, out)
+        out = np.empty((int8.PACK_ROWS, Qs.shape[0] * Qs.shape[2]), np.float32)
+        int8.packed_linear_q8(Qs, Ss, C, h, out)
         times = []
         for _ in range(5):
             t0 = time.perf_counter()
             for _ in range(reps):
-                quant.packed_linear_q8(Qs, Ss, C, h, out)
+                int8.packed_linear_q8(Qs, Ss, C, h, out)
             times.append((time.perf_counter() - t0) / reps)
         t = min(times)
-        macs = Qs.shape[0] * Qs.shape[2] * C * quant.PACK_ROWS
+        macs = Qs.shape[0] * Qs.shape[2] * C * int8.PACK_ROWS
         print(f"batch 8, {rows:6d} rows ({Qs.nbytes / 1e6:6.1f} MB): {t * 1e3:7.3f} ms a call, "
               f"{macs / t / 1e9:6.1f} G multiply-adds/s, {Qs.nbytes / t / 1e9:5.1f} GB/s of int8")
 

@@ -219,7 +219,7 @@ def test_fast_path_equals_plain_path(B, scheme, dtype):
 def test_decoder_keeps_int8_and_is_reused():
     """The decoder reads the int8 values (no float copy of a quantized matrix) and is handed over between
     steps like a float model's."""
-    from thl_np.fast.quant import Q8Matrix
+    from thl_np.fast.int8 import Q8Matrix
 
     qmodel = quantize_model(THLModel(small_config("float32"), seed=0))
     dec = qmodel.decoder()

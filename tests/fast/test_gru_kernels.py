@@ -1,8 +1,8 @@
 """GRU kernels (thl_np.fast.gru), each alone against thl_np.components.gru (spec §4.5): ``gru_reset`` +
 ``gru_update`` around the decoder's two products, ``gru_forward`` / ``gru_backward`` for a training step, for
-Tier 0 (the embedding's part of the pre-activations precomputed, the local attention's output added to the
-context or not) and for a higher tier (its input the tier below's new state), tiers side by side in one
-array as the fast paths keep them."""
+Tier 0 (the embedding's part of the pre-activations precomputed; its context r, or r + the local attention's
+output, formed by the caller) and for a higher tier (its input the tier below's new state), tiers side by side
+in one array as the fast paths keep them."""
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,7 +37,7 @@ def gru_case(seed, dtype="float64", *, B=2, dims=(3, 4, 2), k=1, d_e=3, d_v=4, u
     W = gru_weights(rng, d, n_in, d_v, dt)
     return SimpleNamespace(rng=rng, dt=dt, B=B, k=k, d=d, n_in=n_in, d_v=d_v, off=offs[k],
                            off_lo=offs[k - 1] if k else 0, d_lo=dims[k - 1] if k else 0, S=S, R=R, LOC=LOC, E=E,
-                           use_loc=use_loc, x=np.concatenate([lower, ctx], axis=1), s_prev=C(s_prev), W=W,
+                           use_loc=use_loc, ctx=C(ctx), x=np.concatenate([lower, ctx], axis=1), s_prev=C(s_prev), W=W,
                            F=fast_gru_weights(*W, tier0=k == 0, n_in=n_in, d_v=d_v))
 
 
@@ -100,8 +100,8 @@ def check_forward(c):
     P = np.zeros((N_SLOTS, c.B, c.F["W1T"].shape[0]), c.dt)
     Z, RG, ST = (np.zeros((N_SLOTS, c.B, c.d), c.dt) for _ in range(3))
     extra, ei = extra_pre(c)
-    fast_gru.gru_forward(STEP, SLOT, S, c.off, c.d, c.off_lo, c.d_lo, c.R, c.LOC, c.use_loc, extra, ei,
-                         c.F["W1T"], c.F["W2T"], P, Z, RG, ST)
+    fast_gru.gru_forward(STEP, SLOT, S, c.off, c.d, c.off_lo, c.d_lo, c.ctx, extra, ei, c.F["W1T"], c.F["W2T"], P,
+                         Z, RG, ST)
     assert_close(S[STEP + 1, :, c.off:c.off + c.d], want.s_new, c.dt, "gru_forward: s_new")
     assert_close(P[SLOT], want.p[:, c.F["cols"]], c.dt, "gru_forward: recorded input")
     assert_close(Z[SLOT], want.z, c.dt, "gru_forward: z")
@@ -130,21 +130,19 @@ def test_gru_forward_matches_gru_forward_each_tier(k, use_loc, dtype):
 
 def check_backward(c):
     """gru_backward on the plain forward's record, against gru_backward: d s_prev in the tier's columns of DS,
-    d lower into the tier below's, d ctx into DR[i] (and DLOC for Tier 0), the pre-activations' gradients in
-    DPRE (checked through the weight gradients they give, and Tier 0's d e through W0_e)."""
+    d lower into the tier below's, d ctx written out, the pre-activations' gradients in DPRE (checked through
+    the weight gradients they give, and Tier 0's d e through W0_e)."""
     want = plain(c)
-    rng, i = c.rng, STEP
+    rng = c.rng
     F = c.F
     P = np.zeros((N_SLOTS, c.B, F["W1T"].shape[0]), c.dt)
     Z, RG, ST = (np.zeros((N_SLOTS, c.B, c.d), c.dt) for _ in range(3))
     P[SLOT], Z[SLOT], RG[SLOT], ST[SLOT] = want.p[:, F["cols"]], want.z, want.r_g, want.s_tilde
     DS0 = rng.standard_normal((c.B, c.S.shape[2])).astype(c.dt)
-    DR0 = rng.standard_normal((T_STEPS, c.B, c.d_v)).astype(c.dt)
-    DS, DR = DS0.copy(), DR0.copy()
-    DLOC = np.zeros((c.B, c.d_v), c.dt)
+    DS = DS0.copy()
+    D_CTX = np.full((c.B, c.d_v), np.nan, c.dt)
     DPRE = np.zeros((N_SLOTS, c.B, 3 * c.d), c.dt)
-    fast_gru.gru_backward(i, SLOT, DS, c.off, c.d, c.off_lo, c.d_lo, F["Wh_p"], F["Wzr_p"], P, Z, RG, ST, DPRE, DR,
-                          DLOC, c.k == 0)
+    fast_gru.gru_backward(SLOT, DS, c.off, c.d, c.off_lo, c.d_lo, F["Wh_p"], F["Wzr_p"], P, Z, RG, ST, DPRE, D_CTX)
     d_s_new = DS0[:, c.off:c.off + c.d]
     W_z, _, W_r, _, W_h, _ = c.W
     d_s_prev, d_x, grads = gru_backward(d_s_new, want.cache, W_z, W_r, W_h)
@@ -153,10 +151,7 @@ def check_backward(c):
     if c.k:
         want_DS[:, c.off_lo:c.off_lo + c.d_lo] += d_x[:, :c.n_in]
     assert_close(DS, want_DS, c.dt, "gru_backward: d s_prev and d lower in the tier gradients")
-    d_ctx = d_x[:, c.n_in:]
-    assert_close(DR[i], DR0[i] + d_ctx, c.dt, "gru_backward: d ctx into d r")
-    assert_close(DLOC, d_ctx if c.k == 0 else 0 * d_ctx, c.dt, "gru_backward: d ctx into d ℓ (Tier 0)")
-    assert_equal(DR[[0, 2]], DR0[[0, 2]], "gru_backward: DR of other steps")
+    assert_close(D_CTX, d_x[:, c.n_in:], c.dt, "gru_backward: d ctx")
     # DPRE = [d pre_z, d pre_r, d pre_h]: the weight gradients as fast_backward forms them
     dp, d = DPRE[SLOT], c.d
     assert_close(dp[:, :d].T @ want.p, grads["W_z"], c.dt, "gru_backward: d pre_z (dW_z)")

@@ -1,5 +1,6 @@
 """Local attention kernels (thl_np.fast.local_attention), each alone against
-thl_np.components.local_attention (spec §4.2): ``local_attend`` over the decoder's ring buffers of keys and
+thl_np.components.local_attention (spec §4.2): the softmax both paths share (``softmax_terms``),
+``local_attend`` over the decoder's ring buffers of keys and
 values (any start, wrapped or not, partly or fully filled), ``local_forward`` / ``local_backward`` over the
 keys and values of a training sequence's whole embedding history."""
 import math
@@ -26,6 +27,24 @@ def attention_case(seed, dtype="float64", *, B=2, n=3, d_e=4, d_lq=3, d_v=5, sca
     return SimpleNamespace(rng=rng, dt=dt, B=B, n=n, d_e=d_e, d_lq=d_lq, d_v=d_v, e=r(B, d_e), buffer=r(B, n, d_e),
                            Wq=r(d_lq, d_e, s=scale), Wk=r(d_lq, d_e, s=scale), Wv=r(d_v, d_e),
                            inv_sqrt=1.0 / math.sqrt(d_lq))
+
+
+# ---------------------------------------------------------------------------------------------------
+# softmax_terms
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, scale", [(1, 1.0), (4, 1.0), (7, 30.0)], ids=["one_row", "four_rows", "large_scores"])
+def test_softmax_terms_match_local_attention_forward(n, scale, dtype):
+    """exp(s − max s) and their sum: divided, the attention weights of local_attention_forward (scores of
+    ±100 and more included, where an unshifted exp would overflow)."""
+    c = attention_case(8, dtype, B=3, n=n, scale=scale)
+    _, cache = local_attention_forward(c.e, c.buffer, c.Wq, c.Wk, c.Wv)
+    for b in range(c.B):
+        s = np.concatenate([cache.k[b] @ cache.q[b] * cache.scale, [np.nan]])   # a slot past n: not read
+        s = s.astype(np.float64)
+        tot = fast_local.softmax_terms(s, n)
+        assert np.isnan(s[n]), "softmax_terms wrote past n"
+        assert_close(s[:n] / tot, cache.attention[b], c.dt, f"softmax_terms of sequence {b}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The helpers every kernel shares (thl_np.fast.primitives), each alone: top-κ with the lower-index tie rule
-against thl_np.components.router.top_k_desc, the sigmoid against thl_np.components.gru.sigmoid, and the
-per-row dot products, which must give identical rows identical numbers (the tie rule depends on it)."""
+against thl_np.components.router.top_k_desc, the sigmoid against thl_np.components.gru.sigmoid, the
+per-row dot products, which must give identical rows identical numbers (the tie rule depends on it), and
+[s^0; s^{K-1}] read from the tier states and its gradient added back (as thl_np.step builds u and x_w)."""
 import numpy as np
 import pytest
 from helpers import examples
@@ -69,3 +70,26 @@ def test_row_dots_match_numpy_and_tie_exactly(seed, J, n, H, dtype):
     y = vs[0].copy()
     primitives.axpy(0.37, rows[0], y)
     assert_close(y, vs[0].astype(np.float64) + 0.37 * rows[0], dtype, "axpy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dims", [(5,), (3, 2), (2, 3, 4)], ids=["K=1", "K=2", "K=3"])
+def test_gather_ends_and_its_gradient(dims, dtype):
+    """gather_ends gives [s^0; s^{K-1}] as thl_np.step concatenates it; scatter_add_ends adds a gradient back
+    where it was read (K = 1: both halves into Tier 0's columns)."""
+    rng = np.random.default_rng(4)
+    offs = np.cumsum([0] + list(dims)).tolist()
+    S = rng.standard_normal((3, offs[-1])).astype(dtype)
+    tiers = [S[:, offs[k]:offs[k + 1]] for k in range(len(dims))]
+    args = (offs[0], dims[0], offs[-2], dims[-1])
+    x = np.full((3, dims[0] + dims[-1]), np.nan, dtype)
+    primitives.gather_ends(S, *args, x)
+    assert_equal(x, np.concatenate([tiers[0], tiers[-1]], axis=1), "gather_ends")
+    dx = rng.standard_normal(x.shape).astype(dtype)
+    DS0 = rng.standard_normal(S.shape).astype(dtype)
+    DS = DS0.copy()
+    primitives.scatter_add_ends(DS, dx, *args)
+    want = DS0.astype(np.float64)
+    want[:, offs[0]:offs[0] + dims[0]] += dx[:, :dims[0]]
+    want[:, offs[-2]:offs[-1]] += dx[:, dims[0]:]
+    assert_close(DS, want, dtype, "scatter_add_ends")

@@ -1,4 +1,5 @@
-"""Router kernels (thl_np.fast.router), each alone against thl_np.components.router (spec §4.3-4.4):
+"""Router kernels (thl_np.fast.router), each alone against thl_np.components.router (spec §4.3-4.4): the
+helpers both paths share (``pick_slots``: scores, top-κ, softmax; ``capacity_walk``; ``read_meta``),
 ``route`` / ``route_parallel`` (decode) and ``route_forward`` / ``route_backward`` (training) on random inputs
 in the layouts the fast paths give them, with exact ties (identical rows rank by lower index), empty slots,
 slot capacity (a head left with nothing keeps its weights), Gumbel noise and the load-balance record; with
@@ -25,6 +26,7 @@ from thl_np.components.router import (
 )
 from thl_np.components.router_unit_keys import UNIT_KEYS, unit_keys_backward, unit_keys_forward
 from thl_np.fast import router as fast_router
+from thl_np.fast.primitives import row_dots
 
 C = np.ascontiguousarray
 
@@ -90,6 +92,101 @@ def assert_ties_to_lower_index(idx, same, what):
             assert order == sorted(order), f"{what}: identical rows picked out of index order: {order}"
 
 
+@st.composite
+def router_sizes(draw):
+    J = draw(st.integers(2, 9))
+    empty = draw(st.integers(0, J - 1))
+    return dict(B=draw(st.integers(1, 3)), J=J, d_m=draw(st.integers(1, 5)), H=draw(st.integers(1, 6)),
+                d_h=draw(st.integers(1, 3)), dvh=draw(st.integers(1, 2)), kappa=draw(st.integers(1, J)),
+                capacity=draw(st.integers(0, 2)), empty=empty, duplicates=draw(st.integers(0, J - 1 - empty)),
+                scale=draw(st.sampled_from([1.0, 0.37, 3.0])), load_penalty=draw(st.sampled_from([0.0, 0.3])),
+                dims=draw(st.sampled_from([(3,), (3, 2), (2, 3, 4)])), unit_keys=draw(st.booleans()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shared helpers, one sequence at a time
+# ---------------------------------------------------------------------------------------------------
+def check_pick_slots(c):
+    """pick_slots per sequence and head on the stored bank's dot products m_j·q_mem_h, against slot_scores
+    (+ the Gumbel term), the top-κ and the softmax of router_forward."""
+    want = plain_read(c)
+    _, scores = slot_scores(c.memory, want.q, c.W_k, c.read_ema, c.load_penalty, UNIT_KEYS if c.unit_keys else DOT)
+    if c.G is not None:
+        scores = scores + c.G
+    key_scale = np.empty(c.J)
+    for b in range(c.B):
+        fast_router.key_scales(c.stored[b], c.scale, c.unit_keys, key_scale)
+        for h in range(c.H):
+            dots = np.empty(c.J, c.dt)
+            row_dots(c.stored[b], C(want.q_mem[b, h]), dots)
+            got = np.full(c.J, np.nan)
+            idx = np.full(c.kappa, -1, np.int64)
+            alpha = np.full(c.kappa, np.nan, c.dt)
+            noise = C(c.G[b, h]) if c.G is not None else dots   # not read without noise
+            fast_router.pick_slots(dots, key_scale, c.inv_sqrt, c.load_penalty, c.read_ema[b], noise, c.G is not None,
+                                   c.kappa, got, idx, alpha)
+            assert_close(got, scores[b, h], c.dt, f"pick_slots: scores of sequence {b}, head {h}")
+            assert_equal(idx, want.idx[b, h], f"pick_slots: picks of sequence {b}, head {h}")
+            assert_close(alpha, want.alpha_soft[b, h], c.dt, f"pick_slots: softmax of sequence {b}, head {h}")
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(sizes=router_sizes(), seed=st.integers(0, 2**31), gumbel=st.booleans())
+def test_pick_slots_matches_slot_scores_top_k_and_softmax(sizes, seed, gumbel):
+    check_pick_slots(router_case(seed, gumbel=gumbel, **sizes))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pick_slots_ranks_identical_rows_by_lower_index(dtype):
+    check_pick_slots(router_case(3, dtype, J=8, kappa=8, H=4, empty=3, duplicates=2, load_penalty=0.0))
+
+
+def check_capacity_walk(c, in_place):
+    """capacity_walk per sequence on router_forward's picks and softmax, against apply_slot_capacity;
+    ``in_place``: alpha is alpha_soft itself (as the decode kernel calls it)."""
+    want = plain_read(c)
+    capped, mask, used = apply_slot_capacity(want.alpha_soft, want.idx, c.capacity)
+    got_alpha = want.alpha_soft.astype(c.dt)
+    got_mask = np.full(want.idx.shape, np.nan, c.dt)
+    got_used = np.zeros(want.idx.shape[:2], np.bool_)
+    served = np.full(c.J, 99, np.int64)
+    for b in range(c.B):
+        soft = got_alpha[b] if in_place else C(want.alpha_soft[b].astype(c.dt))
+        fast_router.capacity_walk(C(want.idx[b]), soft, c.capacity, served, got_alpha[b], got_mask[b], got_used[b])
+    assert_close(got_alpha, capped, c.dt, "capacity_walk: α")
+    assert_equal(got_mask, mask, "capacity_walk: mask")
+    assert_equal(got_used, used, "capacity_walk: heads renormalised")
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(sizes=router_sizes(), seed=st.integers(0, 2**31), capacity=st.integers(1, 3), in_place=st.booleans())
+def test_capacity_walk_matches_apply_slot_capacity(sizes, seed, capacity, in_place):
+    check_capacity_walk(router_case(seed, **dict(sizes, capacity=capacity)), in_place)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_capacity_walk_head_left_without_picks_keeps_its_weights(dtype, in_place):
+    c = capacity_case(dtype)
+    assert not plain_read(c).used[:, 1].any()   # the branch is taken
+    check_capacity_walk(c, in_place)
+    check_capacity_walk(router_case(7, dtype, J=4, H=3, kappa=3, capacity=1, empty=0, duplicates=0), in_place)
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(sizes=router_sizes(), seed=st.integers(0, 2**31))
+def test_read_meta_matches_read_meta_forward(sizes, seed):
+    c = router_case(seed, **sizes)
+    want = plain_read(c)
+    read_ema, last_read = c.read_ema.copy(), c.last_read.copy()
+    A = np.full((c.B, c.J), np.nan)
+    for b in range(c.B):
+        fast_router.read_meta(C(want.idx[b]), C(want.alpha[b]), c.t, c.rho, A[b], read_ema[b], last_read[b])
+    assert_close(A, want.A, c.dt, "read_meta: A (read weight per slot)")
+    assert_close(read_ema, want.new_ema, c.dt, "read_meta: read_ema")
+    assert_equal(last_read, want.new_last, "read_meta: last_read")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decode: route / route_parallel
 # ---------------------------------------------------------------------------------------------------
@@ -121,17 +218,6 @@ def check_route(kernel, c):
 
 
 ROUTE_KERNELS = [fast_router.route, fast_router.route_parallel]
-
-
-@st.composite
-def router_sizes(draw):
-    J = draw(st.integers(2, 9))
-    empty = draw(st.integers(0, J - 1))
-    return dict(B=draw(st.integers(1, 3)), J=J, d_m=draw(st.integers(1, 5)), H=draw(st.integers(1, 6)),
-                d_h=draw(st.integers(1, 3)), dvh=draw(st.integers(1, 2)), kappa=draw(st.integers(1, J)),
-                capacity=draw(st.integers(0, 2)), empty=empty, duplicates=draw(st.integers(0, J - 1 - empty)),
-                scale=draw(st.sampled_from([1.0, 0.37, 3.0])), load_penalty=draw(st.sampled_from([0.0, 0.3])),
-                dims=draw(st.sampled_from([(3,), (3, 2), (2, 3, 4)])), unit_keys=draw(st.booleans()))
 
 
 @pytest.mark.parametrize("kernel", ROUTE_KERNELS, ids=lambda k: k.__name__)
@@ -194,13 +280,15 @@ T_STEPS, STEP = 3, 1   # the kernels write step STEP of a 3-step tape
 
 
 def training_layout(c):
-    """The weights as fast_grad._Weights lays them out, and the e-part / state-part of u W_q^T."""
+    """The weights as fast_grad._Weights lays them out, the e-part of u W_q^T and the tier states S (step
+    STEP's are u's state part)."""
     Q = c.H * c.d_h
     W_q_s = C(c.W_q[:, c.d_e:])
     QE = np.zeros((T_STEPS, c.B, Q), c.dt)
     QE[STEP] = c.e @ C(c.W_q[:, :c.d_e]).T
-    QS = C(c.u[:, c.d_e:] @ W_q_s.T)
-    return SimpleNamespace(W_q_s=W_q_s, QE=QE, QS=QS,
+    S = np.random.default_rng(0).standard_normal((T_STEPS + 1, c.B, c.tiers.shape[1])).astype(c.dt)
+    S[STEP] = c.tiers
+    return SimpleNamespace(W_q_s=W_q_s, WqsT=C(W_q_s.T), QE=QE, S=S,
                            Wk_heads=C(c.W_k.reshape(c.H, c.d_h, c.d_m)),
                            WkT_heads=C(c.W_k.reshape(c.H, c.d_h, c.d_m).transpose(0, 2, 1)),
                            Wv_heads=C(c.W_v.reshape(c.H, c.dvh, c.d_m)),
@@ -223,10 +311,9 @@ def check_route_forward(c, record_A=True):
     G = np.zeros((T_STEPS, c.B, c.H, c.J), c.dt)
     if c.G is not None:
         G[STEP] = c.G
-    fast_router.route_forward(STEP, c.t, L.QE, L.QS, c.scale, read_ema, last_read, mem, G, c.G is not None,
-                              c.load_penalty, c.inv_sqrt, c.kappa, c.capacity, c.rho, c.unit_keys, L.Wk_heads,
-                              L.WvT_heads,
-                              record_A, *rec.values())
+    fast_router.route_forward(STEP, c.t, L.QE, L.S, c.off0, c.d0, c.offK, c.dK, L.WqsT, c.scale, read_ema,
+                              last_read, mem, G, c.G is not None, c.load_penalty, c.inv_sqrt, c.kappa, c.capacity,
+                              c.rho, c.unit_keys, L.Wk_heads, L.WvT_heads, record_A, *rec.values())
     assert_equal(mem, c.stored, "route_forward: the bank is read, never written")
     i = STEP
     assert_close(rec["QV"][i], want.q, c.dt, "route_forward: q")

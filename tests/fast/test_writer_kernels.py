@@ -1,5 +1,6 @@
-"""Writer kernels (thl_np.fast.writer), each alone against thl_np.components.writer (spec §4.6-4.7):
-``choose_write`` (branch, gate, targets), ``write`` / ``write_parallel`` (decode), ``write_forward`` /
+"""Writer kernels (thl_np.fast.writer), each alone against thl_np.components.writer (spec §4.6-4.7): the
+helpers both paths share (``clip_write``, ``is_empty``, ``choose_write``: branch, gate, targets;
+``decay_and_write``), ``write`` / ``write_parallel`` (decode), ``write_forward`` /
 ``write_backward`` (training), on the stored bank (true memory = scale · stored) with its squared norms, in
 every branch: refine, novel into empty slots, novel by staleness/underuse (LRU), the clip on and off, the
 eager decay of the training path, and exact ties (identical rows, equal priorities) to the lower index."""
@@ -21,7 +22,13 @@ from kernel_helpers import (
     true_rows,
 )
 
-from thl_np.components.writer import memory_write_backward, memory_write_forward, writer_backward, writer_forward
+from thl_np.components.writer import (
+    EMPTY_NORM,
+    memory_write_backward,
+    memory_write_forward,
+    writer_backward,
+    writer_forward,
+)
 from thl_np.fast import writer as fast_writer
 from thl_np.fast.primitives import row_norms2
 
@@ -92,6 +99,32 @@ def assert_ties_to_lower_index(targets, groups, what):
     for b, slots in enumerate(groups):
         order = [j for j in targets[b] if j in set(np.asarray(slots).tolist())]
         assert order == sorted(order), f"{what}: tied slots chosen out of index order: {order}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# clip_write, is_empty
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip_max", [0.3, 100.0], ids=["clip", "no_clip"])
+def test_clip_write_matches_writer_forward(clip_max, dtype):
+    c = writer_case(21, dtype, B=3, clip_max=clip_max)
+    want = plain_write(c)
+    for b in range(c.B):
+        w = np.full(c.d_m, np.nan, c.dt)
+        n_raw, clipped, factor, n_w = fast_writer.clip_write(C(want.w_raw[b]), c.clip_max, w)
+        assert_close(w, want.w[b], c.dt, "clip_write: w")
+        assert_close([n_raw, factor, n_w], [want.n_raw[b], want.scale[b], want.n_w[b]], c.dt,
+                     "clip_write: ‖w_raw‖, the factor, ‖w‖")
+        assert clipped == want.clipped[b] == (clip_max < 1), "clip_write: whether it clipped"
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.37, 3.0])
+def test_is_empty_is_the_writers_empty_norm(scale):
+    """True exactly where the true row's norm is at most EMPTY_NORM, the writer's definition of an empty slot."""
+    for norm in [0.0, 0.5 * EMPTY_NORM, EMPTY_NORM, 2.0 * EMPTY_NORM, 1.0]:
+        stored2 = (norm / scale) ** 2
+        assert fast_writer.is_empty(scale, stored2) == (scale * np.sqrt(stored2) <= EMPTY_NORM)
+    assert fast_writer.is_empty(scale, 0.0) and not fast_writer.is_empty(scale, (2 * EMPTY_NORM / scale) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,6 +213,40 @@ def test_choose_write_empty_slots_then_the_others_in_index_order():
 
 
 # ---------------------------------------------------------------------------------------------------
+# decay_and_write
+# ---------------------------------------------------------------------------------------------------
+def check_decay_and_write(c):
+    """decay_and_write per sequence with the plain writer's targets, gate and w, against memory_write_forward:
+    lazy (the decay is the new scale) or eager (γ < MIN_DECAY: applied to the rows, the scale unchanged)."""
+    want = plain_write(c)
+    eager = c.decay < fast_writer.MIN_DECAY
+    new_scale = c.scale if eager else c.scale * c.decay
+    mem, norm2 = c.stored.copy(), c.norm2.copy()
+    write_ema, last_write = c.write_ema.copy(), c.last_write.copy()
+    for b in range(c.B):
+        fast_writer.decay_and_write(mem[b], norm2[b], write_ema[b], last_write[b], C(want.targets[b]), want.g[b],
+                                    C(want.w[b]), c.t, eager, c.decay, new_scale, c.write_rate, c.ema_decay)
+    assert_close(true_rows(mem, new_scale), want.new_memory, c.dt, "decay_and_write: memory after decay and write")
+    assert_close(norm2, (mem.astype(np.float64) ** 2).sum(axis=2), c.dt, "decay_and_write: squared norms")
+    assert_close(write_ema, want.new_write_ema, c.dt, "decay_and_write: write_ema")
+    assert_equal(last_write, want.new_last_write, "decay_and_write: last_write")
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(sizes=writer_sizes(), seed=st.integers(0, 2**31), eager_decay=st.sampled_from([None, 0.0, 1e-7]))
+def test_decay_and_write_matches_memory_write_forward(sizes, seed, eager_decay):
+    if eager_decay is not None:
+        sizes["decay"] = eager_decay
+    check_decay_and_write(writer_case(seed, **sizes))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", [0.9, 0.0], ids=["lazy_decay", "eager_decay"])
+def test_decay_and_write_several_targets(decay, dtype):
+    check_decay_and_write(writer_case(15, dtype, B=3, J=7, write_slots=3, decay=decay, theta="novel"))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Decode: write / write_parallel
 # ---------------------------------------------------------------------------------------------------
 WRITE_KERNELS = [fast_writer.write, fast_writer.write_parallel]
@@ -228,7 +295,6 @@ def test_write_every_branch(kernel, branch, clip_max, dtype):
 # Training: write_forward / write_backward
 # ---------------------------------------------------------------------------------------------------
 T_STEPS, STEP = 3, 1
-Q = 5   # the width of the next router query's state-part, computed in the same product
 
 
 def record(c):
@@ -245,21 +311,17 @@ def check_write_forward(c):
     i = STEP
     S = c.rng.standard_normal((T_STEPS + 1, c.B, c.tiers.shape[1])).astype(c.dt)
     S[i + 1] = c.tiers
-    W_q_s = c.rng.standard_normal((Q, c.d0 + c.dK)).astype(c.dt)
-    WwqT = C(np.concatenate([c.W_w, W_q_s], axis=0).T)
     XW = np.zeros((T_STEPS, c.B, c.d0 + c.dK), c.dt)
-    QS = np.zeros((c.B, Q), c.dt)
     mem, norm2, read_ema = c.stored.copy(), c.norm2.copy(), c.read_ema.copy()
     write_ema, last_write = c.write_ema.copy(), c.last_write.copy()
     rec = record(c)
     eager = c.decay < 1e-6
-    new_scale = fast_writer.write_forward(i, c.t, S, c.off0, c.d0, c.offK, c.dK, WwqT, c.b_w, XW, QS, mem, norm2,
+    new_scale = fast_writer.write_forward(i, c.t, S, c.off0, c.d0, c.offK, c.dK, C(c.W_w.T), c.b_w, XW, mem, norm2,
                                           c.scale, read_ema, write_ema, last_write, c.write_slots, c.clip_max, c.beta,
                                           c.theta, c.stale_weight, c.underuse_weight, c.decay, c.write_rate,
                                           c.ema_decay, eager, *rec.values())
     assert new_scale == (c.scale if eager else c.scale * c.decay), "write_forward: the returned scale"
     assert_equal(XW[i], c.x_w, "write_forward: x_w = [s^0; s^{K-1}]")
-    assert_close(QS, c.x_w @ W_q_s.T, c.dt, "write_forward: the next query's state-part")
     checks = dict(WRAW=want.w_raw, WCL=want.w, NRAW=want.n_raw, SC=want.scale, NW=want.n_w, MSTAR=want.m_star,
                   NMSTAR=want.n_m_star, DOTSTAR=want.dot_star, GG=want.g)
     for name, value in checks.items():
@@ -295,7 +357,7 @@ def test_write_forward_every_branch(branch, clip_max, decay, dtype):
 def check_write_backward(c, c_old=0.7):
     """write_backward on a tape of the plain forward's values, against memory_write_backward then
     writer_backward: dM after the write is c_old·D; after the kernel c_new·D is dM before the decay plus d m_j*;
-    d w_raw in DWR (checked through d x_w, dW_w, db_w); d x_w and the step's output gradient into DS."""
+    d w_raw in DWR (checked through d x_w, dW_w, db_w); d x_w into DS."""
     want = plain_write(c)
     i, rng = STEP, c.rng
     rec = record(c)
@@ -303,7 +365,6 @@ def check_write_backward(c, c_old=0.7):
                             CLIP=want.clipped, SC=want.scale, NW=want.n_w, JSTAR=want.j_star, MSTAR=want.m_star,
                             NMSTAR=want.n_m_star, DOTSTAR=want.dot_star, NOVEL=want.novel).items():
         rec[name][i] = value
-    dS_out = rng.standard_normal((T_STEPS, c.B, c.tiers.shape[1])).astype(c.dt)
     DS0 = rng.standard_normal((c.B, c.tiers.shape[1])).astype(c.dt)
     D0 = rng.standard_normal((c.B, c.J, c.d_m)).astype(c.dt)
     DS, D = DS0.copy(), D0.copy()
@@ -311,7 +372,7 @@ def check_write_backward(c, c_old=0.7):
     eager = c.decay < 1e-6
     c_new = c_old if eager else c_old * c.decay
     r = rec
-    fast_writer.write_backward(i, dS_out, DS, D, c_old, c_new, r["TGT"], r["GG"], r["WCL"], r["WRAW"], r["NRAW"],
+    fast_writer.write_backward(i, DS, D, c_old, c_new, r["TGT"], r["GG"], r["WCL"], r["WRAW"], r["NRAW"],
                                r["CLIP"], r["SC"], r["NW"], r["JSTAR"], r["MSTAR"], r["NMSTAR"], r["DOTSTAR"],
                                r["NOVEL"], c.write_rate, c.beta, c.clip_max, c.W_w, DWR, c.off0, c.d0, c.offK, c.dK,
                                eager, c.decay)
@@ -323,7 +384,7 @@ def check_write_backward(c, c_old=0.7):
     assert_close(DWR[i] @ c.W_w, d_x_w, c.dt, "write_backward: d x_w = d w_raw W_w")
     assert_close(DWR[i].T @ c.x_w, dW_w, c.dt, "write_backward: dW_w from d w_raw")
     assert_close(DWR[i].sum(axis=0), db_w, c.dt, "write_backward: db_w from d w_raw")
-    want_DS = DS0.astype(np.float64) + dS_out[i]
+    want_DS = DS0.astype(np.float64)
     want_DS[:, c.off0:c.off0 + c.d0] += d_x_w[:, :c.d0]
     want_DS[:, c.offK:c.offK + c.dK] += d_x_w[:, c.d0:]
     assert_close(DS, want_DS, c.dt, "write_backward: the tier gradients")

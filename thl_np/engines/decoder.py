@@ -53,7 +53,7 @@ from ..checks import as_int_array
 from ..components.output import layer_norm_forward
 from ..components.registry import components_for, has_fast_path, uses_unit_keys
 from ..errors import InputError
-from ..fast import gru, linalg, local_attention, primitives, quant, router, writer
+from ..fast import gru, int8, linalg, local_attention, primitives, router, writer
 from ..fast.linalg import SMALL_BATCH, linear
 from ..state import InferenceState
 from . import compiled_steps
@@ -89,20 +89,20 @@ class FastDecoder:
         dt = self.dtype = model.dtype
         self.renorm_below = RENORM_BELOW[dt] if renorm_below is None else float(renorm_below)
         H = c.num_heads
-        # a quantized model's matrices stay int8 (thl_np.fast.quant.Q8Matrix, its own kernels behind linear)
-        w = functools.partial(quant.decoder_weight, P)
+        # a quantized model's matrices stay int8 (thl_np.fast.int8.Q8Matrix, its own kernels behind linear)
+        w = functools.partial(int8.decoder_weight, P)
         self.emb = w("embedding.weight")
         # the local attention's q, k and v of a token in one product
-        self.W_qkv = quant.concat_rows([w("local_attn.q.weight"), w("local_attn.k.weight"),
+        self.W_qkv = int8.concat_rows([w("local_attn.q.weight"), w("local_attn.k.weight"),
                                         w("local_attn.v.weight")], dt)
         self.lk = w("local_attn.k.weight")
         self.lv = w("local_attn.v.weight")
         self.W_q = w("router.W_q.weight")
         # per head: q_mem_h = W_k,h^T q_h as a product with the rows of W_k,h^T; r_h = W_v,h mix_h
-        self.W_k_heads_T = quant.heads_transposed(w("router.W_k.weight"), H)
-        self.W_v_heads = quant.heads(w("router.W_v.weight"), H)
+        self.W_k_heads_T = int8.heads_transposed(w("router.W_k.weight"), H)
+        self.W_v_heads = int8.heads(w("router.W_v.weight"), H)
         # update and reset gates read the same input: one product for both
-        self.W_zr = [quant.concat_rows([w(f"tiers.cells.{k}.W_z.weight"), w(f"tiers.cells.{k}.W_r.weight")], dt)
+        self.W_zr = [int8.concat_rows([w(f"tiers.cells.{k}.W_z.weight"), w(f"tiers.cells.{k}.W_r.weight")], dt)
                      for k in range(c.num_tiers)]
         self.b_zr = [np.concatenate([P[f"tiers.cells.{k}.W_z.bias"], P[f"tiers.cells.{k}.W_r.bias"]])
                      for k in range(c.num_tiers)]
@@ -144,8 +144,8 @@ class FastDecoder:
         self.ring_start = 0
         self.ring_n = int(state.local_valid)
         if self.ring_n:
-            self.ring_k = quant.times_transposed(self.ring_e, self.lk, dt)
-            self.ring_v = quant.times_transposed(self.ring_e, self.lv, dt)
+            self.ring_k = int8.times_transposed(self.ring_e, self.lk, dt)
+            self.ring_v = int8.times_transposed(self.ring_e, self.lv, dt)
         else:  # an empty window (a new session): no rows are read before the steps write them, and no BLAS
             # call (its threads, spinning on a busy machine, made a new session take 30 ms instead of 2)
             self.ring_k = np.zeros(self.ring_e.shape[:2] + (self.lk.shape[0],), dt)
@@ -320,7 +320,7 @@ class FastDecoder:
         c = self.config
         t = self.t
         H, d_h, zeros = c.num_heads, c.head_dim, self.zeros
-        e = quant.rows(self.emb, ids, self.dtype)
+        e = int8.rows(self.emb, ids, self.dtype)
         # 2. local attention over the ring, then the ring takes e
         W = c.local_window
         if W > 0:
@@ -346,13 +346,13 @@ class FastDecoder:
         u = np.concatenate([e, self.S[:, :o[1]], self.S[:, o[-2]:]], axis=1)
         q = linear(u, self._mats["q"], zeros[:self.W_q.shape[0]])
         q_heads = np.ascontiguousarray(q.reshape(self.B, H, d_h).transpose(1, 0, 2))            # [H, B, d_h]
-        quant.per_head(q_heads, self.W_k_heads_T, self._q_mem_heads)                             # [H, B, d_m]
+        int8.per_head(q_heads, self.W_k_heads_T, self._q_mem_heads)                             # [H, B, d_m]
         q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))                       # [B, H, d_m]
         route = router.route if self.B == 1 else router.route_parallel
         route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty, 1.0 / math.sqrt(d_h),
               c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self.unit_keys, self._mix, self._idx,
               self._alpha)
-        quant.per_head(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
+        int8.per_head(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
         r = self._r_heads.transpose(1, 0, 2).reshape(self.B, c.value_dim)
         # 5. tiers under their clocks
         lower = e

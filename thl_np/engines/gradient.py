@@ -70,7 +70,6 @@ import numpy as np
 from .._blas import blas_threads
 from ..components.registry import uses_unit_keys
 from ..components.router import gumbel_noise, router_input
-from ..components.writer import writer_input
 from ..fast import embedding, gru, local_attention, primitives, router, writer
 from ..state import InferenceState
 from ..step import sequence_loss
@@ -99,9 +98,10 @@ class _Weights:
         Wq = P["router.W_q.weight"]
         self.Wq_e = C(Wq[:, :d_e])                  # [Q, d_e]
         self.Wq_s = C(Wq[:, d_e:])                  # [Q, d0 + dK]
+        self.WqsT = C(self.Wq_s.T)                  # [d0 + dK, Q]
         self.Ww = C(P["writer.W_w.weight"])         # [d_m, d0 + dK]
+        self.WwT = C(self.Ww.T)                     # [d0 + dK, d_m]
         self.b_w = C(P["writer.W_w.bias"])
-        self.WwqT = C(np.concatenate([self.Ww, self.Wq_s], axis=0).T)   # x_w → [w_raw | next q's state-part]
         Wk = P["router.W_k.weight"]                  # [Q, d_m]
         self.Wk_heads = C(Wk.reshape(H, -1, c.memory_dim))               # [H, d_h, d_m]
         self.WkT_heads = C(self.Wk_heads.transpose(0, 2, 1))             # [H, d_m, d_h]
@@ -242,9 +242,6 @@ def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=No
                           off_lo=offs[k - 1] if k else 0, d_lo=dims[k - 1] if k else 0))
         for name in ("P", "Z", "RG", "ST"):
             a[f"{name}{k}"] = tiers[k][name]
-    # the state part of the first step's u, [s^0; s^{K-1}]: x_w's form (the writer kernel forms the later ones)
-    QS = (writer_input([S[0, :, off0:off0 + d0], S[0, :, offK:offK + dK]]) @ Wt.Wq_s.T).astype(dt)
-    QS = np.ascontiguousarray(QS)
     thr = RENORM_BELOW[np.dtype(dt)]
     inv_lq = 1.0 / math.sqrt(d_lq)
     inv_h = 1.0 / math.sqrt(Dh)
@@ -266,16 +263,19 @@ def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=No
         if n > 0:
             local_attention.local_forward(i, n0 + i - n, n, a["QL"], a["KL"], a["VL"], inv_lq, a["LA"], a["LOC"])
         # 3-4. router read (scores m_j·q_mem_h over the scaled bank), read metadata
-        router.route_forward(i, t, a["QE"], QS, scale, read_ema, last_read, mem, G, use_gumbel, *route_args)
-        # 5. tiers under their clocks
+        router.route_forward(i, t, a["QE"], S, off0, d0, offK, dK, Wt.WqsT, scale, read_ema, last_read, mem, G,
+                             use_gumbel, *route_args)
+        # 5. tiers under their clocks; the context is r, and for Tier 0 r + the local attention's output
+        r = a["R"][i]
+        ctx0 = r + a["LOC"][i] if n > 0 else r
         for k in active[i]:
             tk = tiers[k]
-            gru.gru_forward(i, slots[k][i], S, offs[k], dims[k], tk["off_lo"], tk["d_lo"], a["R"], a["LOC"],
-                            k == 0 and n > 0, tk["extra"], i if k == 0 else 0, Wt.W1T[k], Wt.W2T[k], tk["P"],
-                            tk["Z"], tk["RG"], tk["ST"])
-        # 6-7. writer, lazy decay and write (and the next step's router state-part QS)
-        scale = writer.write_forward(i, t, S, off0, d0, offK, dK, Wt.WwqT, Wt.b_w, a["XW"], QS, mem, norm2,
-                                     scale, read_ema, write_ema, last_write, *write_args)
+            gru.gru_forward(i, slots[k][i], S, offs[k], dims[k], tk["off_lo"], tk["d_lo"], ctx0 if k == 0 else r,
+                            tk["extra"], i if k == 0 else 0, Wt.W1T[k], Wt.W2T[k], tk["P"], tk["Z"], tk["RG"],
+                            tk["ST"])
+        # 6-7. writer, lazy decay and write
+        scale = writer.write_forward(i, t, S, off0, d0, offK, dK, Wt.WwT, Wt.b_w, a["XW"], mem, norm2, scale,
+                                     read_ema, write_ema, last_write, *write_args)
         if scale < thr:
             mem *= dt.type(scale)
             primitives.row_norms2(mem, norm2)
@@ -331,7 +331,8 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
     cD = 1.0
     d_ema = np.zeros((B, J), dt)
     DS = np.zeros((B, Dtot), dt)
-    DLOC = np.zeros((B, d_v), dt)
+    DLOC = np.zeros((B, d_v), dt)      # d loc: Tier 0's d ctx
+    DCTX = np.zeros((B, d_v), dt)      # d ctx of the tiers above
     # backward rows for the final products
     DQ = np.zeros((T, B, Q), dt)
     MK = np.zeros((T, H, B, d_m), dt)
@@ -355,14 +356,19 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
             D *= dt.type(cD)
             cD = 1.0
         c_new = cD if eager else cD * gamma
-        # 8 → 7 → 6: the step's output gradient, the write (dM's target rows), the decay, the writer
-        writer.write_backward(i, dS_out, DS, D, cD, c_new, *write_args)
+        # 8: the step's output gradient joins the tiers'
+        DS += dS_out[i]
+        # 7 → 6: the write (dM's target rows), the decay, the writer
+        writer.write_backward(i, DS, D, cD, c_new, *write_args)
         cD = c_new
-        # 5. tiers, top down so each tier's input gradient reaches the tier below first
+        # 5. tiers, top down so each tier's input gradient reaches the tier below first; every tier's context
+        # holds r, Tier 0's also the local attention's output
         for k in reversed(active[i]):
             tk = st["tiers"][k]
-            gru.gru_backward(i, slots[k][i], DS, offs[k], dims[k], tk["off_lo"], tk["d_lo"], Wt.Wh_p[k],
-                             Wt.Wzr_p[k], tk["P"], tk["Z"], tk["RG"], tk["ST"], DPRE[k], DR, DLOC, k == 0)
+            d_ctx = DLOC if k == 0 else DCTX
+            gru.gru_backward(slots[k][i], DS, offs[k], dims[k], tk["off_lo"], tk["d_lo"], Wt.Wh_p[k], Wt.Wzr_p[k],
+                             tk["P"], tk["Z"], tk["RG"], tk["ST"], DPRE[k], d_ctx)
+            DR[i] += d_ctx
         # 4-3. read metadata and router: the rows read, read_ema, d q (and d u's state part into DS)
         router.route_backward(i, DR, d_ema, DA, use_DA, float(c.read_ema_decay), float(c.load_penalty), inv_h,
                               cap, uses_unit_keys(c), *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)

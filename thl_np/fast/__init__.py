@@ -3,18 +3,32 @@
 plain function of ``thl_np.components`` it mirrors and tested alone against it (tests/fast/):
 
     embedding.py         §4.1      scatter_rows                          embedding_backward
-    local_attention.py   §4.2      local_attend, local_forward           local_attention_forward
+    local_attention.py   §4.2      softmax_terms (both paths)            the softmax of local_attention_forward
+                                   local_attend, local_forward           local_attention_forward
                                    local_backward                        local_attention_backward
-    router.py            §4.3-4.4  route, route_parallel, route_forward  router_forward + read_meta_forward
+    router.py            §4.3-4.4  pick_slots (both paths)               slot_scores + top-κ + softmax
+                                   capacity_walk (both paths)            apply_slot_capacity
+                                   read_meta (both paths)                read_meta_forward
+                                   route, route_parallel, route_forward  router_forward + read_meta_forward
                                    route_backward                        router_backward + read_meta_backward
     gru.py               §4.5      gru_reset + gru_update, gru_forward   gru_forward
                                    gru_backward                          gru_backward
-    writer.py            §4.6-4.7  choose_write                          writer_forward (targets, g, j*)
+    writer.py            §4.6-4.7  clip_write (both paths)               writer_forward's clip
+                                   choose_write (both paths)             writer_forward (targets, g, j*)
+                                   decay_and_write (both paths)          memory_write_forward
                                    write, write_parallel, write_forward  writer_forward + memory_write_forward
                                    write_backward                        memory_write_backward + writer_backward
-    primitives.py        the per-row dot, the sigmoid, top-κ with the lower-index tie rule: defined once
-    linalg.py            products with few rows (GEMV, small-batch tiles, per-head products, the packed
-                         output head in LLVM IR) and the ``linear`` dispatcher: linear algebra, no THL math
+    primitives.py        the per-row dot, the sigmoid, top-κ with the lower-index tie rule, [s^0; s^{K-1}] read
+                         from the tier states (and its gradient added back): defined once
+    linalg.py            products with few rows (GEMV, the small-batch tile, per-head products, the packing and
+                         the packed tiles' LLVM IR, each for float and int8 weights) and the ``linear``
+                         dispatcher: linear algebra, no THL math
+    int8.py              what only int8 weights need (thl_np.quant's parameters on the fast path): the
+                         transposed per-head product, dequantized rows, the packed int8 kernels, Q8Matrix
+
+Each kernel mirrors one component: the step's wiring (the context r + ℓ of Tier 0 and its gradient's way
+back to r and ℓ, the step's output gradient) is the composition's, in ``thl_np.engines.decoder`` and
+``thl_np.engines.gradient``.
 
 Conventions shared by the kernels:
 
@@ -32,6 +46,6 @@ Conventions shared by the kernels:
   file changes: after editing ``primitives.py`` (or any kernel another file calls), delete
   ``thl_np/fast/__pycache__``.
 """
-from . import embedding, gru, linalg, local_attention, primitives, router, writer
+from . import embedding, gru, int8, linalg, local_attention, primitives, router, writer
 
-__all__ = ["embedding", "gru", "linalg", "local_attention", "primitives", "router", "writer"]
+__all__ = ["embedding", "gru", "int8", "linalg", "local_attention", "primitives", "router", "writer"]

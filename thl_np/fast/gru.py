@@ -37,10 +37,11 @@ def gru_update(S, offset, zr, pre):
 # Training: one tier's step with its record, and its backward
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
-def gru_forward(i, slot, S, off, d, off_lo, d_lo, R, LOC, use_loc, extra, ei, W1T, W2T, P, Z, RG, ST):
+def gru_forward(i, slot, S, off, d, off_lo, d_lo, ctx, extra, ei, W1T, W2T, P, Z, RG, ST):
     """Mirrors thl_np.components.gru.gru_forward (spec §4.5) for one tier at step i of a training sequence:
     the tier at columns off:off+d of S[i] → S[i+1]; input x = [lower; ctx] with lower = S[i+1, :, off_lo:…]
-    (d_lo = 0 for Tier 0, whose e-part of the pre-activations is in ``extra``), ctx = R[i] (+ LOC[i]).
+    (d_lo = 0 for Tier 0, whose e-part of the pre-activations is in ``extra``) and ctx [B, d_v] the caller's
+    (the step's wiring: r, plus the local attention's output for Tier 0).
 
     P[slot] = [s_prev; lower; ctx] (the product's input), W1T [d + d_lo + d_v, 3d] gives the z, r
     pre-activations and the x-part of the candidate's, W2T [d, d] its (r_g ⊙ s_prev)-part;
@@ -48,17 +49,14 @@ def gru_forward(i, slot, S, off, d, off_lo, d_lo, R, LOC, use_loc, extra, ei, W1
     """
     B = S.shape[1]
     p = P[slot]
-    dv = R.shape[2]
+    dv = ctx.shape[1]
     for b in range(B):
         for a in range(d):
             p[b, a] = S[i, b, off + a]
         for a in range(d_lo):
             p[b, d + a] = S[i + 1, b, off_lo + a]
         for a in range(dv):
-            v = R[i, b, a]
-            if use_loc:
-                v += LOC[i, b, a]
-            p[b, d + d_lo + a] = v
+            p[b, d + d_lo + a] = ctx[b, a]
     pre = np.dot(p, W1T)
     rs = np.empty((B, d), p.dtype)
     eb = extra.shape[1] > 1
@@ -81,15 +79,15 @@ def gru_forward(i, slot, S, off, d, off_lo, d_lo, R, LOC, use_loc, extra, ei, W1
 
 
 @njit(cache=True)
-def gru_backward(i, slot, DS, off, d, off_lo, d_lo, Wh_p, Wzr_p, P, Z, RG, ST, DPRE, DR, DLOC, is_tier0):
-    """Mirrors thl_np.components.gru.gru_backward for one tier at step i (the weight gradients come later,
-    one product over every step's DPRE): DS[:, off:off+d] (gradient of s_new) → d_s_prev in its place,
-    d_lower added at off_lo, d_ctx added to DR[i] (and written to DLOC for Tier 0); DPRE[slot] = gradients of
-    the z, r, candidate pre-activations.
+def gru_backward(slot, DS, off, d, off_lo, d_lo, Wh_p, Wzr_p, P, Z, RG, ST, DPRE, d_ctx):
+    """Mirrors thl_np.components.gru.gru_backward for one tier (the weight gradients come later, one product
+    over every step's DPRE): DS[:, off:off+d] (gradient of s_new) → d_s_prev in its place, d_lower added at
+    off_lo, d_ctx [B, d_v] written (the caller hands it to r and, for Tier 0, to the local attention);
+    DPRE[slot] = gradients of the z, r, candidate pre-activations.
     Wh_p / Wzr_p are W_h and [W_z; W_r] restricted to the columns of P (Tier 0: without the embedding's)."""
     B = DS.shape[0]
     p = P[slot]
-    dv = DR.shape[2]
+    dv = d_ctx.shape[1]
     dh = np.empty((B, d), p.dtype)
     dzr = np.empty((B, 2 * d), p.dtype)
     for b in range(B):
@@ -114,7 +112,4 @@ def gru_backward(i, slot, DS, off, d, off_lo, d_lo, Wh_p, Wzr_p, P, Z, RG, ST, D
         for a in range(d_lo):
             DS[b, off_lo + a] += dph[b, d + a] + dp[b, d + a]
         for a in range(dv):
-            v = dph[b, d + d_lo + a] + dp[b, d + d_lo + a]
-            DR[i, b, a] += v
-            if is_tier0:
-                DLOC[b, a] = v
+            d_ctx[b, a] = dph[b, d + d_lo + a] + dp[b, d + d_lo + a]

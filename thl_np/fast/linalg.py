@@ -2,6 +2,10 @@
 which BLAS handles poorly, and the ``linear`` dispatcher that picks a kernel by the number of rows. Every
 kernel here computes ``x @ W.T + b`` (thl_np.components.output.linear_forward) or a per-head form of it.
 
+The small-batch tile (``small_batch_linear``), the packing into k-major tiles (``pack_rows``) and the LLVM-IR
+generator of packed tiles (``make_packed_tiles``) are written once, for float weights and for int8 values
+with their scales; ``thl_np.fast.int8`` holds what only int8 needs.
+
 The decoder runs on one thread pool, Numba's: OpenBLAS's workers spin after each call, and on a machine
 with few cores they then take the cores Numba's threads need (measured: 2× slower steps); see
 ``thl_np._blas`` for holding OpenBLAS to one thread where BLAS is used.
@@ -23,7 +27,7 @@ def linear(x, W, b, out=None):
     """out = x @ W.T + b for x [n, d_in] C-contiguous (thl_np.components.output.linear_forward). A few rows
     (a decode step's batch) run in Numba kernels that read W once for all rows; many rows (a prompt's
     positions) in BLAS."""
-    if not isinstance(W, np.ndarray):  # int8 weights: thl_np.fast.quant.Q8Matrix picks its own kernel
+    if not isinstance(W, np.ndarray):  # int8 weights: thl_np.fast.int8.Q8Matrix picks its own kernel
         return W.linear(x, b, out)
     n = x.shape[0]
     if out is None:
@@ -60,83 +64,127 @@ def per_head_linear(X, W, out):
             out[h, b, i] = dot(W[h, i], X[h, b])
 
 
-@njit(parallel=True, fastmath=VECTORISE, cache=True)
-def small_batch_linear(W, b_o, h, out):
-    """out[b, i] = W[i]·h[b] + b_o[i] (linear_forward) for a few sequences. Tiles of 6 rows of W × 4 sequences keep 24
-    accumulators in registers: each weight loaded is used 4 times and each hidden value 6 times, so the
-    multiply-adds (not the loads) set the pace, and a tile's rows are streamed from memory once for the
-    whole batch (BLAS's GEMM handles this thin shape poorly). Reassociation lets the dots be vectorised."""
-    V, D = W.shape
-    B = h.shape[0]
-    zero = W[0, 0] - W[0, 0]
-    for blk in prange((V + 5) // 6):
-        i0 = blk * 6
-        if i0 + 6 > V:
-            for i in range(i0, V):
-                for b in range(B):
-                    out[b, i] = dot(W[i], h[b]) + b_o[i]
-            continue
-        b0 = 0
-        while b0 + 4 <= B:
-            a00 = a01 = a02 = a03 = zero
-            a10 = a11 = a12 = a13 = zero
-            a20 = a21 = a22 = a23 = zero
-            a30 = a31 = a32 = a33 = zero
-            a40 = a41 = a42 = a43 = zero
-            a50 = a51 = a52 = a53 = zero
-            for k in range(D):
-                x0 = h[b0, k]
-                x1 = h[b0 + 1, k]
-                x2 = h[b0 + 2, k]
-                x3 = h[b0 + 3, k]
-                w = W[i0, k]
-                a00 += w * x0
-                a01 += w * x1
-                a02 += w * x2
-                a03 += w * x3
-                w = W[i0 + 1, k]
-                a10 += w * x0
-                a11 += w * x1
-                a12 += w * x2
-                a13 += w * x3
-                w = W[i0 + 2, k]
-                a20 += w * x0
-                a21 += w * x1
-                a22 += w * x2
-                a23 += w * x3
-                w = W[i0 + 3, k]
-                a30 += w * x0
-                a31 += w * x1
-                a32 += w * x2
-                a33 += w * x3
-                w = W[i0 + 4, k]
-                a40 += w * x0
-                a41 += w * x1
-                a42 += w * x2
-                a43 += w * x3
-                w = W[i0 + 5, k]
-                a50 += w * x0
-                a51 += w * x1
-                a52 += w * x2
-                a53 += w * x3
-            _store4(out, b0, i0, a00, a01, a02, a03, b_o[i0])
-            _store4(out, b0, i0 + 1, a10, a11, a12, a13, b_o[i0 + 1])
-            _store4(out, b0, i0 + 2, a20, a21, a22, a23, b_o[i0 + 2])
-            _store4(out, b0, i0 + 3, a30, a31, a32, a33, b_o[i0 + 3])
-            _store4(out, b0, i0 + 4, a40, a41, a42, a43, b_o[i0 + 4])
-            _store4(out, b0, i0 + 5, a50, a51, a52, a53, b_o[i0 + 5])
-            b0 += 4
-        for b in range(b0, B):  # the last 1-3 sequences
-            for i in range(i0, i0 + 6):
-                out[b, i] = dot(W[i], h[b]) + b_o[i]
+# ---------------------------------------------------------------------------------------------------
+# Products with a few rows, for float weights and int8 weights alike
+# ---------------------------------------------------------------------------------------------------
+# An int8 matrix (thl_np.fast.int8) is given as its int8 values W and float32 scales S [R, G], one per group
+# of ``group`` columns (thl_np.quant.scheme.dequantize: the true weight is S[i, k // group]·W[i, k]); a float
+# matrix passes S = None, which Numba resolves when it compiles (one group of every column, no scale). A
+# group's sum runs in the activations' dtype (int8 → float conversion and a fused multiply-add, which LLVM
+# vectorises) and is scaled once.
+@njit(cache=True, fastmath=VECTORISE)
+def qdot(q, x):
+    """q·x in x's dtype (q int8). Callers pass a group's slices: an index counted from 0 is known to be
+    non-negative, so the loop needs no wraparound select and vectorises into contiguous loads."""
+    acc = x[0] - x[0]
+    for k in range(q.shape[0]):
+        acc += np.float32(q[k]) * x[k]
+    return acc
+
+
+@njit(cache=True, fastmath=VECTORISE)
+def row_dot(W, S, group, i, x):
+    """W[i]·x for a float W (S None), or Σ_g S[i, g]·Σ_{k ∈ g} W[i, k]·x[k] for int8 values W."""
+    if S is None:
+        return dot(W[i], x)
+    acc = x[0] - x[0]
+    for g in range(S.shape[1]):
+        k0 = g * group
+        acc += S[i, g] * qdot(W[i, k0:k0 + group], x[k0:k0 + group])
+    return acc
+
+
+@njit(cache=True, fastmath=VECTORISE, inline="always")
+def _fma4(w, x0, x1, x2, x3, a0, a1, a2, a3):
+    """One row of a tile: a_b += w·x_b for four sequences."""
+    return a0 + w * x0, a1 + w * x1, a2 + w * x2, a3 + w * x3
+
+
+@njit(cache=True, fastmath=VECTORISE, inline="always")
+def _scale4(s, a0, a1, a2, a3, t0, t1, t2, t3):
+    """One row of a tile at the end of a group: t_b += s·a_b."""
+    return t0 + s * a0, t1 + s * a1, t2 + s * a2, t3 + s * a3
 
 
 @njit(cache=True)
-def _store4(out, b0, i, a0, a1, a2, a3, bias):
+def store4(out, b0, i, a0, a1, a2, a3, bias):
+    """out[b0 + b, i] = a_b + bias for four sequences: one row of a tile."""
     out[b0, i] = a0 + bias
     out[b0 + 1, i] = a1 + bias
     out[b0 + 2, i] = a2 + bias
     out[b0 + 3, i] = a3 + bias
+
+
+@njit(parallel=True, fastmath=VECTORISE, cache=True)
+def small_batch_linear(W, b_o, h, out, S=None, group=0):
+    """out[b, i] = W[i]·h[b] + b_o[i] (linear_forward) for a few sequences, W float (S None) or int8 values
+    with scales S (see above). Tiles of R rows of W × 4 sequences keep 4·R accumulators in registers: each
+    weight loaded (and converted) is used 4 times and each hidden value R times, so the multiply-adds (not
+    the loads) set the pace, and a tile's rows are streamed from memory once for the whole batch (BLAS's GEMM
+    handles this thin shape poorly). R = 6 for float weights, 4 for int8 (the conversions take registers).
+    Per group the partial sums are scaled into running totals (a float W is one group, scale 1: exact)."""
+    V, D = W.shape
+    B = h.shape[0]
+    R, G, width = 6, 1, D
+    if S is not None:
+        R, G, width = 4, S.shape[1], group
+    zero = h[0, 0] - h[0, 0]
+    one = h.dtype.type(1.0)
+    for blk in prange((V + R - 1) // R):
+        i0 = blk * R
+        if i0 + R > V:
+            for i in range(i0, V):
+                for b in range(B):
+                    out[b, i] = row_dot(W, S, group, i, h[b]) + b_o[i]
+            continue
+        # rows 4 and 5 of a float tile (an int8 tile has four: every ``if S is None`` is settled when Numba
+        # compiles, so neither form tests it in its loops)
+        i4 = i0 + 4 if S is None else i0
+        i5 = i0 + 5 if S is None else i0
+        b0 = 0
+        while b0 + 4 <= B:
+            t00 = t01 = t02 = t03 = t10 = t11 = t12 = t13 = t20 = t21 = t22 = t23 = zero
+            t30 = t31 = t32 = t33 = t40 = t41 = t42 = t43 = t50 = t51 = t52 = t53 = zero
+            for g in range(G):
+                k0 = g * width
+                k1 = k0 + width
+                # slices indexed from 0: contiguous vector loads (see qdot)
+                w0, w1, w2, w3 = W[i0, k0:k1], W[i0 + 1, k0:k1], W[i0 + 2, k0:k1], W[i0 + 3, k0:k1]
+                w4, w5 = W[i4, k0:k1], W[i5, k0:k1]
+                h0, h1, h2, h3 = h[b0, k0:k1], h[b0 + 1, k0:k1], h[b0 + 2, k0:k1], h[b0 + 3, k0:k1]
+                a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = zero
+                a30 = a31 = a32 = a33 = a40 = a41 = a42 = a43 = a50 = a51 = a52 = a53 = zero
+                for k in range(w0.shape[0]):
+                    x0, x1, x2, x3 = h0[k], h1[k], h2[k], h3[k]
+                    a00, a01, a02, a03 = _fma4(h.dtype.type(w0[k]), x0, x1, x2, x3, a00, a01, a02, a03)
+                    a10, a11, a12, a13 = _fma4(h.dtype.type(w1[k]), x0, x1, x2, x3, a10, a11, a12, a13)
+                    a20, a21, a22, a23 = _fma4(h.dtype.type(w2[k]), x0, x1, x2, x3, a20, a21, a22, a23)
+                    a30, a31, a32, a33 = _fma4(h.dtype.type(w3[k]), x0, x1, x2, x3, a30, a31, a32, a33)
+                    if S is None:
+                        a40, a41, a42, a43 = _fma4(h.dtype.type(w4[k]), x0, x1, x2, x3, a40, a41, a42, a43)
+                        a50, a51, a52, a53 = _fma4(h.dtype.type(w5[k]), x0, x1, x2, x3, a50, a51, a52, a53)
+                s0 = one if S is None else S[i0, g]
+                s1 = one if S is None else S[i0 + 1, g]
+                s2 = one if S is None else S[i0 + 2, g]
+                s3 = one if S is None else S[i0 + 3, g]
+                t00, t01, t02, t03 = _scale4(s0, a00, a01, a02, a03, t00, t01, t02, t03)
+                t10, t11, t12, t13 = _scale4(s1, a10, a11, a12, a13, t10, t11, t12, t13)
+                t20, t21, t22, t23 = _scale4(s2, a20, a21, a22, a23, t20, t21, t22, t23)
+                t30, t31, t32, t33 = _scale4(s3, a30, a31, a32, a33, t30, t31, t32, t33)
+                if S is None:
+                    t40, t41, t42, t43 = _scale4(one, a40, a41, a42, a43, t40, t41, t42, t43)
+                    t50, t51, t52, t53 = _scale4(one, a50, a51, a52, a53, t50, t51, t52, t53)
+            store4(out, b0, i0, t00, t01, t02, t03, b_o[i0])
+            store4(out, b0, i0 + 1, t10, t11, t12, t13, b_o[i0 + 1])
+            store4(out, b0, i0 + 2, t20, t21, t22, t23, b_o[i0 + 2])
+            store4(out, b0, i0 + 3, t30, t31, t32, t33, b_o[i0 + 3])
+            if S is None:
+                store4(out, b0, i4, t40, t41, t42, t43, b_o[i4])
+                store4(out, b0, i5, t50, t51, t52, t53, b_o[i5])
+            b0 += 4
+        for b in range(b0, B):  # the last 1-3 sequences
+            for i in range(i0, i0 + R):
+                out[b, i] = row_dot(W, S, group, i, h[b]) + b_o[i]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,17 +198,21 @@ def _store4(out, b0, i, a0, a1, a2, a3, bias):
 # LANES rows, each sequence's h[b, k] is broadcast, and the LANES dot products of a tile accumulate in one
 # register per sequence: no horizontal sums, one sequential stream (measured: 16.6 ms). Numba does not
 # generate this loop from Python code, so ``_packed_tiles`` writes it in LLVM IR.
+# Int8 weights (thl_np.fast.int8.packed_linear_q8) are packed the same way, tiles of L rows of int8 values
+# (L from the activations' dtype) and their scales beside them (Sp[t, g, l]); one load gives the k-th value
+# of L rows, sign-extended and converted to L floats once for PACK_ROWS sequences.
 PACK_ROWS = 8  # sequences per call of packed_linear (fewer are padded with zeros)
 
 
 def lanes(dtype) -> int:
-    """Rows per packed tile: one 64-byte vector of the dtype."""
+    """Rows per packed tile: one 64-byte vector of the (activations') dtype."""
     return 64 // np.dtype(dtype).itemsize
 
 
 @njit(cache=True, parallel=True)
 def pack_rows(W, lanes, Wp):
-    """Wp[t, k, l] = W[t·lanes + l, k] (rows past the end of W are zeros)."""
+    """Wp[t, k, l] = W[t·lanes + l, k] (rows past the end of W are zeros): float weights, int8 values, or an
+    int8 matrix's scales [R, G]."""
     V, D = W.shape
     for t in prange(Wp.shape[0]):
         for l in range(lanes):
@@ -170,69 +222,135 @@ def pack_rows(W, lanes, Wp):
                     Wp[t, k, l] = W[i, k]
             else:
                 for k in range(D):
-                    Wp[t, k, l] = 0.0
+                    Wp[t, k, l] = 0
 
 
-def _make_packed_tiles(n_tiles):
-    @intrinsic
-    def packed_tiles(typingctx, Wp, h, out, t):
-        """out[b, (t+j)·L : (t+j+1)·L] = Σ_k Wp[t+j, k, :] h[b, k] for j < n_tiles, b < PACK_ROWS: the tile
-        loop of ``packed_linear`` in LLVM IR (vector loads of the tile, broadcasts of h, fused multiply-adds
-        into PACK_ROWS × n_tiles vector accumulators, plain vector stores)."""
-        dtype = Wp.dtype
+def make_packed_tiles(n_tiles: int, rows: int = PACK_ROWS, int8: bool = False, grouped: bool = False):
+    """An intrinsic that computes ``n_tiles`` packed tiles from tile t on for ``rows`` sequences, in LLVM IR:
+    per k one vector load of L weights per tile (int8: L values, sign-extended and converted), ``rows``
+    broadcasts of h[b, k] and fused multiply-adds into rows × n_tiles vector accumulators, plain vector stores:
 
-        def codegen(context, builder, sig, args):
-            W_ty, h_ty, out_ty = sig.args[:3]
-            W_arr = context.make_array(W_ty)(context, builder, args[0])
-            h_arr = context.make_array(h_ty)(context, builder, args[1])
-            out_arr = context.make_array(out_ty)(context, builder, args[2])
-            intp = context.get_value_type(types.intp)
-            tile = context.cast(builder, args[3], sig.args[3], types.intp)
-            elem = context.get_value_type(dtype)
-            lanes = 64 // (dtype.bitwidth // 8)
-            vec = ir.VectorType(elem, lanes)
-            i32 = ir.IntType(32)
+    float ``(Wp, h, out, t)``: out[b, (t+j)·L : (t+j+1)·L] = Σ_k Wp[t+j, k, :]·h[b, k];
+    int8 ``(Qp, Sp, h, out, t, group)``: the same sums of Qp's values, scaled by Sp: one scale per row
+    (Sp[t+j, 0, :]) applied at the store, or, ``grouped``, each group's partial sums scaled into running
+    totals (Sp[t+j, g, :] for the group of columns g·group … (g+1)·group)."""
 
-            def const(v):
-                return ir.Constant(intp, v)
+    def codegen(context, builder, sig, args):
+        if int8:
+            W_ty, S_ty, h_ty, out_ty, t_ty, g_ty = sig.args
+            W_val, S_val, h_val, out_val, t_val, g_val = args
+        else:
+            W_ty, h_ty, out_ty, t_ty = sig.args
+            W_val, h_val, out_val, t_val = args
+        W_arr = context.make_array(W_ty)(context, builder, W_val)
+        h_arr = context.make_array(h_ty)(context, builder, h_val)
+        out_arr = context.make_array(out_ty)(context, builder, out_val)
+        intp = context.get_value_type(types.intp)
+        tile = context.cast(builder, t_val, t_ty, types.intp)
+        dtype = h_ty.dtype
+        elem = context.get_value_type(dtype)
+        lanes = 64 // (dtype.bitwidth // 8)
+        vec = ir.VectorType(elem, lanes)
+        i32 = ir.IntType(32)
 
-            def item_ptr(arr, ty, idx):
-                return cgutils.get_item_pointer2(context, builder, arr.data, cgutils.unpack_tuple(builder, arr.shape),
-                                                 cgutils.unpack_tuple(builder, arr.strides), ty.layout, idx,
-                                                 wraparound=False, boundscheck=False)
+        def const(v):
+            return ir.Constant(intp, v)
 
-            depth = builder.extract_value(W_arr.shape, 1)
-            w_ptrs = [item_ptr(W_arr, W_ty, [builder.add(tile, const(j)), const(0), const(0)]) for j in range(n_tiles)]
-            h_ptrs = [item_ptr(h_arr, h_ty, [const(b), const(0)]) for b in range(PACK_ROWS)]
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
-                                                 f"llvm.fma.v{lanes}f{dtype.bitwidth}")
-            acc = [[cgutils.alloca_once_value(builder, ir.Constant(vec, [ir.Constant(elem, 0.0)] * lanes))
-                    for _ in range(PACK_ROWS)] for _ in range(n_tiles)]
-            undef = ir.Constant(vec, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
-            with cgutils.for_range(builder, depth, intp=intp) as loop:
+        def item_ptr(arr, ty, idx):
+            return cgutils.get_item_pointer2(context, builder, arr.data, cgutils.unpack_tuple(builder, arr.shape),
+                                             cgutils.unpack_tuple(builder, arr.strides), ty.layout, idx,
+                                             wraparound=False, boundscheck=False)
+
+        depth = builder.extract_value(W_arr.shape, 1)
+        tiles = [builder.add(tile, const(j)) for j in range(n_tiles)]
+        w_ptrs = [item_ptr(W_arr, W_ty, [t, const(0), const(0)]) for t in tiles]
+        h_ptrs = [item_ptr(h_arr, h_ty, [const(b), const(0)]) for b in range(rows)]
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                             f"llvm.fma.v{lanes}f{dtype.bitwidth}")
+        zero = ir.Constant(vec, [ir.Constant(elem, 0.0)] * lanes)
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(n_tiles)]
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, lanes), [0] * lanes)
+
+        def weights(p, k):
+            """The k-th weight of a tile's L rows, as a vector of the activations' dtype."""
+            at = builder.gep(p, [builder.mul(k, const(lanes))])
+            if not int8:
+                return builder.load(builder.bitcast(at, vec.as_pointer()), align=dtype.bitwidth // 8)
+            raw = builder.load(builder.bitcast(at, ir.VectorType(ir.IntType(8), lanes).as_pointer()), align=1)
+            return builder.sitofp(builder.sext(raw, ir.VectorType(i32, lanes)), vec)
+
+        def k_loop(k0, k1):
+            with cgutils.for_range(builder, k1, start=k0, intp=intp) as loop:
                 k = loop.index
-                w = [builder.load(builder.bitcast(builder.gep(p, [builder.mul(k, const(lanes))]), vec.as_pointer()),
-                                  align=dtype.bitwidth // 8) for p in w_ptrs]
-                for b in range(PACK_ROWS):
+                w = [weights(p, k) for p in w_ptrs]
+                for b in range(rows):
                     x = builder.load(builder.gep(h_ptrs[b], [k]))
                     x = builder.shuffle_vector(builder.insert_element(undef, x, ir.Constant(i32, 0)), undef, splat)
                     for j in range(n_tiles):
                         builder.store(builder.call(fma, [w[j], x, builder.load(acc[j][b])]), acc[j][b])
-            for j in range(n_tiles):
-                col = builder.mul(builder.add(tile, const(j)), const(lanes))
-                for b in range(PACK_ROWS):
-                    dst = builder.bitcast(item_ptr(out_arr, out_ty, [const(b), col]), vec.as_pointer())
-                    builder.store(builder.load(acc[j][b]), dst, align=dtype.bitwidth // 8)
-            return context.get_dummy_value()
 
+        result = acc
+        if int8:
+            S_arr = context.make_array(S_ty)(context, builder, S_val)
+            group = context.cast(builder, g_val, g_ty, types.intp)
+            s_ptrs = [item_ptr(S_arr, S_ty, [t, const(0), const(0)]) for t in tiles]
+            svec = ir.VectorType(ir.FloatType(), lanes)
+            tot = [[cgutils.alloca_once_value(builder, zero) for _ in range(rows)] for _ in range(n_tiles)]
+
+            def scales(j, g):
+                s = builder.load(builder.bitcast(builder.gep(s_ptrs[j], [builder.mul(g, const(lanes))]),
+                                                 svec.as_pointer()), align=4)
+                return s if dtype.bitwidth == 32 else builder.fpext(s, vec)
+
+            if grouped:
+                n_groups = builder.extract_value(S_arr.shape, 1)
+                with cgutils.for_range(builder, n_groups, intp=intp) as gloop:
+                    g = gloop.index
+                    k0 = builder.mul(g, group)
+                    k1 = builder.add(k0, group)
+                    k1 = builder.select(builder.icmp_signed("<", k1, depth), k1, depth)
+                    for j in range(n_tiles):
+                        for b in range(rows):
+                            builder.store(zero, acc[j][b])
+                    k_loop(k0, k1)
+                    for j in range(n_tiles):
+                        s = scales(j, g)
+                        for b in range(rows):
+                            builder.store(builder.call(fma, [builder.load(acc[j][b]), s, builder.load(tot[j][b])]),
+                                          tot[j][b])
+            else:
+                k_loop(const(0), depth)
+                for j in range(n_tiles):
+                    s = scales(j, const(0))
+                    for b in range(rows):
+                        builder.store(builder.fmul(builder.load(acc[j][b]), s), tot[j][b])
+            result = tot
+        else:
+            k_loop(const(0), depth)
+        for j in range(n_tiles):
+            col = builder.mul(tiles[j], const(lanes))
+            for b in range(rows):
+                dst = builder.bitcast(item_ptr(out_arr, out_ty, [const(b), col]), vec.as_pointer())
+                builder.store(builder.load(result[j][b]), dst, align=dtype.bitwidth // 8)
+        return context.get_dummy_value()
+
+    if int8:
+        @intrinsic
+        def packed_tiles_q8(typingctx, Qp, Sp, h, out, t, group):
+            return types.void(Qp, Sp, h, out, t, group), codegen
+
+        return packed_tiles_q8
+
+    @intrinsic
+    def packed_tiles(typingctx, Wp, h, out, t):
         return types.void(Wp, h, out, t), codegen
 
     return packed_tiles
 
 
-_packed_tiles_2 = _make_packed_tiles(2)
-_packed_tiles_1 = _make_packed_tiles(1)
+_packed_tiles_2 = make_packed_tiles(2)
+_packed_tiles_1 = make_packed_tiles(1)
 
 
 @njit(cache=True, parallel=True)
@@ -270,14 +388,18 @@ class PackedMatrix:
         return self.Wp.nbytes
 
     def linear(self, x, b, out=None) -> np.ndarray:
-        R = self.shape[0]
-        n = x.shape[0]
         if out is None:
-            out = np.empty((n, R), self.dtype)
-        for r0 in range(0, n, PACK_ROWS):
-            m = min(PACK_ROWS, n - r0)
-            self._in[:m] = x[r0:r0 + m]
-            self._in[m:] = 0
-            packed_linear(self.Wp, self._in, self._out)
-            np.add(self._out[:m, :R], b, out=out[r0:r0 + m])
-        return out
+            out = np.empty((x.shape[0], self.shape[0]), self.dtype)
+        return by_pack_rows(lambda h, res: packed_linear(self.Wp, h, res), x, b, out, self._in, self._out)
+
+
+def by_pack_rows(product, x, b, out, h_in, res) -> np.ndarray:
+    """out = x @ W.T + b for any number of rows, through ``product(h_in, res)`` (res = the products of h_in's
+    PACK_ROWS rows with a packed W): x copied into h_in PACK_ROWS rows at a time, the rest padded with zeros."""
+    for r0 in range(0, x.shape[0], PACK_ROWS):
+        m = min(PACK_ROWS, x.shape[0] - r0)
+        h_in[:m] = x[r0:r0 + m]
+        h_in[m:] = 0
+        product(h_in, res)
+        np.add(res[:m, :out.shape[1]], b, out=out[r0:r0 + m])
+    return out

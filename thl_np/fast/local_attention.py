@@ -3,12 +3,26 @@
 over the keys and values of a training sequence's whole embedding history. Tested kernel by kernel in
 tests/fast/test_local_attention_kernels.py.
 """
-import math
 
 import numpy as np
 from numba import njit
 
 from .primitives import axpy, dot
+
+
+@njit(cache=True)
+def softmax_terms(s, n):
+    """The softmax of spec §4.2 over scores s[:n], up to its division: s[:n] ← exp(s[:n] − max), and returns
+    their sum (each term rounded to s's dtype before it is added)."""
+    m = -np.inf
+    for i in range(n):
+        if s[i] > m:
+            m = s[i]
+    tot = 0.0
+    for i in range(n):
+        s[i] = np.exp(s[i] - m)
+        tot += s[i]
+    return tot
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -22,15 +36,9 @@ def local_attend(q, ring_k, ring_v, start, n, inv_sqrt, out):
     B, W, _ = ring_k.shape
     s = np.empty(n, dtype=q.dtype)
     for b in range(B):
-        m = -np.inf
         for i in range(n):
             s[i] = dot(ring_k[b, (start + i) % W], q[b]) * inv_sqrt
-            if s[i] > m:
-                m = s[i]
-        tot = 0.0
-        for i in range(n):
-            s[i] = np.exp(s[i] - m)
-            tot += s[i]
+        tot = softmax_terms(s, n)
         out[b, :] = 0.0
         for i in range(n):
             axpy(s[i] / tot, ring_v[b, (start + i) % W], out[b])
@@ -48,15 +56,9 @@ def local_forward(i, h0, n, QL, KL, VL, inv_sqrt, LA, LOC):
     s = np.empty(n, np.float64)
     for b in range(B):
         dots = np.dot(KL[b, h0:h0 + n], QL[i, b])
-        m = -np.inf
         for j in range(n):
             s[j] = dots[j] * inv_sqrt
-            if s[j] > m:
-                m = s[j]
-        tot = 0.0
-        for j in range(n):
-            s[j] = math.exp(s[j] - m)
-            tot += s[j]
+        tot = softmax_terms(s, n)
         a = LA[i, b, :n]
         for j in range(n):
             a[j] = s[j] / tot

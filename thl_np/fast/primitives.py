@@ -1,6 +1,7 @@
 """Scalar and row helpers shared by every kernel of ``thl_np.fast``, each defined once: the per-row dot
 product (one code path for every row, so identical rows of the bank give identical numbers and the spec's
-tie rule holds exactly), the overflow-safe sigmoid, and the top-κ with the lower-index tie rule.
+tie rule holds exactly), the overflow-safe sigmoid, the top-κ with the lower-index tie rule, and the
+training kernels' reading of [s^0; s^{K-1}] from the tier states (and its gradient's way back).
 
 Numba caches a kernel by the file it is defined in and does not notice when a helper it calls from another
 file changes: after editing this file, delete ``thl_np/fast/__pycache__`` (or set ``NUMBA_CACHE_DIR``).
@@ -81,6 +82,28 @@ def sigmoid(x):
         return 1.0 / (1.0 + np.exp(-x))
     ex = np.exp(x)
     return ex / (1.0 + ex)
+
+
+@njit(cache=True)
+def gather_ends(S, off0, d0, offK, dK, x):
+    """x[b] = [S[b, off0:off0+d0]; S[b, offK:offK+dK]]: [s^0; s^{K-1}], the router's (with e) and the writer's
+    input, from the tier states kept side by side in S [B, Σd_k]."""
+    for b in range(S.shape[0]):
+        for a in range(d0):
+            x[b, a] = S[b, off0 + a]
+        for a in range(dK):
+            x[b, d0 + a] = S[b, offK + a]
+
+
+@njit(cache=True)
+def scatter_add_ends(DS, dx, off0, d0, offK, dK):
+    """The gradient of ``gather_ends``: DS[b, off0:off0+d0] += dx[b, :d0], DS[b, offK:offK+dK] += dx[b, d0:]
+    (with one tier, both parts add into the same columns)."""
+    for b in range(DS.shape[0]):
+        for a in range(d0):
+            DS[b, off0 + a] += dx[b, a]
+        for a in range(dK):
+            DS[b, offK + a] += dx[b, d0 + a]
 
 
 @njit(cache=True)

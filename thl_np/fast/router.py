@@ -1,6 +1,8 @@
 """Spec §4.3 (router read) and §4.4 (read metadata) as Numba kernels, mirroring
 ``thl_np.components.router``: ``route`` for a decode step (``route_parallel`` splits the batch over the
-cores), ``route_forward`` / ``route_backward`` for a training step.
+cores), ``route_forward`` / ``route_backward`` for a training step. One sequence's read is written once, in
+three helpers both paths call: ``pick_slots`` (scores, top-κ, softmax), ``capacity_walk`` (the slot
+capacity) and ``read_meta`` (§4.4).
 
 Both compute scores as m_j·q_mem_h with q_mem_h = W_k,h^T q_h (``slot_scores``) over a bank stored divided
 by a running scalar (true memory = scale·memory), one code path per row, so identical rows tie exactly and
@@ -14,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..components.router_unit_keys import UNIT_KEY_EPS
-from .primitives import axpy, dot, multi_row_dots, row_dots, top_k_desc
+from .primitives import axpy, dot, gather_ends, multi_row_dots, row_dots, scatter_add_ends, top_k_desc
 
 
 @njit(cache=True)
@@ -26,6 +28,71 @@ def key_scales(memory, scale, unit_keys, out):
         out[j] = scale
         if unit_keys:
             out[j] = scale / math.sqrt(scale * scale * dot(memory[j], memory[j]) + UNIT_KEY_EPS * UNIT_KEY_EPS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One sequence's read, in three parts shared by the decode and the training kernels
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def pick_slots(dots, key_scale, inv_sqrt, load_penalty, read_ema, noise, use_noise, kappa, scores, idx, alpha):
+    """Mirrors, for one sequence and head, thl_np.components.router.slot_scores and router_forward's top-κ and
+    softmax: score_j = key_scale[j]·dots[j]/√d_h − λ·read_ema_j (dots[j] = stored m_j·q_mem_h, see
+    ``key_scales``), plus noise[j] when ``use_noise`` (training's Gumbel term; noise is not read otherwise);
+    idx = the κ largest scores, descending, ties to the lower index (``top_k_desc``); alpha = their softmax.
+    scores [J] is float64 scratch; each exp is rounded to alpha's dtype before the sum."""
+    for j in range(dots.shape[0]):
+        s = (key_scale[j] * dots[j]) * inv_sqrt - load_penalty * read_ema[j]
+        if use_noise:
+            s += noise[j]
+        scores[j] = s
+    top_k_desc(scores, kappa, idx)
+    top = scores[idx[0]]
+    tot = 0.0
+    for r in range(kappa):
+        alpha[r] = np.exp(scores[idx[r]] - top)
+        tot += alpha[r]
+    for r in range(kappa):
+        alpha[r] /= tot
+
+
+@njit(cache=True)
+def capacity_walk(idx, alpha_soft, capacity, served, alpha, mask, used):
+    """Mirrors thl_np.components.router.apply_slot_capacity for one sequence: walk heads and ranks in order; a
+    pick of a slot that already served ``capacity`` picks gets mask 0, every other pick 1; each head's kept
+    weights are renormalised into alpha, and a head left with weight 0 (used[h] False) keeps alpha as it was
+    (the caller's copy of alpha_soft; alpha may be alpha_soft itself). idx, alpha_soft, alpha, mask [H, κ],
+    used [H]; served [J] is scratch."""
+    served[:] = 0
+    H, kappa = idx.shape
+    for h in range(H):
+        tot = 0.0
+        for r in range(kappa):
+            j = idx[h, r]
+            if served[j] < capacity:
+                served[j] += 1
+                tot += alpha_soft[h, r]
+                mask[h, r] = 1.0
+            else:
+                mask[h, r] = 0.0
+        used[h] = tot > 0.0
+        if tot > 0.0:
+            for r in range(kappa):
+                alpha[h, r] = alpha_soft[h, r] / tot if mask[h, r] > 0.0 else 0.0
+
+
+@njit(cache=True)
+def read_meta(idx, alpha, t, rho, A, read_ema, last_read):
+    """Mirrors thl_np.components.router.read_meta_forward (spec §4.4) for one sequence: A_j = the sum of α over
+    the picks of slot j, heads and ranks in order (as read_weights_per_slot), read_ema ← ρ·read_ema + (1−ρ)·A,
+    last_read_j ← t at every pick. idx, alpha [H, κ]; A [J] is written."""
+    A[:] = 0.0
+    for h in range(idx.shape[0]):
+        for r in range(idx.shape[1]):
+            j = idx[h, r]
+            A[j] += alpha[h, r]
+            last_read[j] = t
+    for j in range(A.shape[0]):
+        read_ema[j] = rho * read_ema[j] + (1.0 - rho) * A[j]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -41,48 +108,20 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
     applies it once to the mix), then read_ema and last_read in place. ``unit_keys``: the scores of
     router_unit_keys (each divided by √(‖true row‖² + ε²)). dots [H, J], scores [J], A [J], served [J] and
     key_scale [J] are scratch."""
-    J = memory.shape[0]
     H = q_mem.shape[0]
     multi_row_dots(memory, q_mem, dots)
     key_scales(memory, scale, unit_keys, key_scale)
     for h in range(H):
-        for j in range(J):
-            scores[j] = (key_scale[j] * dots[h, j]) * inv_sqrt - load_penalty * read_ema[j]
-        top_k_desc(scores, kappa, idx_out[h])
-        top = scores[idx_out[h, 0]]
-        tot = 0.0
-        for r in range(kappa):
-            alpha_out[h, r] = np.exp(scores[idx_out[h, r]] - top)
-            tot += alpha_out[h, r]
-        for r in range(kappa):
-            alpha_out[h, r] /= tot
+        pick_slots(dots[h], key_scale, inv_sqrt, load_penalty, read_ema, scores, False, kappa, scores, idx_out[h],
+                   alpha_out[h])
     if capacity > 0:
-        # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0, and
-        # a head left with weight 0 keeps its uncapped weights (as thl_np.components.router.apply_slot_capacity)
-        served[:] = 0
-        keep = np.empty(kappa, dtype=np.bool_)
-        for h in range(H):
-            tot = 0.0
-            for r in range(kappa):
-                j = idx_out[h, r]
-                keep[r] = served[j] < capacity
-                if keep[r]:
-                    served[j] += 1
-                    tot += alpha_out[h, r]
-            if tot > 0:
-                for r in range(kappa):
-                    alpha_out[h, r] = alpha_out[h, r] / tot if keep[r] else 0.0
-    A[:] = 0.0
+        capacity_walk(idx_out, alpha_out, capacity, served, alpha_out, np.empty((H, kappa), alpha_out.dtype),
+                      np.empty(H, np.bool_))
+    read_meta(idx_out, alpha_out, t, rho, A, read_ema, last_read)
     for h in range(H):
         mix[h, :] = 0.0
         for r in range(kappa):
-            j = idx_out[h, r]
-            a = alpha_out[h, r]
-            A[j] += a
-            axpy(a * scale, memory[j], mix[h])
-            last_read[j] = t
-    for j in range(J):
-        read_ema[j] = rho * read_ema[j] + (1.0 - rho) * A[j]
+            axpy(alpha_out[h, r] * scale, memory[idx_out[h, r]], mix[h])
 
 
 @njit(cache=True)
@@ -121,8 +160,8 @@ def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, i
 # Training: one step's forward with its record, and its backward
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
-def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, load_penalty, inv_sqrt, kappa,
-                  capacity, rho, unit_keys, Wk_heads, WvT_heads, record_A,
+def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_read, mem, G, use_gumbel,
+                  load_penalty, inv_sqrt, kappa, capacity, rho, unit_keys, Wk_heads, WvT_heads, record_A,
                   QV, QK, IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, MIX, AW, R):
     """Mirrors thl_np.components.router.router_forward (spec §4.3, Gumbel noise optional) and
     read_meta_forward (§4.4) for step i of a training sequence. Records q (QV), q_mem (QK), the picks (IDX),
@@ -130,7 +169,9 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
     the α-mix of rows per head (MIX) and A (AW, when record_A); writes r into R[i]; read_ema / last_read
     in place.
 
-    q = QE[i] + QS (e-part and state-part of u W_q^T); q_mem_h = W_k,h^T q_h; true row = scale·mem.
+    q = u W_q^T, u = [e; s^0; s^{K-1}]: QE[i] is its e-part (one product over the whole sequence, made before
+    the steps), the state part is [S[i, :, off0:off0+d0], S[i, :, offK:offK+dK]] WqsT (WqsT = W_q's state
+    columns, transposed). q_mem_h = W_k,h^T q_h; true row = scale·mem.
     ``unit_keys``: the scores of router_unit_keys (each divided by √(‖true row‖² + ε²)).
     """
     B, J, Dm = mem.shape
@@ -139,12 +180,13 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
     scores = np.empty(J, np.float64)
     dots = np.empty(J, mem.dtype)
     A = np.zeros(J, np.float64)
-    idx = np.empty(kappa, np.int64)
     ex = np.empty(kappa, np.float64)
     served = np.zeros(J, np.int64)
-    keep = np.zeros(kappa, np.bool_)
     qh = np.empty((B, Dh), mem.dtype)
     key_scale = np.empty(J, np.float64)
+    x = np.empty((B, d0 + dK), S.dtype)
+    gather_ends(S[i], off0, d0, offK, dK, x)
+    QS = np.dot(x, WqsT)                                # [B, Q]
     for h in range(H):
         for b in range(B):
             for a in range(Dh):
@@ -155,61 +197,35 @@ def route_forward(i, t, QE, QS, scale, read_ema, last_read, mem, G, use_gumbel, 
         for b in range(B):
             QK[i, b, h] = qm[b]
     for b in range(B):
-        A[:] = 0.0
         key_scales(mem[b], scale, unit_keys, key_scale)
         for h in range(H):
             row_dots(mem[b], QK[i, b, h], dots)
-            for j in range(J):
-                s = (key_scale[j] * dots[j]) * inv_sqrt - load_penalty * read_ema[b, j]
-                if use_gumbel:
-                    s += G[i, b, h, j]
-                scores[j] = s
-            top_k_desc(scores, kappa, idx)
-            top = scores[idx[0]]
-            tot = 0.0
+            # without noise G is [1, 1, 1, 1] and G[0, 0, 0] is passed, never read
+            noise = G[i, b, h] if use_gumbel else G[0, 0, 0]
+            pick_slots(dots, key_scale, inv_sqrt, load_penalty, read_ema[b], noise, use_gumbel, kappa, scores,
+                       IDX[i, b, h], ex)
             for r in range(kappa):
-                ex[r] = math.exp(scores[idx[r]] - top)
-                tot += ex[r]
-            for r in range(kappa):
-                IDX[i, b, h, r] = idx[r]
-                ASOFT[i, b, h, r] = ex[r] / tot
-                ALPHA[i, b, h, r] = ASOFT[i, b, h, r]
+                ASOFT[i, b, h, r] = ex[r]
+                ALPHA[i, b, h, r] = ex[r]
                 CAPM[i, b, h, r] = 1.0
             CAPU[i, b, h] = True
         if capacity > 0:
-            # walk heads and ranks in order; a pick of a slot that already served `capacity` picks gets 0
-            served[:] = 0
-            for h in range(H):
-                tot = 0.0
-                for r in range(kappa):
-                    j = IDX[i, b, h, r]
-                    keep[r] = served[j] < capacity
-                    if keep[r]:
-                        served[j] += 1
-                        tot += ASOFT[i, b, h, r]
-                    else:
-                        CAPM[i, b, h, r] = 0.0
-                CAPU[i, b, h] = tot > 0.0
-                if tot > 0.0:
-                    for r in range(kappa):
-                        ALPHA[i, b, h, r] = ASOFT[i, b, h, r] / tot if keep[r] else 0.0
+            capacity_walk(IDX[i, b], ASOFT[i, b], capacity, served, ALPHA[i, b], CAPM[i, b], CAPU[i, b])
+        read_meta(IDX[i, b], ALPHA[i, b], t, rho, A, read_ema[b], last_read[b])
+        if record_A:
+            for j in range(J):
+                AW[i, b, j] = A[j]
         for h in range(H):
             mix = MIX[i, h, b]
             mix[:] = 0.0
             for r in range(kappa):
                 j = IDX[i, b, h, r]
                 al = ALPHA[i, b, h, r]
-                A[j] += al
                 row = MSEL[i, b, h, r]
                 for m in range(Dm):
                     v = scale * mem[b, j, m]
                     row[m] = v
                     mix[m] += al * v
-                last_read[b, j] = t
-        for j in range(J):
-            read_ema[b, j] = rho * read_ema[b, j] + (1.0 - rho) * A[j]
-            if record_A:
-                AW[i, b, j] = A[j]
     # value projection applied once to each head's mix: r_h = W_v,h (Σ_rank α m_idx)
     for h in range(H):
         rh = np.dot(MIX[i, h], WvT_heads[h])
@@ -293,9 +309,4 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
         for b in range(B):
             for a in range(Dh):
                 DQ[i, b, h * Dh + a] = dq[b, a]
-    du = np.dot(DQ[i], Wq_s)
-    for b in range(B):
-        for a in range(d0):
-            DS[b, off0 + a] += du[b, a]
-        for a in range(dK):
-            DS[b, offK + a] += du[b, d0 + a]
+    scatter_add_ends(DS, np.dot(DQ[i], Wq_s), off0, d0, offK, dK)

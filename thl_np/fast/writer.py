@@ -1,7 +1,8 @@
 """Spec §4.6 (writer) and §4.7 (memory decay and write) as Numba kernels, mirroring
-``thl_np.components.writer``: ``choose_write`` (the discrete part, shared by both paths), ``write`` for a
-decode step (``write_parallel`` splits the batch over the cores), ``write_forward`` / ``write_backward``
-for a training step.
+``thl_np.components.writer``: ``write`` for a decode step (``write_parallel`` splits the batch over the
+cores), ``write_forward`` / ``write_backward`` for a training step. One sequence's writer and write are
+written once, in helpers both paths call: ``clip_write`` (the clip), ``choose_write`` (branch, gate,
+targets; an empty slot is ``components.writer.EMPTY_NORM``'s, ``is_empty``) and ``decay_and_write`` (§4.7).
 
 The bank is stored divided by a running scalar (true memory = scale·memory; the decay M ← γM is
 scale ← γ·scale) with the squared norms of the stored rows kept beside it (``primitives.row_norms2``).
@@ -12,7 +13,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .primitives import axpy, dot, row_dots, top_k_desc
+from ..components.writer import EMPTY_NORM
+from .primitives import axpy, dot, gather_ends, row_dots, scatter_add_ends, top_k_desc
 
 # The bank is stored divided by a running scale that the decay γ multiplies; below this γ (0 included) a
 # write would divide by it, so the decay is applied to the rows eagerly (training's write kernels too).
@@ -20,7 +22,31 @@ MIN_DECAY = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------
-# The discrete choice (branch, gate, targets), shared by the decode and training kernels
+# One sequence's writer and write, in three parts shared by the decode and training kernels
+# ---------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def clip_write(w_raw, clip_max, w):
+    """Mirrors the clip of thl_np.components.writer.writer_forward (spec §4.6) for one sequence:
+    w = w_raw · min(1, Δ_max / (‖w_raw‖ + 1e-6)). Returns (‖w_raw‖, whether it clipped, the factor applied
+    (1 where it did not), ‖w‖)."""
+    n_raw = math.sqrt(dot(w_raw, w_raw))
+    ratio = clip_max / (n_raw + 1e-6)
+    clipped = ratio < 1.0
+    factor = ratio if clipped else 1.0
+    for m in range(w.shape[0]):
+        w[m] = w_raw[m] * factor
+    return n_raw, clipped, factor, math.sqrt(dot(w, w))
+
+
+@njit(cache=True)
+def is_empty(scale, norm2_j):
+    """Whether a slot is empty (thl_np.components.writer: ‖m_j‖ ≤ EMPTY_NORM) from its stored row's squared
+    norm (true row = scale·stored row)."""
+    return scale * np.sqrt(norm2_j) <= EMPTY_NORM
+
+
+# ---------------------------------------------------------------------------------------------------
+# The discrete choice (branch, gate, targets)
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
 def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, write_slots, beta, theta,
@@ -35,7 +61,7 @@ def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, 
     any_empty = False
     for j in range(memory_b.shape[0]):
         n_m = scale * np.sqrt(norm2_b[j])
-        if n_m <= 1e-6:
+        if n_m <= EMPTY_NORM:
             any_empty = True
         aff[j] = (scale * dots[j]) / ((n_w + 1e-8) * (n_m + 1e-8))
         if aff[j] > aff[j_star]:
@@ -49,11 +75,11 @@ def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, 
     if any_empty:
         count = 0
         for j in range(memory_b.shape[0]):  # empty slots first, in index order
-            if count < write_slots and scale * np.sqrt(norm2_b[j]) <= 1e-6:
+            if count < write_slots and is_empty(scale, norm2_b[j]):
                 targets[count] = j
                 count += 1
         for j in range(memory_b.shape[0]):  # then the others, in index order
-            if count < write_slots and not scale * np.sqrt(norm2_b[j]) <= 1e-6:
+            if count < write_slots and not is_empty(scale, norm2_b[j]):
                 targets[count] = j
                 count += 1
     else:
@@ -62,6 +88,31 @@ def choose_write(memory_b, norm2_b, w, n_w, scale, read_ema_b, last_write_b, t, 
             prio[j] = stale_weight * (t - last_write_b[j]) + underuse_weight * (1.0 / (1e-8 + read_ema_b[j]))
         top_k_desc(prio, write_slots, targets)
     return g, j_star, novel
+
+
+@njit(cache=True)
+def decay_and_write(memory, norm2, write_ema, last_write, targets, g, w, t, eager, decay, new_scale, write_rate,
+                    ema_decay):
+    """Mirrors thl_np.components.writer.memory_write_forward (spec §4.7) for one sequence on the scaled bank:
+    M ← γM, then m_j += η·g·w for every target j, with the squared norms of the written rows, write_ema and
+    last_write. The decay is the caller's new_scale = γ·scale (true = new_scale·stored, so a write adds
+    η·g·w / new_scale to the stored row), or, when ``eager`` (γ below MIN_DECAY: too small to divide by),
+    applied to the rows and norms here (new_scale is then the old scale)."""
+    if eager:
+        for j in range(memory.shape[0]):
+            for m in range(memory.shape[1]):
+                memory[j, m] *= decay
+            norm2[j] *= decay * decay
+    step = write_rate * g / new_scale
+    for s in range(targets.shape[0]):
+        j = targets[s]
+        axpy(step, w, memory[j])
+        norm2[j] = dot(memory[j], memory[j])
+        last_write[j] = t
+    for j in range(memory.shape[0]):
+        write_ema[j] *= ema_decay
+    for s in range(targets.shape[0]):
+        write_ema[targets[s]] += 1.0 - ema_decay
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,29 +127,11 @@ def write_one(w_raw, memory, norm2, scale, read_ema, write_ema, last_write, t, w
     norms are updated in place; the decay itself is the caller's new_scale, or, when ``eager`` (γ below
     MIN_DECAY: too small to divide by), applied to the rows here after the writer's choice. w, aff, prio
     and dots are scratch. Returns (the gate g, whether the novel branch was taken)."""
-    n_raw = np.sqrt(dot(w_raw, w_raw))
-    ratio = clip_max / (n_raw + 1e-6)
-    for i in range(w.shape[0]):
-        w[i] = w_raw[i] * ratio if ratio < 1.0 else w_raw[i]
-    n_w = np.sqrt(dot(w, w))
+    _, _, _, n_w = clip_write(w_raw, clip_max, w)
     g, _, novel = choose_write(memory, norm2, w, n_w, scale, read_ema, last_write, t, write_slots,
                                beta, theta, stale_weight, underuse_weight, aff, prio, dots, targets)
-    if eager:
-        for j in range(memory.shape[0]):
-            for m in range(memory.shape[1]):
-                memory[j, m] *= decay
-            norm2[j] *= decay * decay
-    # M ← γM (lazy: scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
-    step = write_rate * g / new_scale
-    for s in range(write_slots):
-        j = targets[s]
-        axpy(step, w, memory[j])
-        norm2[j] = dot(memory[j], memory[j])
-        last_write[j] = t
-    for j in range(memory.shape[0]):
-        write_ema[j] *= ema_decay
-    for s in range(write_slots):
-        write_ema[targets[s]] += 1.0 - ema_decay
+    decay_and_write(memory, norm2, write_ema, last_write, targets, g, w, t, eager, decay, new_scale, write_rate,
+                    ema_decay)
     return g, novel
 
 
@@ -148,29 +181,20 @@ def write_parallel(w_raw, memory, norm2, scale, read_ema, write_ema, last_write,
 # Training: one step's forward with its record, and its backward
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
-def write_forward(i, t, S, off0, d0, offK, dK, WwqT, b_w, XW, QS, mem, norm2, scale, read_ema,
-                  write_ema, last_write, write_slots, clip_max, beta, theta, stale_weight, underuse_weight, decay,
-                  write_rate, ema_decay, eager, TGT, GG, WRAW, WCL, NRAW, CLIP, SC, NW, JSTAR, MSTAR, NMSTAR,
-                  DOTSTAR, NOVEL):
+def write_forward(i, t, S, off0, d0, offK, dK, WwT, b_w, XW, mem, norm2, scale, read_ema, write_ema, last_write,
+                  write_slots, clip_max, beta, theta, stale_weight, underuse_weight, decay, write_rate, ema_decay,
+                  eager, TGT, GG, WRAW, WCL, NRAW, CLIP, SC, NW, JSTAR, MSTAR, NMSTAR, DOTSTAR, NOVEL):
     """Mirrors thl_np.components.writer.writer_forward (spec §4.6) and memory_write_forward (§4.7) for step
-    i of a training sequence: the writer against the bank before this step's decay (true = scale·mem), then
-    the lazy decay and the write. XW[i] = [s_new^0; s_new^{K-1}]; one product gives w_raw and the next step's router
-    state-part QS. Records the writer's intermediates; returns the new scale γ·scale.
+    i of a training sequence: x_w = [s_new^0; s_new^{K-1}] (the columns off0:off0+d0 and offK:offK+dK of
+    S[i+1], recorded in XW[i]), w_raw = x_w W_w^T + b_w (WwT = W_w^T), the writer against the bank before
+    this step's decay (true = scale·mem), then the lazy decay and the write. Records the writer's
+    intermediates; returns the new scale γ·scale.
 
     ``eager`` (for γ too small to divide by, γ = 0 included): the bank and its norms are multiplied by γ
     here instead, and the scale is returned unchanged."""
     B, J, Dm = mem.shape
-    xw = XW[i]
-    for b in range(B):
-        for a in range(d0):
-            xw[b, a] = S[i + 1, b, off0 + a]
-        for a in range(dK):
-            xw[b, d0 + a] = S[i + 1, b, offK + a]
-    out = np.dot(xw, WwqT)
-    Q = QS.shape[1]
-    for b in range(B):
-        for a in range(Q):
-            QS[b, a] = out[b, Dm + a]
+    gather_ends(S[i + 1], off0, d0, offK, dK, XW[i])
+    out = np.dot(XW[i], WwT)
     new_scale = scale if eager else scale * decay
     aff = np.empty(J, np.float64)
     prio = np.empty(J, np.float64)
@@ -180,14 +204,8 @@ def write_forward(i, t, S, off0, d0, offK, dK, WwqT, b_w, XW, QS, mem, norm2, sc
         w_raw = WRAW[i, b]
         for m in range(Dm):
             w_raw[m] = out[b, m] + b_w[m]
-        n_raw = math.sqrt(dot(w_raw, w_raw))
-        ratio = clip_max / (n_raw + 1e-6)
-        clipped = ratio < 1.0
-        sc = ratio if clipped else 1.0
         w = WCL[i, b]
-        for m in range(Dm):
-            w[m] = w_raw[m] * sc
-        n_w = math.sqrt(dot(w, w))
+        n_raw, clipped, sc, n_w = clip_write(w_raw, clip_max, w)
         g, j_star, novel = choose_write(mem[b], norm2[b], w, n_w, scale, read_ema[b], last_write[b], t,
                                         write_slots, beta, theta, stale_weight, underuse_weight, aff, prio, dots, tg)
         GG[i, b] = g
@@ -201,35 +219,21 @@ def write_forward(i, t, S, off0, d0, offK, dK, WwqT, b_w, XW, QS, mem, norm2, sc
         NOVEL[i, b] = novel
         for m in range(Dm):
             MSTAR[i, b, m] = scale * mem[b, j_star, m]
-        # M ← γM (lazy: the scale) then m_j += η·g·w, i.e. stored_j += η·g·w / (γ·scale)
-        if eager:
-            mem[b] *= decay
-            norm2[b] *= decay * decay
-        step = write_rate * g / new_scale
+        decay_and_write(mem[b], norm2[b], write_ema[b], last_write[b], tg, g, w, t, eager, decay, new_scale,
+                        write_rate, ema_decay)
         for s in range(write_slots):
-            j = tg[s]
-            TGT[i, b, s] = j
-            row = mem[b, j]
-            for m in range(Dm):
-                row[m] += step * w[m]
-            norm2[b, j] = dot(row, row)
-            last_write[b, j] = t
-        for j in range(J):
-            write_ema[b, j] *= ema_decay
-        for s in range(write_slots):
-            write_ema[b, tg[s]] += 1.0 - ema_decay
+            TGT[i, b, s] = tg[s]
     return new_scale
 
 
 @njit(cache=True)
-def write_backward(i, dS_out, DS, D, c_old, c_new, TGT, GG, WCL, WRAW, NRAW, CLIP, SC, NW, JSTAR, MSTAR, NMSTAR,
+def write_backward(i, DS, D, c_old, c_new, TGT, GG, WCL, WRAW, NRAW, CLIP, SC, NW, JSTAR, MSTAR, NMSTAR,
                    DOTSTAR, NOVEL, write_rate, beta, clip_max, W_w, DWR, off0, d0, offK, dK, eager, decay):
-    """Mirrors thl_np.components.writer.memory_write_backward and writer_backward for step i.
-    Step i's output gradient joins DS; then §4.7 and §4.6 backward: the target rows of dM = c_old·D give
-    d_w, d_g; the decay is c_new = γ·c_old (``eager``: D ← γ·D here, c_new = c_old); the novelty gate's path
-    adds d m_{j*} into D; DWR[i] = d w_raw; d x_w = DWR[i] W_w is added into the tier gradients DS."""
+    """Mirrors thl_np.components.writer.memory_write_backward and writer_backward for step i (§4.7, then
+    §4.6): the target rows of dM = c_old·D give d_w, d_g; the decay is c_new = γ·c_old (``eager``: D ← γ·D
+    here, c_new = c_old); the novelty gate's path adds d m_{j*} into D; DWR[i] = d w_raw; d x_w = DWR[i] W_w
+    is added into the tier gradients DS where write_forward read x_w (columns off0:off0+d0, offK:offK+dK)."""
     B, J, Dm = D.shape
-    DS += dS_out[i]
     drows = np.empty(Dm, np.float64)
     dw = np.empty(Dm, np.float64)
     inv_new = 1.0 / c_new
@@ -279,9 +283,4 @@ def write_backward(i, dS_out, DS, D, c_old, c_new, TGT, GG, WCL, WRAW, NRAW, CLI
         else:
             for m in range(Dm):
                 out[m] = dw[m]
-    dxw = np.dot(DWR[i], W_w)
-    for b in range(B):
-        for a in range(d0):
-            DS[b, off0 + a] += dxw[b, a]
-        for a in range(dK):
-            DS[b, offK + a] += dxw[b, d0 + a]
+    scatter_add_ends(DS, np.dot(DWR[i], W_w), off0, d0, offK, dK)

@@ -14,7 +14,7 @@ Turning a whole THLModel into its int8 form and back is the model's: ``thl_np.mo
 
 The package's own names are the schemes and the stored matrix (they read no config, and the config
 checks its ``quantization`` with them); a model's parameters are ``thl_np.quant.params`` and
-``thl_np.quant.quantize``. The fast path's int8 kernels are in ``thl_np.fast.quant``; the CLI is ``thl-np quantize``.
+``thl_np.quant.quantize``. The fast path's int8 kernels are in ``thl_np.fast.int8``; the CLI is ``thl-np quantize``.
 """
 from .scheme import (
     DEFAULT_SCHEME,

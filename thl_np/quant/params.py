@@ -14,7 +14,7 @@ step reads. So the plain path holds at most one module's float weights at a time
 output head: V·Σd_k values, 463 MB in float32 for the default config) and never the whole model, at the
 price of dequantizing each weight once per step. ``thl_np.model.dequantize_model`` materialises the
 whole float model when asked. The fast path does not dequantize at all: its kernels read the int8
-values (``thl_np.fast.quant``).
+values (``thl_np.fast.int8``).
 """
 from __future__ import annotations
 

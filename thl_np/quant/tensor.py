@@ -3,7 +3,7 @@
 It is a value the model carries instead of a float array: ``q`` and ``scale`` are the file's arrays
 (memory-mapped when loaded with ``from_pretrained``), ``dense(dtype)`` is W = s·q in a compute dtype, and
 ``rows(ids, dtype)`` dequantizes only the rows asked for (the embedding reads B rows a step). The fast
-path wraps it in its own kernels' layouts (``thl_np.fast.quant``); ``derived`` keeps those, built once per
+path wraps it in its own kernels' layouts (``thl_np.fast.int8``); ``derived`` keeps those, built once per
 tensor (their memory cost is documented where they are built).
 """
 from __future__ import annotations

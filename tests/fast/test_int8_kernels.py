@@ -1,8 +1,9 @@
-"""Int8 kernels (thl_np.fast.quant), each alone against x @ W.T + b (thl_np.components.output.linear_forward)
-with W = s·q dequantized by the plain definition (thl_np.quant.scheme.dequantize), for per-row scales, blocks
-of 32 columns and a block size that leaves a partial group: gemv_q8, small_batch_q8 (every tile remainder),
-per_head_q8, per_head_transposed_q8, gather_rows_q8 and dequantize_rows_q8 (bit for bit), pack_rows_q8 +
-packed_linear_q8, and Q8Matrix.linear's four routes."""
+"""Int8 kernels (thl_np.fast.int8, and thl_np.fast.linalg's kernels given int8 values and their scales), each
+alone against x @ W.T + b (thl_np.components.output.linear_forward) with W = s·q dequantized by the plain
+definition (thl_np.quant.scheme.dequantize), for per-row scales, blocks of 32 columns and a block size that
+leaves a partial group: gemv_q8, linalg.small_batch_linear (every tile remainder), per_head_q8,
+per_head_transposed_q8, gather_rows_q8 and dequantize_rows_q8 (bit for bit), linalg.pack_rows of values and
+scales + packed_linear_q8 / packed_gemv_q8, and Q8Matrix.linear's four routes."""
 import numpy as np
 import pytest
 from helpers import examples
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from kernel_helpers import DTYPES, assert_close, assert_equal
 
 from thl_np.components.output import linear_forward
-from thl_np.fast import quant as fq
+from thl_np.fast import int8 as fq
+from thl_np.fast import linalg
 from thl_np.quant.scheme import dequantize, group_size, quantize_matrix
 
 BLOCKS = [None, 32, 5]  # per row, Q8_0's 32, and 5 (C = 7 or 33 or 70 leaves a partial last group)
@@ -40,14 +42,14 @@ def test_gemv_q8_matches_linear_forward(V, C, block, dtype):
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 8, 9])
 @pytest.mark.parametrize("V", [3, 4, 9])
-def test_small_batch_q8_matches_linear_forward(V, rows, block, dtype):
+def test_small_batch_linear_int8_matches_linear_forward(V, rows, block, dtype):
     """4-row tiles × 4 sequences: V = 3 (no full tile), 4 (one), 9 (two and a remainder); every remainder of
     sequences; groups (partial ones included) scaled into the totals."""
     q, s, group, W, b, rng = quantized(V, 33, block, dtype)
     x = rng.standard_normal((rows, 33)).astype(dtype)
     out = np.full((rows, V), np.nan, dtype)
-    fq.small_batch_q8(q, s, group, b, x, out)
-    assert_close(out, linear_forward(x, W, b), dtype, "small_batch_q8")
+    linalg.small_batch_linear(q, b, x, out, s, group)
+    assert_close(out, linear_forward(x, W, b), dtype, "small_batch_linear (int8)")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,16 +101,17 @@ def test_dequantize_rows_q8_is_the_plain_dequantization_exactly(block, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [1, 16, 17, 40])
-def test_pack_rows_q8_layout(V, dtype):
+def test_pack_rows_int8_layout(V, dtype):
     """Qp[t, k, l] = q[t·L + l, k], Sp[t, g, l] = s[t·L + l, g]; zeros past the last row."""
     q, s, group, _, _, _ = quantized(V, 70, 32, dtype)
-    L = fq.lanes(dtype)
+    L = linalg.lanes(dtype)
     T = -(-V // L)
     Qp = np.full((T, 70, L), 99, np.int8)
     Sp = np.full((T, s.shape[1], L), np.nan, np.float32)
-    fq.pack_rows_q8(q, s, L, Qp, Sp)
-    assert_equal(Qp.transpose(0, 2, 1).reshape(-1, 70)[:V], q, "pack_rows_q8 values")
-    assert_equal(Sp.transpose(0, 2, 1).reshape(-1, s.shape[1])[:V], s, "pack_rows_q8 scales")
+    linalg.pack_rows(q, L, Qp)
+    linalg.pack_rows(s, L, Sp)
+    assert_equal(Qp.transpose(0, 2, 1).reshape(-1, 70)[:V], q, "pack_rows: int8 values")
+    assert_equal(Sp.transpose(0, 2, 1).reshape(-1, s.shape[1])[:V], s, "pack_rows: scales")
     assert not Qp.transpose(0, 2, 1).reshape(-1, 70)[V:].any() and not Sp.transpose(0, 2, 1).reshape(
         -1, s.shape[1])[V:].any(), "padding rows are zeros"
 
@@ -119,13 +122,14 @@ def test_pack_rows_q8_layout(V, dtype):
 def test_packed_linear_q8_matches_linear_forward(V, block, dtype):
     """A partial tile, one tile, several; one group per row or many (a partial last one for block 5)."""
     q, s, group, W, _, rng = quantized(V, 33, block, dtype)
-    L = fq.lanes(dtype)
+    L = linalg.lanes(dtype)
     T = -(-V // L)
     Qp = np.empty((T, 33, L), np.int8)
     Sp = np.empty((T, s.shape[1], L), np.float32)
-    fq.pack_rows_q8(q, s, L, Qp, Sp)
-    h = np.ascontiguousarray(rng.standard_normal((fq.PACK_ROWS, 33)).astype(dtype))
-    out = np.full((fq.PACK_ROWS, T * L), np.nan, dtype)
+    linalg.pack_rows(q, L, Qp)
+    linalg.pack_rows(s, L, Sp)
+    h = np.ascontiguousarray(rng.standard_normal((linalg.PACK_ROWS, 33)).astype(dtype))
+    out = np.full((linalg.PACK_ROWS, T * L), np.nan, dtype)
     fq.packed_linear_q8(Qp, Sp, group, h, out)
     assert_close(out[:, :V], linear_forward(h, W, 0.0), dtype, "packed_linear_q8")
     assert not out[:, V:].any(), "padding rows give zeros"
@@ -136,11 +140,12 @@ def test_packed_linear_q8_matches_linear_forward(V, block, dtype):
 def test_packed_gemv_q8_matches_linear_forward(V, dtype):
     """One sequence over the packed tiles, per-row scales: partial tiles, four tiles an iteration and a tail."""
     q, s, group, W, _, rng = quantized(V, 33, None, dtype)
-    L = fq.lanes(dtype)
+    L = linalg.lanes(dtype)
     T = -(-V // L)
     Qp = np.empty((T, 33, L), np.int8)
     Sp = np.empty((T, 1, L), np.float32)
-    fq.pack_rows_q8(q, s, L, Qp, Sp)
+    linalg.pack_rows(q, L, Qp)
+    linalg.pack_rows(s, L, Sp)
     h = np.ascontiguousarray(rng.standard_normal((1, 33)).astype(dtype))
     out = np.full((1, T * L), np.nan, dtype)
     fq.packed_gemv_q8(Qp, Sp, h, out)
@@ -154,8 +159,8 @@ def test_packed_gemv_q8_matches_linear_forward(V, dtype):
 @pytest.mark.parametrize("rows", [1, 2, 8, 9, 64, 65, 200])
 def test_q8_matrix_linear_routes(rows, packed, block, dtype, monkeypatch):
     """Q8Matrix.linear: one row (gemv_q8, or packed_gemv_q8 for a packed per-row matrix), up to SMALL_BATCH
-    (small_batch_q8, or packed_linear_q8 in chunks of
-    PACK_ROWS), more (blocks of rows dequantized into BLAS; a small block size makes several blocks)."""
+    (linalg.small_batch_linear, or packed_linear_q8 in chunks of PACK_ROWS), more (blocks of rows dequantized
+    into BLAS; a small block size makes several blocks)."""
     monkeypatch.setattr(fq, "DENSE_BLOCK_BYTES", 7 * 40 * np.dtype(dtype).itemsize)
     q, s, group, W, b, rng = quantized(45, 40, block, dtype)
     M = fq.Q8Matrix(q, s, group, packed=packed)
