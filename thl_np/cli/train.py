@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -44,8 +45,9 @@ class _Progress:
     """Training events -> terminal lines: a live ``\\r`` line on a TTY, plain lines every
     ``log_every`` steps otherwise (logs and CI capture stay readable)."""
 
-    def __init__(self, log_every: int, tty: bool | None = None):
+    def __init__(self, log_every: int, tty: bool | None = None, width: int | None = None):
         self.tty = sys.stdout.isatty() if tty is None else tty
+        self.width = width
         self.log_every = max(1, log_every)
         self.live = False
 
@@ -53,6 +55,8 @@ class _Progress:
         kind = event["event"]
         if kind == "step":
             self._step(event)
+        elif kind == "eval_progress":
+            self._eval_progress(event)
         elif kind == "eval":
             self._line(f"step {event['step']}: held-out {event['bits_per_byte']:.4f} bits/byte "
                        f"({event['bytes']} bytes, {_fmt_time(event['seconds'])})")
@@ -65,18 +69,44 @@ class _Progress:
         elif kind == "done":
             self._done(event)
 
+    def _columns(self) -> int:
+        return self.width or shutil.get_terminal_size((80, 24)).columns
+
     def _step(self, e: dict) -> None:
-        text = (f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
-                f"{e['tokens_per_s']:,.0f} tok/s  ETA {_fmt_time(e['eta_s'])}")
+        # one unit everywhere: bits per byte (the loss is in nats inside the trainer)
+        essentials = [f"step {e['step']}/{e['steps']}", f"loss {e['loss'] / math.log(2):.4f} bits/byte",
+                      f"ETA {_fmt_time(e['eta_s'])}"]
+        extras = [f"lr {e['lr']:.2e}", f"{e['tokens_per_s']:,.0f} tok/s"]
         if "mem_read_entropy" in e:  # the memory over the step's chunk (thl_np.eval.diagnostics)
-            text += (f"  | T {e['seq_len']} mem H {e['mem_read_entropy']:.2f} top1 {e['mem_top1_mass']:.2f} "
-                     f"eff {e['mem_effective_slots']:.1f} refine {e['mem_share_refine']:.0%} "
-                     f"evict {e['mem_share_novel_evict']:.0%} g {e['mem_mean_gate']:.2f}")
-        if self.tty:
-            click.echo("\r" + text.ljust(78), nl=False)
+            extras += [f"T {e['seq_len']}", f"mem H {e['mem_read_entropy']:.2f}", f"top1 {e['mem_top1_mass']:.2f}",
+                       f"eff {e['mem_effective_slots']:.1f}", f"refine {e['mem_share_refine']:.0%}",
+                       f"evict {e['mem_share_novel_evict']:.0%}", f"g {e['mem_mean_gate']:.2f}"]
+        if self.tty:  # the live line fits the terminal: the extras are dropped, last first
+            width = self._columns() - 1
+            cols = list(essentials)
+            for extra in extras:
+                if len("  ".join([*cols, extra])) > width:
+                    break
+                cols.append(extra)
+            text = "  ".join(cols)[:width]
+            click.echo("\r" + text.ljust(width), nl=False)
             self.live = True
-        elif e["step"] % self.log_every == 0 or e["step"] == e["steps"]:
+            return
+        text = "  ".join(essentials + extras)
+        if e["step"] % self.log_every == 0 or e["step"] == e["steps"]:
             click.echo(text)
+
+    def _eval_progress(self, e: dict) -> None:
+        """A live line on a TTY only (quiet in logs): how far the held-out evaluation is, with an estimate."""
+        if not self.tty or not e["total"]:
+            return
+        frac = e["done"] / e["total"]
+        eta = e["elapsed_s"] / frac * (1 - frac) if frac > 0 else 0.0
+        width = self._columns() - 1
+        text = (f"step {e['step']}: evaluating held-out {frac:.0%} ({e['done']:,}/{e['total']:,} bytes) "
+                f"ETA {_fmt_time(eta)}")
+        click.echo("\r" + text[:width].ljust(width), nl=False)
+        self.live = True
 
     def _line(self, text: str) -> None:
         if self.live:
@@ -85,7 +115,7 @@ class _Progress:
         click.echo(text)
 
     def _done(self, e: dict) -> None:
-        loss = "n/a" if e["train_loss"] is None else f"{e['train_loss']:.4f} nats/byte"
+        loss = "n/a" if e["train_loss"] is None else f"{e['train_loss'] / math.log(2):.4f} bits/byte"
         bpb = "n/a" if e["held_out_bpb"] is None else f"{e['held_out_bpb']:.4f}"
         state = "interrupted" if e["interrupted"] else "done"
         self._line(f"{state}: step {e['step']}/{e['steps']}, train loss {loss}, held-out bits/byte {bpb}, "
