@@ -76,3 +76,34 @@ def test_the_live_training_line_fits_the_terminal_in_bits_per_byte(capsys):
         assert "step 3/1000" in line and "2.0000 bits/byte" in line and "ETA" in line and "nats" not in line
     _Progress(1, tty=True, width=200)(event)
     assert "evict" in capsys.readouterr().out
+
+
+def test_long_eval_jobs_show_progress_on_a_terminal_only():
+    import io
+
+    from thl_np.cli.train import _StderrProgress
+
+    out = io.StringIO()
+    with _StderrProgress("passkey trials", stream=out, tty=True) as bar:
+        bar(1, 4)
+        bar(4, 4)
+    assert "passkey trials: 1/4 (25%), ETA" in out.getvalue()
+    for quiet, tty in ((True, True), (False, False)):
+        out = io.StringIO()
+        with _StderrProgress("x", quiet=quiet, stream=out, tty=tty) as bar:
+            bar(1, 2)
+        assert out.getvalue() == ""
+
+
+def test_passkey_and_compare_call_their_progress():
+    from thl_np import THLModel
+    from thl_np.eval.compare import compare_models
+    from thl_np.eval.long_context import passkey_eval
+
+    model = THLModel(tiny_config(), seed=0)
+    seen = []
+    passkey_eval(model, [256], trials=2, on_trial=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 2), (2, 2)]
+    seen.clear()
+    compare_models(model, model, TEXT, seq_len=8, lanes=2, max_bytes=64, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1][0] == seen[-1][1]

@@ -123,6 +123,37 @@ class _Progress:
                    f"checkpoint {e['checkpoint']}")
 
 
+class _StderrProgress:
+    """``bar(done, total)`` → a live ``\\r`` line on standard error with an estimate of the time left; nothing
+    with ``quiet`` or when standard error is not a terminal. The line is cleared at the end."""
+
+    def __init__(self, what: str, quiet: bool = False, stream=None, tty: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.on = not quiet and (self.stream.isatty() if tty is None else tty)
+        self.what, self.t0, self.shown = what, time.perf_counter(), False
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.on or total <= 0:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (total - done) if done else 0.0
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        text = f"{self.what}: {done:,}/{total:,} ({done / total:.0%}), ETA {_fmt_time(eta)}"
+        self.stream.write("\r" + text[:width].ljust(width))
+        self.stream.flush()
+        self.shown = True
+
+    def __exit__(self, *exc):
+        if self.shown:
+            self.stream.write("\r" + " " * (shutil.get_terminal_size((80, 24)).columns - 1) + "\r")
+            self.stream.flush()
+        return False
+
+
 def _data_filters(f):
     """--include / --exclude: repeatable glob patterns that select a data folder's files."""
     f = click.option("--exclude", "exclude", multiple=True, metavar="GLOB",
@@ -182,7 +213,7 @@ def _load_data(data, include, exclude):
 @click.option("--weight-decay", type=Number("weight_decay"), help="AdamW decay.  [default: 0.01]")
 @click.option("--grad-clip", type=Number("grad_clip"), help="Global-norm clip, 0 = off.  [default: 1.0]")
 @click.option("--eval-every", type=Number("eval_every"), help="Eval period, 0 = end only.  [default: 100]")
-@click.option("--eval-tokens", type=Number("eval_tokens"), help="Cap on held-out bytes per periodic eval.")
+@click.option("--eval-tokens", type=Number("eval_tokens"), help="Held-out bytes per eval (the final too).")
 @click.option("--checkpoint-every", type=Number("checkpoint_every"), help="Save period, 0 = end only.  [default: 100]")
 @click.option("--held-out", "held_out_fraction", type=Number("held_out_fraction"),
               help="Fraction of the byte stream held out (its end).  [default: 0.1]")
@@ -344,9 +375,11 @@ def _check_haystack(filler, haystack_dir, lengths) -> None:
               help="Decoding path of --passkey, --diagnostics and --trace (both give the same figures).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line on standard error (there is none when it is "
+                                                  "not a terminal either).")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
           depth, filler, haystack_dir, seed, memory_plot, plot_lengths, compare_dir, diagnostics, diag_plot, trace,
-          run_path, dtype, as_json):
+          run_path, dtype, as_json, quiet):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
     context length (--memory-plot), the memory's workings (--diagnostics, --passkey --trace). Give at least
     one of them.
@@ -395,8 +428,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if passkey:
         from ..eval.long_context import passkey_eval, passkey_lines
 
-        report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler,
-                              haystack_dir=haystack_dir, path=run_path)
+        with _StderrProgress("passkey trials", quiet) as bar:
+            report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler,
+                                  haystack_dir=haystack_dir, path=run_path, on_trial=bar)
         res["passkey"] = report
         for line in passkey_lines(report):
             say(line)
@@ -439,7 +473,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         else:
             from ..eval.compare import compare_lines, compare_models
 
-            bpb = compare_models(model, other, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
+            with _StderrProgress("comparing, bytes", quiet) as bar:
+                bpb = compare_models(model, other, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes,
+                                     progress=bar)
             bpb["compare"]["model"] = os.fspath(resolve_model_dir(compare_dir))
         res.update(bpb, data=data)
         if include or exclude or held_out:
