@@ -91,3 +91,29 @@ def test_the_default_model_retrieves_a_passkey_from_its_memory(model):
     no_writes = THLModel(model.config.replace(write_rate=0.0), params=model.params)
     row = passkey_eval(no_writes, lengths=[1024], trials=2, depth="0.1:0.9", seed=77, filler="source")["results"][0]
     assert row["correct"] == 0 and row["key_bits_per_digit"] > 2.5
+
+
+def test_from_pretrained_default_names_the_shipped_model(model, tmp_path, monkeypatch):
+    from thl_np import THLForSequenceClassification
+    from thl_np.io.folder import resolve_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_dir("default") == str(DEFAULT_MODEL_DIR)
+    named = THLModel.from_pretrained("default")
+    assert named.config.to_dict() == model.config.to_dict()
+    clf = THLForSequenceClassification.from_pretrained("default", num_labels=3, seed=0, log=lambda line: None)
+    assert clf.config.num_labels == 3
+    # a real folder named "default" wins over the shipped model
+    (tmp_path / "default").mkdir()
+    assert resolve_model_dir("default") == "default"
+
+
+def test_thl_np_info_default(capsys):
+    assert main(["info", "default"]) == 0
+    assert "default_model" in capsys.readouterr().out
+
+
+def test_python_dash_m_thl_np_runs_the_cli():
+    out = subprocess.run([sys.executable, "-m", "thl_np", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "thl-np" in out.stdout and "generate" in out.stdout

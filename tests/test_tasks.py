@@ -108,17 +108,19 @@ def test_untouched_parameters_get_zero_gradient_and_are_not_trainable():
 # ------------------------------------------------------------------------------------------ padding
 @pytest.mark.parametrize("cls", [THLForSequenceClassification, THLForMultipleChoice])
 def test_right_padding_changes_nothing(cls):
-    """Pooling at the last non-pad position: a padded row gives its unpadded logits."""
+    """Pooling at the last non-pad position (H.1, rows as given: padding=False; the default left-padding is
+    tests/test_classifier_padding.py's): a padded row gives its unpadded logits."""
     model = make(cls)
     rng = np.random.default_rng(4)
     short = rng.integers(1, 20, 5)
     if cls is THLForMultipleChoice:
         padded = np.stack([np.r_[short, [PAD] * 4], rng.integers(1, 20, 9)])[None]
-        alone = model(short[None, None])[0][0, 0]
-        assert abs(model(padded)[0][0, 0] - alone) < 1e-12
+        alone = model(short[None, None], padding=False)[0][0, 0]
+        assert abs(model(padded, padding=False)[0][0, 0] - alone) < 1e-12
     else:
         padded = np.r_[short, [PAD] * 4][None]
-        assert np.abs(model(padded)[0] - model(short[None])[0]).max() < 1e-12
+        assert np.abs(model(padded, padding=False)[0] - model(short[None], padding=False)[0]).max() < 1e-12
+        assert np.abs(model(padded)[0] - model(short[None])[0]).max() < 1e-12  # both left-padded alike
 
 
 def test_token_labels_at_pads_and_minus_100_are_not_counted():
@@ -166,7 +168,7 @@ def test_dropout_is_seeded_scaled_and_off_in_evaluation():
     keep = np.ones((3, 10), bool)   # keeping everything scales by 1/(1-p)
     W, bias = model.head["classifier.weight"], model.head["classifier.bias"]
     pooled = model.tier_states(ids)[np.arange(3), H.last_positions(ids, PAD), -10:]
-    assert np.allclose(model(ids, dropout=keep)[0], pooled @ W.T * 2 + bias)
+    assert np.allclose(model(ids, dropout=keep, padding=False)[0], pooled @ W.T * 2 + bias)
     with pytest.raises(InputError, match="keep-mask of shape"):
         model(ids, dropout=np.ones((3, 4), bool))
 

@@ -260,10 +260,13 @@ class THLModel:
         dtype. ``verify`` checks every weight is finite (WeightsError otherwise): by default only for
         files under 64 MB, since it reads every page; pass True to check a large file too. A quantized
         folder (config.json with ``quantization``, docs/QUANTIZATION.md) keeps its int8 values mapped and
-        always has its scales and float tensors checked (they are small)."""
+        always has its scales and float tensors checked (they are small). ``directory`` may also be
+        ``"default"`` (the model shipped in the package) or a training run's output folder (its latest
+        checkpoint), as ``thl_np.io.folder.resolve_model_dir`` says."""
+        from .io.folder import resolve_model_dir
         from .io.safetensors import check_finite, read_safetensors
 
-        directory = as_path(directory, "from_pretrained's directory")
+        directory = resolve_model_dir(as_path(directory, "from_pretrained's directory"))
         if not os.path.isdir(directory):
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)

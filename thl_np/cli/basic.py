@@ -170,19 +170,24 @@ def init(out, dim, vocab_size, num_tiers, memory_slots, local_window, num_heads,
 
 
 @click.command()
+@click.argument("model", required=False, metavar="[MODEL]")
 @click.option("--model", "model_dir", type=click.Path(), help="Model folder [default: the packaged model].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def info(model_dir, as_json):
+def info(model, model_dir, as_json):
     """Show a model's config, size, per-sequence state size and stored tensors.
 
+    MODEL (or --model) is a model folder, a training run's folder, or `default` for the shipped model.
     Reads config.json and the safetensors header only: fast, even for large models.
 
     \b
     Examples:
+      thl-np info default
       thl-np info --model tiny
       thl-np info --model tiny --json | python -m json.tool
     """
-    summary = model_summary(resolve_model_dir(model_dir))
+    if model is not None and model_dir is not None and model != model_dir:
+        raise click.UsageError(f"two models named: {model!r} and --model {model_dir!r}; give one")
+    summary = model_summary(resolve_model_dir(model if model is not None else model_dir))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

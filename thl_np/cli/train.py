@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -44,8 +45,9 @@ class _Progress:
     """Training events -> terminal lines: a live ``\\r`` line on a TTY, plain lines every
     ``log_every`` steps otherwise (logs and CI capture stay readable)."""
 
-    def __init__(self, log_every: int, tty: bool | None = None):
+    def __init__(self, log_every: int, tty: bool | None = None, width: int | None = None):
         self.tty = sys.stdout.isatty() if tty is None else tty
+        self.width = width
         self.log_every = max(1, log_every)
         self.live = False
 
@@ -53,6 +55,8 @@ class _Progress:
         kind = event["event"]
         if kind == "step":
             self._step(event)
+        elif kind == "eval_progress":
+            self._eval_progress(event)
         elif kind == "eval":
             self._line(f"step {event['step']}: held-out {event['bits_per_byte']:.4f} bits/byte "
                        f"({event['bytes']} bytes, {_fmt_time(event['seconds'])})")
@@ -65,18 +69,44 @@ class _Progress:
         elif kind == "done":
             self._done(event)
 
+    def _columns(self) -> int:
+        return self.width or shutil.get_terminal_size((80, 24)).columns
+
     def _step(self, e: dict) -> None:
-        text = (f"step {e['step']}/{e['steps']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  "
-                f"{e['tokens_per_s']:,.0f} tok/s  ETA {_fmt_time(e['eta_s'])}")
+        # one unit everywhere: bits per byte (the loss is in nats inside the trainer)
+        essentials = [f"step {e['step']}/{e['steps']}", f"loss {e['loss'] / math.log(2):.4f} bits/byte",
+                      f"ETA {_fmt_time(e['eta_s'])}"]
+        extras = [f"lr {e['lr']:.2e}", f"{e['tokens_per_s']:,.0f} tok/s"]
         if "mem_read_entropy" in e:  # the memory over the step's chunk (thl_np.eval.diagnostics)
-            text += (f"  | T {e['seq_len']} mem H {e['mem_read_entropy']:.2f} top1 {e['mem_top1_mass']:.2f} "
-                     f"eff {e['mem_effective_slots']:.1f} refine {e['mem_share_refine']:.0%} "
-                     f"evict {e['mem_share_novel_evict']:.0%} g {e['mem_mean_gate']:.2f}")
-        if self.tty:
-            click.echo("\r" + text.ljust(78), nl=False)
+            extras += [f"T {e['seq_len']}", f"mem H {e['mem_read_entropy']:.2f}", f"top1 {e['mem_top1_mass']:.2f}",
+                       f"eff {e['mem_effective_slots']:.1f}", f"refine {e['mem_share_refine']:.0%}",
+                       f"evict {e['mem_share_novel_evict']:.0%}", f"g {e['mem_mean_gate']:.2f}"]
+        if self.tty:  # the live line fits the terminal: the extras are dropped, last first
+            width = self._columns() - 1
+            cols = list(essentials)
+            for extra in extras:
+                if len("  ".join([*cols, extra])) > width:
+                    break
+                cols.append(extra)
+            text = "  ".join(cols)[:width]
+            click.echo("\r" + text.ljust(width), nl=False)
             self.live = True
-        elif e["step"] % self.log_every == 0 or e["step"] == e["steps"]:
+            return
+        text = "  ".join(essentials + extras)
+        if e["step"] % self.log_every == 0 or e["step"] == e["steps"]:
             click.echo(text)
+
+    def _eval_progress(self, e: dict) -> None:
+        """A live line on a TTY only (quiet in logs): how far the held-out evaluation is, with an estimate."""
+        if not self.tty or not e["total"]:
+            return
+        frac = e["done"] / e["total"]
+        eta = e["elapsed_s"] / frac * (1 - frac) if frac > 0 else 0.0
+        width = self._columns() - 1
+        text = (f"step {e['step']}: evaluating held-out {frac:.0%} ({e['done']:,}/{e['total']:,} bytes) "
+                f"ETA {_fmt_time(eta)}")
+        click.echo("\r" + text[:width].ljust(width), nl=False)
+        self.live = True
 
     def _line(self, text: str) -> None:
         if self.live:
@@ -85,12 +115,43 @@ class _Progress:
         click.echo(text)
 
     def _done(self, e: dict) -> None:
-        loss = "n/a" if e["train_loss"] is None else f"{e['train_loss']:.4f} nats/byte"
+        loss = "n/a" if e["train_loss"] is None else f"{e['train_loss'] / math.log(2):.4f} bits/byte"
         bpb = "n/a" if e["held_out_bpb"] is None else f"{e['held_out_bpb']:.4f}"
         state = "interrupted" if e["interrupted"] else "done"
         self._line(f"{state}: step {e['step']}/{e['steps']}, train loss {loss}, held-out bits/byte {bpb}, "
                    f"time {_fmt_time(e['wall_time_s'])} ({e['tokens_per_s']:,.0f} tok/s); "
                    f"checkpoint {e['checkpoint']}")
+
+
+class _StderrProgress:
+    """``bar(done, total)`` → a live ``\\r`` line on standard error with an estimate of the time left; nothing
+    with ``quiet`` or when standard error is not a terminal. The line is cleared at the end."""
+
+    def __init__(self, what: str, quiet: bool = False, stream=None, tty: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.on = not quiet and (self.stream.isatty() if tty is None else tty)
+        self.what, self.t0, self.shown = what, time.perf_counter(), False
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.on or total <= 0:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (total - done) if done else 0.0
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        text = f"{self.what}: {done:,}/{total:,} ({done / total:.0%}), ETA {_fmt_time(eta)}"
+        self.stream.write("\r" + text[:width].ljust(width))
+        self.stream.flush()
+        self.shown = True
+
+    def __exit__(self, *exc):
+        if self.shown:
+            self.stream.write("\r" + " " * (shutil.get_terminal_size((80, 24)).columns - 1) + "\r")
+            self.stream.flush()
+        return False
 
 
 def _data_filters(f):
@@ -152,7 +213,7 @@ def _load_data(data, include, exclude):
 @click.option("--weight-decay", type=Number("weight_decay"), help="AdamW decay.  [default: 0.01]")
 @click.option("--grad-clip", type=Number("grad_clip"), help="Global-norm clip, 0 = off.  [default: 1.0]")
 @click.option("--eval-every", type=Number("eval_every"), help="Eval period, 0 = end only.  [default: 100]")
-@click.option("--eval-tokens", type=Number("eval_tokens"), help="Cap on held-out bytes per periodic eval.")
+@click.option("--eval-tokens", type=Number("eval_tokens"), help="Held-out bytes per eval (the final too).")
 @click.option("--checkpoint-every", type=Number("checkpoint_every"), help="Save period, 0 = end only.  [default: 100]")
 @click.option("--held-out", "held_out_fraction", type=Number("held_out_fraction"),
               help="Fraction of the byte stream held out (its end).  [default: 0.1]")
@@ -314,9 +375,11 @@ def _check_haystack(filler, haystack_dir, lengths) -> None:
               help="Decoding path of --passkey, --diagnostics and --trace (both give the same figures).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress line on standard error (there is none when it is "
+                                                  "not a terminal either).")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
           depth, filler, haystack_dir, seed, memory_plot, plot_lengths, compare_dir, diagnostics, diag_plot, trace,
-          run_path, dtype, as_json):
+          run_path, dtype, as_json, quiet):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
     context length (--memory-plot), the memory's workings (--diagnostics, --passkey --trace). Give at least
     one of them.
@@ -365,8 +428,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if passkey:
         from ..eval.long_context import passkey_eval, passkey_lines
 
-        report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler,
-                              haystack_dir=haystack_dir, path=run_path)
+        with _StderrProgress("passkey trials", quiet) as bar:
+            report = passkey_eval(model, lengths, trials=trials, depth=depth, seed=seed, filler=filler,
+                                  haystack_dir=haystack_dir, path=run_path, on_trial=bar)
         res["passkey"] = report
         for line in passkey_lines(report):
             say(line)
@@ -409,7 +473,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         else:
             from ..eval.compare import compare_lines, compare_models
 
-            bpb = compare_models(model, other, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes)
+            with _StderrProgress("comparing, bytes", quiet) as bar:
+                bpb = compare_models(model, other, stream, seq_len=seq_len, lanes=lanes, max_bytes=max_bytes,
+                                     progress=bar)
             bpb["compare"]["model"] = os.fspath(resolve_model_dir(compare_dir))
         res.update(bpb, data=data)
         if include or exclude or held_out:

@@ -18,10 +18,11 @@ from ..components.output import log_softmax
 from ..errors import InputError, WeightsError
 
 
-def compare_models(model, other, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None) -> dict:
+def compare_models(model, other, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None,
+                   progress=None) -> dict:
     """Bits per byte of ``model`` (keys as ``evaluate``'s) with ``"compare"``: ``other``'s bits per byte, the
     difference (other − model), the mean KL(P_model ‖ P_other) in nats per byte, and the fraction of
-    positions where both models rank the same byte first."""
+    positions where both models rank the same byte first. ``progress(done, total)``: after each chunk (bytes)."""
     from ..training.data import eval_lanes
 
     if seq_len < 1:
@@ -47,6 +48,8 @@ def compare_models(model, other, data, seq_len: int = 128, lanes: int = 4, max_b
         kl += float((np.exp(la) * (la - lb)).sum())
         same += int((la.argmax(axis=-1) == lb.argmax(axis=-1)).sum())
         count += n_lanes * (stop - start)
+        if progress is not None:
+            progress(count, n_lanes * (lane_len - 1))
     nats_a, nats_b, kl = ce_a / count, ce_b / count, kl / count
     for name, value in (("the model's cross-entropy", nats_a), ("the other model's cross-entropy", nats_b),
                         ("the KL divergence", kl)):

@@ -160,7 +160,7 @@ def key_digit_scores(decoder, logits, key: str) -> tuple[float, int]:
 
 
 def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, seed: int = 0,
-                 filler: str = "python", keep_samples: int = 3, progress=None, haystack_dir=None,
+                 filler: str = "python", keep_samples: int = 3, progress=None, haystack_dir=None, on_trial=None,
                  path: str = "auto") -> dict:
     """Passkey retrieval accuracy at each context length (module docstring).
 
@@ -180,7 +180,8 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, se
     from the prompt to the question.
     ``rss_bytes`` is the process's VmRSS after the length's last prompt, ``state_bytes`` the THL state's
     (``InferenceState.nbytes``) and ``session_bytes`` the decoding session's arrays, both measured.
-    ``progress``, if given, is called with each length's result row as it is done.
+    ``progress``, if given, is called with each length's result row as it is done; ``on_trial(done, total)``
+    after every trial (of all lengths' trials).
     """
     from ..tokenizer import Tokenizer
 
@@ -225,6 +226,8 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, se
             control_bits += key_digit_scores(ctrl, ctrl_logits, key)[0]
             if len(samples) < keep_samples:
                 samples.append({"key": key, "answer": answer, "key_offset": at, "depth": depths[-1]})
+            if on_trial is not None:
+                on_trial(len(rows) * trials + len(offsets), len(lengths) * trials)
         state_bytes = dec.state().nbytes
         mem = rss_bytes()
         row = {"length": length, "trials": trials, "correct": exact, "accuracy": exact / trials,

@@ -34,7 +34,8 @@ def check_task_gradients(model, input_ids, labels, *, dropout=None, gumbel_unifo
     y = model._check_labels(labels, ids, lead)
     U = model.body._check_gumbel(gumbel_uniform, *ids.shape)
     keep = model._check_dropout(dropout, model._features_shape(ids))
-    _, grads = model.value_and_grad(input_ids, labels, dropout=keep, gumbel_uniform=U, path=path)
+    # the rows exactly as given (padding=False): the finite differences below run them so
+    _, grads = model.value_and_grad(input_ids, labels, dropout=keep, gumbel_uniform=U, path=path, padding=False)
     body = model.body
 
     def loss_and_choices():

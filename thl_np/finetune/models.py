@@ -199,6 +199,26 @@ class TaskModel:
         ids = self.body._check_ids(input_ids)
         return ids, ids.shape[:1]
 
+    def _align_rows(self, ids, padding, gumbel_uniform):
+        """The pooled heads read the top tier at the last position (H.2), which has read that byte only on a
+        step where every tier runs ((t − 1) mod τ_{K-1} = 0 for the last position t = T − 1): with ``padding``
+        (the default), each row is cut after its last non-pad byte and padded on the left with the pad to
+        the smallest such T, as ``thl_np.finetune.examples.batch`` (and so ``thl-np predict``) does. Rows that
+        already are so padded are unchanged. Not done for token classification, without a pad_token_id, or
+        with ``gumbel_uniform`` (whose [T, ...] shape fixes the rows as given)."""
+        pad = self.config.pad_token_id
+        if not (padding and self.pooled) or pad is None or gumbel_uniform is not None:
+            return ids
+        from .examples import aligned_length, pad_left
+
+        last = H.last_positions(ids, pad)
+        if (last < 0).any():
+            return ids  # _check_rows says which row holds only pads
+        T = aligned_length(int(last.max()) + 1, self.config.tier_timescales[-1], None)
+        if T == ids.shape[1] and (last == T - 1).all():
+            return ids
+        return pad_left([row[:n + 1] for row, n in zip(ids, last, strict=True)], pad, T)
+
     def _check_rows(self, ids):
         """The pooled heads need one real token per row (H.1)."""
         if not self.pooled:
@@ -289,11 +309,16 @@ class TaskModel:
         return H.masked_cross_entropy(logits, labels)
 
     # ------------------------------------------------------------------ forward, loss and gradients
-    def __call__(self, input_ids, labels=None, *, dropout=None, gumbel_uniform=None, path: str = "auto"):
+    def __call__(self, input_ids, labels=None, *, dropout=None, gumbel_uniform=None, path: str = "auto",
+                 padding: bool = True):
         """input_ids → ``(logits, loss)`` (loss None without labels): the PyTorch THL's ``model(input_ids,
         labels)``. Evaluation mode unless ``dropout`` / ``gumbel_uniform`` are given (module docstring);
-        ``path`` as in ``THLModel`` ("auto", "fast" or "plain": the same numbers)."""
+        ``path`` as in ``THLModel`` ("auto", "fast" or "plain": the same numbers). With ``padding`` (the
+        default) the pooled heads (sequence, multiple choice) left-pad the rows themselves so that each
+        row's last byte is read by every tier (``_align_rows``): short unpadded text gives what
+        ``thl-np predict`` gives. ``padding=False`` runs the rows exactly as given."""
         ids, lead = self._flat_ids(input_ids)
+        ids = self._align_rows(ids, padding, gumbel_uniform)
         last = self._check_rows(ids)
         y = None if labels is None else self._check_labels(labels, ids, lead)
         U = self.body._check_gumbel(gumbel_uniform, *ids.shape)
@@ -307,10 +332,13 @@ class TaskModel:
 
     forward = __call__
 
-    def value_and_grad(self, input_ids, labels, *, dropout=None, gumbel_uniform=None, path: str = "auto"):
+    def value_and_grad(self, input_ids, labels, *, dropout=None, gumbel_uniform=None, path: str = "auto",
+                       padding: bool = True):
         """The loss (H.6, plus the router load-balance term when ``router_load_balance_lambda`` is non-zero)
-        and the exact gradient of every parameter (zero for those the loss does not reach) → (loss, grads)."""
+        and the exact gradient of every parameter (zero for those the loss does not reach) → (loss, grads).
+        ``padding`` as in ``__call__``."""
         ids, lead = self._flat_ids(input_ids)
+        ids = self._align_rows(ids, padding, gumbel_uniform)
         last = self._check_rows(ids)
         y = self._check_labels(labels, ids, lead)
         N, T = ids.shape

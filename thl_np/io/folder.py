@@ -4,7 +4,7 @@ half a model (``write_model_folder``). Every loader and writer of the package go
 A model folder holds config.json + model.safetensors. A training run's output folder holds ``LATEST``,
 naming its newest complete checkpoint ``step-NNNNNN``, whose ``model/`` is a model folder
 (``thl_np.training.checkpoint`` writes them); wherever a model folder is asked for, a run folder stands for
-that model. No folder named means the small model shipped inside the package.
+that model. No folder named, or the name ``"default"``, means the small model shipped inside the package.
 
 Each file is written to a temporary name and renamed into place, config.json last: a full disk or a
 kill during the write leaves the folder as it was (a folder this call created is removed again), and
@@ -24,6 +24,7 @@ from .safetensors import write_safetensors
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+DEFAULT_NAME = "default"  # the name of the shipped model, wherever a model folder is asked for
 LATEST = "LATEST"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 _STORAGE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
@@ -33,8 +34,13 @@ _TEMP = re.compile(r"^\.(?:.+\.(\d+)\.[0-9a-f]{8}\.tmp|config\.json\.tmp-(\d+))$
 
 def resolve_model_dir(model: str | os.PathLike | None) -> str:
     """The model folder to load: ``model`` itself when it holds config.json, the model of the latest
-    checkpoint when it is a training run's output folder, the packaged default model when it is None.
-    A one-line WeightsError when there is nothing to load there."""
+    checkpoint when it is a training run's output folder, the packaged default model when it is None or
+    the name ``"default"`` (``THLModel.from_pretrained("default")``, ``thl-np info default``). A real
+    folder named ``default`` in the working directory wins over the shipped model: pass ``./default``
+    to be explicit either way, or None for the shipped model. A one-line WeightsError when there is
+    nothing to load there."""
+    if model == DEFAULT_NAME and not os.path.isdir(DEFAULT_NAME):
+        model = None
     if model is None:
         if not (DEFAULT_MODEL_DIR / CONFIG).is_file():
             raise WeightsError(f"no model folder given and the default model is not installed (looked in "

@@ -70,8 +70,8 @@ class TrainConfig:
 
     ``steps`` is the step count to reach (a resumed run continues up to it). The cosine decays over
     ``lr_decay_steps`` (default: ``steps``) to ``min_lr_ratio · lr``. ``eval_every`` / ``checkpoint_every``
-    of 0 mean "only at the end". ``eval_tokens`` caps the held-out bytes of the periodic evaluations (the
-    final one reads all of it). ``beta2 = 0.99`` rather than PyTorch's 0.999: short runs on small models
+    of 0 mean "only at the end". ``eval_tokens`` caps the held-out bytes of every evaluation, the
+    final one included (None: all of it). ``beta2 = 0.99`` rather than PyTorch's 0.999: short runs on small models
     adapt faster with it (nanoGPT's character-level setting).
 
     Whole-sequence training (``thl_np.training.synthetic_tasks``): ``full_bptt`` reads independent windows of
@@ -202,13 +202,20 @@ def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(-np.take_along_axis(logp, targets[..., None].astype(np.int64), axis=-1).sum())
 
 
-def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None) -> dict:
+class EvaluationStopped(Exception):
+    """``evaluate``'s ``stop()`` said to stop (a Ctrl-C during a training run's evaluation)."""
+
+
+def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | None = None, *,
+             progress: Callable[[int, int], None] | None = None, stop: Callable[[], bool] | None = None) -> dict:
     """Bits per byte of ``model`` on a byte stream: mean next-byte cross-entropy (nats) / ln 2.
 
     Eval-mode routing (no Gumbel noise). The stream is cut into ``lanes`` contiguous lanes run in
     parallel, each read in chunks of ``seq_len`` with its state carried from chunk to chunk, so every
     byte but a lane's first is predicted with all of its lane's preceding text as context.
-    Returns ``{"bits_per_byte", "nats_per_byte", "bytes", "lanes", "seconds"}``.
+    Returns ``{"bits_per_byte", "nats_per_byte", "bytes", "lanes", "seconds"}``. ``progress(done, total)``
+    is called after each chunk (bytes predicted so far, of all); when ``stop()`` turns true between chunks,
+    EvaluationStopped is raised.
     """
     check("seq_len", seq_len)
     ids = eval_lanes(data, lanes, max_bytes)
@@ -216,10 +223,14 @@ def evaluate(model, data, seq_len: int = 128, lanes: int = 4, max_bytes: int | N
     t0 = time.perf_counter()
     state, total, count = None, 0.0, 0
     for start in range(0, lane_len - 1, seq_len):
-        stop = min(start + seq_len, lane_len - 1)
-        logits, state = model(ids[:, start:stop], state=state)
-        total += cross_entropy_sum(logits, ids[:, start + 1 : stop + 1])
-        count += n_lanes * (stop - start)
+        if stop is not None and stop():
+            raise EvaluationStopped
+        end = min(start + seq_len, lane_len - 1)
+        logits, state = model(ids[:, start:end], state=state)
+        total += cross_entropy_sum(logits, ids[:, start + 1 : end + 1])
+        count += n_lanes * (end - start)
+        if progress is not None:
+            progress(count, n_lanes * (lane_len - 1))
     nats = total / count
     check_metric("bits per byte", nats / math.log(2), NON_FINITE_OUTPUT, WeightsError)
     return {"bits_per_byte": nats / math.log(2), "nats_per_byte": nats, "bytes": count,
@@ -234,6 +245,7 @@ def train(
     config: TrainConfig | None = None,
     log: Callable[[dict], None] | None = None,
     world: distributed.World | None = None,
+    callbacks=(),
     **overrides,
 ) -> TrainResult:
     """Train a THL model on bytes and checkpoint it to ``out_dir``.
@@ -241,8 +253,14 @@ def train(
     ``model_or_config``: a THLModel, or a THLConfig for a fresh model seeded with ``config.seed`` (ignored,
     may be None, when resuming: the model comes from the checkpoint). ``data``: a path (file or folder)
     or the bytes themselves. ``config`` plus keyword ``overrides`` (``steps=6, seq_len=16, ...``) make the
-    TrainConfig. ``log`` receives one dict per event (``event`` = start, step, eval, checkpoint, message,
-    done). Returns a TrainResult; with ``interrupted=True`` after Ctrl-C (a checkpoint was written).
+    TrainConfig. ``log`` receives one dict per event (``event`` = start, step, eval_progress, eval,
+    checkpoint, message, done). ``callbacks``: objects whose methods named ``on_<event>`` (any of
+    ``on_start``, ``on_step``, ``on_eval_progress``, ``on_eval``, ``on_checkpoint``, ``on_message``,
+    ``on_done``) are called with that event's dict, after ``log`` (``on_step`` gets the step, loss, lr,
+    grad_norm, ...; ``on_eval`` the held-out bits_per_byte; ``on_checkpoint`` the path written); a
+    missing method is skipped. Returns a TrainResult; with ``interrupted=True`` after Ctrl-C (a checkpoint
+    was written). A Ctrl-C during the final evaluation stops that evaluation and keeps the trained
+    checkpoint (``held_out_bpb`` is then None).
     ``world``: the ranks sharing the run's lanes (``thl_np.training.distributed``); by default the MPI world
     when an MPI launcher started this process, else this process alone.
     """
@@ -255,7 +273,7 @@ def train(
     if world.size > 1 and tc.answer_weight != 1.0:
         raise InputError("--answer-weight is not supported under mpirun yet: each rank would divide by its own "
                          "answer bytes, so ranks would not match one process; train in one process or drop it")
-    emit = log or (lambda event: None)
+    emit = _dispatch(log, callbacks)
     # the output folder is checked before any work: a run must never train and then fail at its first save
     out_dir = check_output_dir(out_dir, "the output folder")
     if ckpt.is_model_folder(out_dir):
@@ -307,6 +325,21 @@ def train(
     return result
 
 
+def _dispatch(log, callbacks):
+    """One emit: ``log(event)`` then each callback's ``on_<event>(event)`` (train's docstring)."""
+    hooks = list(callbacks or ())
+
+    def emit(event: dict) -> None:
+        if log is not None:
+            log(event)
+        for hook in hooks:
+            method = getattr(hook, "on_" + event["event"], None)
+            if method is not None:
+                method(event)
+
+    return emit
+
+
 def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, out_dir, emit,
           world=distributed.SINGLE) -> TrainResult:
     fp = fingerprint(train_bytes)
@@ -345,7 +378,10 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                     break
                 last = run.step == tc.steps  # the final evaluation and save follow the loop
                 if tc.eval_every and run.step % tc.eval_every == 0 and len(held_bytes) >= 2 and not last:
-                    _eval(run, tc, held_bytes, tc.eval_tokens, emit, world)
+                    _eval(run, tc, held_bytes, tc.eval_tokens, emit, world, stop)
+                    if stop.requested:
+                        interrupted = True
+                        break
                 if tc.checkpoint_every and run.step % tc.checkpoint_every == 0 and not last:
                     save()
         except KeyboardInterrupt:
@@ -357,7 +393,10 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                                step_time, tokens, interrupted)
         if not interrupted and len(held_bytes) >= 2:
             if not (run.evals and run.evals[-1]["step"] == run.step):  # a resume at the end: done already
-                _eval(run, tc, held_bytes, None, emit, world)
+                try:  # a Ctrl-C (first or second) stops the evaluation, never the save of the trained weights
+                    _eval(run, tc, held_bytes, tc.eval_tokens, emit, world, stop)
+                except KeyboardInterrupt:
+                    emit({"event": "message", "text": "final evaluation interrupted: saving the trained model"})
         save()
     if interrupted:
         emit({"event": "message", "text": f"interrupted: checkpoint at step {run.step} in {checkpoint_path}; "
@@ -432,8 +471,23 @@ def _check_not_diverged(run: _Run, tc: TrainConfig, checkpoint_path) -> None:
                 raise _diverged(tc, checkpoint_path, f"the {what} {name} holds {a[where]} at step {run.step}")
 
 
-def _eval(run: _Run, tc: TrainConfig, held_bytes, max_bytes, emit, world=distributed.SINGLE) -> float:
-    res = world.evaluate(evaluate, run.model, held_bytes, tc.seq_len, tc.eval_lanes, max_bytes)
+def _eval(run: _Run, tc: TrainConfig, held_bytes, max_bytes, emit, world=distributed.SINGLE,
+          stop=None) -> float | None:
+    """One held-out evaluation, its progress emitted as ``eval_progress`` events. A Ctrl-C (``stop``, in one
+    process: ranks would wait on each other) ends it early: a message, no result, None."""
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        emit({"event": "eval_progress", "step": run.step, "done": done, "total": total,
+              "elapsed_s": time.perf_counter() - t0})
+
+    stopped = None if stop is None or world.size > 1 else (lambda: stop.requested)
+    fn = functools.partial(evaluate, progress=progress, stop=stopped)
+    try:
+        res = world.evaluate(fn, run.model, held_bytes, tc.seq_len, tc.eval_lanes, max_bytes)
+    except EvaluationStopped:
+        emit({"event": "message", "text": f"evaluation at step {run.step} stopped by Ctrl-C"})
+        return None
     run.evals.append({"step": run.step, "bits_per_byte": res["bits_per_byte"]})
     emit({"event": "eval", "step": run.step, **res})
     return res["bits_per_byte"]
@@ -614,12 +668,11 @@ def _plot_losses(out_dir: str, history: list, evals: list, emit) -> None:
         fig = Figure(figsize=(7, 4))
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        ax.plot([r["step"] for r in history], [r["loss"] for r in history], lw=1, label="train")
+        ax.plot([r["step"] for r in history], [r["loss"] / math.log(2) for r in history], lw=1, label="train")
         if evals:
-            ax.plot([r["step"] for r in evals], [r["bits_per_byte"] * math.log(2) for r in evals],
-                    "o-", label="held-out")
+            ax.plot([r["step"] for r in evals], [r["bits_per_byte"] for r in evals], "o-", label="held-out")
         ax.set_xlabel("step")
-        ax.set_ylabel("cross-entropy (nats/byte)")
+        ax.set_ylabel("cross-entropy (bits per byte)")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.savefig(tmp, dpi=100)

@@ -1,0 +1,7 @@
+"""``python -m thl_np`` runs the ``thl-np`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
