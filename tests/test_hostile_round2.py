@@ -77,3 +77,57 @@ def test_temporary_names_are_unique_per_process(tmp_path, monkeypatch):
     temps = [p for p in seen if ".tmp" in p]
     assert temps and all(str(os.getpid()) in os.path.basename(p) for p in temps), temps
     assert config_module and state_module
+
+
+# ------------------------------------------------------------------ 2. / 3. run-folder lock, finetune --out
+def _seq_file(path, n=40):
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": "ab" * (i % 5 + 1), "label": ["x", "y"][i % 2]}) + "\n")
+    return path
+
+
+def test_a_second_run_into_a_live_run_folder_is_refused_and_the_lock_is_released(tmp_path):
+    from thl_np.errors import InputError
+    from thl_np.io.folder import RUN_LOCK, run_lock
+    from thl_np.training.trainer import train
+
+    out = tmp_path / "run"
+    with run_lock(out):  # a live run (this process) holds the folder
+        assert (out / RUN_LOCK).exists()
+        with pytest.raises(InputError, match="in use by another run"):
+            train(THLConfig(**TINY), b"hello world " * 50, str(out), steps=2, seq_len=8, batch_size=2, path="plain")
+        with pytest.raises(InputError, match="in use by another run"):
+            train(None, b"hello world " * 50, str(out), steps=2, seq_len=8, batch_size=2, resume=True, path="plain")
+    assert not out.exists()  # released, and the folder made only for the lock is gone
+    train(THLConfig(**TINY), b"hello world " * 50, str(out), steps=2, seq_len=8, batch_size=2, path="plain")
+    assert not (out / RUN_LOCK).exists() and (out / "LATEST").exists()
+
+
+def test_a_lock_left_by_a_crashed_run_is_stale(tmp_path):
+    import subprocess
+    import sys
+
+    from thl_np.io.folder import RUN_LOCK, run_lock
+
+    out = tmp_path / "run"
+    code = ("import os, sys; from thl_np.io.folder import run_lock\n"
+            f"with run_lock({str(out)!r}):\n    os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    assert (out / RUN_LOCK).exists()  # the crash left it behind
+    with run_lock(out):  # its pid is dead: taken over
+        assert (out / RUN_LOCK).read_text().strip() == str(os.getpid())
+
+
+def test_finetune_out_into_a_model_folder_is_refused(tmp_path):
+    _model().save_pretrained(str(tmp_path / "lm"))
+    data = _seq_file(tmp_path / "d.jsonl")
+    before = sorted(os.listdir(tmp_path / "lm"))
+    result = _cli(["finetune", "--task", "sequence-classification", "--model", tmp_path / "lm", "--data", data,
+                   "--out", tmp_path / "lm", "--steps", 1])
+    message = result.output + str(result.exception or "")
+    assert result.exit_code != 0 and "holds a model" in message, message
+    assert len(message.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "lm")) == before

@@ -175,7 +175,15 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
     for the packaged default model); ignored when resuming. ``eval_data``: held-out examples (a path or
     TaskData); without it ``held_out_fraction`` of ``data`` is held out. ``config`` plus keyword
     ``overrides`` make the FinetuneConfig. ``log`` receives one dict per event (start, step, eval,
-    checkpoint, message, done), as ``trainer.train``'s does."""
+    checkpoint, message, done), as ``trainer.train``'s does. The run holds ``out_dir``'s run lock
+    (``thl_np.io.folder.run_lock``) throughout: a second run into the same folder is refused."""
+    from ..io.folder import run_lock
+
+    with run_lock(out_dir):
+        return _finetune(base, data, out_dir, config, log=log, eval_data=eval_data, **overrides)
+
+
+def _finetune(base, data, out_dir, config, *, eval_data, log, **overrides) -> FinetuneResult:
     from .examples import ExampleOrder, majority_accuracy
 
     tc = (config or FinetuneConfig()).replace(**overrides)
@@ -184,6 +192,9 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"the output path {out_dir!r} is a file: give a folder for the run's checkpoints")
+    if ckpt.is_model_folder(out_dir):  # as train refuses it: the folder would hold a model and a run
+        raise InputError(f"{out_dir!r} holds a model (config.json / model.safetensors), not a fine-tuning run: "
+                         "choose another --out (a run keeps its models in step-NNNNNN/model)")
     latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
     if tc.resume and latest is None:
         raise InputError(f"nothing to resume in {out_dir!r}: no checkpoint there; drop --resume to start")

@@ -12,10 +12,16 @@ the temporary files a killed process left behind are removed by the next write i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
 
 from ..checks import as_path, check_output_dir
 from ..errors import InputError, WeightsError
@@ -135,3 +141,84 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------- run lock
+RUN_LOCK = ".run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir, *, active: bool = True):
+    """Hold ``out_dir``'s run lock while a `train` / `finetune` run writes it (one writer per run folder).
+
+    The lock is an ``flock`` on ``out_dir/.run.lock``, which holds the owner's pid: the kernel releases it
+    when the owner exits or crashes (kill -9), so a lock left by a dead run is stale and taken over; a live
+    owner's (``pid_alive``) makes a second run, or a second ``--resume``, fail at once with one line.
+    Nothing is locked (the run's own checks then speak) for a path that is a file, a model folder, or a
+    folder that cannot be made; a folder made only for the lock is removed again if the run left it empty.
+    """
+    out_dir = os.fspath(out_dir)
+    if (not active or fcntl is None or (os.path.exists(out_dir) and not os.path.isdir(out_dir))
+            or os.path.exists(os.path.join(out_dir, CONFIG))):
+        yield
+        return
+    made = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:
+        yield
+        return
+    path = os.path.join(out_dir, RUN_LOCK)
+    fd = _take_lock(path, out_dir)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+        if made:
+            try:
+                os.rmdir(out_dir)  # only if the run wrote nothing there (it failed before its first file)
+            except OSError:
+                pass
+
+
+def _take_lock(path: str, out_dir: str) -> int:
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise InputError(f"cannot lock the run folder {out_dir!r} ({exc.strerror or exc}): choose a writable "
+                             "--out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            if owner is not None and not pid_alive(owner):
+                continue  # its owner is gone: the kernel drops the flock as it exits; try again
+            who = f"process {owner}" if owner else "another process"
+            raise InputError(f"{out_dir!r} is in use by another run ({who} holds {RUN_LOCK}): wait for it to end, "
+                             "or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if not same:  # the previous owner removed the file as we opened it: lock the new one
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise InputError(f"cannot lock the run folder {out_dir!r}: it keeps changing under another process; "
+                     "choose another --out")
+
+
+def _lock_owner(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
