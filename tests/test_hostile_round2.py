@@ -131,3 +131,64 @@ def test_finetune_out_into_a_model_folder_is_refused(tmp_path):
     assert result.exit_code != 0 and "holds a model" in message, message
     assert len(message.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path / "lm")) == before
+
+
+# ------------------------------------------------------------------ 5. / 6. labels and undecodable input
+def _lines(tmp_path, *lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_multiple_choice_with_every_label_ignored_is_refused(tmp_path):
+    from thl_np.errors import InputError
+    from thl_np.finetune.examples import read_task_file
+
+    row = '{"context": "ab", "choices": ["c", "d"], "label": -100}'
+    with pytest.raises(InputError, match="no labelled row"):
+        read_task_file(_lines(tmp_path, row, row), "multiple-choice")
+    read_task_file(_lines(tmp_path, row, row), "multiple-choice", require_labels=False)  # predict: fine
+
+
+def test_unsigned_labels_that_would_wrap_to_ignore_are_refused():
+    from thl_np.errors import InputError
+    from thl_np.finetune.models import THLForMultipleChoice, THLForSequenceClassification
+
+    config = THLConfig(**TINY)
+    for model, ids in ((THLForSequenceClassification(config, num_labels=2), [[1, 2, 3]]),
+                       (THLForMultipleChoice(config), [[[1, 2], [3, 4]]])):
+        with pytest.raises(InputError, match="18446744073709551516"):
+            model(ids, labels=np.array([2**64 - 100], dtype=np.uint64), path="plain")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "\\ud800", "label": "x"}', "not valid UTF-8"),
+    ('{"text": "ab", "label": ' + "7" * 5000 + "}", "not valid JSON"),
+    ('{"text": "ab", "label": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"context": "ab", "choices": ["\\udfff", "d"], "label": 0}', "not valid UTF-8"),
+    ('{"context": "ab", "choices": ["c", "d"], "label": ' + "9" * 4000 + "}", "4000 digits"),
+])
+def test_hostile_jsonl_gets_one_line_naming_file_and_line(tmp_path, line, message):
+    from thl_np.errors import InputError
+    from thl_np.finetune.examples import read_task_file
+
+    path = _lines(tmp_path, '{"text": "ok", "label": "x"}' if "context" not in line else
+                  '{"context": "ab", "choices": ["c", "d"], "label": 1}', line)
+    task = "multiple-choice" if "context" in line else "sequence-classification"
+    with pytest.raises(InputError, match=message) as err:
+        read_task_file(path, task)
+    text = str(err.value)
+    assert f"{path}, line 2" in text and "\n" not in text and len(text) < 400
+
+
+@pytest.mark.parametrize("args, named", [(["\udcff"], "text argument 1"),
+                                         (["ab", "--choice", "\udcff", "--choice", "x"], "--choice 1")])
+def test_predict_with_an_undecodable_argument_names_it(tmp_path, args, named):
+    from thl_np.finetune.models import THLForMultipleChoice, THLForSequenceClassification
+
+    cls = THLForMultipleChoice if "--choice" in args else THLForSequenceClassification
+    (cls(THLConfig(**TINY)) if "--choice" in args else cls(THLConfig(**TINY), num_labels=2)).save_pretrained(str(tmp_path / "m"))
+    result = _cli(["predict", "--model", tmp_path / "m", "--path", "plain", *args])
+    message = result.output + str(result.exception or "")
+    assert result.exit_code != 0 and named in message and "not valid UTF-8" in message, message
+    assert "Traceback" not in message and len(message.strip().splitlines()) == 1
