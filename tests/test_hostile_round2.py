@@ -187,7 +187,8 @@ def test_predict_with_an_undecodable_argument_names_it(tmp_path, args, named):
     from thl_np.finetune.models import THLForMultipleChoice, THLForSequenceClassification
 
     cls = THLForMultipleChoice if "--choice" in args else THLForSequenceClassification
-    (cls(THLConfig(**TINY)) if "--choice" in args else cls(THLConfig(**TINY), num_labels=2)).save_pretrained(str(tmp_path / "m"))
+    model = cls(THLConfig(**TINY)) if "--choice" in args else cls(THLConfig(**TINY), num_labels=2)
+    model.save_pretrained(str(tmp_path / "m"))
     result = _cli(["predict", "--model", tmp_path / "m", "--path", "plain", *args])
     message = result.output + str(result.exception or "")
     assert result.exit_code != 0 and named in message and "not valid UTF-8" in message, message
