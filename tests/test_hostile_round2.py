@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from thl_np.config import THLConfig
 from thl_np.params import init_params
 
-TINY = dict(vocab_size=256, dim=16, num_tiers=2, tier_dims=[16, 16], tier_timescales=[1, 2], local_window=4,
+TINY = dict(vocab_size=259, dim=16, num_tiers=2, tier_dims=[16, 16], tier_timescales=[1, 2], local_window=4,
             memory_slots=8, query_dim=8, num_heads=2, head_dim=8, read_topk=2, write_rate=0.05)
 
 
@@ -193,3 +193,18 @@ def test_predict_with_an_undecodable_argument_names_it(tmp_path, args, named):
     message = result.output + str(result.exception or "")
     assert result.exit_code != 0 and named in message and "not valid UTF-8" in message, message
     assert "Traceback" not in message and len(message.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ 7. finetune batch memory
+def test_finetune_with_a_batch_too_big_for_memory_is_refused_before_allocating(tmp_path, monkeypatch):
+    import thl_np.checks
+
+    monkeypatch.setattr(thl_np.checks, "available_memory", lambda: 1 << 30)
+    _model().save_pretrained(str(tmp_path / "lm"))
+    data = _seq_file(tmp_path / "d.jsonl")
+    result = _cli(["finetune", "--task", "sequence-classification", "--model", tmp_path / "lm", "--data", data,
+                   "--out", tmp_path / "run", "--steps", 1, "--batch-size", 100000, "--path", "plain"])
+    message = result.output + str(result.exception or "")
+    assert result.exit_code != 0 and "fine-tuning step of 100000 examples" in message, message
+    assert "lower --batch-size" in message and "training examples" in message
+    assert not (tmp_path / "run").exists()

@@ -213,6 +213,7 @@ def _finetune(base, data, out_dir, config, *, eval_data, log, **overrides) -> Fi
                           betas=(tc.beta1, tc.beta2), eps=tc.eps)
         run = _Run(model=model, optimizer=optimizer, order=ExampleOrder(len(train), tc.batch_size, tc.seed),
                    rng=_new_rng(tc.seed), step=0, history=[], evals=[])
+    _check_memory(run.model, train, tc)
     _check_writable(out_dir)
     tick = run.model.config.tier_timescales[-1]
     if run.model.pooled and tick > 1 and tc.seq_len < tick + 1:
@@ -224,6 +225,19 @@ def _finetune(base, data, out_dir, config, *, eval_data, log, **overrides) -> Fi
           "labels": run.model.config.id2label, "majority_accuracy": baseline,
           "parameters": run.model.num_parameters(), "trainable": len(run.model.trainable_names())})
     return _loop(run, tc, train, held, baseline, out_dir, emit)
+
+
+def _check_memory(model, train, tc) -> None:
+    """Refuse, before the first step allocates it, a batch whose training step needs more memory than is
+    available (as ``train`` does): ``batch_size`` rows (× the choices of multiple choice) of ``seq_len``."""
+    from ..checks import check_allocation
+    from ..engines.gradient import training_memory_bytes
+
+    rows = tc.batch_size * (len(train.examples[0].ids) if train.examples and tc.task == CHOICE else 1)
+    step = training_memory_bytes(model.config, rows, tc.seq_len, model.dtype, breakdown=True)
+    check_allocation(step["total"] - step["params"], f"a fine-tuning step of {tc.batch_size} examples x "
+                     f"{tc.seq_len} bytes", f"lower --batch-size (this file has {len(train)} training examples) "
+                     "or --seq-len")
 
 
 def _check_writable(out_dir) -> None:
