@@ -208,3 +208,12 @@ def test_finetune_with_a_batch_too_big_for_memory_is_refused_before_allocating(t
     assert result.exit_code != 0 and "fine-tuning step of 100000 examples" in message, message
     assert "lower --batch-size" in message and "training examples" in message
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ 8. passkey lengths out of range
+@pytest.mark.parametrize("lengths", ["99999999999999999999", "256,2147483648"])
+def test_eval_passkey_with_an_absurd_length_is_refused_up_front_with_the_range(lengths):
+    result = _cli(["eval", "--passkey", "--lengths", lengths])
+    message = result.output + str(result.exception or "")
+    assert result.exit_code == 2 and "1..2,147,483,647" in message and "--lengths" in message, message
+    assert "Traceback" not in message and "too big" not in message
