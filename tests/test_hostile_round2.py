@@ -217,3 +217,54 @@ def test_eval_passkey_with_an_absurd_length_is_refused_up_front_with_the_range(l
     message = result.output + str(result.exception or "")
     assert result.exit_code == 2 and "1..2,147,483,647" in message and "--lengths" in message, message
     assert "Traceback" not in message and "too big" not in message
+
+
+# ------------------------------------------------------------------ property: N writers of the same files
+def _together(commands, cwd, timeout=180):
+    import subprocess
+    import sys
+
+    runner = "import sys; from thl_np.cli import main; sys.exit(main(sys.argv[1:]))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    procs = [subprocess.Popen([sys.executable, "-c", runner, *map(str, c)], cwd=cwd, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
+    return [(p.wait(timeout=timeout), *p.communicate()) for p in procs]
+
+
+def _no_temporaries(folder):
+    left = [n for n in os.listdir(folder) if ".tmp" in n or n.endswith(".lock")]
+    assert not left, left
+
+
+@pytest.mark.parametrize("n", [3])
+def test_n_processes_writing_the_same_files_never_report_success_for_lost_work(tmp_path, n):
+    from thl_np.io.folder import latest_checkpoint
+    from thl_np.model import THLModel
+
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(32, 127)) * 200)
+    small = ["--dim", 16, "--memory-slots", 8]
+    # the same run folder: one run trains into it, every other is refused in one line
+    results = _together([["train", "--data", "corpus.txt", "--out", "run", "--steps", 2, "--seq-len", 8,
+                          "--batch-size", 2, "--path", "plain", "--seed", i, *small] for i in range(n)], tmp_path)
+    assert sum(rc == 0 for rc, _, _ in results) == 1, results
+    for rc, _, err in results:
+        if rc:
+            assert "Traceback" not in err and ("in use by another run" in err or "already holds a run" in err), err
+    THLModel.from_pretrained(os.path.join(latest_checkpoint(str(tmp_path / "run")), "model"))
+    _no_temporaries(tmp_path / "run")
+    # the same model folder: one init writes it, every other is refused (never two successes, one lost)
+    results = _together([["init", "--out", "m", "--seed", i, *small] for i in range(n)], tmp_path)
+    assert sum(rc == 0 for rc, _, _ in results) == 1, results
+    for rc, _, err in results:
+        if rc:
+            assert "Traceback" not in err and ("in use by another writer" in err or "not empty" in err), err
+    THLModel.from_pretrained(str(tmp_path / "m"))
+    _no_temporaries(tmp_path / "m")
+    # the same --state-out: every generate succeeds and the file is whole (one of them, complete)
+    results = _together([["generate", "--model", "m", "ab", "--max-length", 3, "--seed", i, "--path", "plain",
+                          "--state-out", "s.npz"] for i in range(n)], tmp_path)
+    assert all(rc == 0 for rc, _, _ in results), results
+    with np.load(tmp_path / "s.npz") as state:
+        assert state.files
+    _no_temporaries(tmp_path)
