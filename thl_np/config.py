@@ -211,7 +211,8 @@ class THLConfig:
         """Write config.json (path may be the file or its folder), atomically."""
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        tmp = path + ".tmp"
+        # a name of this process's own: two processes saving the same config never share a temporary
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
         try:
             with open(tmp, "w") as f:
                 f.write(self.to_json())

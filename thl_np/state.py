@@ -282,7 +282,8 @@ class InferenceState:
     def save(self, path: str) -> None:
         """Write the spec §3 keys to an .npz file (atomically: temporary file, then rename)."""
         path = os.fspath(path)
-        tmp = path + ".tmp.npz"
+        # unique per process (and call): concurrent --state-out writers never share a temporary file
+        tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp.npz"
         try:
             with open(tmp, "wb") as f:
                 np.savez(f, **self.arrays())

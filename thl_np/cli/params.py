@@ -38,6 +38,12 @@ class Number(click.ParamType):
 def check_new_model_folder(out: str, force: bool, flag: str = "--out") -> None:
     """A command about to write a model folder: ``out`` must be a folder it can make or write into, and not
     a non-empty folder unless ``force`` (the rule of every command that writes a model folder)."""
+    from ..io.folder import LOCK_NAMES, hold_model_folder, release_model_folder
+
     check_output_dir(out, flag)
-    if os.path.isdir(out) and any(os.scandir(out)) and not force:
+    if os.path.isdir(out) and any(e.name not in LOCK_NAMES for e in os.scandir(out)) and not force:
         raise InputError(f"{flag} {out} exists and is not empty: pass --force to overwrite, or choose another path")
+    hold_model_folder(out)  # until this command ends: a second writer of the same folder is refused meanwhile
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: release_model_folder(out))

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from ..checks import check_output_dir, check_output_file, require_matplotlib
+from ..checks import check_allocation, check_output_dir, check_output_file, require_matplotlib
 from ..config import DTYPES
 from ..errors import InputError
 from ..io.folder import resolve_model_dir
@@ -291,6 +291,11 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
         click.get_current_context().exit(130)
 
 
+# the longest context a --lengths / --plot-lengths entry may ask for (2 GiB of bytes): longer prompts are
+# refused up front, before any array is sized from them
+MAX_LENGTH = 2**31 - 1
+
+
 def _int_list(ctx, param, value):
     """'256,1024,4096' -> [256, 1024, 4096] (a usage error names the flag otherwise)."""
     if value is None:
@@ -299,8 +304,9 @@ def _int_list(ctx, param, value):
         out = [int(v) for v in str(value).replace(" ", "").split(",") if v]
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"{value!r} must list positive integers, e.g. 256,1024,4096")
+    if not out or min(out) < 1 or max(out) > MAX_LENGTH:
+        raise click.BadParameter(f"{value if len(str(value)) <= 40 else str(value)[:40] + '...'!r} must list "
+                                 f"integers in 1..{MAX_LENGTH:,}, e.g. 256,1024,4096")
     return out
 
 
@@ -323,6 +329,8 @@ def _check_haystack(filler, haystack_dir, lengths) -> None:
     hay = Haystack(filler, haystack_dir)
     for length in lengths:
         hay.check_prompt(length, "--lengths")
+    # the prompt's bytes and its int64 ids, at least: refused now rather than failing mid-run
+    check_allocation(9 * max(lengths), f"a {max(lengths):,}-byte passkey prompt", "give shorter --lengths")
 
 
 @click.command("eval")

@@ -27,7 +27,8 @@ def convert(pytorch_dir, out_dir, dtype, force, task):
     PYTORCH_DIR holds config.json and pytorch_model.bin; OUT_DIR receives config.json and
     model.safetensors. The checkpoint is read without torch and without running its pickle: anything
     but a plain tensor state_dict is refused. The PyTorch THL ignores write_rate (it behaves as
-    write_rate = 1.0), so the converted config sets write_rate to 1.0. A task model's checkpoint
+    write_rate = 1.0), so a converted PyTorch checkpoint's config sets write_rate to 1.0; a thl-np
+    model folder (float, int8 or task head) is copied unchanged. A task model's checkpoint
     (THLForSequenceClassification & co.: the body under 'thl.', a 'classifier') becomes a task-model
     folder: load it with thl_np.THLForSequenceClassification.from_pretrained(OUT_DIR) (or the others).
 

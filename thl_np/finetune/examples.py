@@ -96,8 +96,11 @@ def read_task_file(path, task: str, label2id: dict | None = None, require_labels
             where = f"{path}, line {number}"
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(f"{where}: not valid JSON ({exc})") from None
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and an int of > 4,300 digits
+                raise InputError(f"{where}: not valid JSON ({_short(exc)})") from None
+            except RecursionError:
+                raise InputError(f"{where}: JSON nested too deeply (thousands of brackets): give one flat object "
+                                 f"{_FORMS[task]}") from None
             if not isinstance(obj, dict):
                 raise InputError(f"{where}: expected a JSON object {_FORMS[task]}, got {type(obj).__name__}")
             records.append((number, where, obj))
@@ -111,7 +114,32 @@ _FORMS = {SEQUENCE: '{"text": str, "label": str}', TOKEN: '{"text": str, "labels
 
 
 def parse_records(records, task, source, label2id=None, require_labels=True) -> TaskData:
-    """(line number, where, object) triples → TaskData (what ``read_task_file`` does after the JSON)."""
+    """(line number, where, object) triples → TaskData (what ``read_task_file`` does after the JSON).
+    With ``require_labels`` at least one row must have a label that counts (not −100 / null everywhere)."""
+    data = _parse_records(records, task, source, label2id, require_labels)
+    if require_labels and not any(np.any(np.asarray(ex.label) != IGNORE) for ex in data.examples):
+        raise InputError(f"{source} has no labelled row: every label is {IGNORE} or null (ignored), so there is "
+                         "nothing to learn from; label at least one row")
+    return data
+
+
+def _short(exc, limit: int = 120) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _utf8(value: str, where: str) -> str:
+    """``value`` if it encodes as UTF-8; a lone surrogate (JSON "\\ud800", an undecodable argument) is refused."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start:exc.end]
+        raise InputError(f"{where} is not valid UTF-8 text (it holds {bad!r} at character {exc.start}: a lone "
+                         "surrogate or undecodable bytes)") from None
+    return value
+
+
+def _parse_records(records, task, source, label2id=None, require_labels=True) -> TaskData:
     raw = [_parse(task, where, obj, require_labels) for _, where, obj in records]
     has_labels = any(label is not None for label, _, _ in raw)
     if task == CHOICE:
@@ -152,8 +180,11 @@ def _names(label):
 
 def _label_name(value, where, what):
     if isinstance(value, str) and value:
-        return value
+        return _utf8(value, f"{where}: {what}")
     if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= 2**63:
+            raise InputError(f"{where}: {what} is an integer of {len(str(abs(value) // 10**20))}+ digits: give a "
+                             "label name (a string) or a small integer")
         return str(value)
     raise InputError(f"{where}: {what} must be a non-empty string (or an integer), got {value!r}")
 
@@ -165,7 +196,7 @@ def _text(obj, key, where, allow_empty=False):
                          + (" (missing)" if key not in obj else ""))
     if not value and not allow_empty:
         raise InputError(f"{where}: \"{key}\" is empty: nothing to classify")
-    return value
+    return _utf8(value, f"{where}: \"{key}\"")
 
 
 def _parse(task, where, obj, require_labels):
@@ -175,6 +206,8 @@ def _parse(task, where, obj, require_labels):
         choices = obj.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
             raise InputError(f"{where}: \"choices\" must be a list of at least 2 strings, got {choices!r:.80}")
+        for j, c in enumerate(choices):
+            _utf8(c, f"{where}: choice {j}")
         if any(not (context + c) for c in choices):
             raise InputError(f"{where}: a choice is empty and so is the context: nothing to score")
         ids = [_encode(context + c) for c in choices]
@@ -183,7 +216,11 @@ def _parse(task, where, obj, require_labels):
             if require_labels:
                 raise InputError(f"{where}: \"label\" (the index of the right choice) is missing")
         elif isinstance(label, bool) or not isinstance(label, int):
-            raise InputError(f"{where}: \"label\" must be the integer index of the right choice, got {label!r}")
+            raise InputError(f"{where}: \"label\" must be the integer index of the right choice, got {label!r:.80}")
+        elif label != IGNORE and not 0 <= label < len(choices):
+            shown = label if abs(label) < 10**20 else f"of {len(str(abs(label)))} digits"
+            raise InputError(f"{where}: label {shown} is not the index of one of its {len(choices)} choices "
+                             f"(or {IGNORE}: ignored)")
         return label, ids, context
     text = _text(obj, "text", where)
     ids = [_encode(text)]
@@ -211,8 +248,11 @@ def _encode(text: str) -> np.ndarray:
 def texts_as_data(task, texts, choices=None) -> TaskData:
     """Texts given on a command line (no labels): one example per text; for multiple choice, one example
     per context, every context with the same ``choices``."""
+    for j, choice in enumerate(choices or [], start=1):
+        _utf8(choice, f"--choice {j} ({choice!r:.40})")
     records = []
     for i, text in enumerate(texts, start=1):
+        _utf8(text, f"text argument {i} ({text!r:.40})")
         obj = {"context": text, "choices": list(choices or [])} if task == CHOICE else {"text": text}
         records.append((i, f"text {i}", obj))
     return parse_records(records, task, "<command line>", None, require_labels=False)

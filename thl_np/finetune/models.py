@@ -528,6 +528,10 @@ def _int_labels(labels, shape, n, name, form):
         raise InputError(f"{name} must hold integer class ids (−100 for none), got dtype {y.dtype}")
     if y.shape != tuple(shape):
         raise InputError(f"{name} must have shape {form} = {list(shape)}, got {list(y.shape)}")
+    if y.dtype.kind == "u":  # unsigned: no −100 here, and a cast to int64 would wrap 2**64 − 100 to −100
+        big = y >= n
+        if big.any():
+            raise InputError(f"{name} holds {int(y[big].flat[0])}, outside 0..{n - 1} (or −100 for none)")
     y = y.astype(np.int64)
     bad = (y != H.IGNORE_INDEX) & ((y < 0) | (y >= n))
     if bad.any():

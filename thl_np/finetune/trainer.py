@@ -175,7 +175,15 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
     for the packaged default model); ignored when resuming. ``eval_data``: held-out examples (a path or
     TaskData); without it ``held_out_fraction`` of ``data`` is held out. ``config`` plus keyword
     ``overrides`` make the FinetuneConfig. ``log`` receives one dict per event (start, step, eval,
-    checkpoint, message, done), as ``trainer.train``'s does."""
+    checkpoint, message, done), as ``trainer.train``'s does. The run holds ``out_dir``'s run lock
+    (``thl_np.io.folder.run_lock``) throughout: a second run into the same folder is refused."""
+    from ..io.folder import run_lock
+
+    with run_lock(out_dir):
+        return _finetune(base, data, out_dir, config, log=log, eval_data=eval_data, **overrides)
+
+
+def _finetune(base, data, out_dir, config, *, eval_data, log, **overrides) -> FinetuneResult:
     from .examples import ExampleOrder, majority_accuracy
 
     tc = (config or FinetuneConfig()).replace(**overrides)
@@ -184,6 +192,9 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise InputError(f"the output path {out_dir!r} is a file: give a folder for the run's checkpoints")
+    if ckpt.is_model_folder(out_dir):  # as train refuses it: the folder would hold a model and a run
+        raise InputError(f"{out_dir!r} holds a model (config.json / model.safetensors), not a fine-tuning run: "
+                         "choose another --out (a run keeps its models in step-NNNNNN/model)")
     latest = ckpt.latest_checkpoint(out_dir) if os.path.isdir(out_dir) else None
     if tc.resume and latest is None:
         raise InputError(f"nothing to resume in {out_dir!r}: no checkpoint there; drop --resume to start")
@@ -202,6 +213,7 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
                           betas=(tc.beta1, tc.beta2), eps=tc.eps)
         run = _Run(model=model, optimizer=optimizer, order=ExampleOrder(len(train), tc.batch_size, tc.seed),
                    rng=_new_rng(tc.seed), step=0, history=[], evals=[])
+    _check_memory(run.model, train, tc)
     _check_writable(out_dir)
     tick = run.model.config.tier_timescales[-1]
     if run.model.pooled and tick > 1 and tc.seq_len < tick + 1:
@@ -213,6 +225,19 @@ def finetune(base, data, out_dir, config: FinetuneConfig | None = None, *, eval_
           "labels": run.model.config.id2label, "majority_accuracy": baseline,
           "parameters": run.model.num_parameters(), "trainable": len(run.model.trainable_names())})
     return _loop(run, tc, train, held, baseline, out_dir, emit)
+
+
+def _check_memory(model, train, tc) -> None:
+    """Refuse, before the first step allocates it, a batch whose training step needs more memory than is
+    available (as ``train`` does): ``batch_size`` rows (× the choices of multiple choice) of ``seq_len``."""
+    from ..checks import check_allocation
+    from ..engines.gradient import training_memory_bytes
+
+    rows = tc.batch_size * (len(train.examples[0].ids) if train.examples and tc.task == CHOICE else 1)
+    step = training_memory_bytes(model.config, rows, tc.seq_len, model.dtype, breakdown=True)
+    check_allocation(step["total"] - step["params"], f"a fine-tuning step of {tc.batch_size} examples x "
+                     f"{tc.seq_len} bytes", f"lower --batch-size (this file has {len(train)} training examples) "
+                     "or --seq-len")
 
 
 def _check_writable(out_dir) -> None:

@@ -83,7 +83,7 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
         raise WeightsError(f"the output folder {out_dir} is the PyTorch folder itself: choose a new folder")
     check_output_dir(out_dir, "the output folder")  # before reading the checkpoint, not after
     config = THLConfig.load(src_dir)
-    weights_path, tensors = _read_source_weights(src_dir)
+    weights_path, tensors, from_thl_np = _read_source_weights(src_dir)
     keep = ()
     head = {}
     if config.quantization:  # an int8 folder (thl_np.quant): its int8 values and float32 scales go as they are
@@ -91,6 +91,9 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
 
         names = list(from_file_tensors(config, tensors, source=weights_path).stored())
         keep = [n for n in names if tensors[n].dtype == np.int8 or n.endswith("_scale")]
+    elif from_thl_np and config.task is not None:  # a thl-np task folder: body and head as they are stored
+        check_finite(tensors, source=weights_path)
+        names = list(tensors)
     else:
         from ..finetune.from_pytorch import split_head_checkpoint
 
@@ -99,7 +102,10 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
         check_finite({**tensors, **head}, source=weights_path)
         names = list(param_shapes(config))
     say(f"read  {weights_path}: {len(tensors)} tensors, {sum(t.size for t in tensors.values()):,} parameters")
-    if config.write_rate != 1.0:
+    if from_thl_np:  # a thl-np folder already computes what thl-np computes: copy it unchanged
+        say(f"note  {src_dir} is a thl-np model folder: copied unchanged (write_rate {config.write_rate} kept; "
+            "the PyTorch THL's write_rate = 1.0 applies only to PyTorch checkpoints)")
+    elif config.write_rate != 1.0:
         say(f"note  write_rate {config.write_rate} -> 1.0: the PyTorch THL ignores write_rate (it behaves as "
             "write_rate = 1.0), so the converted model does the same")
         config = config.replace(write_rate=1.0)
@@ -117,12 +123,15 @@ def convert_pytorch_checkpoint(src_dir, out_dir, dtype: str | None = None, *, lo
 
 
 def _read_source_weights(src_dir):
+    """(path, tensors, from_thl_np): the last is True for a thl-np model folder (its safetensors
+    metadata says format thl-np), which is copied unchanged rather than given the PyTorch THL's η = 1."""
     pt_path = os.path.join(src_dir, PYTORCH_WEIGHTS)
     if os.path.exists(pt_path):
-        return pt_path, read_torch_state_dict(pt_path)
+        return pt_path, read_torch_state_dict(pt_path), False
     st_path = os.path.join(src_dir, SAFETENSORS_WEIGHTS)
     if os.path.exists(st_path):
-        return st_path, read_safetensors(st_path, mmap=False)[0]
+        tensors, metadata = read_safetensors(st_path, mmap=False)
+        return st_path, tensors, (metadata or {}).get("format") == FORMAT_METADATA["format"]
     raise WeightsError(f"{src_dir} holds neither {PYTORCH_WEIGHTS} nor {SAFETENSORS_WEIGHTS}: "
                        "pass the folder PyTorch THL's save_pretrained wrote")
 

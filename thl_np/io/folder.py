@@ -12,10 +12,17 @@ the temporary files a killed process left behind are removed by the next write i
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
 
 from ..checks import as_path, check_output_dir
 from ..errors import InputError, WeightsError
@@ -85,7 +92,14 @@ def write_model_folder(directory, params, config, metadata: dict, dtype: str | N
     need = sum(a.size * (a.dtype.itemsize if n in keep_dtype else _STORAGE_BYTES.get(dtype, a.dtype.itemsize))
                for n, a in params.items()) + (1 << 16)
     check_output_dir(directory, "model folder", need_bytes=need)
-    created = not os.path.lexists(directory)
+    held = _held.get(os.path.realpath(directory))
+    created = not os.path.lexists(directory) or (held is not None and held[1])  # made here or by our own lock
+    with model_folder_lock(directory):  # one writer at a time: weights and config from the same writer
+        _write_model_folder(directory, params, config, metadata, dtype, keep_dtype, created)
+    return directory
+
+
+def _write_model_folder(directory, params, config, metadata, dtype, keep_dtype, created) -> None:
     config_tmp = os.path.join(directory, f".{CONFIG}.tmp-{os.getpid()}")
     try:
         os.makedirs(directory, exist_ok=True)
@@ -108,7 +122,6 @@ def write_model_folder(directory, params, config, metadata: dict, dtype: str | N
         if isinstance(exc, WeightsError):  # write_safetensors says which file and why
             raise WeightsError(f"{exc}; {kept}") from None
         raise
-    return directory
 
 
 def remove_stale_temps(directory: str) -> None:
@@ -141,3 +154,147 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------- run lock
+RUN_LOCK = ".run.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out_dir, *, active: bool = True):
+    """Hold ``out_dir``'s run lock while a `train` / `finetune` run writes it (one writer per run folder).
+
+    The lock is an ``flock`` on ``out_dir/.run.lock``, which holds the owner's pid: the kernel releases it
+    when the owner exits or crashes (kill -9), so a lock left by a dead run is stale and taken over; a live
+    owner's (``pid_alive``) makes a second run, or a second ``--resume``, fail at once with one line.
+    Nothing is locked (the run's own checks then speak) for a path that is a file, a model folder, or a
+    folder that cannot be made; a folder made only for the lock is removed again if the run left it empty.
+    """
+    out_dir = os.fspath(out_dir)
+    if (not active or fcntl is None or (os.path.exists(out_dir) and not os.path.isdir(out_dir))
+            or os.path.exists(os.path.join(out_dir, CONFIG))):
+        yield
+        return
+    made = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError:
+        yield
+        return
+    path = os.path.join(out_dir, RUN_LOCK)
+    fd = _take_lock(path, out_dir)
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+        if made:
+            try:
+                os.rmdir(out_dir)  # only if the run wrote nothing there (it failed before its first file)
+            except OSError:
+                pass
+
+
+def _take_lock(path: str, out_dir: str, what: str = "run") -> int:
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as exc:
+            raise InputError(f"cannot lock the run folder {out_dir!r} ({exc.strerror or exc}): choose a writable "
+                             "--out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            if owner is not None and not pid_alive(owner):
+                continue  # its owner is gone: the kernel drops the flock as it exits; try again
+            who = f"process {owner}" if owner else "another process"
+            raise InputError(f"{out_dir!r} is in use by another {what} ({who} holds {os.path.basename(path)}): "
+                             "wait for it to end, or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except OSError:
+            same = False
+        if not same:  # the previous owner removed the file as we opened it: lock the new one
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+    raise InputError(f"cannot lock the run folder {out_dir!r}: it keeps changing under another process; "
+                     "choose another --out")
+
+
+def _lock_owner(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- model-folder lock
+WRITE_LOCK = ".write.lock"
+LOCK_NAMES = (RUN_LOCK, WRITE_LOCK)
+_held: dict[str, tuple[int, bool]] = {}   # folder (real path) -> (lock fd, whether this process made the folder)
+
+
+def hold_model_folder(directory) -> None:
+    """Take ``directory``'s writer lock for the rest of this process (a command that checks a model folder
+    is new, then writes it): a second process writing the same folder meanwhile is refused in one line,
+    so neither reports success for work the other overwrote. Released at exit (by the kernel on a crash);
+    a folder made only for the lock is removed again if nothing was written."""
+    directory = os.fspath(directory)
+    key = os.path.realpath(directory)
+    if fcntl is None or key in _held or (os.path.exists(directory) and not os.path.isdir(directory)):
+        return
+    made = not os.path.exists(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return  # the writer's own checks say why
+    _held[key] = (_take_lock(os.path.join(directory, WRITE_LOCK), directory, "writer"), made)
+    if len(_held) == 1:
+        atexit.register(_release_all)
+
+
+def _release(key: str) -> None:
+    fd, made = _held.pop(key)
+    _remove(os.path.join(key, WRITE_LOCK))
+    os.close(fd)
+    if made:
+        try:
+            os.rmdir(key)
+        except OSError:
+            pass
+
+
+def release_model_folder(directory) -> None:
+    """Give back ``hold_model_folder``'s lock before the process ends (a command run in-process is over)."""
+    key = os.path.realpath(os.fspath(directory))
+    if key in _held:
+        _release(key)
+
+
+def _release_all() -> None:
+    for key in list(_held):
+        _release(key)
+
+
+@contextlib.contextmanager
+def model_folder_lock(directory):
+    """``hold_model_folder`` for the length of a ``with``, unless this process holds it already."""
+    key = os.path.realpath(os.fspath(directory))
+    if key in _held:
+        yield
+        return
+    hold_model_folder(directory)
+    try:
+        yield
+    finally:
+        if key in _held:
+            _release(key)

@@ -17,7 +17,7 @@ from .check import DTYPES
 def save_npz(path, arrays: dict) -> None:
     """Write an uncompressed .npz deterministically (fixed zip timestamps, keys in the given order), so
     regenerating a file gives the same bytes. ``np.load`` reads it like any .npz."""
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
         for key, value in arrays.items():
             buf = io.BytesIO()

@@ -262,12 +262,20 @@ def train(
     was written). A Ctrl-C during the final evaluation stops that evaluation and keeps the trained
     checkpoint (``held_out_bpb`` is then None).
     ``world``: the ranks sharing the run's lanes (``thl_np.training.distributed``); by default the MPI world
-    when an MPI launcher started this process, else this process alone.
+    when an MPI launcher started this process, else this process alone. The run holds ``out_dir``'s run
+    lock (``thl_np.io.folder.run_lock``) throughout: a second run into the same folder is refused.
     """
+    from ..io.folder import run_lock
+
+    world = distributed.detect_world() if world is None else world
+    with run_lock(out_dir, active=world.rank == 0):  # rank 0 writes the folder, so rank 0 holds its lock
+        return _train(model_or_config, data, out_dir, config, log, world, **overrides)
+
+
+def _train(model_or_config, data, out_dir, config, log, world, **overrides) -> TrainResult:
     from ..engines.gradient import training_memory_bytes
     from ..model import THLModel, choose_fast, value_and_grad
 
-    world = distributed.detect_world() if world is None else world
     world.start()
     tc = (config or TrainConfig()).replace(**overrides)
     if world.size > 1 and tc.answer_weight != 1.0:
