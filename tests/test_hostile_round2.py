@@ -55,3 +55,15 @@ def test_task_model_save_pretrained_refused_before_writing(tmp_path, monkeypatch
     assert "\n" not in str(info.value) and (target in str(info.value) or "int4" in str(info.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] and not written
     assert not os.path.lexists("/proc/x")
+
+
+# -- 11: ragged multiple-choice input: an InputError naming the rule ---------------------------------------
+def test_multiple_choice_ragged_choices_name_the_rule():
+    from thl_np import THLConfig
+    from thl_np.finetune.models import THLForMultipleChoice
+
+    model = THLForMultipleChoice(THLConfig(dim=8, memory_slots=4, local_window=2, num_tiers=2), seed=0)
+    with pytest.raises(InputError, match=r"ragged.*\[B, C, T\].*same length"):
+        model([[[1, 2], [3]]])
+    with pytest.raises(InputError, match="ragged.*labels"):
+        model([[[1, 2], [3, 4]]], labels=[[0], []])
