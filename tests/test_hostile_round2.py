@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from thl_np.cli import main
@@ -67,3 +66,37 @@ def test_multiple_choice_ragged_choices_name_the_rule():
         model([[[1, 2], [3]]])
     with pytest.raises(InputError, match="ragged.*labels"):
         model([[[1, 2], [3, 4]]], labels=[[0], []])
+
+
+# -- 12: Ctrl-C while the command line's imports run: "interrupted", exit 130 ------------------------------
+def test_importing_the_entry_point_is_cheap():
+    """The console script imports thl_np.cli before main() can catch anything: that import loads neither
+    NumPy nor click, so a Ctrl-C in the first second lands inside main's handler."""
+    code = "import sys, thl_np.cli; print(sorted(m for m in ('numpy', 'click', 'thl_np.model') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_ctrl_c_during_the_cli_imports_is_one_line_and_130(capsys, monkeypatch):
+    import builtins
+
+    import thl_np.cli
+
+    real_import = builtins.__import__
+
+    def interrupted_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if name in ("app", "thl_np.cli.app") or (level and name == "" and "app" in (fromlist or ())):
+            raise KeyboardInterrupt
+        return real_import(name, globals, locals, fromlist, level)
+
+    import importlib
+
+    real_import_module = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, package=None: (_ for _ in ()).throw(
+        KeyboardInterrupt) if name.endswith("app") else real_import_module(name, package))
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    monkeypatch.delitem(sys.modules, "thl_np.cli.app", raising=False)
+    monkeypatch.delattr(thl_np.cli, "app", raising=False)
+    code = thl_np.cli.main(["info"])
+    _, err = capsys.readouterr()
+    assert code == 130 and err == "interrupted\n"
