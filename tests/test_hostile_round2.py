@@ -100,3 +100,16 @@ def test_ctrl_c_during_the_cli_imports_is_one_line_and_130(capsys, monkeypatch):
     code = thl_np.cli.main(["info"])
     _, err = capsys.readouterr()
     assert code == 130 and err == "interrupted\n"
+
+
+# -- 13: finetune from an int8 model: one line ---------------------------------------------------------------
+def test_finetune_from_an_int8_model_is_one_line(capsys, tmp_path):
+    assert run(capsys, "init", "--out", tmp_path / "m", "--dim", "8", "--memory-slots", "4")[0] == 0
+    assert run(capsys, "quantize", "--model", tmp_path / "m", "--out", tmp_path / "m8")[0] == 0
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text":"good","label":1}\n{"text":"bad","label":0}\n')
+    code, _, err = run(capsys, "finetune", "--task", "sequence-classification", "--model", tmp_path / "m8",
+                       "--data", data, "--out", tmp_path / "ft", "--steps", "1", "--batch-size", "2")
+    assert code == 1 and err.count("\n") == 1 and len(err) < 300, err
+    assert "int8" in err and "float model" in err and "problem(s)" not in err
+    assert not (tmp_path / "ft").exists()

@@ -364,6 +364,9 @@ class TaskModel:
         if not os.path.isdir(directory):
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)
+        if config.quantization:  # one line, as train says it (not a dtype problem per int8 tensor)
+            raise InputError(f"{directory} holds int8 (quantized) weights: fine-tune the float model it came "
+                             f"from, then quantize the result (thl-np quantize)")
         path = os.path.join(directory, "model.safetensors")
         if not os.path.exists(path):
             raise WeightsError(f"{path} is missing: a model folder needs model.safetensors next to config.json")
