@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from thl_np.cli import main
@@ -113,3 +114,19 @@ def test_finetune_from_an_int8_model_is_one_line(capsys, tmp_path):
     assert code == 1 and err.count("\n") == 1 and len(err) < 300, err
     assert "int8" in err and "float model" in err and "problem(s)" not in err
     assert not (tmp_path / "ft").exists()
+
+
+# -- 14: an int8 scale whose s·127 overflows float32: refused at load, naming the tensor ---------------------
+def test_int8_scale_that_overflows_float32_is_refused_at_load(tmp_path):
+    from thl_np import THLConfig, THLModel, WeightsError, quantize_model
+    from thl_np.io.safetensors import read_safetensors, write_safetensors
+
+    config = THLConfig(dim=8, memory_slots=4, local_window=2, num_tiers=2, dtype="float32")
+    quantize_model(THLModel(config, seed=0)).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors, metadata = read_safetensors(path)
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    tensors["router.W_q.weight_scale"].flat[0] = 3e38
+    write_safetensors(path, tensors, metadata=metadata)
+    with pytest.raises(WeightsError, match=r"router\.W_q\.weight_scale.*too large.*float32"):
+        THLModel.from_pretrained(tmp_path)
