@@ -130,3 +130,47 @@ def test_int8_scale_that_overflows_float32_is_refused_at_load(tmp_path):
     write_safetensors(path, tensors, metadata=metadata)
     with pytest.raises(WeightsError, match=r"router\.W_q\.weight_scale.*too large.*float32"):
         THLModel.from_pretrained(tmp_path)
+
+
+# -- 15: plugins: a file given twice loads once; sys.exit names the plugin; a wrong shape names the variant ---
+PLUGIN = '''
+from thl_np.components.registry import register
+from thl_np.components.router import router_backward, router_forward
+
+
+def forward(*args, **kwargs):
+    r, alpha, idx, cache = router_forward(*args, **kwargs)
+    return r[:, :-1], alpha, idx, cache  # one value too few
+
+
+register("router", "test_short_read", forward, router_backward)
+'''
+
+
+def test_the_same_plugin_twice_loads_once(capsys, tmp_path):
+    plugin = tmp_path / "short_read_a.py"
+    plugin.write_text(PLUGIN.replace("test_short_read", "test_short_read_a"))
+    code, out, err = run(capsys, "--plugin", plugin, "--plugin", plugin, "--plugin", f"{tmp_path}/./short_read_a.py",
+                         "info", "--model", tmp_path / "missing")
+    assert "already registered" not in err and "plugin '" not in err and "does not exist" in err, err
+
+
+def test_a_plugin_calling_sys_exit_is_named(capsys, tmp_path):
+    plugin = tmp_path / "quitter.py"
+    plugin.write_text("import sys\nsys.exit(3)\n")
+    code, out, err = run(capsys, "--plugin", plugin, "info")
+    assert code != 0 and err.count("\n") == 1 and "quitter.py" in err and "sys.exit(3)" in err, err
+
+
+def test_a_variant_returning_the_wrong_shape_is_named(tmp_path):
+    from thl_np import THLConfig, THLModel
+    from thl_np.components.registry import load_plugin
+    from thl_np.errors import ConfigError
+
+    plugin = tmp_path / "short_read_b.py"
+    plugin.write_text(PLUGIN.replace("test_short_read", "test_short_read_b"))
+    load_plugin(str(plugin))
+    config = THLConfig(dim=8, memory_slots=4, local_window=2, num_tiers=2, components={"router": "test_short_read_b"})
+    model = THLModel(config, seed=0)
+    with pytest.raises(ConfigError, match=r"router=test_short_read_b.*the read r of shape \[1, \d+\], expected"):
+        model(np.array([[1, 2, 3]]), path="plain")

@@ -41,7 +41,7 @@ from .components.output import (
     load_balance_forward,
 )
 from .components.primitives import array_module, scatter_add
-from .components.registry import components_for, router_score_rule
+from .components.registry import check_forward_shapes, components_for, router_score_rule
 from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_input, slot_scores
 from .components.writer import writer_input
 from .errors import InputError
@@ -111,6 +111,7 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
             loc, local_cache = comp.local_attention.forward(
                 e, state.local_buffer[:, :n], P["local_attn.q.weight"], P["local_attn.k.weight"],
                 P["local_attn.v.weight"])
+            check_forward_shapes(comp.local_attention, (loc,), (("the local read", (B, c.value_dim)),))
         else:
             loc = xp.zeros((B, c.value_dim), dtype=e.dtype)
         buffer, n_next = buffer_push(state.local_buffer, n, e)
@@ -123,6 +124,9 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
             u, state.memory, state.read_ema, P["router.W_q.weight"], P["router.W_k.weight"],
             P["router.W_v.weight"], num_heads=c.num_heads, head_dim=c.head_dim, topk=c.read_topk,
             load_penalty=c.load_penalty, capacity=c.read_slot_capacity, gumbel=gumbel)
+        check_forward_shapes(comp.router, (r, alpha, idx), (
+            ("the read r", (B, c.value_dim)), ("alpha", (B, c.num_heads, c.read_topk)),
+            ("idx", (B, c.num_heads, c.read_topk))))
         read_ema, last_read, A = read_meta_forward(state.read_ema, state.last_read, alpha, idx, t,
                                                    c.read_ema_decay)
     W.keep(r, read_ema, last_read)
@@ -138,6 +142,8 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
         memory, write_ema, last_write = comp.memory_write.forward(
             state.memory, state.write_ema, state.last_write, targets, g, w, t, decay=c.memory_decay,
             write_rate=c.write_rate, ema_decay=c.write_ema_decay)
+        check_forward_shapes(comp.memory_write, (memory, write_ema), (
+            ("the memory", state.memory.shape), ("write_ema", state.write_ema.shape)))
     W.keep(memory, write_ema, last_write)
     # 9. advance
     next_state = InferenceState(timestep=t + 1, tiers=s_new, memory=memory, read_ema=read_ema,
