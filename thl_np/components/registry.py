@@ -174,7 +174,7 @@ def check_forward_shapes(variant: Variant, outputs, expected) -> None:
     broadcasting error later. The spec's variants are not checked (their tests are)."""
     if variant.name == SPEC:
         return
-    for (what, shape), value in zip(expected, outputs):
+    for (what, shape), value in zip(expected, outputs, strict=True):
         got = tuple(getattr(value, "shape", ()))
         if got != tuple(shape):
             raise ConfigError(f"variant {variant.kind}={variant.name}: its forward returned {what} of shape "
