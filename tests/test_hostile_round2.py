@@ -174,3 +174,27 @@ def test_a_variant_returning_the_wrong_shape_is_named(tmp_path):
     model = THLModel(config, seed=0)
     with pytest.raises(ConfigError, match=r"router=test_short_read_b.*the read r of shape \[1, \d+\], expected"):
         model(np.array([[1, 2, 3]]), path="plain")
+
+
+GRU_PLUGIN = '''
+from thl_np.components.gru import gru_backward, gru_forward
+from thl_np.components.registry import register
+
+
+def backward(*args, **kwargs):
+    return tuple(o * SCALE if hasattr(o, "shape") else o for o in gru_backward(*args, **kwargs))
+
+
+register("gru", NAME, gru_forward, backward)
+'''
+
+
+@pytest.mark.parametrize("scale,code", [(1.0, 0), (1.5, 1)])
+def test_gradcheck_command_checks_a_plugins_backward(capsys, tmp_path, scale, code):
+    plugin = tmp_path / f"gru_{code}.py"
+    plugin.write_text(f"SCALE = {scale}\nNAME = 'test_gc_gru_{code}'\n" + GRU_PLUGIN)
+    got, out, err = run(capsys, "gradcheck", "--plugin", plugin, "--seq-len", "3")
+    assert got == code, out + err
+    assert f"gru=test_gc_gru_{code}" in out
+    if code:
+        assert "does not match" in err and err.count("\n") == 1
