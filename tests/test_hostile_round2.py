@@ -198,3 +198,47 @@ def test_gradcheck_command_checks_a_plugins_backward(capsys, tmp_path, scale, co
     assert f"gru=test_gc_gru_{code}" in out
     if code:
         assert "does not match" in err and err.count("\n") == 1
+
+
+# -- 16: prefill keeps only the last logits (generate, eval --passkey, --state-out / --state-in) ------------
+def _head_calls(monkeypatch, module):
+    shapes = []
+    real = module.output_forward
+
+    def recording(params, tier_states, *a, **k):
+        shapes.append(tuple(np.shape(tier_states)))
+        return real(params, tier_states, *a, **k)
+
+    monkeypatch.setattr(module, "output_forward", recording)
+    return shapes
+
+
+def test_generate_on_the_plain_path_applies_the_head_to_the_last_position_only(monkeypatch):
+    import thl_np.model
+    from thl_np import THLConfig, THLModel, generate_text
+
+    model = THLModel(THLConfig(vocab_size=259, dim=8, memory_slots=4, local_window=2, num_tiers=2), seed=0)
+    shapes = _head_calls(monkeypatch, thl_np.model)
+    text, state = generate_text(model, None, "x" * 300, max_length=3, temperature=0, return_state=True,
+                                path="plain")
+    assert shapes and all(len(s) == 2 for s in shapes), shapes  # [B, D]: never [B, T, D] → [B, T, V]
+    again, _ = generate_text(model, None, "y" * 50, max_length=2, state=state, return_state=True, path="plain")
+    assert all(len(s) == 2 for s in shapes), shapes
+    # the same numbers as the full forward's last row
+    logits, _ = model(np.frombuffer(b"x" * 300, np.uint8)[None].astype(np.int64), path="plain")
+    last, _ = model.prompt(np.frombuffer(b"x" * 300, np.uint8)[None].astype(np.int64), path="plain")
+    np.testing.assert_allclose(last, logits[:, -1], rtol=1e-5, atol=1e-6)  # the head on [B, D] vs [B, T, D]
+
+
+def test_plain_decoder_prompt_last_keeps_no_per_position_array(monkeypatch):
+    pytest.importorskip("numba")  # the decoders' package imports the fast one
+    from thl_np import THLConfig, THLModel
+    from thl_np.engines import plain_decoder
+
+    model = THLModel(THLConfig(vocab_size=259, dim=8, memory_slots=4, local_window=2, num_tiers=2), seed=0)
+    shapes = _head_calls(monkeypatch, plain_decoder)
+    ids = np.arange(40)[None] % 250
+    last = plain_decoder.PlainDecoder(model, batch_size=1).prompt(ids, logits="last")
+    assert shapes == [(1, model.config.total_tier_dim)]
+    full = plain_decoder.PlainDecoder(model, batch_size=1).prompt(ids, logits="all")
+    np.testing.assert_allclose(last, full[:, -1], rtol=1e-5, atol=1e-6)
