@@ -242,3 +242,19 @@ def test_plain_decoder_prompt_last_keeps_no_per_position_array(monkeypatch):
     assert shapes == [(1, model.config.total_tier_dim)]
     full = plain_decoder.PlainDecoder(model, batch_size=1).prompt(ids, logits="all")
     np.testing.assert_allclose(last, full[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_gru_variant_returning_the_wrong_shape_is_named():
+    from thl_np import THLConfig, THLModel
+    from thl_np.components.gru import gru_backward, gru_forward
+    from thl_np.components.registry import register
+    from thl_np.errors import ConfigError
+
+    def short(*args):
+        s, cache = gru_forward(*args)
+        return s[:, :-1], cache
+
+    register("gru", "test_short_gru", short, gru_backward, replace=True)
+    config = THLConfig(dim=8, memory_slots=4, local_window=2, num_tiers=2, components={"gru": "test_short_gru"})
+    with pytest.raises(ConfigError, match=r"gru=test_short_gru.*tier 0's state of shape \[1, \d+\], expected"):
+        THLModel(config, seed=0)(np.array([[1, 2]]), path="plain")

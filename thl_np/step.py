@@ -132,6 +132,7 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
     W.keep(r, read_ema, last_read)
     # 5. tiers under their clocks
     s_new, tier_caches = tiers_forward(W, t, e, r, loc, s_prev, c.tier_timescales, comp.gru.forward)
+    check_forward_shapes(comp.gru, s_new, [(f"tier {k}'s state", s.shape) for k, s in enumerate(s_prev)])
     # 6. writer, against the memory before this step's decay; 7. memory decay and write
     with W.module("writer") as P:
         x_w = writer_input(s_new)
