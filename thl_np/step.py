@@ -131,8 +131,8 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
                                                    c.read_ema_decay)
     W.keep(r, read_ema, last_read)
     # 5. tiers under their clocks
-    s_new, tier_caches = tiers_forward(W, t, e, r, loc, s_prev, c.tier_timescales, comp.gru.forward)
-    check_forward_shapes(comp.gru, s_new, [(f"tier {k}'s state", s.shape) for k, s in enumerate(s_prev)])
+    s_new, tier_caches = tiers_forward(W, t, e, r, loc, s_prev, c.tier_timescales, comp.gru.forward,
+                                       variant=comp.gru)
     # 6. writer, against the memory before this step's decay; 7. memory decay and write
     with W.module("writer") as P:
         x_w = writer_input(s_new)
@@ -173,10 +173,11 @@ def read_scores(params, config, e, state, gumbel=None):
     return scores if gumbel is None else scores + gumbel
 
 
-def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None):
+def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None, variant=None):
     """Spec §4.5 over the K tiers at step t: tier k runs when t mod τ_k = 0, on [its lower tier's new state
     (e for Tier 0); r (+ ℓ for Tier 0)]; an inactive tier keeps its state. → (s_new list, caches list with
-    None for an inactive tier). ``gru_forward``: the cell (a registered variant's; the spec's by default)."""
+    None for an inactive tier). ``gru_forward``: the cell (a registered variant's; the spec's by default);
+    ``variant``: its registry entry, whose outputs' shapes are then checked."""
     gru_forward = gru_forward or gru.gru_forward
     W = _provider(weights)
     xp = array_module(e)
@@ -190,6 +191,8 @@ def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None):
                     s_prev[k], xp.concatenate([lower, ctx], axis=1),
                     P[pre + "W_z.weight"], P[pre + "W_z.bias"], P[pre + "W_r.weight"], P[pre + "W_r.bias"],
                     P[pre + "W_h.weight"], P[pre + "W_h.bias"])
+                if variant is not None:
+                    check_forward_shapes(variant, (s_k,), ((f"tier {k}'s state", s_prev[k].shape),))
             else:
                 s_k, cache = s_prev[k], None
         W.keep(s_k)
