@@ -278,6 +278,22 @@ def check_output_file(path, flag: str, need_bytes: int = 0) -> str:
     return path
 
 
+# the file formats matplotlib's Agg / PDF / SVG / PS backends write (``savefig`` picks one by the suffix)
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".eps", ".ps",
+                 ".pgf", ".raw", ".rgba")
+
+
+def check_plot_file(path, flag: str) -> str:
+    """A plot's output file: an image suffix matplotlib can write (not .txt / .jsonl), then as check_output_file."""
+    path = as_path(path, flag)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in PLOT_SUFFIXES:
+        got = f"'{suffix}'" if suffix else "no suffix"
+        raise InputError(f"{flag} {path}: a plot is written as an image, and {got} is not one: end the name "
+                         f"with {', '.join(PLOT_SUFFIXES[:4])} (or {', '.join(PLOT_SUFFIXES[4:])})")
+    return check_output_file(path, flag)
+
+
 def as_path(value, what: str) -> str:
     """A str path from a str / bytes / os.PathLike, or InputError naming ``what``."""
     if isinstance(value, bytes):

@@ -190,7 +190,8 @@ def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0,
     run_prompt, run_step = _bind_path(model, prompt.size + max_length, path)
 
     logits, state = run_prompt(prompt[None, :], state)
-    last = np.asarray(logits)[0, -1, :limit]
+    logits = np.asarray(logits)
+    last = (logits[0, -1] if logits.ndim == 3 else logits[0])[:limit]  # model.prompt: [1, V]; another: [1, T, V]
     token = None
     for i in range(max_length):
         token = sample_next(last, rng, temperature, top_k, top_p)
@@ -247,7 +248,8 @@ def _bind_path(model, steps: int, path: str):
             raise InputError(f"path = {path!r} needs a THLModel; {type(model).__name__} runs as it is")
         return model, model.forward_step
     path = decode_path(model, steps, path)
-    return functools.partial(model, path=path), functools.partial(model.forward_step, path=path)
+    # the prompt through model.prompt: the last position's logits only, no T × V array (a long prompt's memory)
+    return functools.partial(model.prompt, path=path), functools.partial(model.forward_step, path=path)
 
 
 def _step(run_step, token: int, state):

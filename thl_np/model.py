@@ -171,6 +171,24 @@ class THLModel:
 
     forward = __call__
 
+    def prompt(self, input_ids, state=None, path: str = "auto"):
+        """Consume input_ids [B, T] (T ≥ 1) from ``state`` → (logits [B, V] of the last position only, the
+        state after T steps). As ``__call__`` but the head runs once, on the last position, and no [B, T, ·]
+        array is kept: memory stays flat in T (a prefill: generate, eval --passkey, --state-out)."""
+        ids = self._check_ids(input_ids)
+        B, T = ids.shape
+        if T == 0:
+            raise InputError("prompt() needs at least one token")
+        if self._use_plain(path, None):
+            state = self._prepare_state(state, B)
+            for t in range(T):
+                tier_states, state, _ = thl_step(self.params, self.config, ids[:, t], state)
+            logits, _, _ = output_forward(self.params, tier_states)
+            return logits, state
+        decoder = self._decoder(state, B)
+        logits = decoder.prompt(ids, logits="last")
+        return logits, InferenceState.held_by(decoder)
+
     def forward_step(self, token_ids, state=None, path: str = "auto"):
         """One step for token_ids [B] (or [B, 1]) → (logits [B, V], next state).
 

@@ -41,7 +41,7 @@ from .components.output import (
     load_balance_forward,
 )
 from .components.primitives import array_module, scatter_add
-from .components.registry import components_for, router_score_rule
+from .components.registry import check_forward_shapes, components_for, router_score_rule
 from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_input, slot_scores
 from .components.writer import writer_input
 from .errors import InputError
@@ -111,6 +111,7 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
             loc, local_cache = comp.local_attention.forward(
                 e, state.local_buffer[:, :n], P["local_attn.q.weight"], P["local_attn.k.weight"],
                 P["local_attn.v.weight"])
+            check_forward_shapes(comp.local_attention, (loc,), (("the local read", (B, c.value_dim)),))
         else:
             loc = xp.zeros((B, c.value_dim), dtype=e.dtype)
         buffer, n_next = buffer_push(state.local_buffer, n, e)
@@ -123,11 +124,15 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
             u, state.memory, state.read_ema, P["router.W_q.weight"], P["router.W_k.weight"],
             P["router.W_v.weight"], num_heads=c.num_heads, head_dim=c.head_dim, topk=c.read_topk,
             load_penalty=c.load_penalty, capacity=c.read_slot_capacity, gumbel=gumbel)
+        check_forward_shapes(comp.router, (r, alpha, idx), (
+            ("the read r", (B, c.value_dim)), ("alpha", (B, c.num_heads, c.read_topk)),
+            ("idx", (B, c.num_heads, c.read_topk))))
         read_ema, last_read, A = read_meta_forward(state.read_ema, state.last_read, alpha, idx, t,
                                                    c.read_ema_decay)
     W.keep(r, read_ema, last_read)
     # 5. tiers under their clocks
-    s_new, tier_caches = tiers_forward(W, t, e, r, loc, s_prev, c.tier_timescales, comp.gru.forward)
+    s_new, tier_caches = tiers_forward(W, t, e, r, loc, s_prev, c.tier_timescales, comp.gru.forward,
+                                       variant=comp.gru)
     # 6. writer, against the memory before this step's decay; 7. memory decay and write
     with W.module("writer") as P:
         x_w = writer_input(s_new)
@@ -138,6 +143,8 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
         memory, write_ema, last_write = comp.memory_write.forward(
             state.memory, state.write_ema, state.last_write, targets, g, w, t, decay=c.memory_decay,
             write_rate=c.write_rate, ema_decay=c.write_ema_decay)
+        check_forward_shapes(comp.memory_write, (memory, write_ema), (
+            ("the memory", state.memory.shape), ("write_ema", state.write_ema.shape)))
     W.keep(memory, write_ema, last_write)
     # 9. advance
     next_state = InferenceState(timestep=t + 1, tiers=s_new, memory=memory, read_ema=read_ema,
@@ -166,10 +173,11 @@ def read_scores(params, config, e, state, gumbel=None):
     return scores if gumbel is None else scores + gumbel
 
 
-def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None):
+def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None, variant=None):
     """Spec §4.5 over the K tiers at step t: tier k runs when t mod τ_k = 0, on [its lower tier's new state
     (e for Tier 0); r (+ ℓ for Tier 0)]; an inactive tier keeps its state. → (s_new list, caches list with
-    None for an inactive tier). ``gru_forward``: the cell (a registered variant's; the spec's by default)."""
+    None for an inactive tier). ``gru_forward``: the cell (a registered variant's; the spec's by default);
+    ``variant``: its registry entry, whose outputs' shapes are then checked."""
     gru_forward = gru_forward or gru.gru_forward
     W = _provider(weights)
     xp = array_module(e)
@@ -183,6 +191,8 @@ def tiers_forward(weights, t, e, r, loc, s_prev, timescales, gru_forward=None):
                     s_prev[k], xp.concatenate([lower, ctx], axis=1),
                     P[pre + "W_z.weight"], P[pre + "W_z.bias"], P[pre + "W_r.weight"], P[pre + "W_r.bias"],
                     P[pre + "W_h.weight"], P[pre + "W_h.bias"])
+                if variant is not None:
+                    check_forward_shapes(variant, (s_k,), ((f"tier {k}'s state", s_prev[k].shape),))
             else:
                 s_k, cache = s_prev[k], None
         W.keep(s_k)

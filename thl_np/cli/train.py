@@ -14,7 +14,7 @@ import time
 
 import click
 
-from ..checks import check_allocation, check_output_dir, check_output_file, require_matplotlib
+from ..checks import check_allocation, check_output_dir, check_plot_file, require_matplotlib
 from ..config import DTYPES
 from ..errors import InputError
 from ..io.folder import resolve_model_dir
@@ -418,12 +418,12 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if compare_dir is not None and data is None:
         raise click.UsageError("--compare evaluates both models on --data: give --data PATH")
     if memory_plot is not None:  # the plot's file and its library, before the measurements
-        check_output_file(memory_plot, "--memory-plot")
+        check_plot_file(memory_plot, "--memory-plot")
         require_matplotlib("the memory plot")
     if (diag_plot and not diagnostics) or (trace and not passkey):
         raise click.UsageError("--plot draws --diagnostics, --trace follows --passkey: give them together")
     if diag_plot:
-        check_output_file(diag_plot, "--plot")
+        check_plot_file(diag_plot, "--plot")
         require_matplotlib("the diagnostics plot")
     if passkey or (diagnostics and data is None):  # the haystack, before the model is loaded
         _check_haystack(filler, haystack_dir, lengths if passkey else [max(lengths)])

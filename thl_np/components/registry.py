@@ -145,17 +145,41 @@ def load_plugin(source: str):
         if source.endswith(".py") or os.sep in source:
             if not os.path.isfile(source):
                 raise ConfigError(f"plugin {source!r}: no such file")
+            key = os.path.realpath(source)
+            if key in _LOADED_FILES:  # the same file named twice (--plugin a.py --plugin ./a.py): once
+                return _LOADED_FILES[key]
             name = "thl_np_plugin_" + os.path.splitext(os.path.basename(source))[0]
             spec = importlib.util.spec_from_file_location(name, source)
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)
+            _LOADED_FILES[key] = module
             return module
         return importlib.import_module(source)
     except ConfigError:
         raise
+    except SystemExit as exc:  # sys.exit() in the plugin: say which plugin ended the program
+        raise ConfigError(f"plugin {source!r} ended the program while it was imported (sys.exit({exc.code!r})): "
+                          f"a plugin should only register variants") from None
     except Exception as exc:  # the plugin's own error, reported on one line
         raise ConfigError(f"plugin {source!r} failed to import: {type(exc).__name__}: {exc}") from None
+
+
+_LOADED_FILES: dict = {}  # realpath of a plugin file → its module
+
+
+def check_forward_shapes(variant: Variant, outputs, expected) -> None:
+    """A plugin variant's forward outputs against the shapes the step needs (``expected``: (what, shape)
+    pairs, matched with ``outputs`` in order): ConfigError naming the variant and the expected shape, not a
+    broadcasting error later. The spec's variants are not checked (their tests are)."""
+    if variant.name == SPEC:
+        return
+    for (what, shape), value in zip(expected, outputs, strict=True):
+        got = tuple(getattr(value, "shape", ()))
+        if got != tuple(shape):
+            raise ConfigError(f"variant {variant.kind}={variant.name}: its forward returned {what} of shape "
+                              f"{list(got)}, expected {list(shape)} (the {variant.kind} signature: "
+                              f"docs/CHANGING_A_COMPONENT.md)")
 
 
 # The built-in routers' score rules, for code that recomputes scores outside a step (the passkey trace)

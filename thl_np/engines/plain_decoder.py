@@ -68,9 +68,12 @@ class PlainDecoder:
         """Consume input_ids [B, T]; logits "all" → [B, T, V], "last" → [B, V], "none" → None."""
         ids = np.asarray(input_ids, dtype=np.int64)
         B, T = ids.shape
+        if logits != "all":  # keep only the last position: memory flat in T
+            last = None
+            for t in range(T):
+                last = self.advance(ids[:, t])
+            return self.logits(last) if logits == "last" and last is not None else None
         hidden = np.empty((B, T, self.config.total_tier_dim), self.dtype)
         for t in range(T):
             hidden[:, t] = self.advance(ids[:, t])
-        if logits == "all":
-            return self.logits(hidden)
-        return self.logits(hidden[:, -1]) if logits == "last" else None
+        return self.logits(hidden)

@@ -392,6 +392,9 @@ class TaskModel:
         if not os.path.isdir(directory):
             raise WeightsError(f"no model folder at {directory}: it should hold config.json and model.safetensors")
         config = THLConfig.load(directory)
+        if config.quantization:  # one line, as train says it (not a dtype problem per int8 tensor)
+            raise InputError(f"{directory} holds int8 (quantized) weights: fine-tune the float model it came "
+                             f"from, then quantize the result (thl-np quantize)")
         path = os.path.join(directory, "model.safetensors")
         if not os.path.exists(path):
             raise WeightsError(f"{path} is missing: a model folder needs model.safetensors next to config.json")
@@ -503,7 +506,9 @@ class THLForMultipleChoice(THLForSequenceClassification):
     pooled = True
 
     def _flat_ids(self, input_ids):
-        ids = _as_ids(input_ids)
+        ids = _as_ids(input_ids, "a multiple-choice model's input_ids [B, C, T]: every example needs the same "
+                                 "number of choices C, and every choice the same length T (pad the shorter "
+                                 "ones with the config's pad_token_id)")
         if ids.ndim != 3 or 0 in ids.shape:
             raise InputError(f"a multiple-choice model takes input_ids [B, C, T] (C choices per example, none "
                              f"empty), got shape {list(ids.shape)}")
@@ -516,14 +521,19 @@ class THLForMultipleChoice(THLForSequenceClassification):
         return _int_labels(labels, lead[:1], lead[1], "labels", "[B] (the index of the right choice)")
 
 
-def _as_ids(x):
+def _as_ids(x, rule: str = "input_ids: every row the same length (pad the shorter ones with the config's "
+                            "pad_token_id)"):
+    """An array from a list / array / torch tensor; a ragged nesting is an InputError stating ``rule``."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch
         x = x.detach().cpu().numpy()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except ValueError as exc:  # "inhomogeneous shape": lists of different lengths
+        raise InputError(f"ragged input for {rule}") from exc
 
 
 def _int_labels(labels, shape, n, name, form):
-    y = _as_ids(labels)
+    y = _as_ids(labels, f"{name} {form}: one integer per example")
     if y.dtype.kind not in "iu":
         raise InputError(f"{name} must hold integer class ids (−100 for none), got dtype {y.dtype}")
     if y.shape != tuple(shape):

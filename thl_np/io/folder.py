@@ -26,7 +26,7 @@ except ImportError:  # not POSIX: runs are not locked
 
 from ..checks import as_path, check_output_dir
 from ..errors import InputError, WeightsError
-from .safetensors import write_safetensors
+from .safetensors import STORAGE_DTYPES, write_safetensors
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -89,6 +89,9 @@ def write_model_folder(directory, params, config, metadata: dict, dtype: str | N
     ``directory``. Checks the location first (a folder that can be made or written, with room for the
     weights); any failure raises WeightsError and leaves the folder's previous files unchanged."""
     directory = as_path(directory, "the model folder")
+    if dtype is not None and dtype not in STORAGE_DTYPES:  # before anything is made or written
+        raise WeightsError(f"storage dtype {dtype!r} is not supported: use one of {list(STORAGE_DTYPES)}; "
+                           f"nothing was written to {directory}")
     need = sum(a.size * (a.dtype.itemsize if n in keep_dtype else _STORAGE_BYTES.get(dtype, a.dtype.itemsize))
                for n, a in params.items()) + (1 << 16)
     check_output_dir(directory, "model folder", need_bytes=need)

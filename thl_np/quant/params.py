@@ -140,6 +140,22 @@ class _ModuleView:
 # ---------------------------------------------------------------------------------------------------
 # From and to the file's tensors
 # ---------------------------------------------------------------------------------------------------
+# the largest scale whose weights (|q| ≤ 127) stay finite in float32, the dtype they are computed in
+_MAX_SCALE = float(np.finfo(np.float32).max) / 127
+
+
+def _check_scale_range(value: QuantizedTensor, source: str) -> None:
+    """Scales whose s·q would overflow float32 (a corrupt or hand-made file): WeightsError naming the tensor,
+    at load rather than as NaN weights at first use."""
+    big = np.abs(np.asarray(value.scale, dtype=np.float64)) > _MAX_SCALE
+    if big.any():
+        i = tuple(int(k) for k in np.argwhere(big)[0])
+        raise WeightsError(f"{source}: tensor {value.name + '_scale'!r} holds {int(big.sum())} scale(s) too large "
+                           f"for float32 weights (first at {i}: {float(value.scale[i]):.3g}; s·127 must stay below "
+                           f"{float(np.finfo(np.float32).max):.3g}); the file is corrupt: re-quantize the float "
+                           f"model")
+
+
 def from_file_tensors(config, tensors: Mapping, source: str = "weights", dtype=None) -> QuantizedParams:
     """A quantized model's file tensors (memory-mapped views) → QuantizedParams, every problem at once.
 
@@ -187,6 +203,7 @@ def from_file_tensors(config, tensors: Mapping, source: str = "weights", dtype=N
     for name, value in out.items():
         if isinstance(value, QuantizedTensor):
             value.check_finite(source)
+            _check_scale_range(value, source)
         else:
             from ..io.safetensors import check_finite
 

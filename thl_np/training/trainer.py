@@ -269,10 +269,10 @@ def train(
 
     world = distributed.detect_world() if world is None else world
     with run_lock(out_dir, active=world.rank == 0):  # rank 0 writes the folder, so rank 0 holds its lock
-        return _train(model_or_config, data, out_dir, config, log, world, **overrides)
+        return _train(model_or_config, data, out_dir, config, log, world, callbacks, **overrides)
 
 
-def _train(model_or_config, data, out_dir, config, log, world, **overrides) -> TrainResult:
+def _train(model_or_config, data, out_dir, config, log, world, callbacks, **overrides) -> TrainResult:
     from ..engines.gradient import training_memory_bytes
     from ..model import THLModel, choose_fast, value_and_grad
 

@@ -1,4 +1,6 @@
-"""Issue 24, items 1-8: hostile input on the newer surfaces (convert of thl-np folders, run-folder locks,
+"""Issue 24, items 1-8 and the concurrent-writers property: work that was silently changed or lost.
+
+Issue 24, items 1-8: hostile input on the newer surfaces (convert of thl-np folders, run-folder locks,
 finetune --out, temporary names, labels, undecodable JSONL and arguments, batch memory, passkey lengths)."""
 from __future__ import annotations
 
