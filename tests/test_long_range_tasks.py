@@ -165,7 +165,8 @@ def test_trainer_windows_schedule_and_resume_bit_for_bit(tmp_path):
     assert resumed.step == 4 and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
 
 
-def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys):
+def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")   # wide enough for every column of the progress line
     data = tmp_path / "corpus.py"
     data.write_bytes(CORPUS)
     out = tmp_path / "run"
@@ -175,7 +176,7 @@ def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys):
                  "--set", "memory_decay=1.0", "--dtype", "float64"])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert "| T 120 mem H" in text and "refine" in text
+    assert "T 120  mem H" in text and "refine" in text
     from thl_np.training.trainer import saved_train_config
 
     tc = saved_train_config(str(out))
