@@ -3,7 +3,6 @@ offsets inside a stream slot, and how much RAM the host has free (the CPU device
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import numpy as np
@@ -67,14 +66,7 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 def available_host_memory() -> int:
     """Available RAM in bytes (MemAvailable), for a CPU engine with no budget; a large number if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 60
+    from ...checks import available_memory
+
+    free = available_memory()
+    return (1 << 60) if free is None else int(free)
