@@ -135,6 +135,8 @@ RULES: dict[str, Rule] = {
     "top_k": Rule(1, integer=True),
     "top_p": Rule(0.0, 1.0, lo_open=True),
     "max_length": Rule(0, integer=True),
+    "repetition_penalty": Rule(0.0, MAX_COEFFICIENT, lo_open=True),   # 1 is no penalty
+    "presence_penalty": _COEF,                                      # 0 is no penalty
     "depth": _UNIT,
     "held_out": Rule(0.0, 1.0, lo_open=True, hi_open=True),   # thl-np eval --held-out: a fraction to evaluate
     "atol": Rule(0.0), "rtol": Rule(0.0),                      # thl-np check-port tolerances

@@ -21,6 +21,23 @@ Conventions, shared by :func:`generate_text`, :func:`stream_text` and :func:`gen
 - ``state`` (batch size 1) is the context to continue; it is never modified. With ``return_state=True``
   the result also carries the state after the prompt *and every generated token* (a final eos
   included), ready to be passed back in with the next prompt.
+- ``stop`` (text functions): a string or a list of strings. The text is cut before the first occurrence
+  of any of them and generation stops there; the stop string is not returned. While a piece of text
+  could still be the start of a stop string, :func:`stream_text` holds it back. With ``return_state``
+  the state has consumed every generated token up to the one that completed the stop string, that token
+  included (so the model has seen the stop string, as it sees a final eos): continuing from it continues
+  after the stop string, not after the returned text.
+- Penalties, applied to the logits before temperature, top-k and top-p (greedy decoding included), to
+  every id *seen*: the prompt's ids (the lone eos that starts an empty prompt excepted; a carried
+  ``state``'s earlier text is not known and does not count) and every id generated so far.
+  ``repetition_penalty`` r > 0 (1 = off): a seen id's logit is divided by r if positive, multiplied by r
+  if negative (r > 1 discourages repeats, as in the common LM toolkits). ``presence_penalty`` p (0 =
+  off): p is subtracted from a seen id's logit, once, however often it was seen (p < 0 encourages).
+- Several prompts at once (``generate_text(model, None, ["a", "b"])`` returns a list): stepped as one
+  batch, each result equal to the prompt's own result with the same arguments and seed (``seed`` is one
+  for all or a list, one per prompt): identical on the fast path, and on the plain path up to the
+  rounding of the batched products (~1e-6 in float32 logits, which could change a near-tie). Prompts of
+  different lengths are exact too (:func:`_decode` says how).
 - ``path`` is the model's ("fast", "plain"), or "auto": the fast path, except for a job so small that the
   plain path finishes it before the fast path's first compile would (see :func:`decode_path`). Both give
   the same numbers.
@@ -142,6 +159,53 @@ def _check_logits(logits) -> np.ndarray:
     return x
 
 
+# ---------------------------------------------------------------------------------------- penalties
+
+
+def check_penalties(repetition_penalty, presence_penalty) -> None:
+    """Raise InputError naming a bad penalty (rules in thl_np.checks.RULES, shared with the CLI flags)."""
+    check("repetition_penalty", repetition_penalty, fix="1 means no penalty")
+    check("presence_penalty", presence_penalty, fix="0 means no penalty")
+
+
+def apply_penalties(logits, seen, repetition_penalty: float = 1.0, presence_penalty: float = 0.0) -> np.ndarray:
+    """``logits`` [V] (as float64, a copy) with the penalties applied to the ids ``seen`` marks (a boolean
+    mask [V]): first the repetition penalty r (a positive logit is divided by r, a negative one multiplied
+    by r, so r > 1 always makes a seen id less likely), then the presence penalty p subtracted once from
+    each seen id, however often it was seen. ``-inf`` stays ``-inf``."""
+    x = np.array(logits, dtype=np.float64)
+    ids = np.flatnonzero(seen)
+    if repetition_penalty != 1.0:
+        v = x[ids]
+        x[ids] = np.where(v > 0, v / repetition_penalty, v * repetition_penalty)
+    if presence_penalty != 0.0:
+        x[ids] -= presence_penalty
+    return x
+
+
+class _Picker:
+    """One sequence's draws: the penalties on the ids it has seen, then :func:`sample_next` with its own
+    generator, so a row of a batch draws exactly what the same prompt and seed draw alone."""
+
+    def __init__(self, seed, temperature, top_k, top_p, repetition_penalty, presence_penalty, limit, seen_ids):
+        self.rng = np.random.default_rng(seed)
+        self.args = (temperature, top_k, top_p)
+        self.penalties = (repetition_penalty, presence_penalty)
+        self.seen = None
+        if repetition_penalty != 1.0 or presence_penalty != 0.0:
+            self.seen = np.zeros(limit, bool)
+            ids = np.asarray(seen_ids, dtype=np.int64)
+            self.seen[ids[ids < limit]] = True
+
+    def __call__(self, logits) -> int:
+        if self.seen is None:
+            return sample_next(logits, self.rng, *self.args)
+        token = sample_next(apply_penalties(_check_logits(logits), self.seen, *self.penalties), self.rng,
+                            *self.args)
+        self.seen[token] = True
+        return token
+
+
 # ---------------------------------------------------------------------------------------- generation
 
 
@@ -156,11 +220,12 @@ class GenerationResult:
 
 def generate_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, state=None, eos_id: int | None = None,
-                 vocab_limit: int | None = None, return_state: bool = False, path: str = "auto"
-                 ) -> GenerationResult:
+                 vocab_limit: int | None = None, return_state: bool = False, path: str = "auto", *,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0) -> GenerationResult:
     """Token-level generation: :func:`iter_ids` collected into a :class:`GenerationResult`."""
     stream = iter_ids(model, prompt_ids, max_length, temperature, top_k, top_p, seed, state, eos_id,
-                      vocab_limit, return_state, path)
+                      vocab_limit, return_state, path, repetition_penalty=repetition_penalty,
+                      presence_penalty=presence_penalty)
     ids, final_state = _drain(stream)
     stopped = bool(ids) and eos_id is not None and ids[-1] == eos_id
     return GenerationResult(np.asarray(ids, dtype=np.int64), stopped, final_state)
@@ -168,93 +233,159 @@ def generate_ids(model, prompt_ids, max_length: int = 100, temperature: float = 
 
 def iter_ids(model, prompt_ids, max_length: int = 100, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None, state=None, eos_id: int | None = None,
-             vocab_limit: int | None = None, return_state: bool = False, path: str = "auto") -> Iterator[int]:
+             vocab_limit: int | None = None, return_state: bool = False, path: str = "auto", *,
+             repetition_penalty: float = 1.0, presence_penalty: float = 0.0) -> Iterator[int]:
     """Yield new token ids one by one; the generator's return value is the final state (or None).
 
     ``prompt_ids`` must be non-empty and fit the model's vocabulary. Sampling is restricted to ids below
     ``vocab_limit`` (default: the model's vocab_size). Sampling stops after ``max_length`` ids or once
     ``eos_id`` is produced. The last id is only fed back to the model when ``return_state`` asks for the
-    state after it, so plain generation never pays for a step whose logits nobody reads.
+    state after it, so plain generation never pays for a step whose logits nobody reads. Every id of
+    ``prompt_ids`` counts as seen for the penalties.
     """
-    V = model.config.vocab_size
-    limit = V if vocab_limit is None else min(int(vocab_limit), V)
-    _check_max_length(max_length)
-    check_sampling_args(temperature, top_k, top_p)
-    prompt = _check_prompt_ids(prompt_ids, V)
-    _check_state(state, model.config)
-    rng = np.random.default_rng(check_seed(seed))
-    session = _fast_session(model, prompt.size + max_length, path, state)
-    if session is not None:
-        return (yield from _iter_session(session, prompt, max_length, temperature, top_k, top_p, rng, eos_id,
-                                         limit, return_state))
-    run_prompt, run_step = _bind_path(model, prompt.size + max_length, path)
-
-    logits, state = run_prompt(prompt[None, :], state)
-    logits = np.asarray(logits)
-    last = (logits[0, -1] if logits.ndim == 3 else logits[0])[:limit]  # model.prompt: [1, V]; another: [1, T, V]
-    token = None
-    for i in range(max_length):
-        token = sample_next(last, rng, temperature, top_k, top_p)
+    job = _Job(model, [prompt_ids], max_length, temperature, top_k, top_p, seed, state, vocab_limit, path,
+               repetition_penalty, presence_penalty, None, single=True)
+    core = job.decode(eos_id, return_state)
+    halt = None
+    while True:
+        try:
+            _, token = core.send(halt)
+        except StopIteration as stop:
+            return stop.value[0] if return_state else None
         yield token
-        if token == eos_id or i == max_length - 1:
-            break
-        last, state = _step(run_step, token, state)
-        last = last[:limit]
-    if not return_state:
-        return None
-    if token is not None:
-        _, state = _step(run_step, token, state)
-    return state
 
 
-def _fast_session(model, steps: int, path: str, state):
-    """A FastDecoder session for a THLModel whose generation runs on the fast path (:func:`decode_path`),
-    starting at ``state`` (never modified); None for the plain path and for other model objects."""
-    if not hasattr(model, "num_parameters") or decode_path(model, steps, path) != "fast":
-        return None
-    return model._decoder(state, 1)
+class _Job:
+    """Checked arguments of one generation of one or several prompts, and the runner that steps them."""
+
+    def __init__(self, model, prompts, max_length, temperature, top_k, top_p, seed, state, vocab_limit, path,
+                 repetition_penalty, presence_penalty, seen, single: bool):
+        V = model.config.vocab_size
+        self.limit = V if vocab_limit is None else min(int(vocab_limit), V)
+        _check_max_length(max_length)
+        check_sampling_args(temperature, top_k, top_p)
+        check_penalties(repetition_penalty, presence_penalty)
+        self.prompts = [_check_prompt_ids(p, V) for p in prompts]
+        self.max_length = int(max_length)
+        B = len(self.prompts)
+        state = _check_state(state, model.config, B, single)
+        seeds = _seeds(seed, B)
+        seen = self.prompts if seen is None else seen
+        self.pickers = [_Picker(s, temperature, top_k, top_p, repetition_penalty, presence_penalty, self.limit, ids)
+                        for s, ids in zip(seeds, seen, strict=True)]
+        steps = max(p.size for p in self.prompts) + self.max_length
+        self.runner = _runner(model, B, steps, path, state)
+
+    def decode(self, eos_id, return_state):
+        return _decode(self.runner, self.prompts, self.max_length, self.pickers, eos_id, self.limit, return_state)
 
 
-def _iter_session(session, prompt, max_length, temperature, top_k, top_p, rng, eos_id, limit, return_state):
-    """:func:`iter_ids` on a fast decoding session: the prompt in one call (logits of its last position
-    only), then per token one compiled step (``thl_np.engines.compiled_steps``), the head and the draw;
-    the state is taken from the session once, at the end. The draws are :func:`sample_next`'s."""
-    from .engines.compiled_steps import step_logits
+def _decode(runner, prompts, max_length, pickers, eos_id, limit, return_state):
+    """The generation loop (one for every entry point): yield ``(row, token)`` for each new token of each
+    prompt; ``send(True)`` after a token stops that row there (a stop string). The generator returns the
+    list of each row's final state (None where ``return_state`` is false).
 
-    last = session.prompt(prompt[None, :], logits="last")[0, :limit]
-    ids = np.empty((1, 1), np.int64)
-    token = None
-    for i in range(max_length):
-        token = sample_next(last, rng, temperature, top_k, top_p)
-        yield token
-        if token == eos_id or i == max_length - 1:
-            break
-        ids[0, 0] = token   # sampled below the model's vocab_size: no input check needed
-        last = step_logits(session, ids)[0, :limit]
-    if not return_state:
-        return None
-    if token is not None:
-        session.step(np.array([token]), want_logits=False)
-    from .state import InferenceState
+    Several prompts are stepped as one batch in lockstep, which is exact for prompts of any lengths: the
+    batch shares one step counter (spec §3), so every row consumes one token per step, its own: the rows
+    of a shorter prompt start sampling while the longer ones are still fed their prompts. The common part
+    of the prompts goes in one call. A row that has finished is fed a filler token (its results unread)
+    until the last row finishes. Each row therefore sees exactly the tokens it would see alone."""
+    B = len(prompts)
+    lens = [p.size for p in prompts]
+    pos = min(lens)                                   # tokens every row has consumed so far
+    logits = runner.prompt(np.stack([p[:pos] for p in prompts]))
+    made = [0] * B
+    status = ["run"] * B                              # "last": its final token is being fed back
+    finals = [None] * B
+    feed = np.zeros(B, np.int64)
+    while True:
+        for b in range(B):
+            if status[b] == "done":
+                continue
+            if pos < lens[b]:
+                feed[b] = prompts[b][pos]
+                continue
+            if status[b] == "last" or made[b] == max_length:
+                status[b] = "done"
+                if return_state:
+                    finals[b] = runner.state_of(b)
+                continue
+            token = pickers[b](logits[b, :limit])
+            made[b] += 1
+            halt = yield b, token
+            if halt or token == eos_id or made[b] == max_length:
+                status[b] = "last" if return_state else "done"
+            feed[b] = token
+        live = [b for b in range(B) if status[b] != "done"]
+        if not live:
+            return finals
+        # logits are computed only when some row samples from them next round
+        want = any(status[b] == "run" and pos + 1 >= lens[b] for b in live)
+        logits = runner.step(feed, want)
+        pos += 1
 
-    return InferenceState.held_by(session)
 
-
-def _bind_path(model, steps: int, path: str):
-    """(prompt call, step call) of ``model`` on the path :func:`decode_path` picks. Any other object with
-    ``__call__(ids, state)`` and ``forward_step(ids, state)`` is called as it is (path must be "auto")."""
+def _runner(model, B: int, steps: int, path: str, state):
+    """What steps the batch: a fast decoding session of a THLModel on the fast path (:func:`decode_path`),
+    else the model's own calls (the plain path, or any object with ``__call__(ids, state)`` and
+    ``forward_step(ids, state)``, run as it is: path must be "auto")."""
     if not hasattr(model, "num_parameters"):
         if path != "auto":
             raise InputError(f"path = {path!r} needs a THLModel; {type(model).__name__} runs as it is")
-        return model, model.forward_step
+        return _CallRunner(model, model.forward_step, state, B)
     path = decode_path(model, steps, path)
+    if path == "fast":
+        return _SessionRunner(model._decoder(state, B))
     # the prompt through model.prompt: the last position's logits only, no T × V array (a long prompt's memory)
-    return functools.partial(model.prompt, path=path), functools.partial(model.forward_step, path=path)
+    return _CallRunner(functools.partial(model.prompt, path=path), functools.partial(model.forward_step, path=path),
+                       state, B)
 
 
-def _step(run_step, token: int, state):
-    logits, state = run_step(np.array([token], dtype=np.int64), state)
-    return np.asarray(logits)[0], state
+class _SessionRunner:
+    """A fast decoding session (``thl_np.engines.decoder``): the prompt in one compiled call, then per step
+    one compiled step and the head; a row's state is read from the session when it finishes."""
+
+    def __init__(self, session):
+        self.session = session
+        self.ids = np.empty((session.B, 1), np.int64)
+
+    def prompt(self, ids):
+        return self.session.prompt(ids, logits="last")
+
+    def step(self, tokens, want_logits: bool):
+        from .engines.compiled_steps import step_logits
+
+        if not want_logits:
+            self.session.step(tokens, want_logits=False)
+            return None
+        self.ids[:, 0] = tokens   # ids the loop sampled (below vocab_size) or prompt ids already checked
+        return step_logits(self.session, self.ids)
+
+    def state_of(self, b: int):
+        from .state import InferenceState
+
+        if self.session.B == 1:   # the session itself becomes the state's value: no copy (thl_np.state)
+            return InferenceState.held_by(self.session)
+        return self.session.state().rows([b])
+
+
+class _CallRunner:
+    """A model stepped through its calls ``run_prompt(ids [B, T], state)`` and ``run_step(ids [B], state)``."""
+
+    def __init__(self, run_prompt, run_step, state, B: int):
+        self.run_prompt, self.run_step, self.state, self.B = run_prompt, run_step, state, B
+
+    def prompt(self, ids):
+        logits, self.state = self.run_prompt(ids, self.state)
+        logits = np.asarray(logits)
+        return logits[:, -1] if logits.ndim == 3 else logits   # model.prompt: [B, V]; another: [B, T, V]
+
+    def step(self, tokens, want_logits: bool):
+        logits, self.state = self.run_step(tokens.copy(), self.state)
+        return np.asarray(logits)
+
+    def state_of(self, b: int):
+        return self.state if self.B == 1 else self.state.rows([b])
 
 
 def prompt_to_ids(tokenizer: Tokenizer, prompt, vocab_size: int, has_state: bool) -> np.ndarray:
@@ -276,52 +407,150 @@ def prompt_to_ids(tokenizer: Tokenizer, prompt, vocab_size: int, has_state: bool
     return np.array([eos], dtype=np.int64)
 
 
+class _TextRow:
+    """One prompt's text: bytes decoded as they come, cut before the first stop string. Text that could
+    be the start of a stop string is held back until it is known not to be one."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token) -> tuple[str, bool]:
+        """(the text now safe to show, whether a stop string has just completed)."""
+        self.pending += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.flush()
+        return self._release(final=True)[0]
+
+    def _release(self, final: bool) -> tuple[str, bool]:
+        text = self.pending
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.pending = True, ""
+            return text[:min(hits)], True
+        keep = 0 if final else _stop_prefix(text, self.stops)
+        self.pending = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of ``text`` that begins some stop string (0 if none)."""
+    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stops):
+            return k
+    return 0
+
+
+def _check_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+        raise InputError(f"stop = {stop!r} must be a non-empty str or a list of non-empty str")
+    return list(stops)
+
+
+def _text_job(model, tokenizer, prompts, max_length, temperature, top_k, top_p, seed, state, path,
+              repetition_penalty, presence_penalty, single: bool):
+    """(job, eos id) for text prompts: each encoded (an empty one starts a document: its lone eos is not a
+    'seen' token for the penalties)."""
+    V = model.config.vocab_size
+    has_state = state is not None
+    ids = [prompt_to_ids(tokenizer, p, V, has_state) for p in prompts]
+    seen = [i if len(tokenizer.encode(p)) else i[:0] for i, p in zip(ids, prompts, strict=True)]
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < V else None
+    job = _Job(model, ids, max_length, temperature, top_k, top_p, seed, state, min(V, tokenizer.vocab_size),
+               path, repetition_penalty, presence_penalty, seen, single)
+    return job, eos
+
+
 def stream_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_length: int = 100,
                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                seed: int | None = None, state=None, return_state: bool = False, path: str = "auto") -> Iterator[str]:
+                seed: int | None = None, state=None, return_state: bool = False, path: str = "auto", *,
+                stop: str | list[str] | None = None, repetition_penalty: float = 1.0,
+                presence_penalty: float = 0.0) -> Iterator[str]:
     """Yield the continuation as text pieces, as soon as each piece is complete UTF-8.
 
     Bytes of a character split over several tokens are held back until the character is complete (an
-    unfinished character at the end becomes U+FFFD). Pieces are never empty. The generator's return value
-    (``StopIteration.value``, or the value of ``yield from``) is the final state when ``return_state``
-    is true, else None. ``"".join(stream_text(...))`` equals ``generate_text(...)`` for the same arguments.
+    unfinished character at the end becomes U+FFFD); with ``stop``, text that may be the beginning of a
+    stop string is held back until it is known not to be one. Pieces are never empty. The generator's
+    return value (``StopIteration.value``, or the value of ``yield from``) is the final state when
+    ``return_state`` is true, else None. ``"".join(stream_text(...))`` equals ``generate_text(...)`` for
+    the same arguments.
     """
     tokenizer = tokenizer if tokenizer is not None else Tokenizer()
-    V = model.config.vocab_size
-    prompt_ids = prompt_to_ids(tokenizer, prompt, V, state is not None)
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id < V else None
-    decoder = tokenizer.stream_decoder()
-    ids = iter_ids(model, prompt_ids, max_length, temperature, top_k, top_p, seed, state, eos,
-                   min(V, tokenizer.vocab_size), return_state, path)
+    row = _TextRow(tokenizer, _check_stop(stop))
+    job, eos = _text_job(model, tokenizer, [prompt], max_length, temperature, top_k, top_p, seed, state, path,
+                         repetition_penalty, presence_penalty, single=True)
+    core = job.decode(eos, return_state)
+    halt = None
     while True:
         try:
-            token = next(ids)
-        except StopIteration as stop:
-            final_state = stop.value
+            _, token = core.send(halt)
+        except StopIteration as end:
+            finals = end.value
             break
-        piece = decoder.push(token)
+        piece, halt = row.push(token)
         if piece:
             yield piece
-    tail = decoder.flush()
+    tail = row.finish()
     if tail:
         yield tail
-    return final_state
+    return finals[0] if return_state else None
 
 
-def generate_text(model, tokenizer: Tokenizer | None, prompt: str | bytes, max_length: int = 100,
+def generate_text(model, tokenizer: Tokenizer | None, prompt, max_length: int = 100,
                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None, state=None, return_state: bool = False, path: str = "auto"):
+                  seed=None, state=None, return_state: bool = False, path: str = "auto", *,
+                  stop: str | list[str] | None = None, repetition_penalty: float = 1.0,
+                  presence_penalty: float = 0.0):
     """The generated continuation of ``prompt`` (a str, the prompt not included).
 
     With ``return_state=True``, returns ``(text, state)`` where ``state`` has consumed the prompt and
     every generated token: pass it as ``state=`` with the next prompt to continue the same context.
-    ``tokenizer=None`` means the byte :class:`Tokenizer`. See the module docstring for the conventions.
+    ``tokenizer=None`` means the byte :class:`Tokenizer`. See the module docstring for the conventions
+    (stop strings, penalties, several prompts at once).
+
+    ``prompt`` may be a list of prompts: they are generated as one batch and the result is a list of
+    texts (with ``return_state``, a list of ``(text, state)``), each equal to what its prompt gives alone.
+    ``seed`` is then one seed for every prompt or a list of one per prompt; ``state`` is None, one batch-1
+    state every prompt continues, a state of one row per prompt, or a list of batch-1 states at the same
+    step.
     """
-    stream = stream_text(model, tokenizer, prompt, max_length, temperature, top_k, top_p, seed, state,
-                         return_state, path)
-    pieces, final_state = _drain(stream)
-    text = "".join(pieces)
-    return (text, final_state) if return_state else text
+    if not isinstance(prompt, (list, tuple)):
+        stream = stream_text(model, tokenizer, prompt, max_length, temperature, top_k, top_p, seed, state,
+                             return_state, path, stop=stop, repetition_penalty=repetition_penalty,
+                             presence_penalty=presence_penalty)
+        pieces, final_state = _drain(stream)
+        text = "".join(pieces)
+        return (text, final_state) if return_state else text
+    tokenizer = tokenizer if tokenizer is not None else Tokenizer()
+    stops = _check_stop(stop)
+    if not prompt:
+        return []
+    rows = [_TextRow(tokenizer, stops) for _ in prompt]
+    texts = [[] for _ in prompt]
+    job, eos = _text_job(model, tokenizer, list(prompt), max_length, temperature, top_k, top_p, seed, state,
+                         path, repetition_penalty, presence_penalty, single=False)
+    core = job.decode(eos, return_state)
+    halt = None
+    while True:
+        try:
+            b, token = core.send(halt)
+        except StopIteration as end:
+            finals = end.value
+            break
+        piece, halt = rows[b].push(token)
+        texts[b].append(piece)
+    out = ["".join(t) + row.finish() for t, row in zip(texts, rows, strict=True)]
+    return [(t, s) for t, s in zip(out, finals, strict=True)] if return_state else out
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -351,18 +580,45 @@ def _check_prompt_ids(prompt_ids, vocab_size: int) -> np.ndarray:
     return ids
 
 
-def _check_state(state, config) -> None:
+def _check_state(state, config, B: int = 1, single: bool = True):
+    """The state the batch of ``B`` prompts starts from (None: zeros), checked; never modified. A batch
+    takes one batch-1 state (every prompt continues it), a state of B rows, or a list of B batch-1 states
+    at the same step (stacked)."""
     if state is None:
-        return
+        return None
+    from .state import InferenceState
+
+    if isinstance(state, (list, tuple)) and not single:
+        if len(state) != B:
+            raise StateError(f"{len(state)} state(s) for {B} prompt(s): give one per prompt, or one for all")
+        for s in state:
+            _check_state(s, config)
+        return InferenceState.stack(state)
     check = getattr(state, "check", None)
     if check is None:
         raise StateError(f"state must be an InferenceState, got {type(state).__name__}")
-    if state.batch_size != 1:
+    if single and state.batch_size != 1:
         raise StateError(
             f"generation continues one sequence, but the state holds {state.batch_size}: "
             "pass a batch-1 state (InferenceState.init(1, config) or one saved from a generation)"
         )
-    check(config, batch_size=1)
+    if state.batch_size not in (1, B):
+        raise StateError(f"the state holds {state.batch_size} sequences for {B} prompts: "
+                         "give a batch-1 state (every prompt continues it) or one row per prompt")
+    check(config, batch_size=state.batch_size)
+    if state.batch_size != B:
+        return InferenceState.stack([state] * B)
+    return state
+
+
+def _seeds(seed, B: int) -> list:
+    """One seed per prompt: ``seed`` for all (each prompt draws what it draws alone with that seed), or a
+    list of one per prompt."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != B:
+            raise InputError(f"{len(seed)} seed(s) for {B} prompt(s): give one per prompt, or one for all")
+        return [check_seed(s) for s in seed]
+    return [check_seed(seed)] * B
 
 
 def _drain(generator):

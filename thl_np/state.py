@@ -195,6 +195,50 @@ class InferenceState:
             local_valid=int(self.local_valid),
         )
 
+    def rows(self, indices) -> InferenceState:
+        """A new state holding the sequences ``indices`` of this one (in that order), copied: one
+        conversation taken out of a batch. Timestep and local_valid are shared by every row (spec §3)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        B = self.batch_size
+        if idx.size == 0 or idx.min() < -B or idx.max() >= B:
+            raise StateError(f"rows {idx.tolist()} are not rows of a state of {B} sequence(s)")
+        return InferenceState(
+            timestep=int(self.timestep),
+            tiers=[np.array(s[idx]) for s in self.tiers],
+            memory=np.array(self.memory[idx]), read_ema=np.array(self.read_ema[idx]),
+            write_ema=np.array(self.write_ema[idx]), last_read=np.array(self.last_read[idx]),
+            last_write=np.array(self.last_write[idx]), local_buffer=np.array(self.local_buffer[idx]),
+            local_valid=int(self.local_valid),
+        )
+
+    @classmethod
+    def stack(cls, states) -> InferenceState:
+        """One batch of the sequences of ``states`` (in order), copied. The states must be at the same step
+        (timestep and local_valid are one scalar for the whole batch, spec §3) and share a dtype: e.g. one
+        conversation branched several ways, or prompts of one length prefilled separately."""
+        states = list(states)
+        if not states or not all(isinstance(s, InferenceState) for s in states):
+            raise StateError("stack needs a non-empty list of InferenceState")
+        first = states[0]
+        for s in states[1:]:
+            if (int(s.timestep), int(s.local_valid)) != (int(first.timestep), int(first.local_valid)):
+                raise StateError(
+                    f"states at different steps (timestep {int(first.timestep)} and {int(s.timestep)}, "
+                    f"local_valid {int(first.local_valid)} and {int(s.local_valid)}) cannot share a batch: "
+                    "one step counter serves every row (spec §3); step them separately"
+                )
+            if s.dtype != first.dtype or len(s.tiers) != len(first.tiers):
+                raise StateError("states of different dtypes or tier counts cannot share a batch")
+        try:
+            return cls(
+                timestep=int(first.timestep),
+                tiers=[np.concatenate([s.tiers[k] for s in states]) for k in range(len(first.tiers))],
+                **{key: np.concatenate([getattr(s, key) for s in states]) for key in FLOAT_KEYS + INT_KEYS},
+                local_valid=int(first.local_valid),
+            )
+        except ValueError as exc:
+            raise StateError(f"states of different shapes cannot share a batch ({exc})") from None
+
     # ------------------------------------------------------------------ checks
     def check(self, config: THLConfig, batch_size: int | None = None) -> None:
         """Raise StateError if this state was made for another config or batch size, or holds a value no
