@@ -203,48 +203,118 @@ def info(model, model_dir, as_json):
 @click.option("--top-k", type=Number("top_k"), help="Sample among the K most likely tokens only.")
 @click.option("--top-p", type=Number("top_p"), help="Nucleus sampling: the fewest tokens with probability >= P.")
 @click.option("--seed", type=Number("seed"), help="Seed for sampling (same seed, same text).")
+@click.option("--stop", multiple=True, help="Stop before this text (not printed); repeat for several.")
+@click.option("--repetition-penalty", type=Number("repetition_penalty"), default=1.0, show_default=True,
+              help="Divide a seen token's positive logit by R, multiply a negative one (prompt included).")
+@click.option("--presence-penalty", type=Number("presence_penalty"), default=0.0, show_default=True,
+              help="Subtract P from the logit of every token seen (prompt included).")
+@click.option("--echo", is_flag=True, help="Print the prompt before the continuation.")
+@click.option("--file", "prompts_file", type=click.Path(),
+              help="Many prompts as one batch: one per line (a .jsonl file: one JSON string or "
+                   "{\"prompt\": ..., \"seed\": ...} per line); prints one JSON line per prompt.")
 @click.option("--state-in", type=click.Path(), help="Continue the context saved in this .npz state file.")
 @click.option("--state-out", type=click.Path(), help="Save the context (prompt + new text) to this .npz.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: the model's].")
 @click.option("--path", "path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True,
               help="fast: the Numba decode path; plain: the spec's step; auto: fast unless the job is so small "
                    "that the plain path finishes it in about a second. Both give the same text.")
-def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, state_in, state_out, dtype, path):
+def generate(prompt, model_dir, max_length, temperature, top_k, top_p, seed, stop, repetition_penalty,
+             presence_penalty, echo, prompts_file, state_in, state_out, dtype, path):
     """Continue PROMPT with text sampled from the model, streamed as it is produced.
 
     PROMPT '-' reads the prompt from stdin; an empty prompt starts a new document. Only the
-    continuation is printed. --state-out/--state-in carry a context from one run to the next.
+    continuation is printed (--echo prints the prompt first). --state-out/--state-in carry a context
+    from one run to the next. With --stop the text ends before the first stop string (the saved state
+    has seen it). --file generates many prompts as one batch: each line of output is
+    {"prompt": ..., "text": ...} and each text is what that prompt gives alone with the same flags
+    (--seed applies to every prompt; a .jsonl line may carry its own "seed"; --echo puts the prompt
+    at the start of "text"; --state-in is continued by every prompt).
 
     \b
     Examples:
       thl-np generate "def fibonacci(n):" --max-length 200 --temperature 0.8 --top-p 0.95
+      thl-np generate "def f(x):" --temperature 0 --stop $'\\n\\n' --repetition-penalty 1.2 --echo
       thl-np generate "Once upon a time" --model tiny --temperature 0 --state-out ctx.npz
       thl-np generate " and then" --model tiny --state-in ctx.npz --state-out ctx.npz
+      thl-np generate --file prompts.txt --temperature 0 --max-length 40
       echo "Hello" | thl-np generate - --seed 1
     """
-    from ..generation import check_sampling_args, stream_text
+    from ..generation import check_penalties, check_sampling_args, generate_text, stream_text
     from ..model import THLModel
     from ..state import InferenceState
     from ..tokenizer import Tokenizer
 
     check_sampling_args(temperature, top_k, top_p)
+    check_penalties(repetition_penalty, presence_penalty)
+    if any(not s for s in stop):
+        raise click.UsageError("--stop '' is empty: give the text to stop before")
+    if prompts_file is not None:
+        if prompt:
+            raise click.UsageError("give PROMPT or --file, not both")
+        if state_out:
+            raise click.UsageError("--state-out saves one context: it takes one PROMPT, not --file")
+        prompts, seeds = read_prompts_file(prompts_file, seed)
     if state_out:  # checked before the generation, which would otherwise be lost at the save
         check_output_file(state_out, "--state-out")
-    text = read_prompt(prompt)
     state = InferenceState.load(state_in) if state_in else None
     model = THLModel.from_pretrained(str(resolve_model_dir(model_dir)), dtype=dtype)
     vocab = model.config.vocab_size
     if vocab > BYTE_VOCAB_SIZE:
         click.echo(f"warning: the model's vocab_size {vocab} is not the byte tokenizer's {BYTE_VOCAB_SIZE}; "
                    f"only ids < {BYTE_VOCAB_SIZE} will be sampled", err=True)
-    pieces = stream_text(model, Tokenizer(), text, max_length=max_length, temperature=temperature,
-                         top_k=top_k, top_p=top_p, seed=seed, state=state, return_state=state_out is not None,
-                         path=path)
+    options = dict(max_length=max_length, temperature=temperature, top_k=top_k, top_p=top_p, state=state,
+                   path=path, stop=list(stop) or None, repetition_penalty=repetition_penalty,
+                   presence_penalty=presence_penalty)
+    if prompts_file is not None:
+        texts = generate_text(model, Tokenizer(), prompts, seed=seeds, **options)
+        for p, t in zip(prompts, texts, strict=True):
+            shown = p.decode("utf-8", errors="replace")
+            click.echo(json.dumps({"prompt": shown, "text": shown + t if echo else t}, ensure_ascii=False))
+        return
+    text = read_prompt(prompt)
+    if echo:
+        click.echo(text, nl=False)
+    pieces = stream_text(model, Tokenizer(), text, seed=seed, return_state=state_out is not None, **options)
     final_state = yield_to_stdout(pieces)
     if sys.stdout.isatty():
         click.echo()
     if state_out:
         final_state.save(state_out)
+
+
+def read_prompts_file(path: str, seed) -> tuple[list[bytes], list]:
+    """The prompts of --file and a seed for each. A .jsonl file holds one JSON value per line: a string
+    (the prompt) or an object with "prompt" and optionally "seed"; any other file holds one prompt per
+    line (bytes as they are, the line break not included). Blank lines are skipped in both."""
+    from ..checks import check_seed
+    from ..errors import InputError
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read --file {path} ({exc.strerror or exc})") from None
+    lines = [(n, line.rstrip(b"\r")) for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    if not lines:
+        raise InputError(f"--file {path} holds no prompt: write one per line")
+    if not str(path).endswith(".jsonl"):
+        return [line for _, line in lines], [seed] * len(lines)
+    prompts, seeds = [], []
+    for n, line in lines:
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"--file {path} line {n} is not JSON ({exc})") from None
+        if isinstance(item, dict) and set(item) <= {"prompt", "seed"} and isinstance(item.get("prompt"), str):
+            prompts.append(item["prompt"].encode("utf-8", errors="replace"))
+            seeds.append(check_seed(item.get("seed", seed), f"--file {path} line {n}: seed"))
+        elif isinstance(item, str):
+            prompts.append(item.encode("utf-8", errors="replace"))
+            seeds.append(seed)
+        else:
+            raise InputError(f"--file {path} line {n} must be a JSON string or {{\"prompt\": \"...\", "
+                             "\"seed\": 0}")
+    return prompts, seeds
 
 
 def yield_to_stdout(pieces):
