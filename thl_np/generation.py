@@ -299,11 +299,14 @@ def _decode(runner, prompts, max_length, pickers, eos_id, limit, return_state):
     finals = [None] * B
     feed = np.zeros(B, np.int64)
     while True:
+        live = want = False   # want: some row samples from the next step's logits
         for b in range(B):
             if status[b] == "done":
                 continue
             if pos < lens[b]:
                 feed[b] = prompts[b][pos]
+                live = True
+                want = want or pos + 1 >= lens[b]
                 continue
             if status[b] == "last" or made[b] == max_length:
                 status[b] = "done"
@@ -315,12 +318,12 @@ def _decode(runner, prompts, max_length, pickers, eos_id, limit, return_state):
             halt = yield b, token
             if halt or token == eos_id or made[b] == max_length:
                 status[b] = "last" if return_state else "done"
+            else:
+                want = True
             feed[b] = token
-        live = [b for b in range(B) if status[b] != "done"]
+            live = live or status[b] != "done"
         if not live:
             return finals
-        # logits are computed only when some row samples from them next round
-        want = any(status[b] == "run" and pos + 1 >= lens[b] for b in live)
         logits = runner.step(feed, want)
         pos += 1
 
@@ -346,20 +349,20 @@ class _SessionRunner:
     one compiled step and the head; a row's state is read from the session when it finishes."""
 
     def __init__(self, session):
-        self.session = session
+        from .engines.compiled_steps import step_logits
+
+        self.session, self.step_logits = session, step_logits
         self.ids = np.empty((session.B, 1), np.int64)
 
     def prompt(self, ids):
         return self.session.prompt(ids, logits="last")
 
     def step(self, tokens, want_logits: bool):
-        from .engines.compiled_steps import step_logits
-
         if not want_logits:
             self.session.step(tokens, want_logits=False)
             return None
         self.ids[:, 0] = tokens   # ids the loop sampled (below vocab_size) or prompt ids already checked
-        return step_logits(self.session, self.ids)
+        return self.step_logits(self.session, self.ids)
 
     def state_of(self, b: int):
         from .state import InferenceState
