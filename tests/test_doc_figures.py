@@ -12,7 +12,8 @@ each number within the block's tolerance:
 - ``itol``: whole numbers, absolute (default 0: exact; counts, slot numbers, steps);
 - ``expensive``: a rerun of minutes; runs only with THL_DOC_RERUN=all (the suite stays near 5 minutes);
 - ``python=X.Y``: the figures depend on that Python's standard library (the data); skipped on another;
-- ``timeout``: seconds (default 180).
+- ``timeout``: seconds (default 180);
+- ``ignore=REGEX``: what matches is left out of the comparison on both sides (a machine's memory use).
 
 A transcript block without a check comment must say why: ``<!-- check: no (reason) -->``.
 """
@@ -54,13 +55,16 @@ def transcripts():
 
 
 def parse_options(opts: str) -> dict:
-    out = {"rtol": 0.0, "atol": 0.0, "itol": 0.0, "expensive": False, "python": None, "timeout": 180.0}
+    out = {"rtol": 0.0, "atol": 0.0, "itol": 0.0, "expensive": False, "python": None, "timeout": 180.0,
+           "ignore": None}
     for word in opts.split():
         key, _, value = word.partition("=")
         if key == "expensive":
             out["expensive"] = True
         elif key == "python":
             out["python"] = value
+        elif key == "ignore":
+            out["ignore"] = re.compile(value)
         elif key in out:
             out[key] = float(value)
         else:
@@ -75,6 +79,8 @@ def split_figures(line: str):
 
 
 def same_line(shown: str, got: str, o: dict) -> bool:
+    if o["ignore"] is not None:
+        shown, got = o["ignore"].sub("~", shown), o["ignore"].sub("~", got)
     words_a, nums_a = split_figures(shown)
     words_b, nums_b = split_figures(got)
     if words_a != words_b:
@@ -142,6 +148,10 @@ def test_documented_output_holds(where, opts, commands, expected, tmp_path):
     ("49 empty", "50 empty", "itol=1", True),
     ("49 empty", "51 empty", "itol=1", False),
     ("answer '76372' (right)", "answer '76327' (wrong)", "itol=1000000", False),
+    ("4096  1.00  0.14  177.7 MiB  67.0 KiB", "4096  0.98  0.15  203.1 MiB  67.0 KiB",
+     r"atol=0.06 ignore=[\d.]+\sMiB", True),
+    ("4096  1.00  0.14  177.7 MiB  67.0 KiB", "4096  0.90  0.14  177.7 MiB  67.0 KiB",
+     r"atol=0.06 ignore=[\d.]+\sMiB", False),
 ])
 def test_the_comparison_itself(shown, got, opts, ok):
     assert same_line(shown, got, parse_options(opts)) is ok
