@@ -300,3 +300,17 @@ def test_cli_file_errors_are_one_line(model_dir, tmp_path, capsys, content, extr
     code = main(["generate", "--file", str(path), "--model", model_dir, *extra])
     err = capsys.readouterr().err
     assert code != 0 and len(err.strip().splitlines()) == 1 and match in err, err
+
+
+def test_shell_completion_offers_the_new_flags():
+    """The README's `eval "$(_THL_NP_COMPLETE=bash_source thl-np)"`: click answers completions for thl-np."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "_THL_NP_COMPLETE": "bash_complete", "COMP_WORDS": "thl-np generate --st", "COMP_CWORD": "2"}
+    out = subprocess.run([sys.executable, "-m", "thl_np"], env=env, capture_output=True, text=True, timeout=60)
+    assert "plain,--stop" in out.stdout and "plain,--state-in" in out.stdout, out.stdout + out.stderr
+    env["_THL_NP_COMPLETE"] = "bash_source"
+    script = subprocess.run([sys.executable, "-m", "thl_np"], env=env, capture_output=True, text=True, timeout=60)
+    assert "_thl_np_completion" in script.stdout
