@@ -2,7 +2,8 @@
 
 The prompt is consumed in one ``model(ids[None, :], state)`` call (only its last position's logits are
 used); every new token then costs one ``model.forward_step``. The model's state is bounded, so a long
-generation costs the same per token from the first to the last.
+generation costs the same per token from the first to the last. Every entry point runs one loop,
+:func:`_decode`, which also steps several prompts as one batch.
 
 Conventions, shared by :func:`generate_text`, :func:`stream_text` and :func:`generate_ids`:
 
@@ -18,7 +19,8 @@ Conventions, shared by :func:`generate_text`, :func:`stream_text` and :func:`gen
 - An empty prompt starts a new document: with no ``state`` the model is fed a single eos token (which
   needs eos in the model's vocabulary). An empty prompt with a carried ``state`` raises InputError,
   because the state holds no logits to sample from: give at least one token of prompt.
-- ``state`` (batch size 1) is the context to continue; it is never modified. With ``return_state=True``
+- ``state`` (batch size 1; for several prompts see :func:`generate_text`) is the context to continue; it
+  is never modified. With ``return_state=True``
   the result also carries the state after the prompt *and every generated token* (a final eos
   included), ready to be passed back in with the next prompt.
 - ``stop`` (text functions): a string or a list of strings. The text is cut before the first occurrence
