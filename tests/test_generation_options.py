@@ -314,3 +314,9 @@ def test_shell_completion_offers_the_new_flags():
     env["_THL_NP_COMPLETE"] = "bash_source"
     script = subprocess.run([sys.executable, "-m", "thl_np"], env=env, capture_output=True, text=True, timeout=60)
     assert "_thl_np_completion" in script.stdout
+
+
+def test_cli_file_from_stdin(model_dir):
+    args = ("--model", model_dir, "--max-length", "6", "--temperature", "0")
+    rows = [json.loads(line) for line in run("generate", "--file", "-", *args, input="ab\ncd\n").splitlines()]
+    assert [r["text"] for r in rows] == [run("generate", "ab", *args), run("generate", "cd", *args)]

@@ -211,7 +211,7 @@ def info(model, model_dir, as_json):
 @click.option("--echo", is_flag=True, help="Print the prompt before the continuation.")
 @click.option("--file", "prompts_file", type=click.Path(),
               help="Many prompts as one batch: one per line (a .jsonl file: one JSON string or "
-                   "{\"prompt\": ..., \"seed\": ...} per line); prints one JSON line per prompt.")
+                   "{\"prompt\": ..., \"seed\": ...} per line; '-': stdin); prints one JSON line per prompt.")
 @click.option("--state-in", type=click.Path(), help="Continue the context saved in this .npz state file.")
 @click.option("--state-out", type=click.Path(), help="Save the context (prompt + new text) to this .npz.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype [default: the model's].")
@@ -290,8 +290,11 @@ def read_prompts_file(path: str, seed) -> tuple[list[bytes], list]:
     from ..errors import InputError
 
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except OSError as exc:
         raise InputError(f"cannot read --file {path} ({exc.strerror or exc})") from None
     lines = [(n, line.rstrip(b"\r")) for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
