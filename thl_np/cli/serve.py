@@ -131,7 +131,16 @@ def _run(model_path, model_dir, host, port, api_key, sessions_dir, max_sessions,
     click.echo(f"thl-np serve: {server.model_id} on http://{shown}:{bound}/v1 (sessions in {sessions_dir}); "
                "loading the model...", err=True)
     sys.stderr.flush()
-    web.run(sockets=[sock])
+    import signal
+
+    # uvicorn turns SIGTERM into a graceful shutdown, then raises it again once done: answered here, so the
+    # command returns normally (its state folder's lock released) instead of dying by the signal
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        web.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo("thl-np serve: stopped", err=True)
 
 
 COMMANDS = [serve]

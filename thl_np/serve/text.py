@@ -32,7 +32,8 @@ def chat_prompt(messages: list[tuple[str, str]], continued: bool = False) -> tup
 
 
 class StopScanner:
-    """Cuts generated text before the first stop string, across pieces as they stream.
+    """Cuts generated text before the first stop string (the one complete first; of those complete at once,
+    the longest), across pieces as they stream.
 
     ``push`` returns the text that can be shown now: text that might still be the start of a stop string is
     held back until the next piece settles it; ``flush`` returns what is held at the end of the stream."""
@@ -47,12 +48,14 @@ class StopScanner:
     def push(self, piece: str) -> str:
         if self.stopped:
             return ""
-        start = max(0, len(self.text) - self.hold)  # a match can only end in the new piece
+        old = len(self.text)
         self.text += piece
-        cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._show(cut)
+        # generation stops where a stop string is first complete: scan the new end positions in order
+        for end in range(old + 1, len(self.text) + 1):
+            starts = [end - len(s) for s in self.stops if end >= len(s) and self.text.startswith(s, end - len(s))]
+            if starts:
+                self.stopped = True
+                return self._show(min(starts))
         return self._show(len(self.text) - self.hold)
 
     def flush(self) -> str:
