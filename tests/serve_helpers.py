@@ -115,3 +115,9 @@ class ServeProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait(10)
+
+    def close(self) -> None:
+        """Kill it if it still runs (a failed test leaves no server behind)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
