@@ -44,11 +44,12 @@ def wait_for(predicate, timeout: float = TIMEOUT, what: str = "the condition"):
 class LiveServer:
     """The app on 127.0.0.1 (a free port) in a background thread, started by ``start``, stopped by ``stop``."""
 
-    def __init__(self, model_dir=None, sessions_dir=None, load=None, limits=None, api_key=None, **engine_kw):
+    def __init__(self, model_dir=None, sessions_dir=None, load=None, limits=None, api_key=None, model_id="tiny",
+                 **engine_kw):
         if load is None:
             def load():
                 return load_engine(model_dir, sessions_dir, **engine_kw)
-        self.server = Server(load, "tiny", limits or Limits(), api_key)
+        self.server = Server(load, model_id, limits or Limits(), api_key)
         self.app = create_app(self.server)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -124,6 +126,34 @@ def test_streaming_with_the_client_and_raw_sse_framing(live, model):
     assert "".join(p["choices"][0]["text"] for p in payloads) == greedy(model, "stream", 30)
     assert payloads[-1]["usage"]["prompt_tokens"] == len(b"stream")
     assert payloads[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_readme_snippet_prints_a_completion_from_the_shipped_model(tmp_path, capsys):
+    """The README's Serving snippet (a ```py block: it needs a server, so test_readme's runner of ```python
+    blocks leaves it to this test), against the shipped model on a free port instead of 8000."""
+    from thl_np.io.folder import DEFAULT_MODEL_DIR
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Serving"):]
+    snippet = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    assert "http://127.0.0.1:8000/v1" in snippet
+    server = LiveServer(str(DEFAULT_MODEL_DIR), str(tmp_path), model_id="default").start()
+    try:
+        exec(compile(snippet.replace("http://127.0.0.1:8000/v1", f"{server.url}/v1"), "README.md", "exec"), {})
+    finally:
+        server.stop()
+    model = THLModel.from_pretrained(str(DEFAULT_MODEL_DIR))
+    printed = capsys.readouterr().out
+    assert printed == greedy(model, "def fibonacci(n):", 40) + "\n" and printed.strip()
+
+
+def test_serve_command_refuses_an_open_address_without_a_key(capsys):
+    from thl_np.cli import main
+
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert "--api-key" in capsys.readouterr().err
+    assert main(["serve", "--help"]) == 0
+    assert "Examples:" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- errors
