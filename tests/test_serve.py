@@ -354,6 +354,42 @@ def test_a_batch_steps_each_row_as_it_would_step_alone(model):
             np.testing.assert_allclose(mine.arrays()[key], value, rtol=0, atol=1e-5, err_msg=key)
 
 
+def test_a_request_joining_later_catches_up_and_shares_the_batch(model, tmp_path):
+    """The engine's ticks by hand: a request two steps ahead pauses until the newcomer's clock agrees, then
+    the two run as one batch, and both texts are what each gives alone."""
+    from thl_np.serve.engine import Engine
+    from thl_np.serve.sessions import PrefixCache, SessionStore
+    from thl_np.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    engine = Engine(model, tok, SessionStore(str(tmp_path), model.config), PrefixCache(0), align_steps=3)
+    texts = {}
+
+    def job(name, prompt):
+        texts[name] = ""
+
+        def emit(kind, payload):
+            if kind == "text":
+                texts[name] += payload
+        return Job(Request(tok.encode(prompt), max_tokens=30, temperature=0), emit)
+
+    engine._admit(job("a", "first prompt"))   # 12 bytes: a full window of 8
+    for _ in range(2):
+        engine._regroup()
+        engine._step_all()
+    engine._admit(job("b", "other prompt"))
+    engine._regroup()
+    assert len(engine._groups) == 2
+    for _ in range(2):  # "a" waits while "b" catches up
+        engine._step_all()
+        engine._regroup()
+    assert [len(g.jobs) for g in engine._groups] == [2]
+    while engine._groups:
+        engine._step_all()
+        engine._regroup(leavers_only=True)
+    assert texts == {"a": greedy(model, "first prompt", 30), "b": greedy(model, "other prompt", 30)}
+
+
 def test_concurrent_requests_are_batched_and_unchanged(live, model):
     prompts = [f"job {i}!" for i in range(6)]  # one length: one phase, one batch
     before = live.health()

@@ -131,13 +131,14 @@ class Engine:
     """The worker (module docstring). ``submit`` may be called from any thread."""
 
     def __init__(self, model, tokenizer, sessions: SessionStore, prefix: PrefixCache | None = None,
-                 max_batch: int = 8, max_queue: int = 64):
+                 max_batch: int = 8, max_queue: int = 64, align_steps: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.sessions = sessions
         self.prefix = prefix if prefix is not None else PrefixCache(0)
         self.max_batch = max(1, int(max_batch))
         self.max_queue = max(1, int(max_queue))
+        self.align_steps = max(0, int(align_steps))
         c = model.config
         self.period = math.lcm(*c.tier_timescales)
         V = c.vocab_size
@@ -319,21 +320,22 @@ class Engine:
         wanted = {}
         for j in joining:
             wanted.setdefault(signature(j.state), []).append(j)
-        keep = []
+        keep, by_signature = [], {}
         for g in self._groups:
-            leaving = any(j.finished or j.cancelled for j in g.jobs)
-            if not leaving and (g.signature(self.period) not in wanted or len(g.jobs) >= self.max_batch):
-                keep.append(g)
-                continue
-            for j, st in zip(g.jobs, g.split(), strict=True):
-                if j.cancelled:
-                    self._release(j)
-                    j.emit("cancelled", None)
-                elif j.finished:
-                    self._guard(j, lambda job, st=st: self._finish(job, st))
-                else:
-                    j.state = st
-                    wanted.setdefault(signature(st), []).append(j)
+            if any(j.finished or j.cancelled for j in g.jobs):
+                self._dissolve(g, wanted)
+            else:
+                by_signature.setdefault(g.signature(self.period), []).append(g)
+        for sig, groups in by_signature.items():
+            # groups with room merge with the joiners and with each other (equal clocks: one batch); full
+            # ones stay as they are, so a full set of groups is never rebuilt
+            room = [g for g in groups if len(g.jobs) < self.max_batch]
+            if len(room) > 1 or (room and sig in wanted):
+                for g in room:
+                    self._dissolve(g, wanted)
+                keep.extend(g for g in groups if g not in room)
+            else:
+                keep.extend(groups)
         self._groups = keep
         for jobs in wanted.values():
             live = []
@@ -346,9 +348,39 @@ class Engine:
             for i in range(0, len(live), self.max_batch):
                 self._groups.append(Group(self.model, live[i:i + self.max_batch]))
 
+    def _dissolve(self, g: Group, wanted: dict) -> None:
+        """Take a group's jobs back out: finished ones are committed, cancelled ones answered, the others
+        wait in ``wanted`` (by clock signature) for their next group."""
+        for j, st in zip(g.jobs, g.split(), strict=True):
+            if j.cancelled:
+                self._release(j)
+                j.emit("cancelled", None)
+            elif j.finished:
+                self._guard(j, lambda job, st=st: self._finish(job, st))
+            else:
+                j.state = st
+                wanted.setdefault((int(st.timestep) % self.period, int(st.local_valid)), []).append(j)
+
+    def _paused(self) -> set:
+        """Groups that skip this tick so that a group a few steps behind them catches up (their clocks then
+        agree and the two merge into one batch): a group whose full window is at most ``align_steps`` steps
+        ahead of another's. Never every group."""
+        W = self.model.config.local_window
+        full = [g for g in self._groups if g.local_valid == W]
+        paused = set()
+        for g in full:
+            for h in full:
+                ahead = (g.t - h.t) % self.period  # the shorter way round the clock; half-way: the later one
+                shorter = 2 * ahead < self.period or (2 * ahead == self.period and g.t > h.t)
+                if h is not g and 1 <= ahead <= self.align_steps and shorter:
+                    paused.add(g)
+                    break
+        return paused if len(paused) < len(self._groups) else set()
+
     def _step_all(self) -> None:
+        paused = self._paused() if self.align_steps and len(self._groups) > 1 else set()
         for g in self._groups:
-            if all(j.cancelled for j in g.jobs):
+            if g in paused or all(j.cancelled for j in g.jobs):
                 continue
             logits = g.step()
             self.steps += 1
@@ -359,7 +391,7 @@ class Engine:
 
 
 def load_engine(model_dir: str, sessions_dir: str, max_sessions: int = 256, prefix_cache: int = 32,
-                max_batch: int = 8, max_queue: int = 64, engine_class=Engine):
+                max_batch: int = 8, max_queue: int = 64, align_steps: int = 16, engine_class=Engine):
     """(model, tokenizer, started engine) for a model folder: the model loaded and warmed up (its compiled
     steps loaded or compiled, the batched head packed) before the first request comes."""
     from ..model import THLModel
@@ -372,6 +404,7 @@ def load_engine(model_dir: str, sessions_dir: str, max_sessions: int = 256, pref
         decoder.prompt(np.zeros((B, 2), np.int64), logits="last")
         decoder.step(np.zeros(B, np.int64))
     engine = engine_class(model, tokenizer, SessionStore(sessions_dir, model.config, max_sessions),
-                          PrefixCache(prefix_cache), max_batch=max_batch, max_queue=max_queue)
+                          PrefixCache(prefix_cache), max_batch=max_batch, max_queue=max_queue,
+                          align_steps=align_steps)
     engine.start()
     return model, tokenizer, engine
