@@ -359,8 +359,17 @@ async def _sse(job: Job, events: asyncio.Queue, shape: _Shape, include_usage: bo
         while True:
             kind, payload = await events.get()
             if kind == "text":
-                yield _sse_line(shape.chunk(payload))
-                continue
+                # the pieces that arrived meanwhile go out as one chunk: a client that reads slower than the
+                # worker generates (or a loop serving many streams) gets fewer, larger chunks
+                text = [payload]
+                while not events.empty():
+                    kind, payload = events.get_nowait()
+                    if kind != "text":
+                        break
+                    text.append(payload)
+                yield _sse_line(shape.chunk("".join(text)))
+                if kind == "text":
+                    continue
             done = True
             if kind == "done":
                 yield _sse_line(shape.chunk(None, payload))

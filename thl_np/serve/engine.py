@@ -98,8 +98,7 @@ class Group:
             last_read=np.concatenate([s.last_read + d for s, d in zip(states, self.shift, strict=True)]),
             last_write=np.concatenate([s.last_write + d for s, d in zip(states, self.shift, strict=True)]),
             local_buffer=cat("local_buffer"), local_valid=int(states[0].local_valid))
-        with blas_threads(1):  # the local window's keys: a small product, slow on BLAS threads a busy machine spins
-            self.decoder = model.decoder(stacked)
+        self.decoder = model.decoder(stacked)
         self.t, self.local_valid, self.window = T, int(states[0].local_valid), model.config.local_window
         for j in jobs:
             j.state = None
@@ -191,6 +190,13 @@ class Engine:
 
     # ------------------------------------------------------------------ the worker
     def _run(self) -> None:
+        # OpenBLAS on one thread for the worker's whole life: its few products (a batch's local-window keys
+        # when a group is built, a prompt's head) are small, and BLAS threads spinning on a busy machine
+        # made building a batch of 8 take 34 ms instead of 5; the decoder raises it where it needs more
+        with blas_threads(1):
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._inbox and not self._groups and not self._closing:
@@ -262,8 +268,7 @@ class Engine:
             points = sorted({p for p in r.cache_points if cached < p < len(ids)} | {len(ids)})
             done = cached
             for p in points:
-                with blas_threads(1):
-                    logits = decoder.prompt(ids[None, done:p], logits="last")[0]
+                logits = decoder.prompt(ids[None, done:p], logits="last")[0]
                 done = p
                 if p in r.cache_points or (r.session is None and p == len(ids)):
                     self.prefix.put(ids[:p], decoder.state(), logits)
