@@ -262,16 +262,19 @@ async def _generate(request: HTTPRequest, chat: bool):
     if stream:
         return StreamingResponse(_sse(job, events, shape, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    pieces = []
+    pieces, getter = [], None
     try:
         while True:
-            try:
-                kind, payload = await asyncio.wait_for(events.get(), 0.5)
-            except asyncio.TimeoutError:
+            # one pending get, never cancelled on a timeout (a cancelled get could lose the event it took)
+            getter = getter or asyncio.ensure_future(events.get())
+            finished, _ = await asyncio.wait({getter}, timeout=0.5)
+            if not finished:
                 if await request.is_disconnected():
                     job.cancel()  # the worker drops the row at its next step
                     return Response(status_code=499)
                 continue
+            kind, payload = getter.result()
+            getter = None
             if kind == "text":
                 pieces.append(payload)
             else:
@@ -279,6 +282,9 @@ async def _generate(request: HTTPRequest, chat: bool):
     except asyncio.CancelledError:
         job.cancel()
         raise
+    finally:
+        if getter is not None:
+            getter.cancel()
     if kind == "error":
         raise _engine_error(payload)
     if kind == "cancelled":

@@ -206,9 +206,19 @@ class Engine:
                 new = self._take_new()
             for job in new:
                 self._guard(job, self._admit)
-            self._regroup()
-            self._step_all()
-            self._regroup(leavers_only=True)
+            try:
+                self._regroup()
+                self._step_all()
+                self._regroup(leavers_only=True)
+            except Exception as exc:  # a failure in a batch fails its requests, never the worker
+                self._fail_running(exc)
+
+    def _fail_running(self, exc: Exception) -> None:
+        jobs = self._joining + [j for g in self._groups for j in g.jobs]
+        self._joining, self._groups = [], []
+        for j in jobs:
+            self._release(j)
+            j.emit("error", exc)
 
     def _take_new(self) -> list[Job]:
         """Up to max_batch queued jobs whose session is free (a session runs one request at a time, in
