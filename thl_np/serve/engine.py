@@ -18,6 +18,7 @@ prompts of one length (a benchmark's clients, a batch job) share one batch for t
 """
 from __future__ import annotations
 
+import codecs
 import math
 import threading
 import time
@@ -30,6 +31,7 @@ from .._blas import blas_threads
 from ..errors import InputError
 from ..generation import sample_next
 from ..state import InferenceState
+from ..tokenizer import NUM_BYTES
 from .sessions import PrefixCache, Session, SessionStore
 from .text import StopScanner
 
@@ -284,7 +286,7 @@ class Engine:
                     self.prefix.put(ids[:p], decoder.state(), logits)
             state = decoder.state()
         job.state = state
-        job.stream = self.tokenizer.stream_decoder()
+        job.stream = codecs.getincrementaldecoder("utf-8")(errors="replace")
         if self._sample(job, logits):
             self._finish(job, state)
         else:
@@ -299,12 +301,14 @@ class Engine:
         if token == self.eos:
             job.finish_reason = "stop"
         else:
-            text = job.stops.push(job.stream.push(token))
+            # the byte tokenizer's rule (ids below 256 are bytes, specials decode to nothing) without its
+            # input checks, a sampled id being valid: they cost more than the rest of a row's token
+            text = job.stops.push(job.stream.decode(bytes((token,)) if token < NUM_BYTES else b""))
             if job.stops.stopped:
                 job.finish_reason = "stop"
             elif job.generated >= r.max_tokens:
                 job.finish_reason = "length"
-                text += job.stops.push(job.stream.flush()) + job.stops.flush()
+                text += job.stops.push(job.stream.decode(b"", True)) + job.stops.flush()
             if text:
                 job.emit("text", text)
         job.finished = job.finish_reason is not None
