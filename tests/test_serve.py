@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from hypothesis import given
+from helpers import examples
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from serve_helpers import TIMEOUT, LiveServer, tiny_model_dir, wait_for
 
@@ -326,21 +327,22 @@ def _states(model, lengths, seed=0):
     return out
 
 
-def test_a_batch_steps_each_row_as_it_would_step_alone(model):
+@settings(max_examples=examples(6), deadline=None)
+@given(st.integers(0, 3), st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
+def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, seed):
     """Rows at different timesteps of one phase share a batch (their step numbers shifted): logits equal
     single-request logits to 1e-5 (float32) at every step, and the states taken back out equal too."""
     period, window = 4, model.config.local_window
-    lengths = [window + 1, window + 1 + period, window + 1 + 3 * period]
-    states = _states(model, lengths)
+    states = _states(model, [window + offset + k * period for k in periods], seed)
     jobs = []
     for s in states:
         job = Job(Request(np.zeros(1, np.int64)), lambda *a: None)
         job.state, job.pending = s, 0
         jobs.append(job)
     group = Group(model, jobs)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     singles = list(states)
-    for _ in range(3 * period + 2):
+    for _ in range(2 * period + 1):
         tokens = rng.integers(0, 256, len(jobs))
         for j, t in zip(jobs, tokens, strict=True):
             j.pending = int(t)

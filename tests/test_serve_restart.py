@@ -57,61 +57,55 @@ def model_dir(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("restart-model"))
 
 
-def test_kill_9_mid_load_then_every_session_restores(model_dir, tmp_path):
+def test_sessions_survive_kill_9_mid_load_and_sigterm(model_dir, tmp_path):
+    """Three runs of one state folder: a kill -9 while requests run; a restart where every committed session
+    continues as an uninterrupted run would, then a SIGTERM with a request in flight (cancelled, not
+    committed; the server exits 0, its lock released); a third run that continues the sessions again."""
     model = THLModel.from_pretrained(model_dir)
+    expected = uninterrupted(model, TURNS)
     state_dir = str(tmp_path / "state")
-    proc = ServeProcess(model_dir, state_dir, "--max-tokens", str(10**7), "--max-sessions", "2")
+    first = ServeProcess(model_dir, state_dir, "--max-tokens", str(10**7), "--max-sessions", "2")
     try:
         for i in range(4):
             for prompt in TURNS[:2]:
-                ask(proc.url, f"user{i}", prompt)
-        ask(proc.url, "busy", TURNS[0])
+                ask(first.url, f"user{i}", prompt)
+        ask(first.url, "busy", TURNS[0])
         started = [threading.Event() for _ in range(2)]
-        streams = [start_long_stream(proc.url, s, e) for s, e in zip(("busy", "fresh"), started, strict=True)]
+        streams = [start_long_stream(first.url, s, e) for s, e in zip(("busy", "fresh"), started, strict=True)]
         for e in started:
             assert e.wait(TIMEOUT)
-        proc.kill(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+        first.kill(signal.SIGKILL)
+        assert first.wait() == -signal.SIGKILL
     finally:
-        proc.close()
+        first.close()
     for t in streams:
         t.join(TIMEOUT)
-    again = ServeProcess(model_dir, state_dir, "--max-sessions", "2")  # the dead server's lock is stale
+
+    second = ServeProcess(model_dir, state_dir, "--max-tokens", str(10**7), "--max-sessions", "2",
+                          "--shutdown-grace", "0.5")  # the dead server's lock is stale: taken over
     try:
-        expected = uninterrupted(model, TURNS)
         for i in range(4):  # two committed turns each; the third continues them
-            assert ask(again.url, f"user{i}", TURNS[2]) == expected[2]
+            assert ask(second.url, f"user{i}", TURNS[2]) == expected[2]
         # the request killed in flight was never committed: the session continues from its first turn
-        assert ask(again.url, "busy", TURNS[1]) == expected[1]
-        assert httpx.get(f"{again.url}/v1/sessions/fresh", timeout=TIMEOUT).status_code == 404
-        again.kill(signal.SIGTERM)
-        assert again.wait() == 0
-    finally:
-        again.close()
-    assert not [n for n in os.listdir(state_dir) if n.endswith(".tmp")]
-
-
-def test_sigterm_cancels_in_flight_requests_and_keeps_sessions(model_dir, tmp_path):
-    model = THLModel.from_pretrained(model_dir)
-    state_dir = str(tmp_path / "state")
-    proc = ServeProcess(model_dir, state_dir, "--max-tokens", str(10**7), "--shutdown-grace", "0.5")
-    try:
-        ask(proc.url, "kept", TURNS[0])
+        assert ask(second.url, "busy", TURNS[1]) == expected[1]
+        assert httpx.get(f"{second.url}/v1/sessions/fresh", timeout=TIMEOUT).status_code == 404
         started = threading.Event()
-        stream = start_long_stream(proc.url, "cut", started)
+        stream = start_long_stream(second.url, "cut", started)
         assert started.wait(TIMEOUT)
-        proc.kill(signal.SIGTERM)
-        assert proc.wait() == 0
+        second.kill(signal.SIGTERM)
+        assert second.wait() == 0
     finally:
-        proc.close()
+        second.close()
     stream.join(TIMEOUT)
-    assert "stopped" in "".join(proc.log)
-    assert not os.path.exists(os.path.join(state_dir, ".run.lock"))
-    assert sorted(os.listdir(state_dir)) == ["kept.session.npz"]
-    again = ServeProcess(model_dir, state_dir)
+    assert "stopped" in "".join(second.log)
+    names = sorted(os.listdir(state_dir))
+    assert ".run.lock" not in names and "cut.session.npz" not in names and not [n for n in names if "tmp" in n]
+    assert names == sorted([f"user{i}.session.npz" for i in range(4)] + ["busy.session.npz"])
+
+    third = ServeProcess(model_dir, state_dir)
     try:
-        assert ask(again.url, "kept", TURNS[1]) == uninterrupted(model, TURNS[:2])[1]
-        again.kill(signal.SIGTERM)
-        assert again.wait() == 0
+        assert ask(third.url, "busy", TURNS[2]) == expected[2]
+        third.kill(signal.SIGTERM)
+        assert third.wait() == 0
     finally:
-        again.close()
+        third.close()

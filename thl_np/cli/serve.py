@@ -114,7 +114,8 @@ def _run(model_path, model_dir, host, port, api_key, sessions_dir, max_sessions,
                            engine_class=Engine)
 
     server = Server(load, default_model_id(model_dir if model_dir not in (None, "default") else None),
-                    Limits(max_body=max_body, max_prompt=max_prompt, max_tokens=max_tokens_limit), api_key)
+                    Limits(max_body=max_body, max_prompt=max_prompt, max_tokens=max_tokens_limit), api_key,
+                    announce=lambda line: click.echo(f"thl-np serve: {line}", err=True))
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_grace, lifespan="on")
     web = uvicorn.Server(config)

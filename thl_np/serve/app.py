@@ -57,8 +57,10 @@ def error_response(status: int, message: str, param=None, kind=None) -> JSONResp
 class Server:
     """What the routes share: the model (once loaded), the engine, the limits and the API key."""
 
-    def __init__(self, load, model_id: str, limits: Limits | None = None, api_key: str | None = None):
+    def __init__(self, load, model_id: str, limits: Limits | None = None, api_key: str | None = None,
+                 announce=None):
         self._load = load                 # () -> (model, tokenizer, engine); runs on a background thread
+        self._announce = announce or (lambda line: None)  # one line when loaded, or why not
         self.model_id = model_id
         self.limits = limits or Limits()
         self.api_key = api_key
@@ -73,6 +75,9 @@ class Server:
                 self.model, self.tokenizer, self.engine = self._load()
             except Exception as exc:  # reported by /health and every route, as one line
                 self.load_error = f"{type(exc).__name__}: {exc}"
+                self._announce(f"the model failed to load: {exc} (every request gets 503)")
+            else:
+                self._announce("ready")
         self._loader = threading.Thread(target=run, name="thl-np-load", daemon=True)
         self._loader.start()
 
