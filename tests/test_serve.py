@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import threading
 from pathlib import Path
@@ -280,6 +281,29 @@ def test_session_export_import_and_checks(live, model):
     assert httpx.get(f"{live.url}/v1/sessions/bad", timeout=TIMEOUT).status_code == 404
     assert httpx.delete(f"{live.url}/v1/sessions/copy", timeout=TIMEOUT).status_code == 200
     assert httpx.get(f"{live.url}/v1/sessions/copy", timeout=TIMEOUT).status_code == 404
+
+
+def test_requests_on_one_session_run_in_turn_and_a_damaged_file_is_a_500(live):
+    results = []
+
+    def run(prompt):
+        r = httpx.post(f"{live.url}/v1/completions", timeout=TIMEOUT, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": 20, "session": "shared"})
+        results.append(r.json()["session"]["requests"])
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in ("one", "two", "three")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert sorted(results) == [1, 2, 3]  # each saw the commits of those before it
+    sessions_dir = live.server.engine.sessions.directory
+    with open(os.path.join(sessions_dir, "broken.session.npz"), "wb") as f:
+        f.write(b"not a zip")
+    r = httpx.post(f"{live.url}/v1/completions", json={"model": "tiny", "prompt": "x", "session": "broken"},
+                   timeout=TIMEOUT)
+    assert r.status_code == 500 and "not a session .npz" in r.json()["error"]["message"]
+    assert live.openai().completions.create(model="tiny", prompt="still fine", max_tokens=2).usage.total_tokens > 0
 
 
 def _meta(meta, **change):

@@ -253,8 +253,13 @@ async def _generate(request: HTTPRequest, chat: bool):
         points = ()
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    job = Job(Request(prompt_ids=ids, cache_points=points, **params),
-              lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
+    def emit(kind, payload):  # on the worker thread
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
+            job.cancel()
+
+    job = Job(Request(prompt_ids=ids, cache_points=points, **params), emit)
     try:
         engine.submit(job)
     except QueueFull as exc:
