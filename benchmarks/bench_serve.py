@@ -5,9 +5,10 @@
 2. time to first token (a 1-token completion): a session continued after 10,000 bytes of conversation, a
    fresh 10-byte prompt, and the same 10,000 + 10 bytes sent whole to a server that must reprocess them
    (no session, no prefix cache);
-3. 64 clients x 20 requests, each client on its own session, some requests streamed and cancelled at random:
-   every error other than 429 is counted (429 is retried), each session's final state is compared with an
-   in-process replay of its own committed requests, and the server's resident memory before and after;
+3. 64 clients x 20 requests, each client on its own session, some requests streamed and cancelled at random,
+   twice (new sessions the second time): every error other than 429 is counted (429 is retried), each
+   session's final state is compared with an in-process replay of its own committed requests, and the
+   server's resident memory is read before and after each round (flat: the second round adds nothing);
 4. kill -9 of the server while clients run, restart on the same --state-dir: every saved session continues
    exactly as an uninterrupted in-process run of its committed requests.
 
@@ -260,31 +261,38 @@ def replay_matches(model, url, sid, log) -> bool:
     return all(np.allclose(mine[k], theirs[k], rtol=0, atol=1e-5) for k in mine)
 
 
-def load_test(model_dir, clients, per_client, cancel_p=0.2, max_sessions=16):
+def load_test(model_dir, clients, per_client, cancel_p=0.2, max_sessions=16, rounds=2):
+    """``rounds`` rounds of the load, each on new sessions: the resident memory after each round stays flat
+    once the caches (sessions in memory, prefix cache) are full, which the first round does."""
     model = THLModel.from_pretrained(str(model_dir))
     state_dir = tempfile.mkdtemp(prefix="bench-serve-")
     server = Serve(model_dir, "--state-dir", state_dir, "--max-sessions", str(max_sessions), "--max-queue", "32")
+    out = {"clients": clients, "requests_each": per_client, "rounds": rounds, "wall_s": [], "rss_mib": [],
+           "errors_other_than_429": 0, "first_errors": [], "sessions_matching_replay": 0, "sessions": 0}
     try:
         post(server.url, {"prompt": "warm up", "max_tokens": 8})
-        rss_before = server.rss_mib()
-        logs, errors = [[] for _ in range(clients)], []
-        threads = [threading.Thread(target=client_run, args=(server.url, f"c{i}", per_client,
-                                                             np.random.default_rng(i), cancel_p, logs[i], errors))
-                   for i in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-        wall = time.perf_counter() - t0
-        rss_after = server.rss_mib()
-        ok = sum(replay_matches(model, server.url, f"c{i}", logs[i]) for i in range(clients) if logs[i])
+        out["rss_mib"].append(server.rss_mib())
+        for r in range(rounds):
+            logs, errors = [[] for _ in range(clients)], []
+            threads = [threading.Thread(target=client_run, args=(server.url, f"r{r}c{i}", per_client,
+                                                                 np.random.default_rng(1000 * r + i), cancel_p,
+                                                                 logs[i], errors)) for i in range(clients)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(TIMEOUT)
+            out["wall_s"].append(time.perf_counter() - t0)
+            out["rss_mib"].append(server.rss_mib())
+            out["errors_other_than_429"] += len(errors)
+            out["first_errors"] += errors[:3 - len(out["first_errors"])]
+            out["sessions"] += sum(1 for g in logs if g)
+            out["sessions_matching_replay"] += sum(replay_matches(model, server.url, f"r{r}c{i}", logs[i])
+                                                   for i in range(clients) if logs[i])
     finally:
         server.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
-    return {"clients": clients, "requests_each": per_client, "wall_s": wall, "errors_other_than_429": len(errors),
-            "first_errors": errors[:3], "sessions_matching_replay": f"{ok}/{sum(1 for g in logs if g)}",
-            "rss_mib_before": rss_before, "rss_mib_after": rss_after}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- 4. kill -9
