@@ -37,7 +37,7 @@ LAYERS = [
     ("thl_np.engines",),
     ("thl_np.model",),
     ("thl_np.generation", "thl_np.training", "thl_np.finetune", "thl_np.eval", "thl_np.reference",
-     "thl_np.io.convert", "thl_np.gradcheck"),
+     "thl_np.io.convert", "thl_np.gradcheck", "thl_np.serve"),
     ("thl_np.cli", "thl_np"),
 ]
 

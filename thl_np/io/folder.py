@@ -127,6 +127,24 @@ def _write_model_folder(directory, params, config, metadata, dtype, keep_dtype, 
         raise
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name in the same folder (``.NAME.PID.RANDOM.tmp``,
+    which ``remove_stale_temps`` recognises once its writer is dead), flushed to disk, then renamed over
+    ``path``: a reader, or a restart after kill -9, sees the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def remove_stale_temps(directory: str) -> None:
     """Remove the temporary files of writers that died (kill -9) in ``directory``; a live writer's stay."""
     try:
