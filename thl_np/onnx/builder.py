@@ -1,0 +1,168 @@
+"""A small graph builder over ``onnx.helper``: every lowering (one module per spec component) adds its nodes
+through it, so a component's lowering reads as its equations and a test can build a graph of one component.
+
+Names: a lowering asks for fresh value names (``op`` returns them); graph inputs, outputs and the weights
+keep the names a runtime sees (``state.memory``, ``router.W_q.weight``: the spec §2 names).
+
+Weights come from the model's parameters: a float array becomes a float32 initializer; an int8 tensor of
+the project's row-scaled scheme (``thl_np.quant``) becomes its int8 values and float32 row scales, read
+through ``DequantizeLinear`` (axis 0, zero point 0), which computes float32(q)·s: the number the plain
+path computes (``thl_np.quant.scheme.dequantize``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import InputError
+
+#: The opset every export uses: DequantizeLinear per axis (13), ReduceSum with axes as an input (13) and
+#: the reduce ops with an ``axes`` attribute (below 18); onnxruntime (desktop, mobile, web) runs it.
+OPSET = 17
+
+FLOAT, INT64, BOOL, DOUBLE = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL, TensorProto.DOUBLE
+
+
+class GraphBuilder:
+    """Nodes, initializers, inputs and outputs of one graph. ``params`` maps spec §2 names to float arrays
+    or to ``QuantizedTensor`` values (a ``QuantizedParams``' ``tensor(name)``)."""
+
+    def __init__(self, params=None, tensor=None):
+        self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self._count = 0
+        self._consts: dict = {}
+        self._weights: dict = {}
+        self.params = params
+        # how to read the stored form of a weight: a QuantizedParams' tensor(), else the dict itself
+        self._tensor = tensor or (lambda name: params[name])
+
+    # ---------------------------------------------------------------- names and nodes
+    def fresh(self, hint: str = "v") -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs, outputs: int = 1, hint: str | None = None, **attrs):
+        """Add one node; returns its output name (or a list of names when ``outputs`` > 1)."""
+        names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, [i if i is not None else "" for i in inputs], names,
+                                           **attrs))
+        return names[0] if outputs == 1 else names
+
+    def const(self, value, dtype=np.float32) -> str:
+        """An initializer holding ``value`` (a scalar or an array) in ``dtype``, shared between equal uses."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            name = self.fresh("c")
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def f32(self, x: float) -> str:
+        """A float32 scalar constant: how NumPy applies a Python float to a float32 array."""
+        return self.const(np.float32(x))
+
+    def i64(self, value) -> str:
+        return self.const(value, np.int64)
+
+    # ---------------------------------------------------------------- weights
+    def weight(self, name: str) -> str:
+        """The float32 matrix or vector ``name`` (spec §2), dequantized in the graph when stored as int8."""
+        if name in self._weights:
+            return self._weights[name]
+        stored = self._tensor(name)
+        if hasattr(stored, "q"):  # a QuantizedTensor: int8 values + one float32 scale per row
+            _check_row_scaled(stored, name)
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(stored.q), name))
+            self.initializers.append(numpy_helper.from_array(
+                np.ascontiguousarray(stored.scale[:, 0], dtype=np.float32), name + "_scale"))
+            out = self.op("DequantizeLinear", name, name + "_scale", hint=name.replace(".", "_") + "_f32",
+                          axis=0)
+        else:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(stored, dtype=np.float32), name))
+            out = name
+        self._weights[name] = out
+        return out
+
+    def weight_t(self, name: str) -> str:
+        """W^T of a [out, in] weight, for ``x @ W.T`` as a MatMul (onnxruntime folds the transpose once)."""
+        key = name + "^T"
+        if key not in self._weights:
+            self._weights[key] = self.op("Transpose", self.weight(name), perm=[1, 0])
+        return self._weights[key]
+
+    def rows(self, name: str, ids: str) -> str:
+        """weight[ids] ([B] → [B, C]), dequantizing only the rows read for an int8 table."""
+        stored = self._tensor(name)
+        if hasattr(stored, "q"):
+            _check_row_scaled(stored, name)
+            if name not in self._weights:
+                self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(stored.q), name))
+                self.initializers.append(numpy_helper.from_array(
+                    np.ascontiguousarray(stored.scale[:, 0], dtype=np.float32), name + "_scale"))
+                self._weights[name] = name
+            q = self.op("Cast", self.op("Gather", name, ids, axis=0), to=FLOAT)
+            s = self.op("Gather", name + "_scale", ids, axis=0)
+            return self.op("Mul", q, self.op("Unsqueeze", s, self.i64([1])))
+        return self.op("Gather", self.weight(name), ids, axis=0)
+
+    def shape(self, name: str) -> tuple:
+        """The shape of the stored weight ``name``."""
+        return tuple(self._tensor(name).shape)
+
+    def linear(self, x: str, w: str, b: str | None = None) -> str:
+        """x W^T (+ b) as NumPy computes it: the product, then the bias added."""
+        y = self.op("MatMul", x, self.weight_t(w))
+        return y if b is None else self.op("Add", y, self.weight(b))
+
+    # ---------------------------------------------------------------- graph
+    def add_input(self, name: str, elem_type, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def add_output(self, name: str, value: str, elem_type, shape) -> str:
+        self.nodes.append(helper.make_node("Identity", [value], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def model(self, graph_name: str = "thl_step", metadata: dict | None = None) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="thl-np")
+        model.ir_version = min(model.ir_version, 8)  # onnxruntime builds of the last years read IR 8
+        if metadata:
+            helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
+        return model
+
+
+def _check_row_scaled(stored, name: str) -> None:
+    if stored.scale.ndim != 2 or stored.scale.shape[1] != 1:
+        raise InputError(f"{name}: only the int8-row scheme (one scale per row) has an ONNX lowering; "
+                         f"this tensor has scales of shape {list(stored.scale.shape)}")
+
+
+# ---------------------------------------------------------------- small shared pieces
+def sigmoid(g: GraphBuilder, x: str) -> str:
+    """σ(x) as ``thl_np.components.primitives.sigmoid`` computes it: 1/(1+e^{-x}) for x ≥ 0 and
+    e^{x}/(1+e^{x}) below, from one e^{-|x|} (neither branch overflows)."""
+    e = g.op("Exp", g.op("Neg", g.op("Abs", x)))
+    one = g.f32(1.0)
+    den = g.op("Add", one, e)
+    return g.op("Where", g.op("GreaterOrEqual", x, g.f32(0.0)), g.op("Div", one, den), g.op("Div", e, den))
+
+
+def sum_last(g: GraphBuilder, x: str, keepdims: int = 0) -> str:
+    return g.op("ReduceSum", x, g.i64([-1]), keepdims=keepdims)
+
+
+def row_sum(g: GraphBuilder, x: str, width: int) -> str:
+    """Σ over the last axis (of length ``width``) as a product with a ones vector. Equal rows must give equal
+    sums (the tie rule ranks slots by them), and onnxruntime's ReduceSum does not promise that: its result
+    for a row can depend on where the row lies in memory. A GEMM sums every row in the same order."""
+    return g.op("Squeeze", g.op("MatMul", x, g.const(np.ones((width, 1)))), g.i64([-1]))
+
+
+def norm_last(g: GraphBuilder, x: str, width: int) -> str:
+    """√(Σ x²) over the last axis, as the components write it ((x·x).sum, then sqrt), equal for equal rows."""
+    return g.op("Sqrt", row_sum(g, g.op("Mul", x, x), width))
