@@ -156,13 +156,22 @@ def sum_last(g: GraphBuilder, x: str, keepdims: int = 0) -> str:
     return g.op("ReduceSum", x, g.i64([-1]), keepdims=keepdims)
 
 
-def row_sum(g: GraphBuilder, x: str, width: int) -> str:
-    """Σ over the last axis (of length ``width``) as a product with a ones vector. Equal rows must give equal
-    sums (the tie rule ranks slots by them), and onnxruntime's ReduceSum does not promise that: its result
-    for a row can depend on where the row lies in memory. A GEMM sums every row in the same order."""
-    return g.op("Squeeze", g.op("MatMul", x, g.const(np.ones((width, 1)))), g.i64([-1]))
+def slot_dots(g: GraphBuilder, memory_t: str, v: str) -> str:
+    """m_j·v_x for every slot j: memory_t [B, d_m, J] (the bank transposed) and v [B, X, d_m] → [B, X, J].
+
+    Equal rows must give equal numbers: the tie rule ranks slots by them. onnxruntime's GEMMs and its
+    ReduceSum over the last axis do not promise that (a row's result depends on where it lies: the kernels
+    treat the last rows or columns of a block apart), but a ReduceSum over a leading axis adds the d_m
+    terms of every slot in the same order, elementwise across slots."""
+    prod = g.op("Mul", g.op("Unsqueeze", v, g.i64([3])), g.op("Unsqueeze", memory_t, g.i64([1])))   # [B, X, d_m, J]
+    return g.op("ReduceSum", prod, g.i64([2]), keepdims=0)
 
 
-def norm_last(g: GraphBuilder, x: str, width: int) -> str:
-    """√(Σ x²) over the last axis, as the components write it ((x·x).sum, then sqrt), equal for equal rows."""
-    return g.op("Sqrt", row_sum(g, g.op("Mul", x, x), width))
+def slot_sq_norms(g: GraphBuilder, memory_t: str) -> str:
+    """‖m_j‖² for every slot [B, J], equal for equal rows (see ``slot_dots``)."""
+    return g.op("ReduceSum", g.op("Mul", memory_t, memory_t), g.i64([1]), keepdims=0)
+
+
+def norm_last(g: GraphBuilder, x: str) -> str:
+    """√(Σ x²) over the last axis, as the components write it ((x·x).sum, then sqrt)."""
+    return g.op("Sqrt", sum_last(g, g.op("Mul", x, x)))

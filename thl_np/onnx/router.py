@@ -8,6 +8,7 @@
 - The slot capacity rule, a walk over heads then ranks, in closed form: a pick is dropped when at least c
   earlier picks (in that order) chose its slot, since a slot serves every pick until it has served c.
 - A_j (the read weight per slot) and the picked-slot mask come from a one-hot of the picks: no scatter.
+- Every per-slot sum is a ReduceSum over a leading axis (``builder.slot_dots``), so equal rows score equal.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import numpy as np
 
 from ..components.router_unit_keys import UNIT_KEY_EPS
-from .builder import BOOL, FLOAT, INT64, GraphBuilder, row_sum, sum_last
+from .builder import BOOL, FLOAT, INT64, GraphBuilder, slot_dots, slot_sq_norms, sum_last
 
 
 def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_heads: int, head_dim: int,
@@ -31,10 +32,10 @@ def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_hea
     W_k_heads = g.op("Reshape", g.weight(W_k), g.i64([H, d_h, d_m]))
     q_mem = g.op("Transpose", g.op("MatMul", g.op("Transpose", q, perm=[1, 0, 2]), W_k_heads),
                  perm=[1, 0, 2])                                                          # [B, H, d_m]
-    content = g.op("Mul", g.op("MatMul", q_mem, g.op("Transpose", memory, perm=[0, 2, 1])), g.f32(scale))
+    memory_t = g.op("Transpose", memory, perm=[0, 2, 1])                                 # [B, d_m, J]
+    content = g.op("Mul", slot_dots(g, memory_t, q_mem), g.f32(scale))                    # [B, H, J]
     if unit_keys:
-        norms = g.op("Sqrt", g.op("Add", row_sum(g, g.op("Mul", memory, memory), d_m),
-                                  g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS)))                   # [B, J]
+        norms = g.op("Sqrt", g.op("Add", slot_sq_norms(g, memory_t), g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS)))
         content = g.op("Div", content, g.op("Unsqueeze", norms, g.i64([1])))
     scores = g.op("Sub", content, g.op("Mul", g.f32(load_penalty), g.op("Unsqueeze", read_ema, g.i64([1]))))
     picked, idx = g.op("TopK", scores, g.i64([kappa]), outputs=2, axis=-1, largest=1, sorted=1)
@@ -73,8 +74,9 @@ def lower_read_meta(g: GraphBuilder, read_ema: str, last_read: str, alpha: str, 
     → (read_ema, last_read, A)."""
     flat = g.op("Reshape", idx, g.i64([0, -1]))                                          # [B, P]
     onehot = g.op("Equal", g.op("Unsqueeze", flat, g.i64([2])), g.i64(np.arange(num_slots)))   # [B, P, J]
-    alpha_flat = g.op("Unsqueeze", g.op("Reshape", alpha, g.i64([0, -1])), g.i64([1]))   # [B, 1, P]
-    A = g.op("Squeeze", g.op("MatMul", alpha_flat, g.op("Cast", onehot, to=FLOAT)), g.i64([1]))  # [B, J]
+    alpha_flat = g.op("Unsqueeze", g.op("Reshape", alpha, g.i64([0, -1])), g.i64([2]))   # [B, P, 1]
+    # summed over the picks (a leading axis): in pick order for every slot, as read_weights_per_slot adds
+    A = g.op("ReduceSum", g.op("Mul", alpha_flat, g.op("Cast", onehot, to=FLOAT)), g.i64([1]), keepdims=0)
     new_ema = g.op("Add", g.op("Mul", g.f32(decay), read_ema), g.op("Mul", g.f32(1.0 - decay), A))
     picked = g.op("Cast", g.op("ReduceMax", g.op("Cast", onehot, to=INT64), axes=[1], keepdims=0),
                   to=BOOL)
