@@ -112,8 +112,8 @@ def _router(a, cfg, unit_keys=False, capacity="cfg"):
     kw = dict(num_heads=cfg["num_heads"], head_dim=cfg["head_dim"], topk=cfg["read_topk"],
               load_penalty=cfg["load_penalty"], capacity=cap)
     params = {"router.W_q.weight": a["W_q"], "router.W_k.weight": a["W_k"], "router.W_v.weight": a["W_v"]}
-    got = run(lambda g, u, m, r: lower_router(g, u, m, r, memory_dim=a["memory"].shape[2],
-                                              value_dim=a["W_v"].shape[0], unit_keys=unit_keys, **kw),
+    dims = dict(num_slots=a["memory"].shape[1], memory_dim=a["memory"].shape[2], value_dim=a["W_v"].shape[0])
+    got = run(lambda g, u, m, r: lower_router(g, u, m, r, unit_keys=unit_keys, **dims, **kw),
               {"u": a["u"], "memory": a["memory"], "read_ema": a["read_ema"]}, params)
     fwd = router_unit_keys.unit_keys_forward if unit_keys else router.router_forward
     want = fwd(a["u"], a["memory"], a["read_ema"], a["W_q"], a["W_k"], a["W_v"], **kw)[:3]
@@ -205,13 +205,15 @@ def test_tiers_every_clock_phase(t):
 @pytest.mark.parametrize("name", ["writer_novel_empty", "writer_novel_lru", "writer_refine", "writer_clipped"])
 def test_writer(name):
     a, cfg = case(name)
-    kw = dict(write_slots=cfg["write_slots"], clip_max=cfg["write_clip_max"], beta=cfg["novelty_beta"],
+    kw = dict(num_slots=a["memory"].shape[1], memory_dim=a["memory"].shape[2],
+              write_slots=cfg["write_slots"], clip_max=cfg["write_clip_max"], beta=cfg["novelty_beta"],
               theta=cfg["novelty_theta"], stale_weight=cfg["stale_weight"], underuse_weight=cfg["underuse_weight"])
     params = {"writer.W_w.weight": a["W_w"], "writer.W_w.bias": a["b_w"]}
     w, gate, targets, novel, clipped = run(
         lambda g, x, m, r, lw, t: lower_writer(g, x, m, r, lw, t, **kw),
         {"x_w": a["x_w"], "memory": a["memory"], "read_ema": a["read_ema"], "last_write": a["last_write"],
          "t": np.asarray(cfg["t"], np.int64)}, params)
+    kw = {k: v for k, v in kw.items() if k not in ("num_slots", "memory_dim")}
     w_w, g_w, t_w, cache = writer.writer_forward(a["x_w"], a["memory"], a["read_ema"], a["last_write"], cfg["t"],
                                                  a["W_w"], a["b_w"], **kw)
     np.testing.assert_array_equal(targets, t_w)
@@ -229,12 +231,14 @@ def test_writer_refine_ties_go_to_the_lower_slot():
     m[:, 2:6] = m[:, 3:4]   # slots 2..5 equal
     a = dict(a, memory=m)
     x_w, W_w, b_w = a["x_w"], a["W_w"], a["b_w"]
-    kw = dict(write_slots=3, clip_max=cfg["write_clip_max"], beta=cfg["novelty_beta"], theta=1.5,
+    kw = dict(num_slots=m.shape[1], memory_dim=m.shape[2], write_slots=3,
+              clip_max=cfg["write_clip_max"], beta=cfg["novelty_beta"], theta=1.5,
               stale_weight=1.0, underuse_weight=1.0)
     params = {"writer.W_w.weight": W_w, "writer.W_w.bias": b_w}
     got = run(lambda g, x, mm, r, lw, t: lower_writer(g, x, mm, r, lw, t, **kw)[2],
               {"x_w": x_w, "memory": m, "read_ema": a["read_ema"], "last_write": a["last_write"],
                "t": np.asarray(50, np.int64)}, params)[0]
+    kw = {k: v for k, v in kw.items() if k not in ("num_slots", "memory_dim")}
     want = writer.writer_forward(x_w, m, a["read_ema"], a["last_write"], 50, W_w, b_w, **kw)[2]
     np.testing.assert_array_equal(got, want)
 

@@ -156,8 +156,17 @@ def sum_last(g: GraphBuilder, x: str, keepdims: int = 0) -> str:
     return g.op("ReduceSum", x, g.i64([-1]), keepdims=keepdims)
 
 
+def bank_transposed(g: GraphBuilder, memory: str, slots: int, width: int) -> str:
+    """memory [B, J, d_m] → [B, d_m, J], as a Gather with constant indices rather than a Transpose: onnxruntime's
+    transpose optimizer would push a Transpose through the products and sums of ``slot_dots`` and turn their
+    leading-axis sums back into last-axis sums (which break ties, see ``slot_dots``); it leaves a Gather be."""
+    order = np.arange(slots * width, dtype=np.int64).reshape(slots, width).T.reshape(-1)   # (k, j) → j·d_m + k
+    flat = g.op("Reshape", memory, g.i64([0, slots * width]))
+    return g.op("Reshape", g.op("Gather", flat, g.const(order, np.int64), axis=1), g.i64([0, width, slots]))
+
+
 def slot_dots(g: GraphBuilder, memory_t: str, v: str) -> str:
-    """m_j·v_x for every slot j: memory_t [B, d_m, J] (the bank transposed) and v [B, X, d_m] → [B, X, J].
+    """m_j·v_x for every slot j: memory_t [B, d_m, J] (``bank_transposed``) and v [B, X, d_m] → [B, X, J].
 
     Equal rows must give equal numbers: the tie rule ranks slots by them. onnxruntime's GEMMs and its
     ReduceSum over the last axis do not promise that (a row's result depends on where it lies: the kernels

@@ -92,7 +92,8 @@ def build_step(config, params, tensor=None) -> GraphBuilder:
     # 3. router read with the previous tier states; 4. read metadata
     u = g.op("Concat", e, s_prev[0], s_prev[-1], axis=1)
     r, alpha, idx = lower_router(g, u, st["memory"], st["read_ema"], num_heads=c.num_heads, head_dim=c.head_dim,
-                                 memory_dim=c.memory_dim, value_dim=c.value_dim, topk=c.read_topk,
+                                 num_slots=c.memory_slots, memory_dim=c.memory_dim, value_dim=c.value_dim,
+                                 topk=c.read_topk,
                                  load_penalty=c.load_penalty, capacity=c.read_slot_capacity,
                                  unit_keys=comp.router.name == UNIT_KEYS)
     read_ema, last_read, _ = lower_read_meta(g, st["read_ema"], st["last_read"], alpha, idx, t,
@@ -102,7 +103,8 @@ def build_step(config, params, tensor=None) -> GraphBuilder:
     # 6. writer against the memory before the decay; 7. decay and write
     x_w = g.op("Concat", s_new[0], s_new[-1], axis=1)
     w, gate, targets, novel, clipped = lower_writer(
-        g, x_w, st["memory"], read_ema, st["last_write"], t, write_slots=c.write_slots, clip_max=c.write_clip_max,
+        g, x_w, st["memory"], read_ema, st["last_write"], t, num_slots=c.memory_slots, memory_dim=c.memory_dim,
+        write_slots=c.write_slots, clip_max=c.write_clip_max,
         beta=c.novelty_beta, theta=c.novelty_theta, stale_weight=c.stale_weight, underuse_weight=c.underuse_weight)
     memory, write_ema, last_write = lower_memory_write(
         g, st["memory"], st["write_ema"], st["last_write"], targets, gate, w, t, num_slots=c.memory_slots,

@@ -17,11 +17,11 @@ import math
 import numpy as np
 
 from ..components.router_unit_keys import UNIT_KEY_EPS
-from .builder import BOOL, FLOAT, INT64, GraphBuilder, slot_dots, slot_sq_norms, sum_last
+from .builder import BOOL, FLOAT, INT64, GraphBuilder, bank_transposed, slot_dots, slot_sq_norms, sum_last
 
 
 def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_heads: int, head_dim: int,
-                 memory_dim: int, value_dim: int, topk: int, load_penalty: float, capacity=None,
+                 num_slots: int, memory_dim: int, value_dim: int, topk: int, load_penalty: float, capacity=None,
                  unit_keys: bool = False, W_q: str = "router.W_q.weight", W_k: str = "router.W_k.weight",
                  W_v: str = "router.W_v.weight"):
     """u [B, d_u], memory [B, J, d_m], read_ema [B, J] → (r [B, d_v], alpha [B, H, κ], idx [B, H, κ] int64)."""
@@ -32,7 +32,7 @@ def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_hea
     W_k_heads = g.op("Reshape", g.weight(W_k), g.i64([H, d_h, d_m]))
     q_mem = g.op("Transpose", g.op("MatMul", g.op("Transpose", q, perm=[1, 0, 2]), W_k_heads),
                  perm=[1, 0, 2])                                                          # [B, H, d_m]
-    memory_t = g.op("Transpose", memory, perm=[0, 2, 1])                                 # [B, d_m, J]
+    memory_t = bank_transposed(g, memory, num_slots, d_m)                                 # [B, d_m, J]
     content = g.op("Mul", slot_dots(g, memory_t, q_mem), g.f32(scale))                    # [B, H, J]
     if unit_keys:
         norms = g.op("Sqrt", g.op("Add", slot_sq_norms(g, memory_t), g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS)))

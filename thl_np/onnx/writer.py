@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..components.writer import EMPTY_NORM
-from .builder import BOOL, DOUBLE, FLOAT, GraphBuilder, norm_last, slot_dots, slot_sq_norms
+from .builder import BOOL, DOUBLE, FLOAT, GraphBuilder, bank_transposed, norm_last, slot_dots, slot_sq_norms
 
 
 def lower_writer(g: GraphBuilder, x_w: str, memory: str, read_ema: str, last_write: str, t: str, *,
-                 write_slots: int, clip_max: float, beta: float, theta: float, stale_weight: float,
-                 underuse_weight: float, W_w: str = "writer.W_w.weight", b_w: str = "writer.W_w.bias"):
+                 num_slots: int, memory_dim: int, write_slots: int, clip_max: float, beta: float, theta: float,
+                 stale_weight: float, underuse_weight: float, W_w: str = "writer.W_w.weight",
+                 b_w: str = "writer.W_w.bias"):
     """x_w [B, d_0 + d_{K-1}], memory [B, J, d_m] (before the decay), read_ema [B, J] (after §4.4),
     last_write [B, J], t → (w [B, d_m], g [B], targets [B, W_w] int64, novel [B] bool, clipped [B] bool)."""
     w_raw = g.linear(x_w, W_w, b_w)
@@ -27,7 +28,7 @@ def lower_writer(g: GraphBuilder, x_w: str, memory: str, read_ema: str, last_wri
     w = g.op("Mul", w_raw, g.op("Unsqueeze", scale, g.i64([1])))
     # affinities (``affinities``): m_j·w / ((‖w‖ + 1e-8)(‖m_j‖ + 1e-8))
     n_w = norm_last(g, w)
-    memory_t = g.op("Transpose", memory, perm=[0, 2, 1])                                 # [B, d_m, J]
+    memory_t = bank_transposed(g, memory, num_slots, memory_dim)                          # [B, d_m, J]
     n_m = g.op("Sqrt", slot_sq_norms(g, memory_t))                                        # [B, J]
     dots = g.op("Squeeze", slot_dots(g, memory_t, g.op("Unsqueeze", w, g.i64([1]))), g.i64([1]))
     denom = g.op("Mul", g.op("Unsqueeze", g.op("Add", n_w, g.f32(1e-8)), g.i64([1])),
