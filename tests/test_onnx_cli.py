@@ -171,3 +171,20 @@ def test_ort_format_loads_and_matches(tmp_path, small_export):
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"step {t}")
         _, state, _ = onnx_step.step(np.array(ids), state)
+
+
+def test_bench_decoder_steps_like_the_export(small_export):
+    """``thl-np bench --onnx`` times OnnxDecoder (the state kept as the session's own output arrays): its logits
+    are the export's, step for step."""
+    from thl_np.onnx.bench import OnnxBenchModel
+
+    step = OnnxStep(small_export)
+    dec = OnnxBenchModel(step).decoder(batch_size=2)
+    state = step.zero_state(2)
+    for ids in ([1, 2], [3, 4], [5, 6]):
+        want, state, _ = step.step(np.array(ids), state)
+        np.testing.assert_array_equal(dec.step(np.array(ids)), want)
+
+
+def test_bench_onnx_bad_flags_are_one_line(capsys):
+    assert "--onnx measures float32" in one_line_error(capsys, "bench", "--onnx", "--dtype", "float64")
