@@ -30,6 +30,9 @@ def export(fmt, model_dir, out, force, external_data):
       thl-np export --format ort --out thl.ort
       thl-np check-port thl.onnx            # the export against thl-np, step by step
     """
+    from ..onnx import require
+
+    require()
     from ..onnx.export import check_output_path, export_onnx
     from .basic import human_bytes
     from .train import _StderrProgress

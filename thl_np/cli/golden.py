@@ -77,6 +77,9 @@ def check_port(results_dir, reference_dir, cases, dtype, atol, rtol, quiet, mode
       thl-np check-port thl.onnx --model my-model --steps 128
     """
     if os.path.isfile(results_dir):
+        from ..onnx import require
+
+        require()
         from ..onnx.check import ATOL, check_export, format_check
         from .train import _StderrProgress
 
