@@ -167,6 +167,7 @@ def test_metadata_describes_the_graph(exports):
     import json
 
     model, path = exports("small_default")
+    onnx.checker.check_model(onnx.load(path), full_check=True)   # valid ONNX with full shape inference
     step = OnnxStep(path)
     assert step.config.to_dict() == model.config.to_dict()
     side = json.load(open(path + ".json"))
