@@ -13,7 +13,8 @@ layers, bottom up (docs/SPEC_MAP.md describes them):
    (``memory_steps``), the Numba kernels (``fast``), the int8 form of the parameters (``quant``);
 4. engines: the decoders, the fast gradient, the layered engine;
 5. the model: ``THLModel``, the one place that chooses the path and the quantized form;
-6. applications: generation, training, fine-tuning, evaluation, reference vectors, conversion, gradient checks;
+6. applications: generation, training, fine-tuning, evaluation, reference vectors, conversion, gradient checks,
+   the ONNX export;
 7. the command line, and the package's own ``__init__`` (the public names).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ LAYERS = [
     ("thl_np.engines",),
     ("thl_np.model",),
     ("thl_np.generation", "thl_np.training", "thl_np.finetune", "thl_np.eval", "thl_np.reference",
-     "thl_np.io.convert", "thl_np.gradcheck", "thl_np.serve"),
+     "thl_np.io.convert", "thl_np.gradcheck", "thl_np.serve", "thl_np.onnx"),
     ("thl_np.cli", "thl_np"),
 ]
 

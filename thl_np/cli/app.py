@@ -8,9 +8,9 @@ import warnings
 import click
 
 from ..errors import THLError
-from . import basic, bench, finetune, golden, gradcheck, quant, serve, train, weights
+from . import basic, bench, export, finetune, golden, gradcheck, quant, serve, train, weights
 
-_MODULES = (basic, train, finetune, weights, quant, bench, golden, gradcheck, serve)
+_MODULES = (basic, train, finetune, weights, quant, export, bench, golden, gradcheck, serve)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -32,10 +32,13 @@ PEER_HARNESS = None
                    "Run from a checkout as python benchmarks/bench_peer.py --peer PATH [options].")
 @click.option("--generation-only", is_flag=True,
               help="With --model: only the one-thread prefill and generation figures (see below).")
+@click.option("--onnx", "onnx", is_flag=True,
+              help="Only decode (batch 1 and 8): the model's ONNX export in onnxruntime (CPU) beside thl-np's "
+                   "fast path, same weights, same rounds, and the ratio (needs pip install 'thl-np[onnx]').")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the figures as one JSON object on standard output (the text lines go to standard error).")
 def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_train, int8, peer_dir, generation_only,
-          as_json):
+          onnx, as_json):
     """Measure decode (batch 1 and 8), prompt and training tokens/s, the GEMV bandwidth, the bandwidth
     bound of a decode step and the ratio to it, and peak memory, all in one run; the same for the model's
     int8 copy (--int8), decoded in the same rounds as the float model. With --peer, the PyTorch THL's
@@ -49,6 +52,7 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
       thl-np bench --model my-model --json
       thl-np bench --model thl_np/assets/default_model --generation-only
       python benchmarks/bench_peer.py --peer PEER_DIR --json   # beside the PyTorch THL, same weights
+      thl-np bench --onnx --model thl_np/assets/default_model   # onnxruntime beside thl-np
     """
     from ..config import THLConfig
     from ..errors import ConfigError
@@ -59,6 +63,12 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
         raise InputError("--decode-steps and --prompt-len must be >= 1")
     if generation_only and not model_dir:
         raise InputError("--generation-only measures a model folder: give --model DIR")
+    if onnx and (generation_only or peer_dir or dtype != "float32"):
+        raise InputError("--onnx measures float32 decoding alone: drop --generation-only, --peer and --dtype")
+    if onnx:
+        from ..onnx import require
+
+        require()
     peer = None
     if peer_dir is not None:  # before any work: a missing torch or thl/ is one line, not a late failure
         if PEER_HARNESS is None:
@@ -81,6 +91,15 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
             kw["memory_slots"] = memory_slots
         config = THLConfig(**kw)
     echo = functools.partial(click.echo, err=as_json)  # with --json, stdout holds the JSON object alone
+    if onnx:
+        from ..onnx.bench import bench_onnx
+
+        model = model or THLModel(config, seed=0)
+        echo(f"{model!r}")
+        figures = bench_onnx(model, echo=echo, decode_steps=decode_steps)
+        if as_json:
+            click.echo(json.dumps(figures, indent=2))
+        return
     if generation_only:
         g = B.bench_generation(model)
         echo(f"{model!r}, one thread ({g['threads']} used): prefill {g['prefill_bytes_s']:,.0f} bytes/s; "

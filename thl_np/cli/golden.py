@@ -52,16 +52,44 @@ def golden(out_dir, quiet):
 @click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Which results to compare: RESULTS_DIR/<case>/outputs_<dtype>.npz.")
 @click.option("--atol", type=Number("atol"), default=None,
-              help="Absolute tolerance for values (default: the manifest's, 1e-9 / 2e-3).")
+              help="Absolute tolerance for values (default: the manifest's, 1e-9 / 2e-3; with an ONNX file 1e-5).")
 @click.option("--rtol", type=Number("rtol"), default=None,
               help="Tolerance for gradients, relative to the tensor's largest entry (default 1e-8 / 3e-2).")
 @click.option("-q", "--quiet", is_flag=True, help="List only the tensors that fail.")
-def check_port(results_dir, reference_dir, cases, dtype, atol, rtol, quiet):
-    """Compare a port's results (laid out like reference/) with the reference vectors.
+@click.option("--model", "model_dir", type=click.Path(), default=None,
+              help="With an ONNX file: the model folder it was exported from [default: the packaged model].")
+@click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True,
+              help="With an ONNX file: steps to run from the zero state.")
+@click.option("--batch", type=click.IntRange(min=1), default=3, show_default=True,
+              help="With an ONNX file: sequences per step.")
+def check_port(results_dir, reference_dir, cases, dtype, atol, rtol, quiet, model_dir, steps, batch):
+    """Compare a port's results (laid out like reference/) with the reference vectors, or an ONNX export
+    of one step (RESULTS_DIR is then the .onnx file) with thl-np's step on its model.
 
     Prints OK / NOT OK per tensor with the max absolute and relative difference, then
-    "N passed, M failed"; exits with status 1 if anything failed or a result file is missing.
+    "N passed, M failed"; exits with status 1 if anything failed or a result file is missing. For an
+    ONNX file: runs it and thl-np side by side from the zero state (float32, abs tolerance 1e-5, slots
+    read and written exactly equal) and names the first divergent step and array.
+
+    
+    Examples:
+      thl-np check-port my-port-results --dtype float32
+      thl-np check-port thl.onnx --model my-model --steps 128
     """
+    if os.path.isfile(results_dir):
+        from ..onnx import require
+
+        require()
+        from ..onnx.check import ATOL, check_export, format_check
+        from .train import _StderrProgress
+
+        with _StderrProgress("check-port: steps", quiet=quiet) as bar:
+            result = check_export(results_dir, model_dir, steps=steps, batch=batch,
+                                  atol=ATOL if atol is None else atol, progress=bar)
+        click.echo(format_check(result))
+        if not result.ok:
+            raise SystemExit(1)
+        return
     from ..reference import compare_results, format_report
 
     report = compare_results(results_dir, reference_dir=reference_dir, cases=list(cases) or None, dtype=dtype,
