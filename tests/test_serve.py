@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 from serve_helpers import TIMEOUT, LiveServer, tiny_model_dir, wait_for
 
 from thl_np import THLModel
-from thl_np.generation import generate_text
+from thl_np.generation import StopScanner, generate_text
 from thl_np.serve.app import Limits
 from thl_np.serve.engine import Group, Job, Request
 from thl_np.serve.sessions import META_KEY, Session
-from thl_np.serve.text import CHAT_STOP, StopScanner, chat_prompt
+from thl_np.serve.text import CHAT_STOP, chat_prompt
 
 openai = pytest.importorskip("openai")  # in the [test] extra: CI runs these
 

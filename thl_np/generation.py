@@ -412,45 +412,72 @@ def prompt_to_ids(tokenizer: Tokenizer, prompt, vocab_size: int, has_state: bool
     return np.array([eos], dtype=np.int64)
 
 
+class StopScanner:
+    """Cuts generated text before the first stop string (the one complete first; of those complete at once,
+    the longest), across pieces as they stream. Used by the text functions here and by ``thl-np serve``.
+
+    ``push`` returns the text that can be shown now: only text that might still be the start of a stop
+    string is held back, until the next piece settles it; ``flush`` returns what is held at the end."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""       # everything generated so far
+        self.shown = 0       # how much of it has been returned
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        old = len(self.text)
+        self.text += piece
+        # generation stops where a stop string is first complete: scan the new end positions in order
+        for end in range(old + 1, len(self.text) + 1):
+            starts = [end - len(s) for s in self.stops if end >= len(s) and self.text.startswith(s, end - len(s))]
+            if starts:
+                self.stopped = True
+                return self._show(min(starts))
+        return self._show(len(self.text) - self._open_tail())
+
+    def _open_tail(self) -> int:
+        """The length of the longest end of the text that begins some stop string (0 if none)."""
+        for k in range(min(len(self.text) - self.shown, self.hold), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._show(len(self.text))
+
+    def _show(self, upto: int) -> str:
+        if upto <= self.shown:
+            return ""
+        out = self.text[self.shown:upto]
+        self.shown = upto
+        return out
+
+
 class _TextRow:
-    """One prompt's text: bytes decoded as they come, cut before the first stop string. Text that could
-    be the start of a stop string is held back until it is known not to be one."""
+    """One prompt's text: bytes decoded as they come (a character split across tokens waits for its last
+    byte), cut before the first stop string (:class:`StopScanner`)."""
 
     def __init__(self, tokenizer: Tokenizer, stops: list[str]):
         self.decoder = tokenizer.stream_decoder()
-        self.stops = stops
-        self.pending = ""
-        self.stopped = False
+        self.scanner = StopScanner(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self.scanner.stopped
 
     def push(self, token) -> tuple[str, bool]:
-        """(the text now safe to show, whether a stop string has just completed)."""
-        self.pending += self.decoder.push(token)
-        return self._release(final=False)
+        """(the text now safe to show, whether a stop string has completed)."""
+        return self.scanner.push(self.decoder.push(token)), self.scanner.stopped
 
     def finish(self) -> str:
-        if self.stopped:
+        if self.scanner.stopped:
             return ""
-        self.pending += self.decoder.flush()
-        return self._release(final=True)[0]
-
-    def _release(self, final: bool) -> tuple[str, bool]:
-        text = self.pending
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped, self.pending = True, ""
-            return text[:min(hits)], True
-        keep = 0 if final else _stop_prefix(text, self.stops)
-        self.pending = text[len(text) - keep:]
-        return text[:len(text) - keep], False
-
-
-def _stop_prefix(text: str, stops: list[str]) -> int:
-    """The length of the longest end of ``text`` that begins some stop string (0 if none)."""
-    for k in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        tail = text[-k:]
-        if any(s.startswith(tail) for s in stops):
-            return k
-    return 0
+        return self.scanner.push(self.decoder.flush()) + self.scanner.flush()
 
 
 def _check_stop(stop) -> list[str]:

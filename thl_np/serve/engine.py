@@ -33,11 +33,10 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..errors import InputError
-from ..generation import sample_next
+from ..generation import StopScanner, sample_next
 from ..state import InferenceState
 from ..tokenizer import NUM_BYTES
 from .sessions import PrefixCache, Session, SessionStore
-from .text import StopScanner
 
 
 class QueueFull(Exception):
