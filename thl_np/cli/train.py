@@ -240,13 +240,15 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
     and takes one AdamW step. Ctrl-C writes a checkpoint before stopping; --resume continues exactly
-    where it stopped (flags not given again keep their saved values). A non-finite loss stops the run with
-    an error and keeps the last checkpoint. --out is checked before the first step.
+    where it stopped: give --data (and --include/--exclude) again, the run checks they are the same bytes;
+    other flags not given again keep their saved values. A non-finite loss stops the run with an error and
+    keeps the last checkpoint. --out is checked before the first step.
 
     \b
     Example:
       thl-np train --data /usr/share/common-licenses/GPL-3 --out runs/gpl \\
           --dim 128 --memory-slots 64 --steps 600 --batch-size 8 --seq-len 128
+      thl-np train --data /usr/share/common-licenses/GPL-3 --out runs/gpl --resume --steps 1200
       thl-np eval --model runs/gpl --data held-out.txt
       thl-np train --data /usr/lib/python3.11 --include "*.py" --exclude test --out runs/py
       mpirun -n 4 thl-np train --data corpus.txt --out runs/c --batch-size 16   # 4 ranks, 4 lanes each
