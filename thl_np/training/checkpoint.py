@@ -28,13 +28,13 @@ import shutil
 from collections.abc import Callable, Iterable
 
 from ..errors import InputError
-from ..io.folder import LATEST, latest_checkpoint, pid_alive
+from ..io.folder import LATEST, atomic_write_bytes, latest_checkpoint, pid_alive, remove_stale_temps
 from ..io.folder import STEP_DIR as _STEP_DIR
 
 _TMP_PREFIX = ".tmp-"
-# the temporary names below, by the id of the process writing them: .tmp-step-NNNNNN-PID, LATEST.tmp-PID,
-# .loss.tmp-PID.png
-_STALE = re.compile(r"^(?:\.tmp-step-\d+-|LATEST\.tmp-|\.loss\.tmp-)(\d+)(?:\.png)?$")
+# the temporary names below, by the id of the process writing them: .tmp-step-NNNNNN-PID, .loss.tmp-PID.png
+# (LATEST is replaced through thl_np.io.folder.atomic_write_bytes, whose temporaries remove_stale_temps knows)
+_STALE = re.compile(r"^(?:\.tmp-step-\d+-|\.loss\.tmp-)(\d+)(?:\.png)?$")
 
 
 def step_dir_name(step: int) -> str:
@@ -43,17 +43,7 @@ def step_dir_name(step: int) -> str:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write a small text file so readers see either the old or the new content, never a mix."""
-    tmp = f"{path}{_TMP_PREFIX}{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 def write_checkpoint(out_dir: str, step: int, write: Callable[[str], None], keep: int = 1) -> str:
@@ -90,6 +80,7 @@ def write_checkpoint(out_dir: str, step: int, write: Callable[[str], None], keep
 def _remove_stale_temps(out_dir: str) -> None:
     """What a process killed mid-save left (a temporary checkpoint folder, a LATEST being replaced, a loss
     plot being drawn) is garbage: drop it, unless the process that writes it is still running."""
+    remove_stale_temps(out_dir)   # LATEST's temporary (atomic_write_bytes)
     for entry in os.listdir(out_dir):
         m = _STALE.match(entry)
         if m is None or pid_alive(int(m.group(1))):
