@@ -188,3 +188,13 @@ def test_bench_decoder_steps_like_the_export(small_export):
 
 def test_bench_onnx_bad_flags_are_one_line(capsys):
     assert "--onnx measures float32" in one_line_error(capsys, "bench", "--onnx", "--dtype", "float64")
+
+
+def test_missing_onnx_extra_is_one_line(monkeypatch, capsys, tmp_path, small_export):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    for args in (["export", "--out", str(tmp_path / "x.onnx")], ["check-port", small_export],
+                 ["bench", "--onnx"]):
+        assert "pip install 'thl-np[onnx]'" in one_line_error(capsys, *args)

@@ -66,7 +66,9 @@ def bench(model_dir, dim, memory_slots, dtype, decode_steps, prompt_len, no_trai
     if onnx and (generation_only or peer_dir or dtype != "float32"):
         raise InputError("--onnx measures float32 decoding alone: drop --generation-only, --peer and --dtype")
     if onnx:
-        from ..onnx.graph import check_lowerable  # noqa: F401  (a missing onnx package: one line, now)
+        from ..onnx import require
+
+        require()
     peer = None
     if peer_dir is not None:  # before any work: a missing torch or thl/ is one line, not a late failure
         if PEER_HARNESS is None:

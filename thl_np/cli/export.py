@@ -30,8 +30,12 @@ def export(fmt, model_dir, out, force, external_data):
       thl-np export --format ort --out thl.ort
       thl-np check-port thl.onnx            # the export against thl-np, step by step
     """
+    from ..onnx import require
+
+    require()
     from ..onnx.export import check_output_path, export_onnx
     from .basic import human_bytes
+    from .train import _StderrProgress
 
     if fmt == "ort":
         out = check_output_path(out, force)
@@ -44,12 +48,14 @@ def export(fmt, model_dir, out, force, external_data):
         from ..onnx.ort_format import convert_to_ort
 
         with tempfile.TemporaryDirectory(prefix=".thl-np-export-", dir=os.path.dirname(os.path.abspath(out))) as tmp:
-            done = export_onnx(model_dir, os.path.join(tmp, "thl_step.onnx"), external_data=False)
+            with _StderrProgress("export: read, build, write") as bar:
+                done = export_onnx(model_dir, os.path.join(tmp, "thl_step.onnx"), external_data=False, progress=bar)
             ort = convert_to_ort(done["onnx"], out)
             os.replace(done["json"], out + ".json")
         click.echo(f"wrote {out} ({human_bytes(os.path.getsize(out))}), {ort['operators']} and {out}.json")
         return
-    done = export_onnx(model_dir, out, force=force, external_data=external_data or None)
+    with _StderrProgress("export: read, build, write") as bar:
+        done = export_onnx(model_dir, out, force=force, external_data=external_data or None, progress=bar)
     size = os.path.getsize(out) + (os.path.getsize(done["data"]) if done["data"] else 0)
     extra = f" + {done['data']}" if done["data"] else ""
     c = done["config"]

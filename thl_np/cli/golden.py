@@ -77,9 +77,15 @@ def check_port(results_dir, reference_dir, cases, dtype, atol, rtol, quiet, mode
       thl-np check-port thl.onnx --model my-model --steps 128
     """
     if os.path.isfile(results_dir):
-        from ..onnx.check import ATOL, check_export, format_check
+        from ..onnx import require
 
-        result = check_export(results_dir, model_dir, steps=steps, batch=batch, atol=ATOL if atol is None else atol)
+        require()
+        from ..onnx.check import ATOL, check_export, format_check
+        from .train import _StderrProgress
+
+        with _StderrProgress("check-port: steps", quiet=quiet) as bar:
+            result = check_export(results_dir, model_dir, steps=steps, batch=batch,
+                                  atol=ATOL if atol is None else atol, progress=bar)
         click.echo(format_check(result))
         if not result.ok:
             raise SystemExit(1)

@@ -39,9 +39,10 @@ def _config_differences(a, b) -> list:
 
 
 def check_export(path, model_dir=None, steps: int = 64, batch: int = 3, atol: float = ATOL, seed: int = 0,
-                 token_ids=None) -> ExportCheck:
+                 token_ids=None, progress=None) -> ExportCheck:
     """Run ``steps`` steps of the export at ``path`` and of the model folder ``model_dir`` (the shipped model
-    by default) from the zero state on ``token_ids`` [batch, steps] (seeded ids below V by default)."""
+    by default) from the zero state on ``token_ids`` [batch, steps] (seeded ids below V by default).
+    ``progress(done, total)`` is called after each step."""
     from ..io.folder import resolve_model_dir
     from ..model import THLModel
     from ..state import InferenceState
@@ -88,6 +89,8 @@ def check_export(path, model_dir=None, steps: int = 64, batch: int = 3, atol: fl
             bad = (d != 0) if exact else not (d <= limit)
             if bad and report.first is None:
                 report.first = (t, name, "entries differ" if exact else d)
+        if progress is not None:
+            progress(t + 1, steps)
         if report.first is not None:
             break
     return report

@@ -97,14 +97,17 @@ def save(proto, out: str, external_data: bool | None = None) -> dict:
             if os.path.exists(p):
                 os.unlink(p)
         raise
-    if not external_data and os.path.exists(os.path.join(folder, data_name)):
+    if external_data:  # onnx writes the data file private (0600): give it the permissions of the .onnx file
+        os.chmod(os.path.join(folder, data_name), os.stat(out).st_mode & 0o777)
+    elif os.path.exists(os.path.join(folder, data_name)):
         os.unlink(os.path.join(folder, data_name))  # a stale one from an earlier export under this name
     return {"onnx": out, "data": os.path.join(folder, data_name) if external_data else None, "json": out + ".json"}
 
 
-def export_onnx(model_dir, out: str, force: bool = False, external_data: bool | None = None) -> dict:
+def export_onnx(model_dir, out: str, force: bool = False, external_data: bool | None = None, progress=None) -> dict:
     """Load the model folder, check everything, then build and write the export (``save``'s answer plus
-    ``proto`` and ``config``)."""
+    ``config`` and ``weight_bytes``). ``progress(done, total)`` is told of the three stages (read, build,
+    write) as they finish."""
     from ..io.folder import resolve_model_dir
     from ..model import THLModel
 
@@ -114,8 +117,12 @@ def export_onnx(model_dir, out: str, force: bool = False, external_data: bool | 
 
     config = THLConfig.load(src)  # the variants and the scheme are refused before the weights are read
     check_lowerable(config)
+    tick = progress or (lambda done, total: None)
     model = THLModel.from_pretrained(src, dtype="float32")
+    tick(1, 3)
     proto = build_model(model)
+    tick(2, 3)
     written = save(proto, out, external_data)
+    tick(3, 3)
     written.update(config=model.config, weight_bytes=stored_bytes(model))
     return written
