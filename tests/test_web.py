@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import html
-import http.server
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
 import urllib.parse
 
 import pytest
@@ -85,20 +84,11 @@ def test_node_wasm_greedy_equals_thl_np_generate(web_ready, exported):
     assert re.search(r"\bpass 8\b", done.stdout), done.stdout   # every subtest ran, none skipped
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    # Module scripts and WASM need their exact MIME types, whatever this machine's mime.types says.
-    extensions_map = {".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript",
-                      ".wasm": "application/wasm", ".json": "application/json", ".onnx": "application/octet-stream"}
-
-    def log_message(self, *args):
-        pass
-
-
-def serve(folder):
-    """A static server for ``folder`` on 127.0.0.1 (a free port), in a daemon thread."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=folder))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+def _serve_module():
+    spec = importlib.util.spec_from_file_location("thl_web_serve", os.path.join(WEB, "serve.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def site(tmp_path, model_path):
@@ -129,7 +119,7 @@ def page_result(dom):
 def test_chromium_page_greedy_equals_thl_np_generate(web_ready, exported, tmp_path):
     chromium = program("chromium", "chromium-browser")
     path, expected = exported
-    server = serve(site(tmp_path, path))
+    server = _serve_module().start(site(tmp_path, path))
     try:
         query = urllib.parse.urlencode({"auto": "1", "max": LENGTH, "prompt": PROMPT})
         url = f"http://127.0.0.1:{server.server_address[1]}/index.html?{query}"

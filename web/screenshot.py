@@ -4,35 +4,28 @@
     python web/screenshot.py --out docs/web.png
 
 It serves web/ on 127.0.0.1, opens the page with a prompt, waits (at most --wait seconds) until the
-continuation is done, and saves a screenshot. Chromium is driven over --remote-debugging-pipe (the DevTools
-protocol as NUL-terminated JSON on fds 3 and 4), so no driver package is needed; ``--dump-dom`` with a
-virtual-time budget (what tests/test_web.py uses) would freeze the page's clock and show no tokens/s.
+continuation is done, saves a screenshot and prints the page's tokens/s (the browser's WASM speed).
+Chromium is driven over --remote-debugging-pipe (the DevTools protocol as NUL-terminated JSON on fds 3
+and 4), so no driver package is needed; ``--dump-dom`` with a virtual-time budget (what
+tests/test_web.py uses) would freeze the page's clock and show no tokens/s.
 """
 from __future__ import annotations
 
 import argparse
 import base64
-import functools
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 
-WEB = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import serve  # noqa: E402  (web/serve.py, beside this file)
 
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    extensions_map = {".html": "text/html", ".mjs": "text/javascript", ".wasm": "application/wasm",
-                      ".json": "application/json", ".onnx": "application/octet-stream"}
-
-    def log_message(self, *args):
-        pass
+WEB = serve.WEB
 
 
 class Pipe:
@@ -82,8 +75,7 @@ def main(argv=None):
     if not os.path.isdir(os.path.dirname(out)):
         sys.exit(f"--out {args.out}: its folder does not exist")
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=WEB))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve.start(WEB)
     query = urllib.parse.urlencode({"auto": "1", "max": args.max, "prompt": args.prompt})
     url = f"http://127.0.0.1:{server.server_address[1]}/index.html?{query}"
     to_r, to_w = os.pipe()       # we write, chromium reads on its fd 3
@@ -120,11 +112,14 @@ def main(argv=None):
             time.sleep(0.25)
         if status != "done":
             sys.exit(f"the page did not finish in {args.wait} s (status {status!r})")
+        got = cdp.call("Runtime.evaluate", session, expression="document.getElementById('result').textContent")
+        result = json.loads(got["result"]["value"])
         png = cdp.call("Page.captureScreenshot", session, format="png")["data"]
         with open(out + ".tmp", "wb") as f:
             f.write(base64.b64decode(png))
         os.replace(out + ".tmp", out)
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}; the page's continuation: {len(result['ids'])} tokens at "
+              f"{result['tokensPerSecond']:.1f} tokens/s (Chromium, WASM, 1 thread)")
     finally:
         proc.kill()
         proc.wait()
