@@ -121,7 +121,9 @@ def test_chromium_page_greedy_equals_thl_np_generate(web_ready, exported, tmp_pa
     path, expected = exported
     server = _serve_module().start(site(tmp_path, path))
     try:
-        query = urllib.parse.urlencode({"auto": "1", "max": LENGTH, "prompt": PROMPT})
+        # split: the page continues the prompt's first 9 characters, then gets the whole prompt, which it
+        # must feed onto the state it kept (only the added bytes), as when someone types on.
+        query = urllib.parse.urlencode({"auto": "1", "max": LENGTH, "prompt": PROMPT, "split": 9})
         url = f"http://127.0.0.1:{server.server_address[1]}/index.html?{query}"
         result = page_result(chromium_dump(chromium, url, tmp_path / "profile"))
     finally:
@@ -129,6 +131,7 @@ def test_chromium_page_greedy_equals_thl_np_generate(web_ready, exported, tmp_pa
         server.server_close()
     assert result["status"] == "done", result
     assert result["prompt"] == PROMPT
+    assert result["sync"] == {"incremental": True, "fed": len(PROMPT[9:].encode("utf-8"))}
     assert result["text"] == expected
     assert bytes(i for i in result["ids"] if i < 256).decode("utf-8", "replace") == expected
     # Spec §3's state for the shipped model: 3 tiers of 128, 64×128 memory, 4 slot statistics, 64×128 ring.

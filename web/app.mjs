@@ -3,7 +3,9 @@
 // URL parameters: model=URL of the .onnx file (default model/thl.onnx; URL.json beside it holds the layout);
 // prompt=text to start with; max=continuation length; mode=greedy|sample. With auto=1 the page runs one
 // continuation of the prompt and writes {"status", "ids", "text", ...} into <pre id="result"> (tests read it
-// with chromium --headless --dump-dom).
+// with chromium --headless --dump-dom). With split=N too, it is first given the prompt's N first characters
+// and then the whole prompt, as if the rest were typed after a first continuation; "sync" in the result
+// says whether that second edit fed only the added bytes onto the kept state.
 import * as ort from "./vendor/ort.wasm.min.mjs";
 import { ThlSession, continueFrom, promptIds } from "./thl.mjs";
 
@@ -19,6 +21,8 @@ let typedSnap = null;   // the session's state after exactly `typedIds`
 let typedIds = [];
 let generation = 0;     // bumped by every edit, so a continuation in progress stops
 let queue = Promise.resolve();
+let lastSync = null;    // {incremental, fed}: how the last edit reached the state
+let autoRest = null;    // auto mode with split=N: the whole prompt, typed after the first continuation
 
 function setStatus(text, error = false) {
   $("status").textContent = text;
@@ -75,13 +79,12 @@ function drawTrace(ctx, column, trace) {
 
 async function sync(ids) {
   // Only what was added since the last sync is fed: the state holds everything before it.
-  if (typedSnap && sameStart(ids, typedIds)) {
-    thl.restore(typedSnap);
-    for (const id of ids.slice(typedIds.length)) await thl.feed(id);
-  } else {
-    thl.reset();
-    for (const id of ids) await thl.feed(id);
-  }
+  const incremental = Boolean(typedSnap) && sameStart(ids, typedIds);
+  const fresh = incremental ? ids.slice(typedIds.length) : ids;
+  if (incremental) thl.restore(typedSnap);
+  else thl.reset();
+  for (const id of fresh) await thl.feed(id);
+  lastSync = { incremental, fed: fresh.length };
   typedIds = ids;
   typedSnap = thl.snapshot();
 }
@@ -117,11 +120,17 @@ function update() {
       $("tps").textContent = (out.length / ((performance.now() - t0) / 1000)).toFixed(1);
     }
     if (mine !== generation) return;
+    if (autoRest !== null) {
+      $("prompt").value = autoRest;
+      autoRest = null;
+      update();
+      return;
+    }
     const seconds = (performance.now() - t0) / 1000;
     setStatus(`ready: ${out.length} tokens in ${seconds.toFixed(2)} s`);
     if (auto) {
       writeResult({ status: "done", prompt: text, ids: out, text: shown, tokensPerSecond: out.length / seconds,
-        stateBytes: thl.stateBytes, mode: $("mode").value });
+        stateBytes: thl.stateBytes, mode: $("mode").value, sync: lastSync });
     }
   });
 }
@@ -182,6 +191,10 @@ $("model-file").addEventListener("change", loadFromFiles);
 $("meta-file").addEventListener("change", loadFromFiles);
 
 if (params.has("prompt")) $("prompt").value = params.get("prompt");
+if (auto && params.has("split")) {
+  autoRest = $("prompt").value;
+  $("prompt").value = autoRest.slice(0, Number(params.get("split")));
+}
 if (params.has("max")) $("max-length").value = params.get("max");
 if (params.get("mode") === "sample") $("mode").value = "sample";
 loadFromUrl(params.get("model") || "model/thl.onnx").catch((e) => {
