@@ -22,6 +22,8 @@ import sys
 import urllib.parse
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("onnx")
 
@@ -82,6 +84,41 @@ def test_node_wasm_greedy_equals_thl_np_generate(web_ready, exported):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\bpass 8\b", done.stdout), done.stdout   # every subtest ran, none skipped
+
+
+# The JS tokenizer (web/thl.mjs) on a batch of inputs, in one node process: for each text its ids, and for
+# each id list the decoded text and the text streamed one id at a time.
+_JS_TOKENIZER = """
+import { ByteTokenizer } from %s;
+const { texts, idLists } = JSON.parse(require("node:fs").readFileSync(0, "utf8"));
+const tok = new ByteTokenizer(259);
+const streamed = (ids) => { const d = tok.streamDecoder(); return ids.map((i) => d.push(i)).join("") + d.flush(); };
+process.stdout.write(JSON.stringify({ encoded: texts.map((t) => tok.encode(t)),
+  decoded: idLists.map((ids) => tok.decode(ids)), streamed: idLists.map(streamed) }));
+"""
+
+
+@settings(max_examples=4)
+@given(texts=st.lists(st.text(max_size=40), min_size=1, max_size=40),
+       id_lists=st.lists(st.lists(st.integers(0, 258), max_size=40), min_size=1, max_size=40))
+def test_js_tokenizer_equals_thl_np_tokenizer(texts, id_lists):
+    """The page's byte tokenizer is thl_np.tokenizer's: the same ids for any text, the same text for any
+    ids (invalid UTF-8 replaced the same way, specials dropped), streamed or not."""
+    node = program("node")
+    from thl_np.tokenizer import Tokenizer
+
+    url = json.dumps("file://" + urllib.parse.quote(os.path.join(WEB, "thl.mjs")))
+    script = "import { createRequire } from 'node:module'; const require = createRequire(import.meta.url);" + \
+        _JS_TOKENIZER % url
+    done = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60,
+                          input=json.dumps({"texts": texts, "idLists": id_lists}))
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    tok = Tokenizer()
+    assert got["encoded"] == [list(tok.encode(t)) for t in texts]
+    want = [tok.decode(ids) for ids in id_lists]
+    assert got["decoded"] == want
+    assert got["streamed"] == want
 
 
 def _serve_module():
