@@ -57,8 +57,10 @@ def exports(tmp_path_factory):
     return get
 
 
-def rollout(model, path, token_ids, logit_atol=ATOL):
-    """Run both from the zero state over token_ids [B, T], each on its own state; assert at every step."""
+def rollout(model, path, token_ids, scaled_logits=False):
+    """Run both from the zero state over token_ids [B, T], each on its own state; assert at every step. Logits
+    within ATOL, or with ``scaled_logits`` within ATOL · max(1, max|logit|) (check-port's rule: see
+    thl_np/onnx/check.py for why a model with large logits needs it)."""
     c = model.config
     step = OnnxStep(path)
     B, T = token_ids.shape
@@ -76,7 +78,8 @@ def rollout(model, path, token_ids, logit_atol=ATOL):
             have = got.arrays()[key]
             assert have.dtype == (np.int64 if want.dtype.kind == "i" else np.float32), key
             np.testing.assert_allclose(have, want, rtol=0, atol=ATOL, err_msg=f"{key}, step {t}")
-        np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=logit_atol, err_msg=f"logits, step {t}")
+        limit = ATOL * max(1.0, float(np.abs(logits_ref).max())) if scaled_logits else ATOL
+        np.testing.assert_allclose(logits, logits_ref, rtol=0, atol=limit, err_msg=f"logits, step {t}")
     return got
 
 
@@ -109,7 +112,7 @@ def test_int8_export_is_int8_and_small(exports):
     assert "output_head.weight" in int8 and "embedding.weight" in int8
     assert any(n.op_type == "DequantizeLinear" for n in proto.graph.node)
     text = Tokenizer().encode(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()[:64])
-    rollout(qmodel, qpath, text[None, :], logit_atol=ATOL * 40)
+    rollout(qmodel, qpath, text[None, :], scaled_logits=True)
 
 
 def real_text(B, T):
@@ -121,11 +124,11 @@ def real_text(B, T):
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_shipped_model_on_real_text(exports, B):
-    """The shipped model (router unit_keys, 3 tiers on clocks 1/8/64): logits within 1e-5 relative to their
-    scale (|logit| reaches ~30; float32 GEMMs that sum 384 terms in different orders differ by ~2e-5 there,
+    """The shipped model (router unit_keys, 3 tiers on clocks 1/8/64): logits within 1e-5 · max|logit|
+    (|logit| reaches ~30; float32 GEMMs that sum 384 terms in different orders differ by ~2e-5 there,
     see thl_np/onnx/check.py), every state array to 1e-5, identical memory choices."""
     model, path = exports("shipped")
-    rollout(model, path, real_text(B, 64), logit_atol=ATOL * 40)
+    rollout(model, path, real_text(B, 64), scaled_logits=True)
 
 
 def test_greedy_generation_equals_thl_np_generate(exports, capfd):
@@ -164,6 +167,7 @@ def test_metadata_describes_the_graph(exports):
     import json
 
     model, path = exports("small_default")
+    onnx.checker.check_model(onnx.load(path), full_check=True)   # valid ONNX with full shape inference
     step = OnnxStep(path)
     assert step.config.to_dict() == model.config.to_dict()
     side = json.load(open(path + ".json"))

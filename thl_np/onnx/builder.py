@@ -107,10 +107,6 @@ class GraphBuilder:
             return self.op("Mul", q, self.op("Unsqueeze", s, self.i64([1])))
         return self.op("Gather", self.weight(name), ids, axis=0)
 
-    def shape(self, name: str) -> tuple:
-        """The shape of the stored weight ``name``."""
-        return tuple(self._tensor(name).shape)
-
     def linear(self, x: str, w: str, b: str | None = None) -> str:
         """x W^T (+ b) as NumPy computes it: the product, then the bias added."""
         y = self.op("MatMul", x, self.weight_t(w))

@@ -34,17 +34,19 @@ def lower_local_attention(g: GraphBuilder, e: str, buffer: str, n: str, window: 
     if window == 0:
         return batch_zeros(g, e, value_dim)
     scale = 1.0 / math.sqrt(query_dim)
+    # k_i·q = E_i·(Wk^T q) and Σ a_i (E_i Wv^T) = (Σ a_i E_i) Wv^T: the same numbers to rounding, without
+    # projecting all W_loc rows every step (the fast path caches them instead; one graph step cannot)
     q = g.linear(e, Wq)                                                   # [B, d_lq]
-    k = g.linear(buffer, Wk)                                              # [B, W, d_lq]
-    v = g.linear(buffer, Wv)                                              # [B, W, d_v]
-    s = g.op("Squeeze", g.op("MatMul", k, g.op("Unsqueeze", q, g.i64([2]))), g.i64([2]))
+    qk = g.op("MatMul", q, g.weight(Wk))                                  # [B, d_e]
+    s = g.op("Squeeze", g.op("MatMul", buffer, g.op("Unsqueeze", qk, g.i64([2]))), g.i64([2]))
     s = g.op("Mul", s, g.f32(scale))                                      # [B, W]
     valid = g.op("Less", g.i64(np.arange(window)), n)                     # [W]
     s = g.op("Where", valid, s, g.f32(-np.inf))
     s = g.op("Sub", s, g.op("ReduceMax", s, axes=[1], keepdims=1))
     a = g.op("Exp", s)
     a = g.op("Div", a, sum_last(g, a, keepdims=1))
-    out = g.op("Squeeze", g.op("MatMul", g.op("Unsqueeze", a, g.i64([1])), v), g.i64([1]))
+    mixed = g.op("Squeeze", g.op("MatMul", g.op("Unsqueeze", a, g.i64([1])), buffer), g.i64([1]))   # [B, d_e]
+    out = g.linear(mixed, Wv)                                             # [B, d_v]
     return g.op("Where", g.op("Greater", n, g.i64(0)), out, g.f32(0.0))
 
 

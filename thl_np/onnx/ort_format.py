@@ -1,6 +1,6 @@
 """``thl-np export --format ort``: the export converted to ONNX Runtime's ORT format (for the mobile and minimal
-builds of onnxruntime) by onnxruntime's own converter, with the required-operators config that a minimal
-onnxruntime build takes (``--include_ops_by_config``)."""
+builds of onnxruntime) by onnxruntime's own converter ("Fixed" optimisation, arm target: phones), with the
+required-operators config that a minimal onnxruntime build takes (``--include_ops_by_config``)."""
 from __future__ import annotations
 
 import glob
@@ -22,7 +22,8 @@ def convert_to_ort(onnx_path: str, out: str) -> dict:
         if os.path.exists(onnx_path + ".data"):
             raise InputError("the ORT format holds the weights in the file itself: export without --external-data")
         done = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", src,
-                               "--output_dir", os.path.join(tmp, "ort"), "--optimization_style", "Fixed"],
+                               "--output_dir", os.path.join(tmp, "ort"), "--optimization_style", "Fixed",
+                               "--target_platform", "arm"],
                               capture_output=True, text=True)
         made = glob.glob(os.path.join(tmp, "ort", "**", "*.ort"), recursive=True)
         configs = glob.glob(os.path.join(tmp, "ort", "**", "*.config"), recursive=True)
