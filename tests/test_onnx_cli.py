@@ -198,3 +198,24 @@ def test_missing_onnx_extra_is_one_line(monkeypatch, capsys, tmp_path, small_exp
     for args in (["export", "--out", str(tmp_path / "x.onnx")], ["check-port", small_export],
                  ["bench", "--onnx"]):
         assert "pip install 'thl-np[onnx]'" in one_line_error(capsys, *args)
+
+
+def test_bench_onnx_reports_onnxruntime_and_node_wasm_beside_thl_np(capsys):
+    """`thl-np bench --onnx`: onnxruntime's decode beside the fast path at B = 1 and 8 with their ratios, and
+    the Node WASM figure of the same export (web/bench.mjs) when Node and web/node_modules are there (CI has
+    both: .ci/run installs them; elsewhere the line says it was not measured)."""
+    from thl_np.onnx.bench import WEB_BENCH
+
+    assert main(["bench", "--onnx", "--dim", "16", "--memory-slots", "8", "--decode-steps", "8", "--json"]) == 0
+    out, text = capsys.readouterr()
+    figures = json.loads(out)
+    for B in (1, 8):
+        assert figures[f"thl-np_b{B}"] > 0 and figures[f"onnxruntime_b{B}"] > 0
+        assert figures[f"ratio_b{B}"] == pytest.approx(figures[f"onnxruntime_b{B}"] / figures[f"thl-np_b{B}"])
+    web_ready = os.path.isdir(os.path.join(os.path.dirname(WEB_BENCH), "node_modules", "onnxruntime-web"))
+    if os.environ.get("CI") == "true" or web_ready:
+        assert figures["wasm_b1"] > 0 and figures["wasm_cpu_ms_per_step"] > 0
+        assert figures["wasm_ratio_b1"] == pytest.approx(figures["wasm_b1"] / figures["thl-np_b1"])
+        assert "onnxruntime-web WASM in Node" in text
+    else:
+        assert "wasm_b1" not in figures and "not measured" in text

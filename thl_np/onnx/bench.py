@@ -2,7 +2,10 @@
 weights, measured in the same rounds (``thl_np.eval.bench.bench_decode_and_bandwidth``), B = 1 and 8."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import tempfile
 
 import numpy as np
@@ -49,10 +52,38 @@ def bench_onnx(model, echo=print, decode_steps: int = 64, threads: int | None = 
         rounds = max(1, decode_steps // 8)
         tok, _ = bench_decode_and_bandwidth({"thl-np": model, "onnxruntime": OnnxBenchModel(step)},
                                             batch_sizes=(1, 8), rounds=rounds, steps=8)
-    figures = {}
-    for B in (1, 8):
-        ours, theirs = tok[("thl-np", B)], tok[("onnxruntime", B)]
-        figures.update({f"thl-np_b{B}": ours, f"onnxruntime_b{B}": theirs, f"ratio_b{B}": theirs / ours})
-        echo(f"decode B={B}: thl-np fast path {ours:,.0f} tok/s, onnxruntime CPU {theirs:,.0f} tok/s "
-             f"(onnxruntime / thl-np = {theirs / ours:.2f})")
+        figures = {}
+        for B in (1, 8):
+            ours, theirs = tok[("thl-np", B)], tok[("onnxruntime", B)]
+            figures.update({f"thl-np_b{B}": ours, f"onnxruntime_b{B}": theirs, f"ratio_b{B}": theirs / ours})
+            echo(f"decode B={B}: thl-np fast path {ours:,.0f} tok/s, onnxruntime CPU {theirs:,.0f} tok/s "
+                 f"(onnxruntime / thl-np = {theirs / ours:.2f})")
+        wasm = node_wasm_decode(path, steps=max(50, 4 * decode_steps))
+        if wasm is None:
+            echo("WASM (onnxruntime-web in Node): not measured (needs node and, in a checkout, npm ci in web/)")
+        else:
+            figures.update(wasm_b1=wasm["tokens_per_s"], wasm_ratio_b1=wasm["tokens_per_s"] / figures["thl-np_b1"],
+                           wasm_cpu_ms_per_step=wasm["cpu_ms_per_step"])
+            echo(f"decode B=1: onnxruntime-web WASM in Node {wasm['tokens_per_s']:,.0f} tok/s "
+                 f"({wasm['cpu_ms_per_step']:.2f} ms CPU a step; WASM / thl-np = {figures['wasm_ratio_b1']:.3f}), "
+                 "right after the rounds above")
     return figures
+
+
+# web/bench.mjs in a checkout (the package installed from PyPI has no web/ folder)
+WEB_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "web",
+                         "bench.mjs")
+
+
+def node_wasm_decode(path: str, steps: int = 200) -> dict | None:
+    """Batch-1 greedy decode of the export at ``path`` (its .json beside it) in onnxruntime-web's WASM
+    backend under Node (``web/bench.mjs --json``); None where Node or web/node_modules is missing."""
+    node = shutil.which("node")
+    web = os.path.dirname(WEB_BENCH)
+    if node is None or not os.path.isdir(os.path.join(web, "node_modules", "onnxruntime-web")):
+        return None
+    done = subprocess.run([node, WEB_BENCH, path, "--steps", str(steps), "--json"], capture_output=True, text=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"node {WEB_BENCH} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
