@@ -416,6 +416,34 @@ def test_a_request_joining_later_catches_up_and_shares_the_batch(model, tmp_path
     assert texts == {"a": greedy(model, "first prompt", 30), "b": greedy(model, "other prompt", 30)}
 
 
+def test_sampled_rows_of_a_batch_draw_what_generate_text_draws_with_their_seeds(model, tmp_path):
+    """One batch mixing greedy, plain sampled and filtered rows (sample_rows takes each kind its own way):
+    each request's text is generate_text's with its seed."""
+    from thl_np.serve.engine import Engine
+    from thl_np.serve.sessions import PrefixCache, SessionStore
+    from thl_np.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    engine = Engine(model, tok, SessionStore(str(tmp_path), model.config), PrefixCache(0))
+    settings_ = [dict(temperature=0.8, seed=1), dict(temperature=1.0, seed=2), dict(temperature=0),
+                 dict(temperature=0.9, top_k=40, top_p=0.9, seed=3), dict(temperature=1.3, seed=4)]
+    texts = [""] * len(settings_)
+
+    def emit(i):
+        def put(kind, payload):
+            if kind == "text":
+                texts[i] += payload
+        return put
+    for i, kw in enumerate(settings_):
+        engine._admit(Job(Request(tok.encode(f"row {i}:"), max_tokens=40, **kw), emit(i)))
+    engine._regroup()
+    assert [len(g.jobs) for g in engine._groups] == [len(settings_)]
+    while engine._groups:
+        engine._step_all()
+        engine._regroup(leavers_only=True)
+    assert texts == [generate_text(model, None, f"row {i}:", max_length=40, **kw) for i, kw in enumerate(settings_)]
+
+
 def test_concurrent_requests_are_batched_and_unchanged(live, model):
     prompts = [f"job {i}!" for i in range(6)]  # one length: one phase, one batch
     before = live.health()

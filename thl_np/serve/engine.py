@@ -2,7 +2,8 @@
 
 Each pass of the worker (a tick): admit new requests (their prompts prefilled one by one, each from the
 longest cached prefix or its session's state), regroup, then step every group once (one batched
-``FastDecoder.step``) and sample each row's next token with ``thl_np.generation.sample_next``. A request
+``FastDecoder.step``) and sample its rows' next tokens with ``thl_np.generation.sample_rows`` (each row
+drawing what ``sample_next`` draws with its own generator). A request
 joins or leaves a group between two ticks; a finished request's state is taken out of its group and, for a
 session, committed. Nothing else runs the model, so the server never runs two heavy steps at once.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..errors import InputError
-from ..generation import StopScanner, sample_next
+from ..generation import StopScanner, sample_next, sample_rows
 from ..state import InferenceState
 from ..tokenizer import NUM_BYTES
 from .sessions import PrefixCache, Session, SessionStore
@@ -75,6 +76,7 @@ class Job:
         self.state = None                    # the row's state while it is outside a group
         self.pending = None                  # the sampled token to feed at the next step
         self.rng = np.random.default_rng(request.seed)
+        self.sampling = (self.rng, request.temperature, request.top_k, request.top_p)  # a sample_rows row
         self.stops = StopScanner(request.stop)
         self.stream = None
         self.generated = 0
@@ -297,8 +299,11 @@ class Engine:
 
     def _sample(self, job: Job, logits: np.ndarray) -> bool:
         """Draw the next token, emit its text; whether the job is finished."""
+        return self._take(job, sample_next(logits[:self.limit], *job.sampling))
+
+    def _take(self, job: Job, token: int) -> bool:
+        """The job's next token: emit its text; whether the job is finished."""
         r = job.request
-        token = sample_next(logits[:self.limit], job.rng, r.temperature, r.top_k, r.top_p)
         job.pending = token
         job.generated += 1
         if token == self.eos:
@@ -407,9 +412,11 @@ class Engine:
             logits = g.step()
             self.steps += 1
             self.rows += len(g.jobs)
-            for b, j in enumerate(g.jobs):
-                if not j.cancelled:
-                    self._sample(j, logits[b])
+            live = [b for b, j in enumerate(g.jobs) if not j.cancelled]
+            rows = logits[:, :self.limit] if len(live) == len(g.jobs) else logits[live, :self.limit]
+            jobs = [g.jobs[b] for b in live]
+            for j, token in zip(jobs, sample_rows(rows, [j.sampling for j in jobs]), strict=True):
+                self._take(j, token)
 
 
 def load_engine(model_dir: str, sessions_dir: str, max_sessions: int = 256, prefix_cache: int = 32,
