@@ -474,3 +474,36 @@ def test_session_file_round_trip(model):
     assert (back.pending, back.requests, back.tokens) == ([3, 4], 2, 11)
     for key, value in state.arrays().items():
         np.testing.assert_array_equal(back.state.arrays()[key], value)
+
+
+def test_the_relay_delivers_every_event_in_order_with_one_wake_up_per_burst():
+    import asyncio
+
+    from thl_np.serve.app import _Relay
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        relay = _Relay(loop)
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(1), real(*a))[1]
+        queues = [asyncio.Queue() for _ in range(8)]
+
+        def worker():  # 50 "steps" of 8 rows, as the engine posts them
+            for step in range(50):
+                for i, q in enumerate(queues):
+                    assert relay.post(q, (i, step))
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()  # the loop is busy meanwhile (as it is writing a step's chunks): every post rides one wake-up
+        await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+        assert got == [[(i, s) for s in range(50)] for i in range(8)]
+        assert len(wakes) == 1
+        assert relay.post(queues[0], "next")  # delivered: the next post wakes the loop again
+        await asyncio.sleep(0)
+        assert len(wakes) == 2 and queues[0].get_nowait() == "next"
+        return relay
+
+    relay = asyncio.run(main())
+    assert relay.post(asyncio.Queue(), "late") is False  # the loop has closed: the job gets cancelled

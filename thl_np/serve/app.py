@@ -253,10 +253,12 @@ async def _generate(request: HTTPRequest, chat: bool):
         points = ()
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
+    relay = getattr(request.app.state, "relay", None)
+    if relay is None or relay.loop is not loop:
+        relay = request.app.state.relay = _Relay(loop)
+
     def emit(kind, payload):  # on the worker thread
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
-        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening any more
+        if not relay.post(events, (kind, payload)):  # the event loop has closed (shutdown): nobody listens
             job.cancel()
 
     job = Job(Request(prompt_ids=ids, cache_points=points, **params), emit)
@@ -300,6 +302,40 @@ async def _generate(request: HTTPRequest, chat: bool):
     if kind == "cancelled":
         raise APIError(503, "the request was cancelled: the server is shutting down")
     return JSONResponse(shape.whole("".join(pieces), payload))
+
+
+class _Relay:
+    """Hands the worker's events to the event loop's queues. Waking the loop from another thread costs a
+    system call (``call_soon_threadsafe``), as much as the rest of a token's work on the worker: events
+    posted while a wake-up is pending ride on it, so a step of 8 rows wakes the loop once, not 8 times."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._armed = False                  # a delivery is scheduled and has not yet taken the items
+        self._closed = False
+
+    def post(self, queue: asyncio.Queue, item) -> bool:
+        """Queue ``item`` for ``queue`` (any thread); False when the loop has closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._items.append((queue, item))
+            wake, self._armed = not self._armed, True
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:
+                self._closed = True
+                return False
+        return True
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._armed = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 def _engine_error(exc) -> APIError:
