@@ -507,3 +507,34 @@ def test_the_relay_delivers_every_event_in_order_with_one_wake_up_per_burst():
 
     relay = asyncio.run(main())
     assert relay.post(asyncio.Queue(), "late") is False  # the loop has closed: the job gets cancelled
+
+
+def test_a_stream_sends_its_first_text_at_once_then_a_chunk_per_interval_at_most():
+    import asyncio
+
+    from thl_np.serve.app import _Shape, _sse
+
+    async def main():
+        events = asyncio.Queue()
+
+        async def worker():  # a token a millisecond, as the engine makes them
+            for i in range(60):
+                events.put_nowait(("text", f"{i},"))
+                await asyncio.sleep(0.001)
+            events.put_nowait(("done", {"finish_reason": "length", "prompt_tokens": 1, "completion_tokens": 60,
+                                        "cached_tokens": 0}))
+        job = Job(Request(np.array([65])), lambda *a: None)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        producer = asyncio.ensure_future(worker())
+        lines = [line async for line in _sse(job, events, _Shape("cmpl-x", 0, "tiny", False), False, 0.02)]
+        await producer
+        return lines, loop.time() - t0
+
+    lines, elapsed = asyncio.run(main())
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    texts = [c["choices"][0]["text"] for c in chunks[:-1]]
+    assert "".join(texts) == "".join(f"{i}," for i in range(60)) and chunks[-1]["usage"]["completion_tokens"] == 60
+    assert texts[0] == "0,"  # not held back: the time to the first token is unchanged
+    assert 2 <= len(texts) <= elapsed / 0.02 + 1
