@@ -352,10 +352,12 @@ def _states(model, lengths, seed=0):
 
 
 @settings(max_examples=examples(6), deadline=None)
-@given(st.integers(0, 3), st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
-def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, seed):
+@given(st.integers(0, 3), st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, seed, shared_weights):
     """Rows at different timesteps of one phase share a batch (their step numbers shifted): logits equal
-    single-request logits to 1e-5 (float32) at every step, and the states taken back out equal too."""
+    single-request logits to 1e-5 (float32) at every step, and the states taken back out equal too; with
+    the batch's decoder made from the model or from a template whose weights it shares (the server's)."""
     period, window = 4, model.config.local_window
     states = _states(model, [window + offset + k * period for k in periods], seed)
     jobs = []
@@ -363,7 +365,7 @@ def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, s
         job = Job(Request(np.zeros(1, np.int64)), lambda *a: None)
         job.state, job.pending = s, 0
         jobs.append(job)
-    group = Group(model, jobs)
+    group = Group(model, jobs, model.decoder(None, 1) if shared_weights else None)
     rng = np.random.default_rng(seed)
     singles = list(states)
     for _ in range(2 * period + 1):
