@@ -540,3 +540,39 @@ def test_a_stream_sends_its_first_text_at_once_then_a_chunk_per_interval_at_most
     assert "".join(texts) == "".join(f"{i}," for i in range(60)) and chunks[-1]["usage"]["completion_tokens"] == 60
     assert texts[0] == "0,"  # not held back: the time to the first token is unchanged
     assert 2 <= len(texts) <= elapsed / 0.02 + 1
+
+
+def test_batches_spread_around_the_clock_all_merge(model, tmp_path):
+    """Three batches a third of the clock apart (each ahead of another): one steps alone until it catches up
+    with the batch ahead of it, and so on, until every request runs in one batch; texts unchanged."""
+    from thl_np.serve.engine import Engine
+    from thl_np.serve.sessions import PrefixCache, SessionStore
+    from thl_np.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    engine = Engine(model, tok, SessionStore(str(tmp_path), model.config), PrefixCache(0), align_steps=2)
+    period, window = engine.period, model.config.local_window
+    assert period == 4
+    texts = {}
+
+    def job(name, prompt):
+        texts[name] = ""
+
+        def emit(kind, payload):
+            if kind == "text":
+                texts[name] += payload
+        return Job(Request(tok.encode(prompt), max_tokens=40, temperature=0), emit)
+
+    prompts = {name: "x" * (window + k) for name, k in (("a", 0), ("b", 1), ("c", 3))}  # clocks 0, 1, 3 of 4
+    for name, prompt in prompts.items():
+        engine._admit(job(name, prompt))
+    engine._regroup()
+    assert len(engine._groups) == 3
+    for _ in range(8):
+        engine._step_all()
+        engine._regroup()
+    assert [len(g.jobs) for g in engine._groups] == [3]
+    while engine._groups:
+        engine._step_all()
+        engine._regroup(leavers_only=True)
+    assert texts == {name: greedy(model, prompt, 40) for name, prompt in prompts.items()}

@@ -50,8 +50,9 @@ def _need_serve_extra():
               help="Prompt prefixes whose states are kept (0: none).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests stepped together in one batch.")
-@click.option("--align-steps", type=click.IntRange(min=0), default=16, show_default=True,
-              help="A batch up to this many steps ahead of another waits for it, so the two merge (0: never).")
+@click.option("--align-steps", type=click.IntRange(min=0), default=32, show_default=True,
+              help="A batch up to this many steps ahead of another waits for it, so the two merge (0: never; "
+                   "half the clock's period, 64 steps for the shipped model, merges any two).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests queued or running; more get HTTP 429.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,

@@ -149,7 +149,7 @@ class Engine:
     """The worker (module docstring). ``submit`` may be called from any thread."""
 
     def __init__(self, model, tokenizer, sessions: SessionStore, prefix: PrefixCache | None = None,
-                 max_batch: int = 8, max_queue: int = 64, align_steps: int = 16):
+                 max_batch: int = 8, max_queue: int = 64, align_steps: int = 32):
         self.model = model
         self.tokenizer = tokenizer
         self.sessions = sessions
@@ -405,7 +405,8 @@ class Engine:
     def _paused(self) -> set:
         """Groups that skip this tick so that a group a few steps behind them catches up (their clocks then
         agree and the two merge into one batch): a group whose full window is at most ``align_steps`` steps
-        ahead of another's. Never every group."""
+        ahead of another's. Never every group: where each is ahead of another (three or more around the
+        clock), the first steps alone and so catches up with the one ahead of it."""
         W = self.model.config.local_window
         full = [g for g in self._groups if g.local_valid == W]
         paused = set()
@@ -416,7 +417,9 @@ class Engine:
                 if h is not g and 1 <= ahead <= self.align_steps and shorter:
                     paused.add(g)
                     break
-        return paused if len(paused) < len(self._groups) else set()
+        if len(paused) == len(self._groups):
+            paused.discard(self._groups[0])
+        return paused
 
     def _step_all(self) -> None:
         paused = self._paused() if self.align_steps and len(self._groups) > 1 else set()
@@ -434,7 +437,7 @@ class Engine:
 
 
 def load_engine(model_dir: str, sessions_dir: str, max_sessions: int = 256, prefix_cache: int = 32,
-                max_batch: int = 8, max_queue: int = 64, align_steps: int = 16, engine_class=Engine):
+                max_batch: int = 8, max_queue: int = 64, align_steps: int = 32, engine_class=Engine):
     """(model, tokenizer, started engine) for a model folder: the model loaded and warmed up (its compiled
     steps loaded or compiled, the batched head packed) before the first request comes."""
     from ..model import THLModel
