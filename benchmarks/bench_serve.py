@@ -17,6 +17,7 @@ Every loop is bounded (request counts, timeouts). Each server is a `python -m th
     python benchmarks/bench_serve.py                       # the figures for docs/SERVING.md (~5-10 minutes)
     python benchmarks/bench_serve.py --quick               # a smoke test: small counts, shipped model only
     python benchmarks/bench_serve.py --models shipped --json out.json
+    python benchmarks/bench_serve.py --throughput-only --repeats 7   # part 1 alone: the ratio's median and range
 """
 from __future__ import annotations
 
@@ -122,38 +123,60 @@ def stream_tokens(url, prompt, n) -> int:
     with client().stream("POST", f"{url}/v1/completions", json=body, timeout=TIMEOUT) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {"):
+            # only the chunk with the usage counts is parsed: the client shares the 2 cores with the server
+            if line.startswith("data: {") and '"usage"' in line:
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
     return tokens
 
 
-def throughput(model_dir, n_tokens, clients=8):
+def throughput(model_dir, n_tokens, clients=8, repeats=5):
+    """One server; ``repeats`` times: one client alone, then ``clients`` at once (back to back, so that both
+    see about the same machine). The ratio's median and range, and each repeat's figures."""
     server = Serve(model_dir, "--max-batch", str(clients), "--max-tokens", str(n_tokens))
+    runs = []
     try:
         prompt = "The quick brown fox jumps over the lazy dog. " * 3  # past the local window: one phase
         stream_tokens(server.url, prompt, 8)  # warm
-        t0 = time.perf_counter()
-        one = stream_tokens(server.url, prompt, n_tokens)
-        t_one = time.perf_counter() - t0
-        counts = [0] * clients
+        for _ in range(repeats):
+            before = httpx.get(f"{server.url}/health", timeout=30).json()
+            t0 = time.perf_counter()
+            one = stream_tokens(server.url, prompt, n_tokens)
+            t_one = time.perf_counter() - t0
+            counts = [0] * clients
+            # each thread makes its keep-alive client and connection first (an httpx client costs ~50-80 ms
+            # to make, eight of them one after the other under the GIL as long as the whole timed run), then
+            # all start together
+            warmed, go = (threading.Barrier(clients + 1, timeout=TIMEOUT) for _ in range(2))
 
-        def run(i):
-            counts[i] = stream_tokens(server.url, prompt, n_tokens)
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(TIMEOUT)
-        t_many = time.perf_counter() - t0
-        health = httpx.get(f"{server.url}/health", timeout=30).json()
+            def run(i, warmed=warmed, go=go, counts=counts):
+                stream_tokens(server.url, prompt, 1)
+                warmed.wait()
+                go.wait()
+                counts[i] = stream_tokens(server.url, prompt, n_tokens)
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+            for t in threads:
+                t.start()
+            warmed.wait()
+            mid = httpx.get(f"{server.url}/health", timeout=30).json()
+            go.wait()
+            t0 = time.perf_counter()
+            for t in threads:
+                t.join(TIMEOUT)
+            t_many = time.perf_counter() - t0
+            after = httpx.get(f"{server.url}/health", timeout=30).json()
+            single, aggregate = one / t_one, sum(counts) / t_many
+            runs.append({"one_client_tok_s": round(single), f"{clients}_clients_tok_s": round(aggregate),
+                         "ratio": round(aggregate / single, 2),
+                         "rows_per_step": round((after["rows_stepped"] - mid["rows_stepped"])
+                                                / max(1, after["steps"] - mid["steps"]), 2),
+                         "one_client_steps": mid["steps"] - before["steps"]})
     finally:
         server.stop()
-    single, aggregate = one / t_one, sum(counts) / t_many
-    return {"tokens_per_client": n_tokens, "one_client_tok_s": single, f"{clients}_clients_tok_s": aggregate,
-            "ratio": aggregate / single, "rows_per_step": health["rows_stepped"] / max(1, health["steps"])}
+    ratios = [r["ratio"] for r in runs]
+    return {"tokens_per_client": n_tokens, "repeats": repeats, "ratio_median": statistics.median(ratios),
+            "ratio_min": min(ratios), "ratio_max": max(ratios), "runs": runs}
 
 
 # ---------------------------------------------------------------------------------------------- 2. TTFT
@@ -335,6 +358,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small counts, shipped model only (a smoke test)")
     ap.add_argument("--models", default=None, help="shipped,default (default: both; --quick: shipped)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--repeats", type=int, default=None, help="throughput: 1-then-8-client runs (default 5; --quick 3)")
+    ap.add_argument("--throughput-only", action="store_true", help="only part 1 (throughput)")
     args = ap.parse_args(argv)
     models = (args.models or ("shipped" if args.quick else "shipped,default")).split(",")
     q = args.quick
@@ -347,10 +372,12 @@ def main(argv=None):
             else:
                 model_dir, n = os.path.join(tmp, "default-174m"), 16 if q else 64
                 THLModel(THLConfig(), seed=0).save_pretrained(model_dir)
-            out["throughput"][name] = throughput(model_dir, n)
+            out["throughput"][name] = throughput(model_dir, n, repeats=args.repeats or (3 if q else 5))
             print(f"throughput {name}: {json.dumps(out['throughput'][name])}", flush=True)
             if name != "shipped":
                 shutil.rmtree(model_dir, ignore_errors=True)
+        if args.throughput_only:
+            return out
         out["ttft"] = ttft(SHIPPED, 1000 if q else 10_000, 3 if q else 9)
         print(f"ttft: {json.dumps(out['ttft'])}", flush=True)
         out["load"] = load_test(SHIPPED, 8 if q else 64, 5 if q else 20)

@@ -15,6 +15,7 @@ from thl_np.generation import (
     generate_ids,
     generate_text,
     sample_next,
+    sample_rows,
     stream_text,
 )
 from thl_np.tokenizer import EOS_ID, Tokenizer
@@ -82,6 +83,44 @@ def test_never_picks_a_filtered_id(x, seed, temperature, top_k, top_p):
     rng = np.random.default_rng(seed)
     for _ in range(5):
         assert sample_next(x, rng, temperature, top_k, top_p) in set(kept.tolist())
+
+
+row_settings = st.tuples(st.sampled_from([0.0, 0.05, 0.7, 1.0, 3.0]), st.none() | st.integers(1, 50),
+                         st.none() | st.floats(0.01, 1.0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 40), st.data(), st.integers(0, 2**32 - 1))
+def test_sample_rows_draws_what_sample_next_draws_row_by_row(B, V, data, seed):
+    # rows mix greedy, plain (batched together) and filtered settings, some with -inf ids and ties; every
+    # row must get sample_next's token and leave its generator where sample_next leaves it
+    x = data.draw(hnp.arrays(np.float64, (B, V), elements=st.floats(-30, 30) | st.just(-np.inf)))
+    if V > 1 and data.draw(st.booleans()):
+        x[:, 0] = x[:, -1]  # a tie
+    x[:, data.draw(st.integers(0, V - 1))] = 1.0  # a finite logit in every row
+    x = x.astype(data.draw(st.sampled_from([np.float32, np.float64])))
+    settings_ = [data.draw(row_settings) for _ in range(B)]
+    alone = [np.random.default_rng([seed, b]) for b in range(B)]
+    together = [np.random.default_rng([seed, b]) for b in range(B)]
+    for _ in range(3):
+        want = [sample_next(x[b], alone[b], *settings_[b]) for b in range(B)]
+        got = sample_rows(x, [(together[b], *settings_[b]) for b in range(B)])
+        assert got == want and all(type(t) is int for t in got)
+        assert [g.random() for g in together] == [g.random() for g in alone]
+
+
+def test_sample_rows_checks_its_input():
+    rng = np.random.default_rng(0)
+    with pytest.raises(InputError, match=r"NaN \(at id 2\) \(row 1\)"):
+        sample_rows(np.array([[0.0, 1.0, 2.0], [0.0, 1.0, np.nan]]), [(rng, 1.0, None, None)] * 2)
+    with pytest.raises(InputError, match=r"every logit is -inf \(row 0\)"):
+        sample_rows(np.full((1, 3), -np.inf), [(rng, 1.0, None, None)])
+    with pytest.raises(InputError, match=r"shape \[B, V\]"):
+        sample_rows(np.zeros(3), [(rng, 1.0, None, None)])
+    with pytest.raises(InputError, match="2 sampling settings for 1 rows"):
+        sample_rows(np.zeros((1, 3)), [(rng, 1.0, None, None)] * 2)
+    with pytest.raises(InputError, match="top_k"):
+        sample_rows(np.zeros((1, 3)), [(rng, 1.0, 0, None)])
 
 
 def test_minus_inf_logits_are_never_sampled():

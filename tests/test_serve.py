@@ -352,10 +352,12 @@ def _states(model, lengths, seed=0):
 
 
 @settings(max_examples=examples(6), deadline=None)
-@given(st.integers(0, 3), st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1))
-def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, seed):
+@given(st.integers(0, 3), st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 2**32 - 1),
+       st.booleans())
+def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, seed, shared_weights):
     """Rows at different timesteps of one phase share a batch (their step numbers shifted): logits equal
-    single-request logits to 1e-5 (float32) at every step, and the states taken back out equal too."""
+    single-request logits to 1e-5 (float32) at every step, and the states taken back out equal too; with
+    the batch's decoder made from the model or from a template whose weights it shares (the server's)."""
     period, window = 4, model.config.local_window
     states = _states(model, [window + offset + k * period for k in periods], seed)
     jobs = []
@@ -363,7 +365,7 @@ def test_a_batch_steps_each_row_as_it_would_step_alone(model, offset, periods, s
         job = Job(Request(np.zeros(1, np.int64)), lambda *a: None)
         job.state, job.pending = s, 0
         jobs.append(job)
-    group = Group(model, jobs)
+    group = Group(model, jobs, model.decoder(None, 1) if shared_weights else None)
     rng = np.random.default_rng(seed)
     singles = list(states)
     for _ in range(2 * period + 1):
@@ -416,6 +418,34 @@ def test_a_request_joining_later_catches_up_and_shares_the_batch(model, tmp_path
     assert texts == {"a": greedy(model, "first prompt", 30), "b": greedy(model, "other prompt", 30)}
 
 
+def test_sampled_rows_of_a_batch_draw_what_generate_text_draws_with_their_seeds(model, tmp_path):
+    """One batch mixing greedy, plain sampled and filtered rows (sample_rows takes each kind its own way):
+    each request's text is generate_text's with its seed."""
+    from thl_np.serve.engine import Engine
+    from thl_np.serve.sessions import PrefixCache, SessionStore
+    from thl_np.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    engine = Engine(model, tok, SessionStore(str(tmp_path), model.config), PrefixCache(0))
+    settings_ = [dict(temperature=0.8, seed=1), dict(temperature=1.0, seed=2), dict(temperature=0),
+                 dict(temperature=0.9, top_k=40, top_p=0.9, seed=3), dict(temperature=1.3, seed=4)]
+    texts = [""] * len(settings_)
+
+    def emit(i):
+        def put(kind, payload):
+            if kind == "text":
+                texts[i] += payload
+        return put
+    for i, kw in enumerate(settings_):
+        engine._admit(Job(Request(tok.encode(f"row {i}:"), max_tokens=40, **kw), emit(i)))
+    engine._regroup()
+    assert [len(g.jobs) for g in engine._groups] == [len(settings_)]
+    while engine._groups:
+        engine._step_all()
+        engine._regroup(leavers_only=True)
+    assert texts == [generate_text(model, None, f"row {i}:", max_length=40, **kw) for i, kw in enumerate(settings_)]
+
+
 def test_concurrent_requests_are_batched_and_unchanged(live, model):
     prompts = [f"job {i}!" for i in range(6)]  # one length: one phase, one batch
     before = live.health()
@@ -446,3 +476,103 @@ def test_session_file_round_trip(model):
     assert (back.pending, back.requests, back.tokens) == ([3, 4], 2, 11)
     for key, value in state.arrays().items():
         np.testing.assert_array_equal(back.state.arrays()[key], value)
+
+
+def test_the_relay_delivers_every_event_in_order_with_one_wake_up_per_burst():
+    import asyncio
+
+    from thl_np.serve.app import _Relay
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        relay = _Relay(loop)
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(1), real(*a))[1]
+        queues = [asyncio.Queue() for _ in range(8)]
+
+        def worker():  # 50 "steps" of 8 rows, as the engine posts them
+            for step in range(50):
+                for i, q in enumerate(queues):
+                    assert relay.post(q, (i, step))
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join()  # the loop is busy meanwhile (as it is writing a step's chunks): every post rides one wake-up
+        await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+        assert got == [[(i, s) for s in range(50)] for i in range(8)]
+        assert len(wakes) == 1
+        assert relay.post(queues[0], "next")  # delivered: the next post wakes the loop again
+        await asyncio.sleep(0)
+        assert len(wakes) == 2 and queues[0].get_nowait() == "next"
+        return relay
+
+    relay = asyncio.run(main())
+    assert relay.post(asyncio.Queue(), "late") is False  # the loop has closed: the job gets cancelled
+
+
+def test_a_stream_sends_its_first_text_at_once_then_a_chunk_per_interval_at_most():
+    import asyncio
+
+    from thl_np.serve.app import _Shape, _sse
+
+    async def main():
+        events = asyncio.Queue()
+
+        async def worker():  # a token a millisecond, as the engine makes them
+            for i in range(60):
+                events.put_nowait(("text", f"{i},"))
+                await asyncio.sleep(0.001)
+            events.put_nowait(("done", {"finish_reason": "length", "prompt_tokens": 1, "completion_tokens": 60,
+                                        "cached_tokens": 0}))
+        job = Job(Request(np.array([65])), lambda *a: None)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        producer = asyncio.ensure_future(worker())
+        lines = [line async for line in _sse(job, events, _Shape("cmpl-x", 0, "tiny", False), False, 0.02)]
+        await producer
+        return lines, loop.time() - t0
+
+    lines, elapsed = asyncio.run(main())
+    assert lines[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    texts = [c["choices"][0]["text"] for c in chunks[:-1]]
+    assert "".join(texts) == "".join(f"{i}," for i in range(60)) and chunks[-1]["usage"]["completion_tokens"] == 60
+    assert texts[0] == "0,"  # not held back: the time to the first token is unchanged
+    assert 2 <= len(texts) <= elapsed / 0.02 + 1
+
+
+def test_batches_spread_around_the_clock_all_merge(model, tmp_path):
+    """Three batches a third of the clock apart (each ahead of another): one steps alone until it catches up
+    with the batch ahead of it, and so on, until every request runs in one batch; texts unchanged."""
+    from thl_np.serve.engine import Engine
+    from thl_np.serve.sessions import PrefixCache, SessionStore
+    from thl_np.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    engine = Engine(model, tok, SessionStore(str(tmp_path), model.config), PrefixCache(0), align_steps=2)
+    period, window = engine.period, model.config.local_window
+    assert period == 4
+    texts = {}
+
+    def job(name, prompt):
+        texts[name] = ""
+
+        def emit(kind, payload):
+            if kind == "text":
+                texts[name] += payload
+        return Job(Request(tok.encode(prompt), max_tokens=40, temperature=0), emit)
+
+    prompts = {name: "x" * (window + k) for name, k in (("a", 0), ("b", 1), ("c", 3))}  # clocks 0, 1, 3 of 4
+    for name, prompt in prompts.items():
+        engine._admit(job(name, prompt))
+    engine._regroup()
+    assert len(engine._groups) == 3
+    for _ in range(8):
+        engine._step_all()
+        engine._regroup()
+    assert [len(g.jobs) for g in engine._groups] == [3]
+    while engine._groups:
+        engine._step_all()
+        engine._regroup(leavers_only=True)
+    assert texts == {name: greedy(model, prompt, 40) for name, prompt in prompts.items()}

@@ -103,6 +103,63 @@ def sample_next(logits, rng: np.random.Generator | None = None, temperature: flo
     check_sampling_args(temperature, top_k, top_p)
     if temperature == 0 or top_k == 1:
         return int(np.argmax(x))
+    return _draw(x, rng, temperature, top_k, top_p)
+
+
+def sample_rows(logits, rows) -> list[int]:
+    """The next token of each row of ``logits`` [B, V]; ``rows[b]`` is ``(rng, temperature, top_k, top_p)``.
+
+    Row b gets exactly what ``sample_next(logits[b], *rows[b])`` gives (the same rule, the same draws from
+    its rng), with the per-call costs paid once for the batch: the logits checked together, each distinct
+    setting checked once, every greedy row in one argmax. A server stepping many requests samples with it.
+    """
+    x = _check_logits(logits, rows=True)
+    if len(rows) != x.shape[0]:
+        raise InputError(f"{len(rows)} sampling settings for {x.shape[0]} rows of logits")
+    for setting in {r[1:] for r in rows}:
+        check_sampling_args(*setting)
+    greedy = [b for b, r in enumerate(rows) if r[1] == 0 or r[2] == 1]
+    out = [0] * len(rows)
+    if len(greedy) == len(rows):
+        return np.argmax(x, axis=1).tolist()
+    if greedy:
+        for b, token in zip(greedy, np.argmax(x[greedy], axis=1).tolist(), strict=True):
+            out[b] = token
+    plain, rest = [], []  # plain: all logits finite, no top-k or top-p (the usual request): done together
+    finite = np.isfinite(x).all(axis=1)
+    for b, (_, temperature, top_k, top_p) in enumerate(rows):
+        if not (temperature == 0 or top_k == 1):
+            unfiltered = top_k is None and (top_p is None or top_p >= 1.0)
+            (plain if unfiltered and finite[b] and x.shape[1] > 1 else rest).append(b)
+    if plain:
+        for b, token in zip(plain, _draw_rows(x[plain], [rows[b][0] for b in plain],
+                                              [rows[b][1] for b in plain]), strict=True):
+            out[b] = token
+    for b in rest:
+        out[b] = _draw(x[b], *rows[b])
+    return out
+
+
+def _draw_rows(x: np.ndarray, rngs, temperatures) -> list[int]:
+    """:func:`_draw` for finite logits [B, V > 1] without top-k or top-p, row b drawing from ``rngs[b]``:
+    the same operations as :func:`filtered_distribution` then :func:`_draw` on each row (an elementwise
+    operation or a reduction along a contiguous row gives the same bits for a row alone or in a batch;
+    searchsorted(side="right") on a non-decreasing row is the count of entries <= the value), with numpy's
+    per-call cost paid once for the batch (tests/test_generation.py holds the two equal)."""
+    x = x - x.max(axis=1, keepdims=True)
+    x = x / np.asarray(temperatures, dtype=np.float64)[:, None]
+    order = np.argsort(-x, axis=1, kind="stable")
+    probs = np.exp(np.take_along_axis(x, order, axis=1))
+    probs /= probs.sum(axis=1, keepdims=True)
+    cum = np.cumsum(probs, axis=1)
+    u = np.array([(rng if rng is not None else np.random.default_rng()).random() for rng in rngs])
+    pick = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), x.shape[1] - 1)
+    return order[np.arange(len(order)), pick].tolist()
+
+
+def _draw(x: np.ndarray, rng, temperature, top_k, top_p) -> int:
+    """The sampling rule (a temperature > 0) on checked float64 logits [V]: one ``rng.random()`` unless a
+    single id survives the filters."""
     kept, probs = filtered_distribution(x, temperature, top_k, top_p)
     if len(kept) == 1:
         return int(kept[0])
@@ -119,11 +176,14 @@ def filtered_distribution(logits: np.ndarray, temperature: float = 1.0, top_k: i
     Exposed so that tests and callers can see the exact distribution :func:`sample_next` draws from.
     """
     x = np.asarray(logits, dtype=np.float64)
-    x = x - x[np.isfinite(x)].max()  # <= 0 everywhere, so dividing by a tiny temperature cannot overflow
+    finite = np.isfinite(x)
+    everywhere = bool(finite.all())  # the usual case: no -inf to find and drop
+    x = x - (x.max() if everywhere else x[finite].max())  # <= 0 everywhere: a tiny temperature cannot overflow
     if temperature != 0:
         x = x / temperature
     order = np.argsort(-x, kind="stable")  # descending, equal logits keep the lower id first
-    order = order[np.isfinite(x[order])]
+    if not everywhere:
+        order = order[np.isfinite(x[order])]
     if top_k is not None:
         order = order[:top_k]
     probs = np.exp(x[order])
@@ -145,19 +205,28 @@ def check_sampling_args(temperature, top_k, top_p) -> None:
         check("top_p", top_p, fix="or None for no nucleus filter")
 
 
-def _check_logits(logits) -> np.ndarray:
+def _check_logits(logits, rows: bool = False) -> np.ndarray:
+    """float64 logits [V] (or [B, V] with ``rows``), checked: no NaN, no +inf, something finite (in each row)."""
     x = np.asarray(logits)
-    if x.ndim != 1 or x.size == 0:
-        raise InputError(f"logits must be one position's scores, shape [V], got shape {list(x.shape)}")
+    want = "[B, V] (one position's scores per row)" if rows else "[V]"
+    if x.ndim != (2 if rows else 1) or x.size == 0:
+        raise InputError(f"logits must be one position's scores, shape {want}, got shape {list(x.shape)}")
     if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
         raise InputError(f"logits must be numbers, got dtype {x.dtype}")
     x = x.astype(np.float64)
-    if np.isnan(x).any():
-        raise InputError(f"logits contain NaN (at id {int(np.argmax(np.isnan(x)))}): the model diverged")
-    if (x == np.inf).any():
-        raise InputError(f"logits contain +inf (at id {int(np.argmax(x))}): the model diverged")
-    if not np.isfinite(x).any():
-        raise InputError("every logit is -inf: there is no token left to sample")
+    finite = np.isfinite(x)
+    if finite.all():  # the usual case: one pass instead of three
+        return x
+    flat = x.reshape(-1, x.shape[-1])
+    for row, values in enumerate(flat):
+        where = f" (row {row})" if rows else ""
+        if np.isnan(values).any():
+            raise InputError(f"logits contain NaN (at id {int(np.argmax(np.isnan(values)))}){where}: the model "
+                             "diverged")
+        if (values == np.inf).any():
+            raise InputError(f"logits contain +inf (at id {int(np.argmax(values))}){where}: the model diverged")
+        if not np.isfinite(values).any():
+            raise InputError(f"every logit is -inf{where}: there is no token left to sample")
     return x
 
 

@@ -50,8 +50,9 @@ def _need_serve_extra():
               help="Prompt prefixes whose states are kept (0: none).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Requests stepped together in one batch.")
-@click.option("--align-steps", type=click.IntRange(min=0), default=16, show_default=True,
-              help="A batch up to this many steps ahead of another waits for it, so the two merge (0: never).")
+@click.option("--align-steps", type=click.IntRange(min=0), default=32, show_default=True,
+              help="A batch up to this many steps ahead of another waits for it, so the two merge (0: never; "
+                   "half the clock's period, 64 steps for the shipped model, merges any two).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests queued or running; more get HTTP 429.")
 @click.option("--max-body", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
@@ -60,10 +61,13 @@ def _need_serve_extra():
               help="Longest prompt, tokens (bytes).")
 @click.option("--max-tokens", "max_tokens_limit", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Largest max_tokens a request may ask for.")
+@click.option("--stream-interval", type=click.FloatRange(0, 1), default=0.005, show_default=True,
+              help="Seconds between two text chunks of a stream, at least: the tokens made meanwhile go as one "
+                   "chunk (0: a chunk as soon as a token is made).")
 @click.option("--shutdown-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On SIGTERM / Ctrl-C: seconds in-flight requests get to finish before they are cancelled.")
 def serve(model_dir, host, port, api_key, state_dir, max_sessions, prefix_cache, max_batch, align_steps, max_queue,
-          max_body, max_prompt, max_tokens_limit, shutdown_grace):
+          max_body, max_prompt, max_tokens_limit, stream_interval, shutdown_grace):
     """Serve a model over the OpenAI API (completions, chat, streaming), with sessions.
 
     A request may name a "session" (an extension field): the server keeps that conversation's state, so the
@@ -94,14 +98,15 @@ def serve(model_dir, host, port, api_key, state_dir, max_sessions, prefix_cache,
     try:
         with run_lock(state_dir or temp_dir):  # one server per state folder
             _run(model_path, model_dir, host, port, api_key, state_dir or temp_dir, max_sessions, prefix_cache,
-                 max_batch, align_steps, max_queue, max_body, max_prompt, max_tokens_limit, shutdown_grace)
+                 max_batch, align_steps, max_queue, max_body, max_prompt, max_tokens_limit, stream_interval,
+                 shutdown_grace)
     finally:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _run(model_path, model_dir, host, port, api_key, sessions_dir, max_sessions, prefix_cache, max_batch,
-         align_steps, max_queue, max_body, max_prompt, max_tokens_limit, shutdown_grace):
+         align_steps, max_queue, max_body, max_prompt, max_tokens_limit, stream_interval, shutdown_grace):
     import uvicorn
 
     from ..serve.app import Limits, Server, create_app, default_model_id
@@ -114,7 +119,8 @@ def _run(model_path, model_dir, host, port, api_key, sessions_dir, max_sessions,
                            engine_class=Engine)
 
     server = Server(load, default_model_id(model_dir if model_dir not in (None, "default") else None),
-                    Limits(max_body=max_body, max_prompt=max_prompt, max_tokens=max_tokens_limit), api_key,
+                    Limits(max_body=max_body, max_prompt=max_prompt, max_tokens=max_tokens_limit,
+                           stream_interval=stream_interval), api_key,
                     announce=lambda line: click.echo(f"thl-np serve: {line}", err=True))
     config = uvicorn.Config(create_app(server), host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=shutdown_grace, lifespan="on")

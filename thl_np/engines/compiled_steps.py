@@ -100,7 +100,7 @@ class StepConfig(NamedTuple):
     timescales: np.ndarray        # int64 [K]
 
 
-@njit(cache=True, fastmath=VECTORISE)
+@njit(cache=True, fastmath=VECTORISE, nogil=True)
 def products(W, bias, x, out):
     """out[b, i] = W[i]·x[b] + bias[i] (linear_forward) in one thread, four rows of W at a time: the four
     dot products share each load of x[b] (1.2-1.5x faster than one row at a time on the shipped model's
@@ -157,7 +157,8 @@ def _kernel_digest() -> int:
 
 
 def _build(kernel_digest: int):
-    @njit(cache=True)
+    # nogil: a server's HTTP thread writes the last step's tokens while the next step runs
+    @njit(cache=True, nogil=True)
     def run_steps(ids, w, c, S, memory, norm2, read_ema, write_ema, last_read, last_write, ring_e, ring_k, ring_v,
                   loc, mix, idx, alpha, targets, g, novel, t, scale, ring_start, ring_n, renorm_below, hidden):
         """Spec §4 steps 1-7 and 9 for ids [B, T], in place on a FastDecoder's state (the wiring of

@@ -2,7 +2,8 @@
 
 Each pass of the worker (a tick): admit new requests (their prompts prefilled one by one, each from the
 longest cached prefix or its session's state), regroup, then step every group once (one batched
-``FastDecoder.step``) and sample each row's next token with ``thl_np.generation.sample_next``. A request
+``FastDecoder.step``) and sample its rows' next tokens with ``thl_np.generation.sample_rows`` (each row
+drawing what ``sample_next`` draws with its own generator). A request
 joins or leaves a group between two ticks; a finished request's state is taken out of its group and, for a
 session, committed. Nothing else runs the model, so the server never runs two heavy steps at once.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from .._blas import blas_threads
 from ..errors import InputError
-from ..generation import StopScanner, sample_next
+from ..generation import StopScanner, sample_next, sample_rows
 from ..state import InferenceState
 from ..tokenizer import NUM_BYTES
 from .sessions import PrefixCache, Session, SessionStore
@@ -75,6 +76,7 @@ class Job:
         self.state = None                    # the row's state while it is outside a group
         self.pending = None                  # the sampled token to feed at the next step
         self.rng = np.random.default_rng(request.seed)
+        self.sampling = (self.rng, request.temperature, request.top_k, request.top_p)  # a sample_rows row
         self.stops = StopScanner(request.stop)
         self.stream = None
         self.generated = 0
@@ -87,11 +89,23 @@ class Job:
         self.cancelled = True
 
 
+def new_decoder(model, template, state: InferenceState):
+    """A decoding session of ``model`` at ``state``: a copy of ``template`` (a FastDecoder of the model, or
+    None) loaded with the state. ``model.decoder(state)`` prepares the step's weights anew each time (so
+    that a session sees the parameters as they are now), 4-5 ms for the shipped model, paid whenever a batch
+    is rebuilt; a server's parameters never change, so its sessions share the template's (0.6 ms)."""
+    if template is None or not hasattr(template, "clone"):
+        return model.decoder(state)
+    decoder = template.clone()
+    decoder.load(state)
+    return decoder
+
+
 class Group:
     """Jobs stepped together: one FastDecoder over their stacked states, their clocks aligned (module
     docstring)."""
 
-    def __init__(self, model, jobs: list[Job]):
+    def __init__(self, model, jobs: list[Job], template=None):
         self.jobs = jobs
         states = [j.state for j in jobs]
         T = max(int(s.timestep) for s in states)
@@ -103,7 +117,7 @@ class Group:
             last_read=np.concatenate([s.last_read + d for s, d in zip(states, self.shift, strict=True)]),
             last_write=np.concatenate([s.last_write + d for s, d in zip(states, self.shift, strict=True)]),
             local_buffer=cat("local_buffer"), local_valid=int(states[0].local_valid))
-        self.decoder = model.decoder(stacked)
+        self.decoder = new_decoder(model, template, stacked)
         self.t, self.local_valid, self.window = T, int(states[0].local_valid), model.config.local_window
         for j in jobs:
             j.state = None
@@ -135,7 +149,7 @@ class Engine:
     """The worker (module docstring). ``submit`` may be called from any thread."""
 
     def __init__(self, model, tokenizer, sessions: SessionStore, prefix: PrefixCache | None = None,
-                 max_batch: int = 8, max_queue: int = 64, align_steps: int = 16):
+                 max_batch: int = 8, max_queue: int = 64, align_steps: int = 32):
         self.model = model
         self.tokenizer = tokenizer
         self.sessions = sessions
@@ -155,6 +169,7 @@ class Engine:
         self._cv = threading.Condition()
         self._closing = False
         self._thread = None
+        self._template = model.decoder(None, 1)  # whose weights every batch shares (new_decoder)
         self.steps = 0                       # batched steps run (statistics for /health)
         self.rows = 0                        # rows stepped in them
 
@@ -279,7 +294,8 @@ class Engine:
             raise InputError("the prompt is empty and there is nothing to continue from: give at least one "
                              "character")
         if len(ids) > cached:
-            decoder = self.model.decoder(state, 1)
+            decoder = new_decoder(self.model, self._template, state if state is not None else
+                                  InferenceState.init(1, self.model.config, dtype=self.model.dtype))
             points = sorted({p for p in r.cache_points if cached < p < len(ids)} | {len(ids)})
             done = cached
             for p in points:
@@ -297,8 +313,11 @@ class Engine:
 
     def _sample(self, job: Job, logits: np.ndarray) -> bool:
         """Draw the next token, emit its text; whether the job is finished."""
+        return self._take(job, sample_next(logits[:self.limit], *job.sampling))
+
+    def _take(self, job: Job, token: int) -> bool:
+        """The job's next token: emit its text; whether the job is finished."""
         r = job.request
-        token = sample_next(logits[:self.limit], job.rng, r.temperature, r.top_k, r.top_p)
         job.pending = token
         job.generated += 1
         if token == self.eos:
@@ -368,7 +387,7 @@ class Engine:
                 else:
                     live.append(j)
             for i in range(0, len(live), self.max_batch):
-                self._groups.append(Group(self.model, live[i:i + self.max_batch]))
+                self._groups.append(Group(self.model, live[i:i + self.max_batch], self._template))
 
     def _dissolve(self, g: Group, wanted: dict) -> None:
         """Take a group's jobs back out: finished ones are committed, cancelled ones answered, the others
@@ -386,7 +405,8 @@ class Engine:
     def _paused(self) -> set:
         """Groups that skip this tick so that a group a few steps behind them catches up (their clocks then
         agree and the two merge into one batch): a group whose full window is at most ``align_steps`` steps
-        ahead of another's. Never every group."""
+        ahead of another's. Never every group: where each is ahead of another (three or more around the
+        clock), the first steps alone and so catches up with the one ahead of it."""
         W = self.model.config.local_window
         full = [g for g in self._groups if g.local_valid == W]
         paused = set()
@@ -397,7 +417,9 @@ class Engine:
                 if h is not g and 1 <= ahead <= self.align_steps and shorter:
                     paused.add(g)
                     break
-        return paused if len(paused) < len(self._groups) else set()
+        if len(paused) == len(self._groups):
+            paused.discard(self._groups[0])
+        return paused
 
     def _step_all(self) -> None:
         paused = self._paused() if self.align_steps and len(self._groups) > 1 else set()
@@ -407,13 +429,15 @@ class Engine:
             logits = g.step()
             self.steps += 1
             self.rows += len(g.jobs)
-            for b, j in enumerate(g.jobs):
-                if not j.cancelled:
-                    self._sample(j, logits[b])
+            live = [b for b, j in enumerate(g.jobs) if not j.cancelled]
+            rows = logits[:, :self.limit] if len(live) == len(g.jobs) else logits[live, :self.limit]
+            jobs = [g.jobs[b] for b in live]
+            for j, token in zip(jobs, sample_rows(rows, [j.sampling for j in jobs]), strict=True):
+                self._take(j, token)
 
 
 def load_engine(model_dir: str, sessions_dir: str, max_sessions: int = 256, prefix_cache: int = 32,
-                max_batch: int = 8, max_queue: int = 64, align_steps: int = 16, engine_class=Engine):
+                max_batch: int = 8, max_queue: int = 64, align_steps: int = 32, engine_class=Engine):
     """(model, tokenizer, started engine) for a model folder: the model loaded and warmed up (its compiled
     steps loaded or compiled, the batched head packed) before the first request comes."""
     from ..model import THLModel
