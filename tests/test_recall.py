@@ -214,6 +214,10 @@ def test_shipped_model_small_cell_and_writer_off_control(shipped):
     for key in ("correct", "value_exact", "char_accuracy", "answer_bits_per_byte", "samples"):
         assert again["results"][0][key] == a[key]
     assert 0 <= a["exact"] <= a["value_exact"] <= 1 and np.isfinite(a["answer_bits_per_byte"])
+    # the control runs the prompts of cell 'held': the same values, only the writer differs
+    held = recall_eval(shipped, ["held"], trials=2, seed=11, length=1024)["results"][0]
+    assert [x["value"] for x in held["samples"]] == [x["value"] for x in off["samples"]]
+    assert held["depths"] == off["depths"]
     json.dumps(rep)
     # the control writes nothing: the memory is still empty after a prompt
     dec = writer_off(shipped).decoder(batch_size=1)

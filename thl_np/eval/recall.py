@@ -19,7 +19,8 @@ held out of training. ``writer-off`` is the control: the model with write rate Î
 the memory (the local window and the recurrent tiers still see the text).
 
 Trials are seeded per cell and length (``np.random.default_rng([seed, crc32(cell), length])``), so a cell's
-trials do not depend on the other cells asked for; the training tasks draw from their own generator.
+trials do not depend on the other cells asked for (``writer-off`` runs the prompts of ``held``, so the two
+differ only in the writer); the training tasks draw from their own generator.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ class Cell:
     writer: bool = True
     fixed_length: bool = False   # a length cell keeps its length whatever --recall-length says
     about: str = ""
+    prompts_of: str | None = None   # another cell whose prompts this one reuses (the control: the same trials)
 
 
 CELLS = {
@@ -73,8 +75,8 @@ CELLS = {
     **{f"len-{n // 1024}K": Cell(Spec(**_HELD, **_ONE), length=n, fixed_length=True,
                                  about=f"all held out; one pair in {n:,} bytes")
        for n in (1024, 4096, 16384, 65536, 262144)},
-    "writer-off": Cell(Spec(**_HELD, **_ONE), writer=False,
-                       about="the control: cell 'held' with the writer off (write rate 0)"),
+    "writer-off": Cell(Spec(**_HELD, **_ONE), writer=False, prompts_of="held",
+                       about="the control: cell 'held''s prompts with the writer off (write rate 0)"),
 }
 #: The cells ``thl-np eval --recall`` runs when none are named: everything up to 16K bytes.
 DEFAULT_CELLS = tuple(c for c in CELLS if c not in ("len-64K", "len-256K"))
@@ -101,6 +103,7 @@ def cell_length(name: str, length: int | None) -> int:
 
 
 def _cell_rng(seed: int, name: str, length: int) -> np.random.Generator:
+    name = CELLS[name].prompts_of or name
     return np.random.default_rng([int(seed), zlib.crc32(name.encode()), int(length)])
 
 
