@@ -77,6 +77,9 @@ CELLS = {
        for n in (1024, 4096, 16384, 65536, 262144)},
     "writer-off": Cell(Spec(**_HELD, **_ONE), writer=False, prompts_of="held",
                        about="the control: cell 'held''s prompts with the writer off (write rate 0)"),
+    "trained-writer-off": Cell(Spec(**_ONE), writer=False, prompts_of="trained",
+                               about="cell 'trained''s prompts with the writer off: what the memory adds in "
+                                     "distribution"),
 }
 #: The cells ``thl-np eval --recall`` runs when none are named: everything up to 16K bytes.
 DEFAULT_CELLS = tuple(c for c in CELLS if c not in ("len-64K", "len-256K"))
