@@ -218,6 +218,10 @@ def test_shipped_model_small_cell_and_writer_off_control(shipped):
     held = recall_eval(shipped, ["held"], trials=2, seed=11, length=1024)["results"][0]
     assert [x["value"] for x in held["samples"]] == [x["value"] for x in off["samples"]]
     assert held["depths"] == off["depths"]
+    # the README's table, small: the shipped model retrieves no held-out value, and its answer is scored
+    # alike with the writer on and off (at a recall question it reads only empty slots: docs/MEMORY.md)
+    assert a["correct"] == held["correct"] == 0
+    assert abs(held["answer_bits_per_byte"] - off["answer_bits_per_byte"]) < 0.01
     json.dumps(rep)
     # the control writes nothing: the memory is still empty after a prompt
     dec = writer_off(shipped).decoder(batch_size=1)
