@@ -188,7 +188,9 @@ def _load_data(data, include, exclude):
                    "all of it (instead of lanes with a carried state).  [default: off]")
 @click.option("--task-mix", type=Number("task_mix"),
               help="Share of the rows that are synthetic long-range tasks (implies --full-bptt).  [default: 0]")
-@click.option("--tasks", help="Synthetic tasks, comma-separated: passkey, recall, copy.  [default: all three]")
+@click.option("--tasks", help="Synthetic tasks, comma-separated: passkey, recall, copy, kv (key-value recall: "
+                                "many templates, labels and value formats, updates, distractors; "
+                                "docs/MEMORY.md).  [default: passkey,recall,copy]")
 @click.option("--filler", type=click.Choice(["corpus", "python", "prose", "mixed"]),
               help="Text the tasks are hidden in: the training data itself, the passkey evaluation's filler "
                    "lines, or a mix.  [default: corpus]")
@@ -379,8 +381,17 @@ def _check_haystack(filler, haystack_dir, lengths) -> None:
 @click.option("--plot", "diag_plot", type=click.Path(dir_okay=False),
               help="With --diagnostics: draw slot use and the writer's branch over time into this PNG "
                    "(needs matplotlib).")
+@click.option("--recall", "recall", is_flag=True,
+              help="Associative recall: labels stated with values in real source, one asked at the end; "
+                   "named cells (--cells), right = the whole value and its stop byte (docs/MEMORY.md).")
+@click.option("--cells", "cells", metavar="CELL,...|all",
+              help="With --recall: the cells to run (held, update, pairs-4, len-16K, writer-off, ...; 'all' adds "
+                   "len-64K and len-256K).  [default: every cell up to 16K bytes]")
+@click.option("--recall-length", "recall_length", type=click.IntRange(min=64),
+              help="With --recall: the prompt length of every cell but the len-* ones.  [default: 4096]")
 @click.option("--trace", is_flag=True, help="With --passkey: follow the first trial at each --lengths through "
-                                             "the memory (where the key is written, kept, read).")
+                                             "the memory (where the key is written, kept, read); with --recall: "
+                                             "the first trial of each cell.")
 @click.option("--path", "run_path", type=click.Choice(["auto", "fast", "plain"]), default="auto", show_default=True,
               help="Decoding path of --passkey, --diagnostics and --trace (both give the same figures).")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype (default: the model's).")
@@ -389,7 +400,7 @@ def _check_haystack(filler, haystack_dir, lengths) -> None:
                                                   "not a terminal either).")
 def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes, passkey, lengths, trials,
           depth, filler, haystack_dir, seed, memory_plot, plot_lengths, compare_dir, diagnostics, diag_plot, trace,
-          run_path, dtype, as_json, quiet):
+          run_path, dtype, as_json, quiet, recall, cells, recall_length):
     """Evaluate a model: bits per byte on text (--data), passkey retrieval (--passkey), memory against
     context length (--memory-plot), the memory's workings (--diagnostics, --passkey --trace). Give at least
     one of them.
@@ -409,12 +420,30 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
       thl-np eval --data /usr/lib/python3.11/json --compare default-int8   # float model vs its int8 copy
       thl-np eval --diagnostics --plot slots.png --lengths 4096
       thl-np eval --passkey --trace --lengths 1024 --trials 1
+      thl-np eval --recall --trials 50 --seed 5000 --json > recall.json   # every cell up to 16K bytes
+      thl-np eval --recall --cells held,update,len-1K --trials 5 --recall-length 1024 --trace
     """
     from ..model import THLModel
 
-    if data is None and not passkey and memory_plot is None and not diagnostics:
-        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey, --diagnostics and/or "
+    if data is None and not passkey and memory_plot is None and not diagnostics and not recall:
+        raise click.UsageError("nothing to evaluate: give --data PATH, --passkey, --recall, --diagnostics and/or "
                                "--memory-plot PATH")
+    if (cells is not None or recall_length is not None) and not recall:
+        raise click.UsageError("--cells and --recall-length choose --recall's trials: give --recall")
+    recall_cells = None
+    if recall:  # the cells and the haystack, before the model is loaded
+        from ..eval.recall import cell_length, parse_cells
+        from ..training.haystack import Haystack
+
+        try:
+            recall_cells = parse_cells(cells)
+        except InputError as exc:
+            raise click.BadParameter(str(exc), param_hint="--cells") from None
+        hay = Haystack("source", haystack_dir)
+        for name in recall_cells:
+            hay.check_length(cell_length(name, recall_length))
+        check_allocation(9 * max(cell_length(c, recall_length) for c in recall_cells), "a recall prompt",
+                         "give shorter cells")
     if data is None and (include or exclude or held_out or max_bytes):
         raise click.UsageError("--include/--exclude/--held-out/--max-bytes select --data: give --data PATH")
     if compare_dir is not None and data is None:
@@ -422,8 +451,9 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
     if memory_plot is not None:  # the plot's file and its library, before the measurements
         check_plot_file(memory_plot, "--memory-plot")
         require_matplotlib("the memory plot")
-    if (diag_plot and not diagnostics) or (trace and not passkey):
-        raise click.UsageError("--plot draws --diagnostics, --trace follows --passkey: give them together")
+    if (diag_plot and not diagnostics) or (trace and not (passkey or recall)):
+        raise click.UsageError("--plot draws --diagnostics, --trace follows --passkey or --recall: give them "
+                               "together")
     if diag_plot:
         check_plot_file(diag_plot, "--plot")
         require_matplotlib("the diagnostics plot")
@@ -444,10 +474,30 @@ def eval_(model_dir, data, include, exclude, held_out, seq_len, lanes, max_bytes
         res["passkey"] = report
         for line in passkey_lines(report):
             say(line)
-        if trace:
+        if trace and passkey:
             from .memory import run_traces
 
             res["trace"] = run_traces(model, lengths, seed, depth, filler, run_path, say, haystack_dir)
+    if recall:
+        from ..eval.recall import recall_eval, recall_lines
+
+        with _StderrProgress("recall trials", quiet) as bar:
+            report = recall_eval(model, recall_cells, trials=trials, seed=seed, length=recall_length,
+                                 haystack_dir=haystack_dir, path=run_path, on_trial=bar)
+        res["recall"] = report
+        for line in recall_lines(report):
+            say(line)
+        if trace:
+            from ..eval.recall import recall_trace
+            from ..eval.trace import trace_lines
+
+            res["recall_trace"] = []
+            for name in recall_cells:
+                tr = recall_trace(model, name, seed=seed, length=recall_length, haystack_dir=haystack_dir,
+                                  path=run_path)
+                for line in trace_lines(tr):
+                    say(line)
+                res["recall_trace"].append(tr)
     if memory_plot is not None:
         from ..eval.long_context import format_bytes, memory_vs_context, plot_memory
 

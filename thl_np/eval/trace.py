@@ -74,11 +74,24 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth=0.5, filler: s
     depth = parse_depth(depth)
     trial = passkey_trial(length, seed, depth, filler, haystack_dir)
     ids = Tokenizer().encode(trial["prompt"])
+    tr = trace_prompt(model, ids, trial["key_start"], trial["key_end"], trial["question_start"],
+                      trial["digit_steps"], KEY_DIGITS, path)
+    answer = tr.pop("answer")
+    return {"length": int(length), "seed": int(seed), "depth": depth_label(depth), "filler": filler,
+            "haystack": trial["haystack"], "key_depth": trial["key_depth"],
+            "path": tr.pop("path"), "key": trial["key"], "answer": answer,
+            "correct": answer == trial["key"], **tr}
+
+
+def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_bytes: int, path: str = "auto") -> dict:
+    """The memory's handling of one prompt (``ids``, one sequence): the writes made while reading steps
+    ``k0``..``k1 - 1`` (the key line; ``digit_steps`` marks the key's own bytes), those slots' fate until
+    the end, and the question's reads from step ``q0`` on (module docstring); then ``answer_bytes`` greedy
+    bytes. ``passkey_trace`` and ``thl_np.eval.recall``'s ``--trace`` both read their trial through it."""
     c = model.config
     dec = trace_decoder(model, path)
     obs = MemoryObserver(dec)
-    k0, k1, q0 = trial["key_start"], trial["key_end"], trial["question_start"]
-    digit_steps = set(trial["digit_steps"])
+    digit_steps = set(digit_steps)
     written, slots, question = [], {}, []
     gamma = float(c.memory_decay)
     key_rows = np.zeros((c.memory_slots, c.memory_dim))     # the key line's writes, decayed to the current step
@@ -149,14 +162,12 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth=0.5, filler: s
         s["digit_share_at_end"] = float(np.linalg.norm(digit_rows[j]) / n_now) if n_now > 0 else 0.0
         s["best_rank_last_step"] = min(question[-1]["ranks"][j]) if question else None
     logits = dec.logits(S)
-    answer = bytes(greedy_bytes(dec, logits, KEY_DIGITS, min(256, c.vocab_size))).decode("latin-1")
+    answer = bytes(greedy_bytes(dec, logits, int(answer_bytes), min(256, c.vocab_size))).decode("latin-1")
     for s in slots.values():
         for key in ("refines", "fills", "evictions", "reads"):
             s[key + "_count"] = len(s[key])
-    return {"length": int(length), "seed": int(seed), "depth": depth_label(depth), "filler": filler,
-            "haystack": trial["haystack"], "key_depth": trial["key_depth"],
-            "path": "fast" if obs.fast else "plain", "key": trial["key"], "answer": answer,
-            "correct": answer == trial["key"], "key_start": k0, "key_end": k1, "question_start": q0,
+    return {"path": "fast" if obs.fast else "plain", "answer": answer, "key_start": k0, "key_end": k1,
+            "question_start": q0,
             "memory_slots": int(c.memory_slots), "read_topk": int(c.read_topk), "written": written,
             "key_slots": [slots[j] for j in sorted(slots)], "question": question}
 
@@ -169,7 +180,9 @@ def _steps(events, limit=6) -> str:
 def trace_lines(tr: dict) -> list[str]:
     """The trace as text."""
     J, kappa = tr["memory_slots"], tr["read_topk"]
-    out = [f"passkey trace ({tr['path']} path): length {tr['length']}, seed {tr['seed']}, key {tr['key']} in the "
+    what, key = ((f"recall trace of cell {tr['cell']}", repr(tr["key"] + tr["stop"])) if "cell" in tr
+                 else ("passkey trace", tr["key"]))
+    out = [f"{what} ({tr['path']} path): length {tr['length']}, seed {tr['seed']}, key {key} in the "
            f"line at bytes {tr['key_start']}-{tr['key_end'] - 1} (depth {tr['key_depth']:.2f} of a "
            f"{tr['haystack']['kind']} haystack), question from byte {tr['question_start']}; "
            f"greedy answer {tr['answer']!r} ({'right' if tr['correct'] else 'wrong'})"]

@@ -11,7 +11,11 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
 - ``recall`` (associative recall): 2-6 lines ``# remember: NAME is VALUE.`` (4 letters, 5 digits) at random
   depths, then ``# what is NAME? NAME is `` for one of them, and its value;
 - ``copy`` (delayed copy): ``# copy this: S`` (8-16 letters and digits) early in the window, ``# paste it: S``
-  at its end.
+  at its end;
+- ``kv`` (key-value recall, ``thl_np.training.recall_tasks``): 1-8 labels stated with values by one of many
+  templates, updates (the latest value is the answer) and look-alike distractors, all from the training
+  half of the templates, labels and value formats; the statements keep their order (sorted depths) and the
+  answer is the value and the template's stop byte.
 
 Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
 haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
@@ -37,7 +41,9 @@ import numpy as np
 from ..errors import InputError
 from .data import Batch, as_byte_array
 
-TASKS = ("passkey", "recall", "copy")
+TASKS = ("passkey", "recall", "copy", "kv")
+#: What a run mixes in when it names no tasks (``TrainConfig.tasks`` too): the tasks before ``kv``.
+DEFAULT_TASKS = ("passkey", "recall", "copy")
 FILLER_SOURCES = ("corpus", "python", "prose", "mixed")
 KEY_DIGITS = 5
 _NAME_LETTERS = np.frombuffer(string.ascii_lowercase.encode(), dtype=np.uint8)
@@ -145,7 +151,7 @@ class WindowBatches:
     """
 
     def __init__(self, data, batch_size: int, seq_len: int, seq_len_final: int | None = None,
-                 seq_len_ramp: int = 1, task_mix: float = 0.0, tasks=TASKS, filler: str = "corpus",
+                 seq_len_ramp: int = 1, task_mix: float = 0.0, tasks=DEFAULT_TASKS, filler: str = "corpus",
                  answer_weight: float = 1.0, seed: int = 0, position: dict | None = None):
         self.data = as_byte_array(data)
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
@@ -231,13 +237,23 @@ class WindowBatches:
             return self._corpus(n), 0
         task = self.tasks[int(self.rng.integers(0, len(self.tasks)))]
         style = self.filler if self.filler != "mixed" else FILLER_SOURCES[int(self.rng.integers(0, 3))]
-        lines, question, answer = TASK_MAKERS[task](self.rng, style)
-        need = sum(map(len, lines)) + len(question) + len(answer)
-        while need > n and len(lines) > 1:   # too short a window for every pair: fewer pairs
-            need -= len(lines.pop())
-        if need > n:   # the window cannot hold the task at all: corpus text instead
-            return self._corpus(n), 0
-        depths = self.rng.random(len(lines))
+        if task == "kv":
+            from .recall_tasks import kv_task
+
+            made = kv_task(self.rng, n)
+            if made is None:   # the window cannot hold the task at all: corpus text instead
+                return self._corpus(n), 0
+            lines, question, answer = made
+            need = sum(map(len, lines)) + len(question) + len(answer)
+            depths = np.sort(self.rng.random(len(lines)))   # in order: an update's latest value comes last
+        else:
+            lines, question, answer = TASK_MAKERS[task](self.rng, style)
+            need = sum(map(len, lines)) + len(question) + len(answer)
+            while need > n and len(lines) > 1:   # too short a window for every pair: fewer pairs
+                need -= len(lines.pop())
+            if need > n:   # the window cannot hold the task at all: corpus text instead
+                return self._corpus(n), 0
+            depths = self.rng.random(len(lines))
         body = insert_lines(self._filler(n - need, style), lines, depths)
         out = body + question + answer
         assert len(out) == n
