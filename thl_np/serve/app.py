@@ -192,17 +192,23 @@ def _messages(body: dict) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- routes
-async def _read_json(request: HTTPRequest, limit: int) -> dict:
+async def _read_body(request: HTTPRequest, limit: int, what: str = "the request body") -> bytes:
+    """The body, refused with 413 once it is (or declares to be) over ``limit`` bytes: never read whole first."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is {int(declared):,} bytes, the limit is {limit:,}")
+        raise APIError(413, f"{what} is {int(declared):,} bytes, the limit is {limit:,}")
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
         if len(data) > limit:
-            raise APIError(413, f"the request body is over the limit of {limit:,} bytes")
+            raise APIError(413, f"{what} is over the limit of {limit:,} bytes")
+    return bytes(data)
+
+
+async def _read_json(request: HTTPRequest, limit: int) -> dict:
+    data = await _read_body(request, limit)
     try:
-        body = json.loads(bytes(data))
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -505,18 +511,11 @@ async def session_put(request: HTTPRequest):
     engine = server.ready()
     sid = _session_id(request)
     limit = 2 * engine.model.init_state(1).nbytes + (64 << 10)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the session file is {int(declared):,} bytes, the limit is {limit:,}")
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise APIError(413, f"the session file is over the limit of {limit:,} bytes")
+    data = await _read_body(request, limit, "the session file")
     if engine.session_busy(sid):
         raise APIError(409, f"session '{sid}' has a request running: import it when that one ends", "session")
     try:
-        s = await asyncio.to_thread(engine.sessions.import_bytes, sid, bytes(data))
+        s = await asyncio.to_thread(engine.sessions.import_bytes, sid, data)
     except StateError as exc:
         raise APIError(400, str(exc), "session") from None
     return JSONResponse({"id": sid, "object": "session", "requests": s.requests, "tokens": s.tokens})
