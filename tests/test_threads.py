@@ -89,6 +89,7 @@ def test_decoder_threads_and_restore(monkeypatch):
 def test_wait_policy_is_set_before_numba_and_user_values_are_kept():
     code = ("import os, thl_np, numba; from numba.core import config; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('KMP_BLOCKTIME'), "
+            "os.environ.get('GOMP_SPINCOUNT'), "
             "config.THREADING_LAYER_PRIORITY[0], config.NUMBA_NUM_THREADS)")
 
     def run(**env):
@@ -99,12 +100,13 @@ def test_wait_policy_is_set_before_numba_and_user_values_are_kept():
                              check=True)
         return out.stdout.split()
 
-    assert run()[:3] == ["PASSIVE", "0", "omp"]
-    assert run(OMP_WAIT_POLICY="ACTIVE", KMP_BLOCKTIME="200")[:2] == ["ACTIVE", "200"]
-    assert run(GOMP_SPINCOUNT="1000")[0] == "None"  # the user's own spin count: no policy on top
-    assert run(NUMBA_THREADING_LAYER_PRIORITY="workqueue omp tbb")[2] == "workqueue"
+    assert run()[:4] == ["None", "0", _threads.GNU_SPIN_COUNT, "omp"]
+    assert run(OMP_WAIT_POLICY="ACTIVE", KMP_BLOCKTIME="200")[:3] == ["ACTIVE", "200", "None"]
+    assert run(OMP_WAIT_POLICY="PASSIVE")[:3] == ["PASSIVE", "0", "None"]  # the user's policy: no spin count on top
+    assert run(GOMP_SPINCOUNT="1000")[:3] == ["None", "0", "1000"]
+    assert run(NUMBA_THREADING_LAYER_PRIORITY="workqueue omp tbb")[3] == "workqueue"
     many = _threads.cores() + 3
-    assert run(THL_NP_THREADS=str(many))[3] == str(many)  # a pool large enough for the count asked for
+    assert run(THL_NP_THREADS=str(many))[4] == str(many)  # a pool large enough for the count asked for
 
 
 def test_kernels_agree_on_any_thread_count(monkeypatch):

@@ -5,12 +5,19 @@ wait for the next parallel kernel (about 8 ms each time), so on a busy machine e
 worker that the scheduler had given to the other process (a 4,096-byte prompt: 56 s with the default
 threads, 1.8 s on one thread; ``eval``: 55 bytes/s, 3,300 with ``OMP_WAIT_POLICY=passive``). Three rules:
 
-- **Idle workers sleep** (``configure_runtime``, run by ``thl_np/__init__`` before anything imports Numba):
-  OpenMP's passive wait policy (``OMP_WAIT_POLICY=PASSIVE`` for GNU OpenMP, ``KMP_BLOCKTIME=0`` for
-  Intel's and LLVM's) and the OpenMP layer first (``omp tbb workqueue``): its launch costs ~10-50 µs,
-  the work-queue layer's ~80. A value the user set is never changed. (Measured, 2 threads, default config
-  and a 100 MB model: a short spin, ``GOMP_SPINCOUNT=20000``, was 1.1-1.4x faster on a quiet machine and
-  1.6-5x slower beside one busy process; passive lost at most 1.4x there.)
+- **Idle workers sleep soon** (``configure_runtime``, run by ``thl_np/__init__`` before anything imports
+  Numba): GNU OpenMP's workers spin briefly after a kernel, then sleep (``GOMP_SPINCOUNT=20000``, against
+  libgomp's default of 300,000, which spins for milliseconds); Intel's and LLVM's sleep at once
+  (``KMP_BLOCKTIME=0``); and the OpenMP layer first (``omp tbb workqueue``): its launch costs ~10-50 µs,
+  the work-queue layer's ~80. A value the user set (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``,
+  ``KMP_BLOCKTIME``) is never changed. Why a short spin rather than none: a decode step is ~20 kernels a
+  few microseconds apart, and a worker that has just gone to sleep must be woken for each. Measured on
+  the 2-core VM, default config, ``thl-np bench`` batch 8, same hour: passive 0.82-0.84 of the bandwidth
+  bound, the short spin 0.85-0.89; ``benchmarks/bench_busy.py`` beside one busy process gave the same
+  busy throughputs either way (the automatic count gives a busy machine's step one thread, rule 3, so no
+  worker spins against the other process). With two threads forced (``THL_NP_THREADS=2``) beside a busy
+  process the short spin was 1.6-5x slower than passive (default config and a 100 MB model): there,
+  set ``OMP_WAIT_POLICY=PASSIVE``.
 - **Kernels too small to gain from threads run on one**: a decode step whose weights and bank scan come
   to less than ``BYTES_PER_THREAD`` per thread gets fewer threads (the shipped model, and any model
   under ~100 MB: one); a second thread pays only where each kernel's half of the work outlasts waking a
@@ -41,6 +48,7 @@ ENV = "THL_NP_THREADS"
 # were slower below ~90 MB at batch 1 (0.35-0.88x for 10-87 MB models) and ~40 MB at batch 8 (0.5-0.8x for
 # 12-45 MB, 1.2-1.4x at 102 MB), faster for the default config (505 MB: 1.06-1.6x).
 BYTES_PER_THREAD = 96 << 20
+GNU_SPIN_COUNT = "20000"  # iterations a GNU OpenMP worker spins before it sleeps (see the docstring)
 RECHECK_S = 1.0             # how often a decoder re-reads how busy the machine is
 _override: int | None = None
 
@@ -51,7 +59,7 @@ def configure_runtime() -> None:
     is already imported and has not started its threads, its settings are changed instead."""
     env = os.environ
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env["GOMP_SPINCOUNT"] = GNU_SPIN_COUNT
     env.setdefault("KMP_BLOCKTIME", "0")
     layer_set = "NUMBA_THREADING_LAYER" in env or "NUMBA_THREADING_LAYER_PRIORITY" in env
     if not layer_set:
