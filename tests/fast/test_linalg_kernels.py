@@ -93,3 +93,25 @@ def test_linear_matches_linear_forward(rows, dtype):
     assert_close(linalg.linear(x, np.asfortranarray(W), b), want, dtype, "linear (W not C-contiguous)")
     out = np.empty((rows, 19), dtype)
     assert linalg.linear(x, W, b, out=out) is out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V, D", [(1, 1), (5, 3), (17, 9), (130, 40)])
+@pytest.mark.parametrize("B", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 19])
+def test_packed_rows_linear_matches_linear_forward_and_each_row_alone(V, D, B, dtype):
+    """Any number of rows (8, 4, 2, 1 at a time), tile counts that leave every remainder, an input wider than
+    W's columns (a scratch buffer): within rounding of x @ W.T + b, and each row's output the bits it
+    gets alone; nothing written past the output's columns."""
+    W, b, rng = weights(V, D, dtype)
+    Wp = linalg.packed(W)
+    assert_equal(Wp, packed(W)[0], "packed")
+    x = np.ascontiguousarray(rng.standard_normal((B, D + 3)).astype(dtype))
+    scratch = np.empty((B, Wp.shape[0] * Wp.shape[2]), dtype)
+    out = np.full((B, V + 2), np.nan, dtype)
+    linalg.packed_rows_linear(Wp, b, x, scratch, out[:, :V])
+    assert_close(out[:, :V], linear_forward(x[:, :D], W, b), dtype, "packed_rows_linear")
+    assert np.isnan(out[:, V:]).all(), "packed_rows_linear wrote past its output"
+    for r in range(B):
+        alone = np.empty((1, V), dtype)
+        linalg.packed_rows_linear(Wp, b, x[r:r + 1], np.empty((1, scratch.shape[1]), dtype), alone)
+        assert_equal(alone[0], out[r, :V], f"row {r} alone")

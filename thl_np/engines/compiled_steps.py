@@ -9,11 +9,13 @@ microseconds), so ``FastDecoder._advance`` spends most of its time in Python bet
 wiring between them (the router input u = [e; s⁰; s^{K−1}], the tier clocks, the writer input, the ring
 buffer, the lazily applied decay and its renormalisation) and the products, one thread:
 
-- A product (``products``) sums each output as ``thl_np.fast.linalg.gemv`` does (the loop of
-  ``primitives.dot``, four rows at a time), so for one sequence the session came out identical bit for bit
-  to ``FastDecoder._advance`` on the machine measured (tested; float64 within 1e-12 where a CPU vectorises
-  the loops otherwise); for several sequences ``_advance``'s tiled kernels sum in another order (float64
-  agrees to 1e-12, float32 logits to 1e-5).
+- Every product is ``thl_np.fast.linalg.packed_rows_linear`` on a packed copy of its weights (tiles of L
+  rows stored k-major, made once per session by ``prepare``): each output is one fused multiply-add chain
+  over k, so a sequence's step gives the same bits whatever the batch it is stepped in (a server's
+  neighbours, ``generate_text``'s other prompts; tested), and at batch 8 each weight is read once for
+  eight sequences without horizontal sums (measured on the shipped model: the batch-8 step 1.4x faster
+  than with row-major dot products, batch 1 about even). Against ``FastDecoder._advance`` (gemv's
+  vectorised sums) the sums differ in rounding only: float64 within 1e-12, float32 logits within 1e-5.
 - It runs on the session's own arrays, in place (``FastDecoder``'s ring, scaled bank, norm cache, EMAs,
   last read/write, tiers, and the per-step choices the memory diagnostics read); it returns the scalars
   (scale, t, ring start, ring fill).
@@ -39,8 +41,7 @@ import numpy as np
 from numba import njit
 
 from ..components.registry import uses_unit_keys
-from ..fast import gru, local_attention, primitives, router, writer
-from ..fast.primitives import VECTORISE, dot
+from ..fast import gru, linalg, local_attention, primitives, router, writer
 
 # Above this many parameters in the step's products (the output head and the embedding table excluded),
 # FastDecoder keeps its threaded kernels: one thread's step then costs more than the Python between
@@ -58,13 +59,14 @@ class StepWeights(NamedTuple):
     """The session's weights as ``run_steps`` reads them (float arrays, C-contiguous)."""
 
     emb: np.ndarray          # [V, d_e]
+    # every matrix packed (linalg.packed: W [R, C] as [⌈R/L⌉, C, L]); its shape [R, C] in the comment
     W_qkv: np.ndarray        # [2·d_q + d_v, d_e]: local attention's q, k, v in one product
     zeros: np.ndarray        # the bias of the bias-free products
     W_q: np.ndarray          # [H·d_h, d_e + d_0 + d_{K-1}]
-    W_k_heads_T: np.ndarray  # [H, d_m, d_h]: q_mem_h = W_k,h^T q_h
-    W_v_heads: np.ndarray    # [H, d_v/H, d_m]: r_h = W_v,h mix_h
-    # the tiers' matrices, each tier's raveled after the one below (``tier_weights`` views them): one
-    # argument type for every number of tiers, so Numba compiles run_steps once per dtype
+    W_k_heads_T: np.ndarray  # per head [d_m, d_h], stacked [H, ...]: q_mem_h = W_k,h^T q_h
+    W_v_heads: np.ndarray    # per head [d_v/H, d_m], stacked [H, ...]: r_h = W_v,h mix_h
+    # the tiers' matrices, each tier's (packed) raveled after the one below (``tier_weights`` views them):
+    # one argument type for every number of tiers, so Numba compiles run_steps once per dtype
     W_zr: np.ndarray         # tier k: [2·d_k, d_k + d_in,k + d_v], update and reset gates in one product
     b_zr: np.ndarray         # tier k: [2·d_k]
     W_h: np.ndarray          # tier k: [d_k, d_k + d_in,k + d_v]
@@ -100,51 +102,23 @@ class StepConfig(NamedTuple):
     timescales: np.ndarray        # int64 [K]
 
 
-@njit(cache=True, fastmath=VECTORISE, nogil=True)
-def products(W, bias, x, out):
-    """out[b, i] = W[i]·x[b] + bias[i] (linear_forward) in one thread, four rows of W at a time: the four
-    dot products share each load of x[b] (1.2-1.5x faster than one row at a time on the shipped model's
-    matrices), and a block's rows are used for every sequence while they are in cache. Each accumulator
-    runs the loop of ``primitives.dot`` (vectorised by the same reassociation), which on the machines
-    measured gave the same bits as ``linalg.gemv``; the tests hold it to float64 1e-12 either way.
-    ``x`` may be wider than W's rows (a scratch buffer): the sums run over W's columns."""
-    R, C = W.shape
-    zero = W[0, 0] - W[0, 0]
-    i = 0
-    while i + 4 <= R:
-        for b in range(x.shape[0]):
-            xb = x[b]
-            a0 = a1 = a2 = a3 = zero
-            for k in range(C):
-                xk = xb[k]
-                a0 += W[i, k] * xk
-                a1 += W[i + 1, k] * xk
-                a2 += W[i + 2, k] * xk
-                a3 += W[i + 3, k] * xk
-            out[b, i] = a0 + bias[i]
-            out[b, i + 1] = a1 + bias[i + 1]
-            out[b, i + 2] = a2 + bias[i + 2]
-            out[b, i + 3] = a3 + bias[i + 3]
-        i += 4
-    for j in range(i, R):
-        for b in range(x.shape[0]):
-            out[b, j] = dot(W[j], x[b]) + bias[j]
-
-
 @njit(cache=True)
 def tier_weights(w, o, d_e, d_v, k):
-    """(W_zr, b_zr, W_h, b_h) of tier k: views of StepWeights' raveled tiers. o: the tier offsets; tier k's
-    input is [s_k; lower; ctx] with lower e (d_e) for tier 0, else tier k−1."""
-    a = b = 0
+    """(W_zr, b_zr, W_h, b_h) of tier k, the matrices packed: views of StepWeights' raveled tiers. o: the tier
+    offsets; tier k's input is [s_k; lower; ctx] with lower e (d_e) for tier 0, else tier k−1."""
+    L = w.W_q.shape[2]
+    a_zr = a_h = b = 0
     for i in range(k):  # the tiers below k
         d = o[i + 1] - o[i]
         width = d + (d_e if i == 0 else o[i] - o[i - 1]) + d_v
-        a += d * width
+        a_zr += (-(-2 * d // L)) * width * L
+        a_h += (-(-d // L)) * width * L
         b += d
     d = o[k + 1] - o[k]
     width = d + (d_e if k == 0 else o[k] - o[k - 1]) + d_v
-    return (w.W_zr[2 * a:2 * (a + d * width)].reshape((2 * d, width)), w.b_zr[2 * b:2 * (b + d)],
-            w.W_h[a:a + d * width].reshape((d, width)), w.b_h[b:b + d])
+    n_zr, n_h = -(-2 * d // L), -(-d // L)
+    return (w.W_zr[a_zr:a_zr + n_zr * width * L].reshape((n_zr, width, L)), w.b_zr[2 * b:2 * (b + d)],
+            w.W_h[a_h:a_h + n_h * width * L].reshape((n_h, width, L)), w.b_h[b:b + d])
 
 
 def _kernel_digest() -> int:
@@ -182,7 +156,7 @@ def _build(kernel_digest: int):
         keep_hidden = hidden.shape[1] == T
         # scratch, allocated once per call
         e = np.empty((B, d_e), dt)
-        qkv = np.empty((B, w.W_qkv.shape[0]), dt)
+        qkv = np.empty((B, 2 * d_q + d_v if W > 0 else 0), dt)
         q_loc = np.empty((B, max(d_q, 1)), dt)
         u = np.empty((B, d_e + d0 + dK), dt)
         q = np.empty((B, H * d_h), dt)
@@ -196,6 +170,10 @@ def _build(kernel_digest: int):
         for k in range(K):
             d_max = max(d_max, o[k + 1] - o[k])
             width = max(width, tier_weights(w, o, d_e, d_v, k)[2].shape[1])
+        L = w.W_q.shape[2]
+        tiles = max(w.W_qkv.shape[0], w.W_q.shape[0], w.W_k_heads_T.shape[1], w.W_v_heads.shape[1],
+                    w.W_w.shape[0], -(-2 * d_max // L))
+        acc = np.empty((B, tiles * L), dt)   # packed_rows_linear's scratch
         p = np.empty((B, width), dt)
         zr = np.empty((B, 2 * d_max), dt)
         pre = np.empty((B, d_max), dt)
@@ -218,7 +196,7 @@ def _build(kernel_digest: int):
                 e[b] = w.emb[ids[b, i]]
             # 2. local attention over the ring, then the ring takes e (its key and value with it)
             if W > 0:
-                products(w.W_qkv, w.zeros, e, qkv)
+                linalg.packed_rows_linear(w.W_qkv, w.zeros, e, acc, qkv)
                 if ring_n > 0:
                     for b in range(B):
                         q_loc[b, :d_q] = qkv[b, :d_q]
@@ -240,11 +218,11 @@ def _build(kernel_digest: int):
                 u[b, :d_e] = e[b]
                 u[b, d_e:d_e + d0] = S[b, :d0]
                 u[b, d_e + d0:] = S[b, o[K - 1]:o[K]]
-            products(w.W_q, w.zeros, u, q)
+            linalg.packed_rows_linear(w.W_q, w.zeros, u, acc, q)
             for h in range(H):   # q_mem_h = W_k,h^T q_h
                 for b in range(B):
                     q_heads[h, b] = q[b, h * d_h:(h + 1) * d_h]
-                products(w.W_k_heads_T[h], w.zeros, q_heads[h], head_out)
+                linalg.packed_rows_linear(w.W_k_heads_T[h], w.zeros, q_heads[h], acc, head_out[:, :d_m])
                 for b in range(B):
                     q_mem[b, h] = head_out[b, :d_m]
             for b in range(B):
@@ -254,7 +232,7 @@ def _build(kernel_digest: int):
             for h in range(H):   # r_h = W_v,h mix_h
                 for b in range(B):
                     mix_h[b] = mix[b, h]
-                products(w.W_v_heads[h], w.zeros, mix_h, head_out)
+                linalg.packed_rows_linear(w.W_v_heads[h], w.zeros, mix_h, acc, head_out[:, :dvh])
                 for b in range(B):
                     r[b, h * dvh:(h + 1) * dvh] = head_out[b, :dvh]
             # 5. tiers under their clocks: p = [s_k; lower; ctx], ctx = r (+ loc for tier 0)
@@ -274,15 +252,15 @@ def _build(kernel_digest: int):
                             p[b, d:d + n_lo] = S[b, lo0:lo1]
                             p[b, d + n_lo:d + n_lo + d_v] = r[b]
                     W_zr, b_zr, W_h, b_h = tier_weights(w, o, d_e, d_v, k)
-                    products(W_zr, b_zr, p, zr)
+                    linalg.packed_rows_linear(W_zr, b_zr, p, acc, zr[:, :2 * d])
                     gru.gru_reset(zr, p, d)
-                    products(W_h, b_h, p, pre)
+                    linalg.packed_rows_linear(W_h, b_h, p, acc, pre[:, :d])
                     gru.gru_update(S, a0, zr, pre[:, :d])
             # 6-7. writer, memory decay (lazy: the scale) and write
             for b in range(B):
                 x_w[b, :d0] = S[b, :d0]
                 x_w[b, d0:] = S[b, o[K - 1]:o[K]]
-            products(w.W_w, w.b_w, x_w, w_raw)
+            linalg.packed_rows_linear(w.W_w, w.b_w, x_w, acc, w_raw)
             new_scale = scale if eager else scale * c.memory_decay
             for b in range(B):
                 g[b], novel[b] = writer.write_one(
@@ -343,12 +321,17 @@ def prepare(decoder) -> tuple | None:
     def ravel(per_tier):
         return np.concatenate([np.asarray(x, dtype=dt).ravel() for x in per_tier])
 
+    def pack(W):
+        return linalg.packed(np.asarray(W, dt))
+
     weights = StepWeights(
-        emb=a(decoder.emb), W_qkv=a(decoder.W_qkv), W_q=a(decoder.W_q),
+        emb=a(decoder.emb), W_qkv=pack(decoder.W_qkv), W_q=pack(decoder.W_q),
         zeros=np.zeros(max(decoder.W_qkv.shape[0], decoder.W_q.shape[0], c.memory_dim, c.value_dim), dt),
-        W_k_heads_T=a(decoder.W_k_heads_T), W_v_heads=a(decoder.W_v_heads),
-        W_zr=ravel(decoder.W_zr), b_zr=ravel(decoder.b_zr), W_h=ravel(decoder.W_h), b_h=ravel(decoder.b_h),
-        W_w=a(decoder.W_w), b_w=a(decoder.b_w), W_o=a(decoder.W_o), b_o=a(decoder.b_o))
+        W_k_heads_T=np.stack([pack(W) for W in decoder.W_k_heads_T]),
+        W_v_heads=np.stack([pack(W) for W in decoder.W_v_heads]),
+        W_zr=ravel([pack(W) for W in decoder.W_zr]), b_zr=ravel(decoder.b_zr),
+        W_h=ravel([pack(W) for W in decoder.W_h]), b_h=ravel(decoder.b_h),
+        W_w=pack(decoder.W_w), b_w=a(decoder.b_w), W_o=pack(decoder.W_o), b_o=a(decoder.b_o))
     cfg = StepConfig(
         local_window=int(c.local_window), query_dim=int(c.query_dim), num_heads=int(c.num_heads),
         head_dim=int(c.head_dim), read_topk=int(c.read_topk), read_slot_capacity=int(c.read_slot_capacity or 0),
@@ -389,13 +372,14 @@ def advance(decoder, ids: np.ndarray, hidden: np.ndarray | None = None) -> np.nd
 
 
 def head(decoder, h: np.ndarray) -> np.ndarray:
-    """The output head for a few rows h [n, Σd_k] (C-contiguous, after the LayerNorm): ``products`` on one
-    thread, the sums of linalg.gemv (tested equal). For a small model the head is a few µs; linalg.gemv
+    """The output head for a few rows h [n, Σd_k] (C-contiguous, after the LayerNorm): packed_rows_linear on
+    one thread (each row's bits whatever the rows beside it). For a small model the head is a few µs; linalg.gemv
     splits it over Numba's threads, which on a busy machine made each call take milliseconds (measured:
     3.4 ms a token, 1.7 s of a 500-byte `thl-np generate`, with one other CPU-bound process)."""
     weights = decoder._compiled[0]
-    out = np.empty((h.shape[0], weights.W_o.shape[0]), h.dtype)
-    products(weights.W_o, weights.b_o, h, out)
+    out = np.empty((h.shape[0], weights.b_o.shape[0]), h.dtype)
+    linalg.packed_rows_linear(weights.W_o, weights.b_o, h, np.empty((h.shape[0], weights.W_o.shape[0] *
+                                                                      weights.W_o.shape[2]), h.dtype), out)
     return out
 
 
@@ -423,8 +407,9 @@ def _signature(model) -> tuple:
     dt = model.dtype
     f1, f2, f3 = np.zeros(1, dt), np.zeros((1, 1), dt), np.zeros((1, 1, 1), dt)
     i1, i2, i3 = np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), np.int64)
-    weights = StepWeights(emb=f2, W_qkv=f2, zeros=f1, W_q=f2, W_k_heads_T=f3, W_v_heads=f3, W_zr=f1, b_zr=f1,
-                          W_h=f1, b_h=f1, W_w=f2, b_w=f1, W_o=f2, b_o=f1)
+    f4 = np.zeros((1, 1, 1, 1), dt)
+    weights = StepWeights(emb=f2, W_qkv=f3, zeros=f1, W_q=f3, W_k_heads_T=f4, W_v_heads=f4, W_zr=f1, b_zr=f1,
+                          W_h=f1, b_h=f1, W_w=f3, b_w=f1, W_o=f3, b_o=f1)
     cfg = StepConfig(0, 0, 0, 0, 0, 0, False, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, i1, i1)
     return tuple(typeof(x) for x in (i2, weights, cfg, f2, f3, f2, f2, f2, i2, i2, f3, f3, f3, f2, f3, i3, f3, i2,
                                      f1, np.zeros(1, np.bool_), 0, 0.0, 0, 0, 0.0, f3))
@@ -440,7 +425,7 @@ def _compiled_or_cached(dispatcher, sig) -> bool:
 
 
 def is_warm(model) -> bool:
-    """Whether a FastDecoder of ``model`` would find ``run_steps`` and ``head``'s ``products`` compiled, in this
+    """Whether a FastDecoder of ``model`` would find ``run_steps`` and ``head``'s kernel compiled, in this
     process or in Numba's cache (a look at the cache's index: nothing is loaded or compiled); False when
     its first step would compile first (about 10 s), and for a model that ``run_steps`` does not apply to."""
     if not applies(model):
@@ -448,9 +433,10 @@ def is_warm(model) -> bool:
     from numba import typeof
 
     try:
-        f1, f2 = np.zeros(1, model.dtype), np.zeros((1, 1), model.dtype)
+        f1, f2, f3 = np.zeros(1, model.dtype), np.zeros((1, 1), model.dtype), np.zeros((1, 1, 1), model.dtype)
         return all(_compiled_or_cached(fn, sig) for fn, sig in (
-            (run_steps, _signature(model)), (products, tuple(typeof(x) for x in (f2, f1, f2, f2)))))
+            (run_steps, _signature(model)),
+            (linalg.packed_rows_linear, tuple(typeof(x) for x in (f3, f1, f2, f2, f2)))))
     except Exception:  # another Numba's internals, or NUMBA_DISABLE_JIT: say cold, so the caller only
         # avoids a compile it fears
         return False

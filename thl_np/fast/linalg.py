@@ -365,6 +365,80 @@ def packed_linear(Wp, h, out):
         _packed_tiles_1(Wp, h, out, T - 1)
 
 
+# One thread, any number of rows, the same bits whatever the batch: the compiled step of a small model
+# (thl_np.engines.compiled_steps). Tiles of rows × tiles accumulators per call of the generated loop, chosen
+# so that a few FMA chains are in flight for any row count (8 × 2, 4 × 4, 2 × 4, 1 × 8; one tile at a time
+# for the last tiles). Each output is one fused multiply-add chain over k from zero, in every form, so a
+# sequence's result does not depend on how many others share the call or where it sits among them.
+_tiles_8x2, _tiles_8x1 = make_packed_tiles(2, 8), make_packed_tiles(1, 8)
+_tiles_4x4, _tiles_4x1 = make_packed_tiles(4, 4), make_packed_tiles(1, 4)
+_tiles_2x4, _tiles_2x1 = make_packed_tiles(4, 2), make_packed_tiles(1, 2)
+_tiles_1x8, _tiles_1x1 = make_packed_tiles(8, 1), make_packed_tiles(1, 1)
+
+
+@njit(cache=True, nogil=True)
+def packed_rows_linear(Wp, bias, h, scratch, out):
+    """out[b, i] = W[i]·h[b] + bias[i] (linear_forward) for any number of rows h [B, ≥D] on one thread, W
+    packed by ``pack_rows`` (Wp [T, D, L]); ``scratch`` [≥B, ≥T·L] takes the tiles' sums. Rows run 8, 4, 2 or
+    1 at a time (see above); each sum is Σ_k in order, one fused multiply-add each, so every row gets the
+    bits it gets alone (tested), and the kernel reads each weight once per group of rows."""
+    T = Wp.shape[0]
+    B = h.shape[0]
+    b0 = 0
+    while b0 < B:
+        r = B - b0
+        t = 0
+        if r >= 8:
+            n = 8
+            x, acc = h[b0:b0 + n], scratch[b0:b0 + n]
+            while t + 2 <= T:
+                _tiles_8x2(Wp, x, acc, t)
+                t += 2
+            while t < T:
+                _tiles_8x1(Wp, x, acc, t)
+                t += 1
+        elif r >= 4:
+            n = 4
+            x, acc = h[b0:b0 + n], scratch[b0:b0 + n]
+            while t + 4 <= T:
+                _tiles_4x4(Wp, x, acc, t)
+                t += 4
+            while t < T:
+                _tiles_4x1(Wp, x, acc, t)
+                t += 1
+        elif r >= 2:
+            n = 2
+            x, acc = h[b0:b0 + n], scratch[b0:b0 + n]
+            while t + 4 <= T:
+                _tiles_2x4(Wp, x, acc, t)
+                t += 4
+            while t < T:
+                _tiles_2x1(Wp, x, acc, t)
+                t += 1
+        else:
+            n = 1
+            x, acc = h[b0:b0 + n], scratch[b0:b0 + n]
+            while t + 8 <= T:
+                _tiles_1x8(Wp, x, acc, t)
+                t += 8
+            while t < T:
+                _tiles_1x1(Wp, x, acc, t)
+                t += 1
+        for b in range(b0, b0 + n):
+            for i in range(out.shape[1]):
+                out[b, i] = scratch[b, i] + bias[i]
+        b0 += n
+
+
+def packed(W: np.ndarray) -> np.ndarray:
+    """W [R, D] packed by ``pack_rows`` into tiles of ``lanes(W.dtype)`` rows: Wp [⌈R/L⌉, D, L]."""
+    W = np.ascontiguousarray(W)
+    L = lanes(W.dtype)
+    Wp = np.empty((-(-W.shape[0] // L), W.shape[1], L), W.dtype)
+    pack_rows(W, L, Wp)
+    return Wp
+
+
 class PackedMatrix:
     """A weight matrix W [R, D] packed for ``packed_linear`` (``pack_rows``), behind the same ``linear(x, b)``
     as a quantized matrix, so ``linear`` dispatches to it: x @ W.T + b for any number of rows, PACK_ROWS at a
