@@ -418,6 +418,54 @@ def test_a_request_joining_later_catches_up_and_shares_the_batch(model, tmp_path
     assert texts == {"a": greedy(model, "first prompt", 30), "b": greedy(model, "other prompt", 30)}
 
 
+def test_clients_gone_during_a_step_fail_nobody(model, tmp_path):
+    """Every client of one batch disconnects while its step runs (the HTTP side sets ``cancelled`` from
+    another thread): that batch is answered "cancelled", and the other batch runs on to its texts (found
+    by the load benchmark: sampling the empty batch raised, which failed every running request)."""
+    from thl_np.serve.engine import Engine
+    from thl_np.serve.sessions import PrefixCache, SessionStore
+    from thl_np.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    engine = Engine(model, tok, SessionStore(str(tmp_path), model.config), PrefixCache(0), align_steps=0)
+    events, texts = {}, {}
+
+    def job(name, prompt):
+        events[name], texts[name] = [], ""
+
+        def emit(kind, payload):
+            events[name].append(kind)
+            if kind == "text":
+                texts[name] += payload
+        return Job(Request(tok.encode(prompt), max_tokens=20, temperature=0), emit)
+
+    gone = [job("a", "first prompt"), job("b", "other prompt")]
+    for j in gone:
+        engine._admit(j)
+    engine._regroup()
+    engine._step_all()
+    engine._regroup()
+    engine._admit(job("c", "third prompt, later"))
+    engine._regroup()
+    assert len(engine._groups) == 2
+    first = next(g for g in engine._groups if gone[0] in g.jobs)
+    step = first.step
+
+    def step_then_disconnect():
+        logits = step()
+        for j in gone:
+            j.cancel()
+        return logits
+    first.step = step_then_disconnect
+    engine._step_all()
+    while engine._groups:
+        engine._regroup(leavers_only=True)
+        engine._step_all()
+    assert "error" not in events["a"] + events["b"] + events["c"]
+    assert events["a"][-1] == events["b"][-1] == "cancelled"
+    assert events["c"][-1] == "done" and texts["c"] == greedy(model, "third prompt, later", 20)
+
+
 def test_sampled_rows_of_a_batch_draw_what_generate_text_draws_with_their_seeds(model, tmp_path):
     """One batch mixing greedy, plain sampled and filtered rows (sample_rows takes each kind its own way):
     each request's text is generate_text's with its seed."""

@@ -429,7 +429,11 @@ class Engine:
             logits = g.step()
             self.steps += 1
             self.rows += len(g.jobs)
+            # read once, after the step: a client may disconnect (set ``cancelled``) while the step runs,
+            # even every client of the group (sampling no rows is an error that would fail every batch)
             live = [b for b, j in enumerate(g.jobs) if not j.cancelled]
+            if not live:
+                continue
             rows = logits[:, :self.limit] if len(live) == len(g.jobs) else logits[live, :self.limit]
             jobs = [g.jobs[b] for b in live]
             for j, token in zip(jobs, sample_rows(rows, [j.sampling for j in jobs]), strict=True):
