@@ -367,13 +367,13 @@ def packed_linear(Wp, h, out):
 
 # One thread, any number of rows, the same bits whatever the batch: the compiled step of a small model
 # (thl_np.engines.compiled_steps). Tiles of rows × tiles accumulators per call of the generated loop, chosen
-# so that a few FMA chains are in flight for any row count (8 × 2, 4 × 4, 2 × 4, 1 × 8; one tile at a time
+# so that a few FMA chains are in flight for any row count (8 × 2, 4 × 4, 2 × 4, 1 × 4; one tile at a time
 # for the last tiles). Each output is one fused multiply-add chain over k from zero, in every form, so a
 # sequence's result does not depend on how many others share the call or where it sits among them.
 _tiles_8x2, _tiles_8x1 = make_packed_tiles(2, 8), make_packed_tiles(1, 8)
 _tiles_4x4, _tiles_4x1 = make_packed_tiles(4, 4), make_packed_tiles(1, 4)
 _tiles_2x4, _tiles_2x1 = make_packed_tiles(4, 2), make_packed_tiles(1, 2)
-_tiles_1x8, _tiles_1x1 = make_packed_tiles(8, 1), make_packed_tiles(1, 1)
+_tiles_1x4, _tiles_1x1 = make_packed_tiles(4, 1), make_packed_tiles(1, 1)
 
 
 @njit(cache=True, nogil=True)
@@ -418,9 +418,9 @@ def packed_rows_linear(Wp, bias, h, scratch, out):
         else:
             n = 1
             x, acc = h[b0:b0 + n], scratch[b0:b0 + n]
-            while t + 8 <= T:
-                _tiles_1x8(Wp, x, acc, t)
-                t += 8
+            while t + 4 <= T:
+                _tiles_1x4(Wp, x, acc, t)
+                t += 4
             while t < T:
                 _tiles_1x1(Wp, x, acc, t)
                 t += 1
