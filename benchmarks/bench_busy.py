@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         a.steps_shipped, a.steps_default, a.gen_bytes, a.repeats = 300, 8, 100, 1
     batches = [int(b) for b in a.batches.split(",")]
     print(f"{_threads.cores()} cores; threads {_threads.requested() or 'auto'}; OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; {_threads.others_running()} other runnable thread(s) now; "
+          f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; "
+          f"{_threads.others_running()} other runnable thread(s) now; "
           f"thl_np from {Path(sys.modules['thl_np'].__file__).parent}", flush=True)
     rows = []
     t_start = time.perf_counter()
