@@ -4,7 +4,10 @@ kernel here computes ``x @ W.T + b`` (thl_np.components.output.linear_forward) o
 
 The small-batch tile (``small_batch_linear``), the packing into k-major tiles (``pack_rows``) and the LLVM-IR
 generator of packed tiles (``make_packed_tiles``) are written once, for float weights and for int8 values
-with their scales; ``thl_np.fast.int8`` holds what only int8 needs.
+with their scales; ``thl_np.fast.int8`` holds what only int8 needs. Two kernels run the packed tiles:
+``packed_linear`` (threaded, PACK_ROWS rows: the decoder's batched head and step matrices) and
+``packed_rows_linear`` (one thread, any rows, each row's bits independent of the others: a small model's
+compiled step, thl_np.engines.compiled_steps).
 
 The decoder runs on one thread pool, Numba's: OpenBLAS's workers spin after each call, and on a machine
 with few cores they then take the cores Numba's threads need (measured: 2× slower steps); see
