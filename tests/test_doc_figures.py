@@ -152,6 +152,8 @@ def test_documented_output_holds(where, opts, commands, expected, tmp_path):
      r"atol=0.06 ignore=[\d.]+\sMiB", True),
     ("4096  1.00  0.14  177.7 MiB  67.0 KiB", "4096  0.90  0.14  177.7 MiB  67.0 KiB",
      r"atol=0.06 ignore=[\d.]+\sMiB", False),
+    ("65536  1.00  1.00  0.65", "65536  0.90  0.98  0.70", "atol=0.11 rtol=0.05", True),   # a trial in ten
+    ("65536  1.00  1.00  0.65", "65536  0.80  0.96  0.70", "atol=0.11 rtol=0.05", False),  # two
 ])
 def test_the_comparison_itself(shown, got, opts, ok):
     assert same_line(shown, got, parse_options(opts)) is ok

@@ -198,6 +198,6 @@ if (auto && params.has("split")) {
 if (params.has("max")) $("max-length").value = params.get("max");
 if (params.get("mode") === "sample") $("mode").value = "sample";
 loadFromUrl(params.get("model") || "model/thl.onnx").catch((e) => {
-  setStatus(`${e.message || e} (export a model with: thl-np export --out web/model/thl.onnx)`, true);
+  setStatus(`${e.message || e} (export a model with: mkdir -p web/model && thl-np export --out web/model/thl.onnx)`, true);
   if (auto) writeResult({ status: "error", error: String(e.message || e) });
 });

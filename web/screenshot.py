@@ -1,6 +1,6 @@
 """The README's picture of the page (docs/web.png), taken in real time by headless Chromium:
 
-    thl-np export --out web/model/thl.onnx        # once; npm ci in web/ once
+    mkdir -p web/model && thl-np export --out web/model/thl.onnx   # once; npm ci in web/ once
     python web/screenshot.py --out docs/web.png
 
 It serves web/ on 127.0.0.1, opens the page with a prompt, waits (at most --wait seconds) until the
@@ -68,7 +68,7 @@ def main(argv=None):
     if not chromium:
         sys.exit("chromium is not installed (Debian: apt-get install chromium)")
     if not os.path.isfile(os.path.join(WEB, "model", "thl.onnx")):
-        sys.exit("web/model/thl.onnx not found: thl-np export --out web/model/thl.onnx")
+        sys.exit("web/model/thl.onnx not found: mkdir -p web/model && thl-np export --out web/model/thl.onnx")
     if not os.path.isfile(os.path.join(WEB, "vendor", "ort.wasm.min.mjs")):
         sys.exit("web/vendor/ not found: run npm ci in web/")
     out = os.path.abspath(args.out)
