@@ -18,6 +18,7 @@ import sysconfig
 import numpy as np
 
 from thl_np import THLModel
+from thl_np.components.output import log_softmax
 from thl_np.engines.decoder import FastDecoder
 from thl_np.errors import InputError
 from thl_np.io.folder import resolve_model_dir
@@ -34,9 +35,7 @@ def held_out_stdlib(fraction: float = 0.05) -> np.ndarray:
 
 def block_bits(logits: np.ndarray, targets: np.ndarray) -> float:
     """Mean bits per byte of targets [T] under logits [T, V] (float64 log-softmax)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    log_p = log_softmax(logits.astype(np.float64))
     return float(-log_p[np.arange(len(targets)), targets].mean() / math.log(2))
 
 
