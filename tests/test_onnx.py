@@ -18,6 +18,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from thl_np.components.writer import affinities, eviction_scores  # noqa: E402
 from thl_np.model import THLModel, quantize_model  # noqa: E402
 from thl_np.onnx.export import build_model, save  # noqa: E402
 from thl_np.onnx.runtime import OnnxStep  # noqa: E402
@@ -57,21 +58,50 @@ def exports(tmp_path_factory):
     return get
 
 
-def rollout(model, path, token_ids, scaled_logits=False):
+def write_keys(c, before, after, rec):
+    """The writer's ranking key [B, J] (spec §4.6) as the plain step computed it: the eviction score on a
+    novel row, the affinity on a refine row."""
+    aff, _, _, n_m = affinities(before.memory, rec.writer.w)
+    evict = eviction_scores(n_m, after.read_ema, before.last_write, before.timestep, c.stale_weight,
+                            c.underuse_weight)
+    return np.where(rec.writer.novel[:, None], evict, aff.astype(np.float64))
+
+
+def same_write_choice(c, before, after, rec, chosen, t):
+    """float32 promises the plain step's write targets until a near-tie: assert ``chosen`` (the graph's) holds,
+    rank by rank, keys equal to the plain choice's within float32 rounding; → whether the written *sets* are
+    equal (the order within a set does not change the state: every target gets the same g·w)."""
+    want = np.asarray(rec.targets)
+    if np.array_equal(chosen, want):
+        return True
+    keys = write_keys(c, before, after, rec)
+    rows = np.arange(want.shape[0])[:, None]
+    np.testing.assert_allclose(keys[rows, chosen], keys[rows, want], rtol=1e-6, atol=1e-9,
+                               err_msg=f"slots written, step {t}: {chosen} against {want}, not a near-tie")
+    return np.array_equal(np.sort(chosen, axis=1), np.sort(want, axis=1))
+
+
+def rollout(model, path, token_ids, scaled_logits=False, near_ties=False):
     """Run both from the zero state over token_ids [B, T], each on its own state; assert at every step. Logits
     within ATOL, or with ``scaled_logits`` within ATOL · max(1, max|logit|) (check-port's rule: see
-    thl_np/onnx/check.py for why a model with large logits needs it)."""
+    thl_np/onnx/check.py for why a model with large logits needs it). With ``near_ties`` (random weights,
+    where slots written alike tie to the last bit), write targets may differ where their keys tie within
+    float32 rounding; the rollout ends where the written sets differ (the paths part there)."""
     c = model.config
     step = OnnxStep(path)
     B, T = token_ids.shape
     ref, got = InferenceState.init(B, c), step.zero_state(B)
     for t in range(T):
         ids = token_ids[:, t]
+        before = ref
         tiers, ref, rec = thl_step(model.params, c, ids, ref, record=True)
         logits_ref, _, _ = output_forward(model.params, tiers)
         logits, got, trace = step.step(ids, got)
         np.testing.assert_array_equal(trace["trace.read_slots"], rec.idx, err_msg=f"slots read, step {t}")
-        np.testing.assert_array_equal(trace["trace.write_slots"], rec.targets, err_msg=f"slots written, step {t}")
+        if not near_ties:
+            np.testing.assert_array_equal(trace["trace.write_slots"], rec.targets, err_msg=f"slots written, step {t}")
+        elif not same_write_choice(c, before, ref, rec, trace["trace.write_slots"], t):
+            return got
         np.testing.assert_array_equal(trace["trace.novel"], rec.writer.novel, err_msg=f"novel, step {t}")
         np.testing.assert_array_equal(trace["trace.clipped"], rec.writer.clipped, err_msg=f"clip, step {t}")
         for key, want in ref.arrays().items():
@@ -188,7 +218,8 @@ from hypothesis import strategies as st  # noqa: E402
        clocks=st.sampled_from([[1, 2, 3], [1, 4, 4], [1, 1, 5]]))
 def test_any_config_exports_exactly(tmp_path_factory, seed, K, window, capacity, write_slots, unit_keys, clocks):
     """Any config the validator accepts (tiers of different widths, K = 1, no local window, capacity, several
-    write slots, either built-in router) exports to a graph that steps exactly like thl-np."""
+    write slots, either built-in router) exports to a graph that steps exactly like thl-np, as float32 can:
+    until a write choice's keys tie within rounding."""
     from thl_np import THLConfig
 
     rng = np.random.default_rng(seed)
@@ -204,4 +235,4 @@ def test_any_config_exports_exactly(tmp_path_factory, seed, K, window, capacity,
         model.params[name] = model.params[name] * 3.0
     path = str(tmp_path_factory.mktemp("cfg") / "m.onnx")
     save(build_model(model), path)
-    rollout(model, path, rng.integers(0, 30, (2, 12)))
+    rollout(model, path, rng.integers(0, 30, (2, 12)), near_ties=True)
