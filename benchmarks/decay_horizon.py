@@ -8,10 +8,16 @@ each block of ``--block`` bytes, its bits per byte and the largest and mean slot
 A slower decay keeps a write longer (retrieval further back) and lets the slot norms grow further.
 
     python benchmarks/decay_horizon.py default --gammas 0.99999,0.999995,1 --bytes 524288
+
+``--set FIELD=VALUE`` changes other config fields for every row, e.g. the memory-write variant that decays a
+slot only when it is written again (``components = {"router": "unit_keys", "memory_write":
+"decay_on_write"}`` for the shipped model, whose router is ``unit_keys``); a variant without fast kernels
+runs on the plain path.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sysconfig
 
@@ -19,7 +25,6 @@ import numpy as np
 
 from thl_np import THLModel
 from thl_np.components.output import log_softmax
-from thl_np.engines.decoder import FastDecoder
 from thl_np.errors import InputError
 from thl_np.io.folder import resolve_model_dir
 from thl_np.training.data import load_bytes, split_bytes
@@ -40,8 +45,9 @@ def block_bits(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def stream(model, ids: np.ndarray, block: int) -> list[dict]:
-    """One sequence through the fast decoder, block by block, the state carried throughout."""
-    decoder = FastDecoder(model)
+    """One sequence through a decoding session (fast where the components have kernels), block by block,
+    the state carried throughout."""
+    decoder = model.decoder(batch_size=1)
     rows = []
     for start in range(0, len(ids) - 1, block):
         y = ids[start + 1:start + block + 1]
@@ -63,6 +69,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bytes", type=int, default=524288, help="stream length (at most the data's)")
     ap.add_argument("--block", type=int, default=65536, help="bytes per reported block")
     ap.add_argument("--data", default=None, help="a file or folder instead of the stdlib held-out split")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                    help="config field for every row, VALUE as JSON (repeatable)")
     args = ap.parse_args(argv)
     if args.bytes < 2 or args.block < 1:
         raise InputError("--bytes must be at least 2 and --block at least 1")
@@ -70,12 +78,23 @@ def main(argv=None) -> None:
     if any(not 0.0 < g <= 1.0 for g in gammas):
         raise InputError(f"--gammas {args.gammas!r}: each decay must be in (0, 1]")
     base = THLModel.from_pretrained(resolve_model_dir(args.model))
+    sets = {}
+    for item in args.overrides:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--set {item!r} is not FIELD=VALUE")
+        try:
+            sets[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            sets[name.strip()] = text
     data = held_out_stdlib() if args.data is None else load_bytes(args.data)
     ids = np.asarray(data[:args.bytes], np.int64)
     print(f"stream: {len(ids):,} bytes, state carried; per block of {args.block:,} bytes: bits/byte "
           "(largest / mean slot norm at its end)")
+    if sets:
+        print(f"every row: {sets}")
     for g in gammas or [base.config.memory_decay]:
-        model = THLModel(base.config.replace(memory_decay=g), params=base.params)
+        model = THLModel(base.config.replace(**sets, memory_decay=g), params=base.params)
         rows = stream(model, ids, args.block)
         cells = " | ".join(f"{r['end'] // 1024}K {r['bits_per_byte']:.3f} ({r['norm_max']:.0f} / "
                            f"{r['norm_mean']:.0f})" for r in rows)

@@ -14,6 +14,7 @@ from helpers import FDReport, fd_check
 from thl_np.components.embedding import embedding_backward, embedding_forward
 from thl_np.components.gru import gru_backward, gru_forward
 from thl_np.components.local_attention import local_attention_backward, local_attention_forward
+from thl_np.components.memory_write_on_write import decay_on_write_backward, decay_on_write_forward
 from thl_np.components.output import (
     cross_entropy_forward,
     layer_norm_backward,
@@ -409,6 +410,63 @@ def test_memory_write(seed, write_rate):
                                rtol=1e-14)
     dM, d_w, d_g = memory_write_backward(R, targets, x["g"], x["w"], **kw)
     fd_check(f, x, {"memory": dM, "g": d_g, "w": d_w}).assert_ok(1.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decay_on_write(seed):
+    """The ``decay_on_write`` variant of §4.7: a target j becomes γ^(t − last_write_j)·m_j + η·g·w, every
+    other slot keeps its value exactly; the bookkeeping is the spec's; gradients w.r.t. the old memory, g and
+    w by finite differences."""
+    rng = rng_for(seed, 77)
+    B, J, d_m, t = 2, 6, 3, 9
+    targets = np.array([[4, 0, 2], [1, 5, 3]])
+    last = rng.integers(0, t, (B, J)).astype(np.int64)
+    x = {"memory": rng.standard_normal((B, J, d_m)), "g": rng.uniform(0, 1, B), "w": rng.standard_normal((B, d_m))}
+    R = rng.standard_normal((B, J, d_m))
+    wema = rng.uniform(0, 1, (B, J))
+    kw = dict(decay=0.8, write_rate=0.3)
+    m, new_wema, new_last = decay_on_write_forward(x["memory"], wema, last, targets, x["g"], x["w"], t,
+                                                   ema_decay=0.7, **kw)
+    want_m, want_wema, want_last = memory_write_forward(x["memory"], wema, last, targets, x["g"], x["w"], t,
+                                                        ema_decay=0.7, **kw)
+    np.testing.assert_array_equal(new_wema, want_wema)
+    np.testing.assert_array_equal(new_last, want_last)
+    for b in range(B):
+        for j in range(J):
+            if j in targets[b]:
+                want = 0.8 ** (t - last[b, j]) * x["memory"][b, j] + 0.3 * x["g"][b] * x["w"][b]
+                np.testing.assert_allclose(m[b, j], want, rtol=1e-14, atol=1e-15)
+            else:
+                np.testing.assert_array_equal(m[b, j], x["memory"][b, j])
+
+    def f(x):
+        out, _, _ = decay_on_write_forward(x["memory"], wema, last, targets, x["g"], x["w"], t, ema_decay=0.7,
+                                           **kw)
+        return float((out * R).sum()), ()
+
+    dM, d_w, d_g = decay_on_write_backward(R, targets, x["g"], x["w"], last_write=last, t=t, **kw)
+    fd_check(f, x, {"memory": dM, "g": d_g, "w": d_w}).assert_ok(1.0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decay_on_write_is_the_spec_when_every_slot_is_written_every_step(seed):
+    """With W_w = J and every slot written at the step before, γ^(t − last_write) = γ for every slot: the
+    variant's forward and backward equal the spec's bit for bit."""
+    rng = rng_for(seed, 78)
+    B, J, d_m, t = 3, 4, 5, 12
+    targets = np.stack([rng.permutation(J) for _ in range(B)])
+    last = np.full((B, J), t - 1, np.int64)
+    memory, g, w = rng.standard_normal((B, J, d_m)), rng.uniform(0, 1, B), rng.standard_normal((B, d_m))
+    wema = rng.uniform(0, 1, (B, J))
+    kw = dict(decay=0.97, write_rate=0.5)
+    for have, want in zip(decay_on_write_forward(memory, wema, last, targets, g, w, t, ema_decay=0.9, **kw),
+                          memory_write_forward(memory, wema, last, targets, g, w, t, ema_decay=0.9, **kw),
+                          strict=True):
+        np.testing.assert_array_equal(have, want)
+    R = rng.standard_normal((B, J, d_m))
+    for have, want in zip(decay_on_write_backward(R, targets, g, w, last_write=last, t=t, **kw),
+                          memory_write_backward(R, targets, g, w, **kw), strict=True):
+        np.testing.assert_array_equal(have, want)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from helpers import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from thl_np.components.registry import has_fast_path
 from thl_np.model import THLModel, value_and_grad
 from thl_np.step import run_sequence
 
@@ -77,8 +78,9 @@ def check_model_gradients(model, ids, targets, state, U, rng, reports=None):
     c = model.config
     loss, grads, d_state = value_and_grad(model, ids, targets, state=state, gumbel_uniform=U,
                                           return_state_grad=True, path="plain")
+    fast_path = "fast" if has_fast_path(c) else "plain"   # a variant without kernels: plain against itself
     loss_f, grads_f, d_state_f = value_and_grad(model, ids, targets, state=state, gumbel_uniform=U,
-                                                return_state_grad=True, path="fast")
+                                                return_state_grad=True, path=fast_path)
     assert abs(loss_f - loss) <= 1e-12 * max(1.0, abs(loss))
     for plain, fast in ((grads, grads_f), (d_state, d_state_f)):
         scale = max([float(np.abs(g).max()) for g in plain.values() if g.size] + [1e-300])
@@ -179,6 +181,9 @@ FIXED = {
     # the built-in router variant (scores by the slot's unit row), with capacity and noise
     "unit_keys": dict(components={"router": "unit_keys"}, read_slot_capacity=1, num_heads=2, read_topk=2,
                       novelty_theta=-0.5),
+    # the built-in memory-write variant: a slot decays by the steps since its last write (γ far from 1)
+    "decay_on_write": dict(components={"memory_write": "decay_on_write"}, memory_decay=0.7, write_slots=2,
+                           novelty_theta=0.3),
 }
 
 
@@ -207,6 +212,7 @@ def test_fixed_cases(name):
         "no_local_refine": {"refine", "unclipped"},
         "novel_full": {"novel", "capacity-masked"},
         "unit_keys": {"novel", "capacity-masked"},
+        "decay_on_write": {"novel", "refine"},
     }[name]
     assert want <= seen, f"{name} was meant to take {sorted(want)}, took {sorted(seen)}"
 

@@ -219,3 +219,14 @@ def test_bench_onnx_reports_onnxruntime_and_node_wasm_beside_thl_np(capsys):
         assert "onnxruntime-web WASM in Node" in text
     else:
         assert "wasm_b1" not in figures and "not measured" in text
+
+
+def test_web_bench_found_in_the_working_directory_after_a_plain_install(tmp_path, monkeypatch):
+    """`bench --onnx`'s Node run: web/ beside the package (a checkout), else web/ in the working directory."""
+    from thl_np.onnx import bench
+
+    monkeypatch.setattr(bench, "WEB_BENCH", str(tmp_path / "site-packages" / "web" / "bench.mjs"))
+    monkeypatch.chdir(tmp_path)
+    assert bench.web_bench_script() == bench.WEB_BENCH            # neither has onnxruntime-web
+    (tmp_path / "web" / "node_modules" / "onnxruntime-web").mkdir(parents=True)
+    assert bench.web_bench_script() == str(tmp_path / "web" / "bench.mjs")

@@ -448,3 +448,23 @@ def test_spec_map_is_up_to_date():
     assert current == expected, "docs/SPEC_MAP.md is out of date: run `python docs/make_spec_map.py`"
     for section in ("§4.1", "§4.2", "§4.3", "§4.4", "§4.5", "§4.6", "§4.7", "§4.8", "§4.9", "§5"):
         assert f"\n## {section} " in current
+
+
+def test_default_reference_dir_after_a_plain_install(tmp_path, monkeypatch):
+    """Installed away from the checkout (`pip install .`), check-port finds reference/ in the working
+    directory, the checkout's root; with neither, it names the folder beside the package."""
+    from thl_np.reference import check
+
+    site = tmp_path / "site-packages" / "thl_np" / "reference"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(check, "__file__", str(site / "check.py"))
+    root = tmp_path / "checkout"
+    (root / "reference").mkdir(parents=True)
+    monkeypatch.chdir(root)
+    beside = str(tmp_path / "site-packages" / "reference")
+    assert check.default_reference_dir() == beside          # no manifest anywhere yet
+    (root / "reference" / "manifest.json").write_text("{}")
+    assert check.default_reference_dir() == str(root / "reference")
+    (tmp_path / "site-packages" / "reference").mkdir()
+    (tmp_path / "site-packages" / "reference" / "manifest.json").write_text("{}")
+    assert check.default_reference_dir() == beside          # beside the package wins

@@ -82,6 +82,8 @@ class StepRecord:
     targets: np.ndarray          # [B, W_w] slots written
     g: np.ndarray                # [B] write gate
     w: np.ndarray                # [B, d_m] write vector
+    t: int                       # the step's timestep
+    last_write: np.ndarray       # [B, J] the state's last_write before this step's write
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
     rec = None
     if record:
         rec = StepRecord(token_ids=token_ids, local=local_cache, local_start=-n, router=router_cache, idx=idx,
-                         A=A, tier_caches=tier_caches, writer=writer_cache, targets=targets, g=g, w=w)
+                         A=A, tier_caches=tier_caches, writer=writer_cache, targets=targets, g=g, w=w, t=t,
+                         last_write=state.last_write)
     return xp.concatenate(s_new, axis=1), next_state, rec
 
 
@@ -287,7 +290,7 @@ def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids,
         ds_new = [d_s[k] + d_tier_states[:, t, offsets[k]:offsets[k + 1]] for k in range(K)]
         # 7. memory decay and write
         dM, d_w, d_g = comp.memory_write.backward(dM, rec.targets, rec.g, rec.w, decay=c.memory_decay,
-                                                  write_rate=c.write_rate)
+                                                  write_rate=c.write_rate, last_write=rec.last_write, t=rec.t)
         # 6. writer
         d_xw, d_m_star, dW, db = comp.writer.backward(d_w, d_g, rec.writer, P["writer.W_w.weight"])
         grads["writer.W_w.weight"] += dW

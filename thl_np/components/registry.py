@@ -14,13 +14,16 @@ A variant is registered once by name (``register``) and chosen per model by the 
 ``components`` (``{"router": "my_router"}``); kinds not named there use "spec". The plain path, the
 layered engine and training compose whatever variants the config names (``thl_np.step``); the fast
 path's Numba kernels compute the spec variants and the built-in ``router: unit_keys``
-(``router_unit_keys.py``); a model with another variant runs on the plain path
+(``router_unit_keys.py``); a model with another variant (such as the built-in ``memory_write:
+decay_on_write``, ``memory_write_on_write.py``) runs on the plain path
 (``has_fast_path``). ``docs/CHANGING_A_COMPONENT.md`` is a worked example.
 
 A variant's forward returns what the spec's does, with its own cache as the last value; its backward
-takes that cache. Two things of a cache are read outside the component: a writer cache's ``j_star``
-(the row its backward's memory gradient belongs to) and, for the reference vectors and tests, the
-router cache's ``cap_mask`` and the writer cache's ``novel``/``clipped`` (None or absent is fine there).
+takes that cache (a memory write has no cache: its backward receives the step ``t`` and the state's
+``last_write`` before the write as keywords, which the built-in ``decay_on_write`` uses). Two things
+of a cache are read outside the component: a writer cache's ``j_star`` (the row its backward's memory
+gradient belongs to) and, for the reference vectors and tests, the router cache's ``cap_mask`` and the
+writer cache's ``novel``/``clipped`` (None or absent is fine there).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from . import gru, local_attention, router, router_unit_keys, writer
+from . import gru, local_attention, memory_write_on_write, router, router_unit_keys, writer
 
 SPEC = "spec"
 
@@ -55,7 +58,12 @@ _REGISTRY: dict[str, dict[str, Variant]] = {
     "gru": {SPEC: Variant("gru", SPEC, gru.gru_forward, gru.gru_backward, fast=True)},
     "writer": {SPEC: Variant("writer", SPEC, writer.writer_forward, writer.writer_backward, fast=True)},
     "memory_write": {SPEC: Variant("memory_write", SPEC, writer.memory_write_forward,
-                                   writer.memory_write_backward, fast=True)},
+                                   writer.memory_write_backward, fast=True),
+                     memory_write_on_write.NAME: Variant(
+                         "memory_write", memory_write_on_write.NAME, memory_write_on_write.decay_on_write_forward,
+                         memory_write_on_write.decay_on_write_backward,
+                         doc="a slot decays by the steps since its last write, when written "
+                             "(memory_write_on_write.py)")},
 }
 KINDS = tuple(_REGISTRY)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .primitives import array_module, top_k_desc
+from .primitives import array_module, sigmoid, top_k_desc
 
 EMPTY_NORM = 1e-6
 
@@ -67,7 +67,7 @@ def writer_forward(x_w, memory, read_ema, last_write, t, W_w, b_w, *, write_slot
     rows = xp.arange(B)
     j_star, novelty = novelty_of(aff)
     novel = novelty > theta
-    g = xp.where(novel, 1.0 / (1.0 + xp.exp(-beta * (novelty - theta))), 1.0).astype(w.dtype)
+    g = xp.where(novel, sigmoid(beta * (novelty - theta)), 1.0).astype(w.dtype)   # σ > 0.5 where novel
     evict = eviction_scores(n_m, read_ema, last_write, t, stale_weight, underuse_weight)
     targets = top_k_desc(xp.where(novel[:, None], evict, aff.astype(xp.float64)), write_slots)
     cache = WriterCache(x_w=x_w, w_raw=w_raw, n_raw=n_raw, clipped=clipped, scale=scale, w=w, n_w=n_w,
@@ -145,8 +145,10 @@ def memory_write_forward(memory, write_ema, last_write, targets, g, w, t, *, dec
     return new_memory, new_write_ema, new_last_write
 
 
-def memory_write_backward(d_new_memory, targets, g, w, *, decay, write_rate):
-    """→ (d_memory_before [B, J, d_m], d_w [B, d_m], d_g [B])."""
+def memory_write_backward(d_new_memory, targets, g, w, *, decay, write_rate, last_write=None, t=None):
+    """→ (d_memory_before [B, J, d_m], d_w [B, d_m], d_g [B]). ``last_write`` (the state's, before the
+    write) and the step ``t`` are the kind's arguments for a variant whose decay depends on them
+    (``memory_write_on_write``); every slot decays by γ here, so they are not used."""
     xp = array_module(d_new_memory)
     rows = xp.arange(d_new_memory.shape[0])[:, None]
     d_rows = d_new_memory[rows, targets].sum(axis=1)                 # [B, d_m]

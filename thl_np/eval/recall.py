@@ -257,7 +257,7 @@ def recall_lines(report: dict) -> list[str]:
     out = [f"recall ({report['haystack']['kind']} haystack, statements at depths {report['depth'][0]}-"
            f"{report['depth'][1]}, {report['trials']} trials a cell, seed {report['seed']}; right = the value and "
            "its stop byte):",
-           f"  {'cell':<18}{'length':>8}  {'right':>9}  {'value':>6}  {'chars':>6}  {'bits/B':>7}"]
+           f"  {'cell':<18}{'length':>8}  {'right':>12}  {'value':>6}  {'chars':>6}  {'bits/B':>7}"]
     for r in report["results"]:
         out.append(f"  {r['cell']:<18}{r['length']:>8}  {r['correct']:>3}/{r['trials']:<3} {r['exact']:>4.0%}  "
                    f"{r['value_exact']:>6.0%}  {r['char_accuracy']:>6.0%}  {r['answer_bits_per_byte']:>7.2f}")

@@ -75,15 +75,25 @@ WEB_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path
                          "bench.mjs")
 
 
+def web_bench_script() -> str:
+    """web/bench.mjs with its node_modules: beside the package (a checkout installed with ``pip install -e .``),
+    else in the working directory (the checkout's root after a plain ``pip install .``); the first when
+    neither has onnxruntime-web installed."""
+    for script in (WEB_BENCH, os.path.abspath(os.path.join("web", "bench.mjs"))):
+        if os.path.isdir(os.path.join(os.path.dirname(script), "node_modules", "onnxruntime-web")):
+            return script
+    return WEB_BENCH
+
+
 def node_wasm_decode(path: str, steps: int = 200) -> dict | None:
     """Batch-1 greedy decode of the export at ``path`` (its .json beside it) in onnxruntime-web's WASM
     backend under Node (``web/bench.mjs --json``); None where Node or web/node_modules is missing."""
     node = shutil.which("node")
-    web = os.path.dirname(WEB_BENCH)
-    if node is None or not os.path.isdir(os.path.join(web, "node_modules", "onnxruntime-web")):
+    script = web_bench_script()
+    if node is None or not os.path.isdir(os.path.join(os.path.dirname(script), "node_modules", "onnxruntime-web")):
         return None
-    done = subprocess.run([node, WEB_BENCH, path, "--steps", str(steps), "--json"], capture_output=True, text=True,
+    done = subprocess.run([node, script, path, "--steps", str(steps), "--json"], capture_output=True, text=True,
                           timeout=600)
     if done.returncode != 0:
-        raise RuntimeError(f"node {WEB_BENCH} failed: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(f"node {script} failed: {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -51,9 +51,15 @@ def load_npz(path) -> dict:
 
 
 def default_reference_dir() -> str:
-    """The repository's reference/ folder (next to the thl_np package in a checkout)."""
+    """The repository's reference/ folder: beside the thl_np package (a checkout installed with
+    ``pip install -e .``), else ``reference/`` in the working directory (the checkout's root after a plain
+    ``pip install .``, which copies the package away from it); the first when neither holds a manifest."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))       # thl_np/
-    return os.path.join(os.path.dirname(package), "reference")
+    beside = os.path.join(os.path.dirname(package), "reference")
+    for folder in (beside, os.path.abspath("reference")):
+        if os.path.isfile(os.path.join(folder, "manifest.json")):
+            return folder
+    return beside
 
 
 @dataclass
