@@ -217,6 +217,31 @@ def assert_close_tree(a, b, tol=1e-9, where="trace"):
         assert a == b, where
 
 
+def test_trace_follows_the_decay_of_the_chosen_memory_write():
+    """Under ``decay_on_write`` a slot decays only when written, by γ^(steps since its last write): a key slot
+    never written after the key line keeps decay 1, one written again at steps t_1 < ... < t_n has decayed
+    by γ^(t_n − its last key-line write). The spec's decay is γ^(steps since the key line) for every slot."""
+    base = byte_model().config.replace(memory_decay=0.97)
+    for choice in (None, {"memory_write": "decay_on_write"}):
+        model = THLModel(base.replace(components=choice), seed=5)
+        tr = passkey_trace(model, 200, seed=3, path="plain")
+        gamma, k1 = model.config.memory_decay, tr["key_end"]
+        rewritten = 0
+        for s in tr["key_slots"]:
+            steps = [e["step"] for e in s["refines"] + s["fills"] + s["evictions"]]
+            if choice is None:
+                want = gamma ** (199 - (k1 - 1))
+            else:
+                want = gamma ** (max(steps) - s["last_key_write"]) if steps else 1.0
+            rewritten += bool(steps)
+            assert s["decay_alone"] == pytest.approx(want, rel=1e-12), (choice, s["slot"])
+            # the figure says what happened to the row: with nothing written into it after the key line,
+            # the row's norm moved by exactly its decay alone
+            if not steps:
+                assert s["norm_at_end"] == pytest.approx(s["decay_alone"] * s["norm_after_key_line"], rel=1e-9)
+        assert rewritten and rewritten < len(tr["key_slots"])    # both kinds of slot were checked
+
+
 def test_trace_key_share_is_one_for_slots_only_the_key_line_wrote():
     """Every write novel (θ < 0) into a bank larger than the prompt: each byte fills a fresh slot, so a key slot
     holds exactly its key-line write (share 1; its digits' share 1 at a digit's slot, 0 elsewhere)."""

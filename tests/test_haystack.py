@@ -12,10 +12,11 @@ from thl_np.cli import main
 from thl_np.errors import InputError
 from thl_np.eval.long_context import passkey_eval
 from thl_np.eval.trace import passkey_trace, passkey_trial
-from thl_np.training.haystack import FILLERS, PACKAGE_SOURCES, Haystack, haystack_prompt, load_source, parse_depth
+from thl_np.training.haystack import (FILLERS, FROZEN_SOURCE, PACKAGE_DIR, Haystack, freeze_source, haystack_prompt,
+                                      load_frozen_source, load_source, parse_depth)
 
 PY = FILLERS["python"]
-SOURCE = Haystack("source")   # thl-np's own sources, read once
+SOURCE = Haystack("source")   # thl-np's own sources, frozen, read once
 
 
 def parts(prompt: bytes, at: int, key: str):
@@ -86,13 +87,33 @@ def test_filler_lines_take_a_depth_range_too(length, seed, lo, filler):
     assert lo * n - longest <= at <= hi * n + longest and (n < 2 * longest or lo * n <= at <= hi * n)
 
 
-def test_the_default_corpus_is_the_package_sources_without_pass_key_lines():
+def test_the_default_corpus_is_the_frozen_package_sources_without_pass_key_lines():
     src = load_source()
-    assert src.folder == PACKAGE_SOURCES and src.files > 50 and len(src.data) > 200_000
+    # the published passkey and recall figures were measured on exactly these bytes
+    assert src.folder == FROZEN_SOURCE + ".txt.gz" and src.fingerprint == "a22e32e1af82f4d2"
+    assert src.files == 130 and len(src.data) == 1_198_456
     assert b"def haystack_prompt(" in src.data and b"class THLModel" in src.data
     assert b"pass key" not in src.data.lower()               # FILLERS' own lines are left out
     assert src.data.endswith(b"\n") and src.line_ends[-1] == len(src.data)
     assert SOURCE.describe()["kind"] == "source" and SOURCE.describe()["fingerprint"] == src.fingerprint
+
+
+def test_the_live_package_sources_freeze_and_load_back_and_damage_is_refused(tmp_path):
+    live = load_source(PACKAGE_DIR)
+    assert live.folder == PACKAGE_DIR and live.files > 100 and b"pass key" not in live.data.lower()
+    freeze_source(live, str(tmp_path / "h"))
+    back = load_frozen_source(str(tmp_path / "h"))
+    assert back.data == live.data and back.files == live.files and back.fingerprint == live.fingerprint
+    assert np.array_equal(back.line_ends, live.line_ends)
+    first = (tmp_path / "h.txt.gz").read_bytes()
+    freeze_source(live, str(tmp_path / "h"))
+    assert (tmp_path / "h.txt.gz").read_bytes() == first                       # reproducible: no timestamp
+    freeze_source(back, str(tmp_path / "g"))
+    (tmp_path / "g.json").write_text((tmp_path / "g.json").read_text().replace(back.fingerprint, "0" * 16))
+    with pytest.raises(InputError, match="damaged"):
+        load_frozen_source(str(tmp_path / "g"))
+    with pytest.raises(InputError, match="cannot be read"):
+        load_frozen_source(str(tmp_path / "missing"))
 
 
 def test_a_haystack_dir_is_read_in_sorted_order_and_validated(tmp_path):
@@ -201,7 +222,7 @@ def test_eval_cli_source_haystack_and_its_errors(tiny, tmp_path, capsys):
                  "--json"]) == 0
     res = json.loads(capsys.readouterr().out)["passkey"]
     assert res["filler"] == "source" and res["depth"] == [0.1, 0.9]             # the defaults
-    assert res["haystack"]["dir"] == PACKAGE_SOURCES
+    assert res["haystack"]["dir"] == FROZEN_SOURCE + ".txt.gz"
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "m.py").write_text("def f(x):\n    return x\n" * 50)
     assert main(["eval", "--model", str(tmp_path / "m"), "--passkey", "--lengths", "256", "--trials", "1",

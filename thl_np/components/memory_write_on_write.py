@@ -23,6 +23,7 @@ Backward (t and last_write are the step's and the state's before the write): d m
 from __future__ import annotations
 
 from .primitives import array_module
+from .writer import write_bookkeeping
 
 NAME = "decay_on_write"
 
@@ -44,12 +45,7 @@ def decay_on_write_forward(memory, write_ema, last_write, targets, g, w, t, *, d
     new_memory = memory.copy()
     new_memory[rows, targets] = (factor[..., None] * memory[rows, targets]
                                  + (write_rate * g)[:, None, None] * w[:, None, :])
-    is_target = xp.zeros(write_ema.shape, dtype=write_ema.dtype)
-    is_target[rows, targets] = 1.0
-    new_write_ema = ema_decay * write_ema + (1.0 - ema_decay) * is_target
-    new_last_write = last_write.copy()
-    new_last_write[rows, targets] = t
-    return new_memory, new_write_ema, new_last_write
+    return (new_memory, *write_bookkeeping(write_ema, last_write, targets, t, ema_decay=ema_decay))
 
 
 def decay_on_write_backward(d_new_memory, targets, g, w, *, decay, write_rate, last_write, t):

@@ -137,12 +137,20 @@ def memory_write_forward(memory, write_ema, last_write, targets, g, w, t, *, dec
     rows = xp.arange(memory.shape[0])[:, None]
     new_memory = memory * decay
     new_memory[rows, targets] += (write_rate * g)[:, None, None] * w[:, None, :]
+    return (new_memory, *write_bookkeeping(write_ema, last_write, targets, t, ema_decay=ema_decay))
+
+
+def write_bookkeeping(write_ema, last_write, targets, t, *, ema_decay):
+    """§4.7's bookkeeping of a write, whatever the memory does: write_ema ← ρ_w·write_ema + (1 − ρ_w)·[j is a
+    target], last_write_j ← t for every target → (write_ema, last_write), new arrays."""
+    xp = array_module(write_ema)
+    rows = xp.arange(write_ema.shape[0])[:, None]
     is_target = xp.zeros(write_ema.shape, dtype=write_ema.dtype)
     is_target[rows, targets] = 1.0
     new_write_ema = ema_decay * write_ema + (1.0 - ema_decay) * is_target
     new_last_write = last_write.copy()
     new_last_write[rows, targets] = t
-    return new_memory, new_write_ema, new_last_write
+    return new_write_ema, new_last_write
 
 
 def memory_write_backward(d_new_memory, targets, g, w, *, decay, write_rate, last_write=None, t=None):

@@ -165,7 +165,7 @@ def passkey_eval(model, lengths=DEFAULT_LENGTHS, trials: int = 10, depth=0.5, se
     """Passkey retrieval accuracy at each context length (module docstring).
 
     The haystack (``thl_np.training.haystack``): ``filler`` "python" or "prose" (filler lines) or "source" (real
-    Python source: thl-np's own sources, or the ``.py`` files of ``haystack_dir``); ``depth`` a fraction or
+    Python source: thl-np's own sources, frozen, or the ``.py`` files of ``haystack_dir``); ``depth`` a fraction or
     a range ``(lo, hi)`` / ``"lo:hi"`` drawn uniformly per trial. Each row records every trial's key offset
     and depth (``key_depths``: the fraction of the haystack text before the key line).
     For each length, ``trials`` prompts (keys, haystack, depths: ``np.random.default_rng([seed, length])``,

@@ -9,7 +9,8 @@ step's choices with ``thl_np.eval.diagnostics.MemoryObserver``:
   the steps that read a digit of the key are marked;
 - **afterwards**, per key slot until the end of the prompt: refines (another write into it by the refine
   branch), evictions (a novel write chose it: λ_s·staleness + λ_u·underuse), fills, reads (the router picked
-  it), its norm against the decay alone (γ^steps), and the **key's share** of the row at the end: the norm
+  it), its norm against the decay alone (γ^steps under the spec; under another memory write, such as
+  ``decay_on_write``, what that variant's decay did to the row), and the **key's share** of the row at the end: the norm
   of what the key line's writes added to it (each write's η·g·w, measured as the row's change over the step
   less the decay, then decayed to the end) over the row's norm (1: the row is the key line's writes; near
   0: drowned by the rest), with the same share for the writes made at the key's digits;
@@ -27,6 +28,7 @@ import math
 import numpy as np
 
 from ..components.primitives import top_k_desc
+from ..components.registry import components_for
 from ..memory_steps import BRANCHES, MemoryObserver
 from ..step import read_scores
 from ..training.haystack import Haystack, depth_label, haystack_prompt, parse_depth
@@ -83,6 +85,19 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth=0.5, filler: s
             "correct": answer == trial["key"], **tr}
 
 
+def decay_rows(model, rows, last_write, targets, t: int):
+    """``rows`` [J, n] (any columns per slot) after step ``t``'s decay, as the model's memory write (its
+    config's variant: ``memory_write`` of ``components``) decays the memory when ``targets`` are written and
+    the state's ``last_write`` [J] is as given: that variant's forward with nothing written (g = 0). The spec
+    multiplies every row by γ; ``decay_on_write`` only the targets, by γ^(t − last_write)."""
+    c = model.config
+    out, _, _ = components_for(c).memory_write.forward(
+        rows[None], np.zeros((1, rows.shape[0])), np.asarray(last_write)[None], np.asarray(targets)[None],
+        np.zeros(1, rows.dtype), np.zeros((1, rows.shape[1]), rows.dtype), t, decay=c.memory_decay,
+        write_rate=c.write_rate, ema_decay=c.write_ema_decay)
+    return out[0]
+
+
 def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_bytes: int, path: str = "auto") -> dict:
     """The memory's handling of one prompt (``ids``, one sequence): the writes made while reading steps
     ``k0``..``k1 - 1`` (the key line; ``digit_steps`` marks the key's own bytes), those slots' fate until
@@ -93,13 +108,18 @@ def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_byte
     obs = MemoryObserver(dec)
     digit_steps = set(digit_steps)
     written, slots, question = [], {}, []
-    gamma = float(c.memory_decay)
-    key_rows = np.zeros((c.memory_slots, c.memory_dim))     # the key line's writes, decayed to the current step
-    digit_rows = np.zeros((c.memory_slots, c.memory_dim))   # those made at the key's digits
+    J, d_m = c.memory_slots, c.memory_dim
+    # Columns: the key line's writes, those made at the key's digits (each decayed to the current step), and
+    # each slot's decay alone since the key line's end (1 until then).
+    followed = np.zeros((J, 2 * d_m + 1))
+    followed[:, -1] = 1.0
+    last_write = None                                        # the state's last_write before the step, from k0 on
     snapshot = None
     S = None
     for t, tok in enumerate(ids):
         before = dec.state() if (t >= q0 or k0 <= t < k1) else None
+        if t == k0:
+            last_write = np.asarray(before.last_write[0]).copy()
         ranks, scores = _query_ranks(model, before, int(tok)) if t >= q0 else (None, None)
         S, st = obs.step(np.array([tok]))
         branch = BRANCHES[int(st.branch[0, 0])]
@@ -107,10 +127,13 @@ def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_byte
         g = float(st.g[0, 0])
         idx = st.idx[0, 0]                                   # [H, κ]
         if t >= k0:
-            key_rows *= gamma
-            digit_rows *= gamma
+            followed = decay_rows(model, followed, last_write, targets, t)
+            if t < k1:
+                followed[:, -1] = 1.0
         if k0 <= t < k1:
-            added = np.asarray(dec.state().memory[0], np.float64) - gamma * np.asarray(before.memory[0], np.float64)
+            decayed = decay_rows(model, np.asarray(before.memory[0], np.float64), last_write, targets, t)
+            added = np.asarray(dec.state().memory[0], np.float64) - decayed
+            key_rows, digit_rows = followed[:, :d_m], followed[:, d_m:2 * d_m]
             key_rows[targets] += added[targets]
             if t in digit_steps:
                 digit_rows[targets] += added[targets]
@@ -135,6 +158,8 @@ def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_byte
                     if int(j) in slots:
                         slots[int(j)]["reads"].append({"step": t, "head": h, "rank": r,
                                                        "alpha": float(st.alpha[0, 0, h, r])})
+        if t >= k0:
+            last_write[targets] = t
         if ranks is not None:
             picked = {int(j) for j in idx.reshape(-1)}
             norms = np.sqrt((np.asarray(before.memory[0], np.float64) ** 2).sum(axis=1))
@@ -149,14 +174,14 @@ def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_byte
                              "picked_digit_slots": sorted(j for j in slots
                                                           if j in picked and slots[j]["digit_writes"])})
     final = dec.state()
-    end = len(ids) - 1
     mem = np.asarray(final.memory[0], dtype=np.float64)
+    key_rows, digit_rows, decay_alone = followed[:, :d_m], followed[:, d_m:2 * d_m], followed[:, -1]
     for j, s in slots.items():
         then, now = snapshot[j], mem[j]
         n_then, n_now = float(np.linalg.norm(then)), float(np.linalg.norm(now))
         s["norm_after_key_line"] = n_then
         s["norm_at_end"] = n_now
-        s["decay_alone"] = float(c.memory_decay) ** (end - (k1 - 1))
+        s["decay_alone"] = float(decay_alone[j])
         s["cosine_with_key_content"] = float(then @ now / (n_then * n_now)) if n_then > 0 and n_now > 0 else 0.0
         s["key_share_at_end"] = float(np.linalg.norm(key_rows[j]) / n_now) if n_now > 0 else 0.0
         s["digit_share_at_end"] = float(np.linalg.norm(digit_rows[j]) / n_now) if n_now > 0 else 0.0

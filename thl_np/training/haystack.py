@@ -4,12 +4,15 @@ Three kinds (``HAYSTACKS``):
 
 - ``python`` and ``prose``: filler lines (``FILLERS``) drawn uniformly at random, a few repeating sentences;
 - ``source``: real Python source, a contiguous span of a corpus of ``.py`` files. By default the corpus is
-  thl-np's own package sources (``thl_np/**/*.py``), present on every install and never trained on by the
-  shipped model (its card: CPython's standard library); ``haystack_dir`` names any other folder. The files
-  are read in sorted walk order (``thl_np.training.data.list_text_files``: folders recursively, hidden and
-  binary files skipped), each ending with a newline, as bytes. Lines that mention "pass key" are left out,
-  so that a prompt holds one key line and one question, however the span falls (thl-np's own sources
-  spell the key line and the question out).
+  a frozen copy of thl-np's own package sources (``thl_np/**/*.py`` at commit 5bec839, 130 files,
+  fingerprint ``a22e32e1af82f4d2``; ``FROZEN_SOURCE``), shipped with every install and never trained on by
+  the shipped model (its card: CPython's standard library). It is frozen so that editing thl-np's code
+  does not change the haystack, and with it every published passkey and recall figure. ``haystack_dir``
+  names any other folder (``PACKAGE_DIR`` reads today's sources). The files are read in sorted walk order
+  (``thl_np.training.data.list_text_files``: folders recursively, hidden and binary files skipped), each
+  ending with a newline, as bytes. Lines that mention "pass key" are left out, so that a prompt holds one
+  key line and one question, however the span falls (thl-np's own sources spell the key line and the
+  question out). ``freeze_source`` writes such a corpus in the frozen form.
 
 A prompt (``haystack_prompt``) is exactly ``length`` bytes: haystack text, the key line inserted at one of
 its line boundaries, and the question at the end, where the key's digits should follow. The haystack text
@@ -72,8 +75,11 @@ FILLERS = {
 HAYSTACKS = ("python", "prose", "source")
 #: Digits of a pass key.
 KEY_DIGITS = 5
-#: The default corpus of the ``source`` haystack: the folder of this package.
-PACKAGE_SOURCES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # thl_np/
+#: The folder of this package (thl_np/): its live sources, a corpus for ``haystack_dir``.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The default corpus of the ``source`` haystack: thl-np's sources frozen (module docstring), as the gzipped
+#: corpus bytes beside a JSON record of their file count, size and fingerprint.
+FROZEN_SOURCE = os.path.join(PACKAGE_DIR, "assets", "haystack", "thl_np_sources")
 #: How often a span holding the key's digits is drawn again before giving up.
 _REDRAWS = 100
 _NEWLINE = ord("\n")
@@ -136,10 +142,13 @@ class SourceCorpus:
 
 
 def load_source(folder: str | os.PathLike | None = None) -> SourceCorpus:
-    """The ``.py`` files of ``folder`` (default: thl-np's own sources) as one corpus (module docstring)."""
+    """The ``.py`` files of ``folder`` as one corpus; by default the frozen copy of thl-np's own sources
+    (module docstring)."""
     from .data import list_text_files
 
-    where = PACKAGE_SOURCES if folder is None else os.fspath(folder)
+    if folder is None:
+        return load_frozen_source(FROZEN_SOURCE)
+    where = os.fspath(folder)
     if not os.path.isdir(where):
         raise InputError(f"haystack folder {where!r} is not a folder: give a folder of .py files")
     files = list_text_files(where, include=["*.py"])
@@ -154,9 +163,49 @@ def load_source(folder: str | os.PathLike | None = None) -> SourceCorpus:
     if not data:
         raise InputError(f"haystack folder {where!r} holds no .py source (hidden and binary files are skipped): "
                          "give a folder of .py files")
+    return _corpus(data, folder=where, files=len(files))
+
+
+def _corpus(data: bytes, folder: str, files: int) -> SourceCorpus:
     ends = np.flatnonzero(np.frombuffer(data, np.uint8) == _NEWLINE) + 1
-    return SourceCorpus(data=data, line_ends=ends, folder=where, files=len(files),
+    return SourceCorpus(data=data, line_ends=ends, folder=folder, files=files,
                         fingerprint=hashlib.sha256(data).hexdigest()[:16])
+
+
+def freeze_source(corpus: SourceCorpus, path: str) -> None:
+    """Write ``corpus`` as ``path.txt.gz`` (its bytes, gzipped with no timestamp, so the file is
+    reproducible) and ``path.json`` (files, bytes, fingerprint), the form ``load_frozen_source`` reads."""
+    import gzip
+    import json
+
+    with open(path + ".txt.gz", "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0,
+                                                            compresslevel=9) as f:
+        f.write(corpus.data)
+    with open(path + ".json", "w") as f:
+        json.dump({"files": corpus.files, "bytes": len(corpus.data), "fingerprint": corpus.fingerprint}, f,
+                  indent=1)
+
+
+def load_frozen_source(path: str) -> SourceCorpus:
+    """The corpus ``freeze_source`` wrote at ``path``; InputError when its bytes do not match its record (a
+    damaged install would otherwise give other figures than the published ones, silently)."""
+    import gzip
+    import json
+
+    try:
+        with open(path + ".json") as f:
+            record = json.load(f)
+        with gzip.open(path + ".txt.gz", "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as e:
+        raise InputError(f"the frozen haystack {path}.txt.gz / .json cannot be read ({e}); reinstall thl-np, or "
+                         "give a folder of .py files as the haystack") from e
+    corpus = _corpus(data, folder=path + ".txt.gz", files=int(record["files"]))
+    if corpus.fingerprint != record["fingerprint"] or len(data) != record["bytes"]:
+        raise InputError(f"the frozen haystack {path}.txt.gz is damaged: fingerprint {corpus.fingerprint}, "
+                         f"{len(data):,} bytes; its record says {record['fingerprint']}, {record['bytes']:,} bytes. "
+                         "Reinstall thl-np")
+    return corpus
 
 
 class Haystack:

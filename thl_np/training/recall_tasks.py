@@ -351,12 +351,19 @@ def _states_label(ctx: Context, line: str) -> bool:
     return line.startswith(head)
 
 
-def kv_task(rng: np.random.Generator, room: int) -> tuple[list[bytes], bytes, bytes] | None:
-    """(statement lines in order, question, answer = value and stop byte) of a training context from the
-    train half, its statements, question and answer within ``room`` bytes (``fit_context``); None when
-    ``room`` is too small. ``WindowBatches`` (``thl_np.training.synthetic_tasks``, task ``kv``) puts the lines
-    at sorted depths of its filler, then the question and the answer."""
-    ctx = fit_context(draw_context(rng, Spec()), room)
+#: The training tasks' specs: ``kv`` the whole task, ``kv1`` its easiest part (one pair, no update, no
+#: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage.
+KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0)}
+
+
+def kv_task(rng: np.random.Generator, room: int, spec: Spec = KV_TASKS["kv"]) -> tuple[list[bytes], bytes, bytes] | None:
+    """(statement lines in order, question, answer = value and stop byte) of a training context of ``spec``
+    (the train half), its statements, question and answer within ``room`` bytes (``fit_context``); None when
+    ``room`` is too small. ``WindowBatches`` (``thl_np.training.synthetic_tasks``, tasks ``kv`` and ``kv1``)
+    puts the lines at sorted depths of its filler, then the question and the answer."""
+    if spec.templates != "train" or spec.labels != "train" or spec.formats != "train":
+        raise InputError("a training context comes from the train half only: the held half is for evaluation")
+    ctx = fit_context(draw_context(rng, spec), room)
     if ctx is None:
         return None
     return [s.encode() for s in ctx.statements], ctx.question.encode(), ctx.answer.encode()

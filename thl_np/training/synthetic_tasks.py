@@ -15,7 +15,8 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
 - ``kv`` (key-value recall, ``thl_np.training.recall_tasks``): 1-8 labels stated with values by one of many
   templates, updates (the latest value is the answer) and look-alike distractors, all from the training
   half of the templates, labels and value formats; the statements keep their order (sorted depths) and the
-  answer is the value and the template's stop byte.
+  answer is the value and the template's stop byte; ``kv1``: the same with one pair, no update and no
+  distractor (evaluation cell ``trained``), a curriculum's first stage.
 
 Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
 haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
@@ -41,7 +42,7 @@ import numpy as np
 from ..errors import InputError
 from .data import Batch, as_byte_array
 
-TASKS = ("passkey", "recall", "copy", "kv")
+TASKS = ("passkey", "recall", "copy", "kv", "kv1")
 #: What a run mixes in when it names no tasks (``TrainConfig.tasks`` too): the tasks before ``kv``.
 DEFAULT_TASKS = ("passkey", "recall", "copy")
 FILLER_SOURCES = ("corpus", "python", "prose", "mixed")
@@ -237,10 +238,10 @@ class WindowBatches:
             return self._corpus(n), 0
         task = self.tasks[int(self.rng.integers(0, len(self.tasks)))]
         style = self.filler if self.filler != "mixed" else FILLER_SOURCES[int(self.rng.integers(0, 3))]
-        if task == "kv":
-            from .recall_tasks import kv_task
+        if task in ("kv", "kv1"):
+            from .recall_tasks import KV_TASKS, kv_task
 
-            made = kv_task(self.rng, n)
+            made = kv_task(self.rng, n, KV_TASKS[task])
             if made is None:   # the window cannot hold the task at all: corpus text instead
                 return self._corpus(n), 0
             lines, question, answer = made
