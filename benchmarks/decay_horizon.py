@@ -17,7 +17,6 @@ runs on the plain path.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sysconfig
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from thl_np import THLModel
 from thl_np.components.output import log_softmax
+from thl_np.config import parse_overrides
 from thl_np.errors import InputError
 from thl_np.io.folder import resolve_model_dir
 from thl_np.training.data import load_bytes, split_bytes
@@ -78,15 +78,7 @@ def main(argv=None) -> None:
     if any(not 0.0 < g <= 1.0 for g in gammas):
         raise InputError(f"--gammas {args.gammas!r}: each decay must be in (0, 1]")
     base = THLModel.from_pretrained(resolve_model_dir(args.model))
-    sets = {}
-    for item in args.overrides:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise InputError(f"--set {item!r} is not FIELD=VALUE")
-        try:
-            sets[name.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            sets[name.strip()] = text
+    sets = parse_overrides(args.overrides)
     data = held_out_stdlib() if args.data is None else load_bytes(args.data)
     ids = np.asarray(data[:args.bytes], np.int64)
     print(f"stream: {len(ids):,} bytes, state carried; per block of {args.block:,} bytes: bits/byte "

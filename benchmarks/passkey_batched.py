@@ -20,6 +20,7 @@ import numpy as np
 from thl_np import THLModel
 from thl_np.components.output import log_softmax
 from thl_np.components.registry import has_fast_path
+from thl_np.config import parse_overrides
 from thl_np.errors import InputError
 from thl_np.eval.long_context import KEY_DIGITS, _check_lengths
 from thl_np.io.folder import resolve_model_dir
@@ -27,20 +28,6 @@ from thl_np.tokenizer import Tokenizer
 from thl_np.training.haystack import Haystack, haystack_prompt, parse_depth
 
 ZERO = ord("0")
-
-
-def parse_sets(items) -> dict:
-    """FIELD=VALUE items → {field: value}, VALUE read as JSON or kept as a string (thl-np's --set)."""
-    out = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise InputError(f"--set {item!r} is not FIELD=VALUE")
-        try:
-            out[name.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            out[name.strip()] = text
-    return out
 
 
 def trial_prompts(length: int, trials: int, seed: int, depth, hay: Haystack):
@@ -119,7 +106,7 @@ def main(argv=None) -> None:
         raise InputError("--trials must be at least 1")
     lengths = _check_lengths([int(x) for x in args.lengths.split(",") if x])
     base = THLModel.from_pretrained(resolve_model_dir(args.model))
-    config = base.config.replace(**parse_sets(args.overrides)) if args.overrides else base.config
+    config = base.config.replace(**parse_overrides(args.overrides)) if args.overrides else base.config
     model = THLModel(config, params=base.params)
     print(f"passkey, {args.trials} trials per length, seed {args.seed}, batched on the "
           f"{'fast' if has_fast_path(config) else 'plain'} path; components {config.components or 'spec'}, "

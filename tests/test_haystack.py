@@ -12,8 +12,17 @@ from thl_np.cli import main
 from thl_np.errors import InputError
 from thl_np.eval.long_context import passkey_eval
 from thl_np.eval.trace import passkey_trace, passkey_trial
-from thl_np.training.haystack import (FILLERS, FROZEN_SOURCE, PACKAGE_DIR, Haystack, freeze_source, haystack_prompt,
-                                      load_frozen_source, load_source, parse_depth)
+from thl_np.training.haystack import (
+    FILLERS,
+    FROZEN_SOURCE,
+    PACKAGE_DIR,
+    Haystack,
+    freeze_source,
+    haystack_prompt,
+    load_frozen_source,
+    load_source,
+    parse_depth,
+)
 
 PY = FILLERS["python"]
 SOURCE = Haystack("source")   # thl-np's own sources, frozen, read once

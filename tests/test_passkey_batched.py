@@ -9,6 +9,8 @@ import pytest
 from helpers import tiny_config
 
 from thl_np import THLModel
+from thl_np.config import parse_overrides
+from thl_np.errors import ConfigError
 from thl_np.eval.long_context import passkey_eval
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "passkey_batched.py"
@@ -34,8 +36,9 @@ def test_batched_rows_equal_passkey_eval(batched, components):
     assert [s["answer"] for s in want["samples"]] == have["answers"][:len(want["samples"])]
 
 
-def test_overrides_are_json_or_strings(batched):
-    assert batched.parse_sets(['components={"memory_write": "decay_on_write"}', "memory_decay=1", "x=abc"]) == {
+def test_overrides_are_json_or_strings():
+    assert parse_overrides(['components={"memory_write": "decay_on_write"}', "memory_decay=1", "x=abc"]) == {
         "components": {"memory_write": "decay_on_write"}, "memory_decay": 1, "x": "abc"}
-    with pytest.raises(Exception, match="FIELD=VALUE"):
-        batched.parse_sets(["memory_decay"])
+    for bad in (["memory_decay"], ["=1"]):
+        with pytest.raises(ConfigError, match="FIELD=VALUE"):
+            parse_overrides(bad)

@@ -280,3 +280,19 @@ def _plain(v):
     if hasattr(v, "item"):
         return v.item()
     return v
+
+
+def parse_overrides(items) -> dict:
+    """Config overrides FIELD=VALUE (thl-np's ``--set``, repeatable) → {field: value}; VALUE is read as JSON
+    (1.0, null, [1, 8], {"router": "unit_keys"}) or kept as a string. ConfigError for an item without "=".
+    The fields themselves are checked where the config is built (``THLConfig.replace``)."""
+    out = {}
+    for item in items or ():
+        name, sep, text = str(item).partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set {item!r} is not FIELD=VALUE (e.g. memory_decay=1.0)")
+        try:
+            out[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[name.strip()] = text
+    return out

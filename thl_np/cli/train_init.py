@@ -2,8 +2,6 @@
 config fields changed (the weights of THL do not depend on J, so even ``memory_slots`` may change)."""
 from __future__ import annotations
 
-import json
-
 import click
 
 NEW_RUN_DIM = 128
@@ -11,18 +9,15 @@ NEW_RUN_SLOTS = 64
 
 
 def parse_sets(values) -> dict:
-    """--set FIELD=VALUE (repeatable) → {field: value}; VALUE is read as JSON (1.0, null, [1, 8]) or kept as
-    a string."""
-    out = {}
-    for item in values or ():
-        name, sep, text = item.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"{item!r} is not FIELD=VALUE (e.g. memory_decay=1.0)", param_hint="--set")
-        try:
-            out[name.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            out[name.strip()] = text
-    return out
+    """--set FIELD=VALUE (repeatable) → {field: value} (``thl_np.config.parse_overrides``), a usage error
+    for an item that is not FIELD=VALUE."""
+    from ..config import parse_overrides
+    from ..errors import ConfigError
+
+    try:
+        return parse_overrides(values)
+    except ConfigError as e:
+        raise click.BadParameter(str(e).removeprefix("--set "), param_hint="--set") from e
 
 
 def start_model(init, config_file, dim, memory_slots, write_rate, dtype, sets):

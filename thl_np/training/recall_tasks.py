@@ -356,7 +356,8 @@ def _states_label(ctx: Context, line: str) -> bool:
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0)}
 
 
-def kv_task(rng: np.random.Generator, room: int, spec: Spec = KV_TASKS["kv"]) -> tuple[list[bytes], bytes, bytes] | None:
+def kv_task(rng: np.random.Generator, room: int,
+            spec: Spec = KV_TASKS["kv"]) -> tuple[list[bytes], bytes, bytes] | None:
     """(statement lines in order, question, answer = value and stop byte) of a training context of ``spec``
     (the train half), its statements, question and answer within ``room`` bytes (``fit_context``); None when
     ``room`` is too small. ``WindowBatches`` (``thl_np.training.synthetic_tasks``, tasks ``kv`` and ``kv1``)
