@@ -162,12 +162,12 @@ def test_kv_rows_end_with_value_and_stop_weighted_and_resume_bit_for_bit():
 def test_kv1_rows_state_one_label_once_and_ask_it():
     wb = WindowBatches(CORPUS, 8, 400, task_mix=1.0, tasks=("kv1",), answer_weight=4.0, seed=3)
     batch = wb.next_batch()
+    corpus_lines = set(CORPUS.decode().split("\n"))
     for b in range(8):
         row = bytes(np.r_[batch.inputs[b], batch.targets[b, -1]].astype(np.uint8)).decode()
         n_ans = int((batch.weights[b] == 4.0).sum())
         value, rest = row[-n_ans:-1], row[:-n_ans]
         assert rest.count(value) == 1                                  # stated once: no update
-        corpus_lines = set(CORPUS.decode().split("\n"))
         added = [ln for ln in rest.split("\n")[1:] if ln not in corpus_lines]   # the first may be cut
         assert len(added) == 2, added                                  # one statement and the question
     with pytest.raises(InputError, match="train half"):

@@ -85,13 +85,14 @@ def passkey_trace(model, length: int = 1024, seed: int = 0, depth=0.5, filler: s
             "correct": answer == trial["key"], **tr}
 
 
-def decay_rows(model, rows, last_write, targets, t: int):
+def decay_rows(model, memory_write, rows, last_write, targets, t: int):
     """``rows`` [J, n] (any columns per slot) after step ``t``'s decay, as the model's memory write (its
     config's variant: ``memory_write`` of ``components``) decays the memory when ``targets`` are written and
-    the state's ``last_write`` [J] is as given: that variant's forward with nothing written (g = 0). The spec
-    multiplies every row by γ; ``decay_on_write`` only the targets, by γ^(t − last_write)."""
+    the state's ``last_write`` [J] is as given: that variant's forward (``memory_write``, the variant
+    ``components_for`` chose) with nothing written (g = 0). The spec multiplies every row by γ;
+    ``decay_on_write`` only the targets, by γ^(t − last_write)."""
     c = model.config
-    out, _, _ = components_for(c).memory_write.forward(
+    out, _, _ = memory_write.forward(
         rows[None], np.zeros((1, rows.shape[0])), np.asarray(last_write)[None], np.asarray(targets)[None],
         np.zeros(1, rows.dtype), np.zeros((1, rows.shape[1]), rows.dtype), t, decay=c.memory_decay,
         write_rate=c.write_rate, ema_decay=c.write_ema_decay)
@@ -109,6 +110,7 @@ def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_byte
     digit_steps = set(digit_steps)
     written, slots, question = [], {}, []
     J, d_m = c.memory_slots, c.memory_dim
+    memory_write = components_for(c).memory_write            # resolved once: decay_rows runs every step
     # Columns: the key line's writes, those made at the key's digits (each decayed to the current step), and
     # each slot's decay alone since the key line's end (1 until then).
     followed = np.zeros((J, 2 * d_m + 1))
@@ -127,11 +129,11 @@ def trace_prompt(model, ids, k0: int, k1: int, q0: int, digit_steps, answer_byte
         g = float(st.g[0, 0])
         idx = st.idx[0, 0]                                   # [H, κ]
         if t >= k0:
-            followed = decay_rows(model, followed, last_write, targets, t)
+            followed = decay_rows(model, memory_write, followed, last_write, targets, t)
             if t < k1:
                 followed[:, -1] = 1.0
         if k0 <= t < k1:
-            decayed = decay_rows(model, np.asarray(before.memory[0], np.float64), last_write, targets, t)
+            decayed = decay_rows(model, memory_write, np.asarray(before.memory[0], np.float64), last_write, targets, t)
             added = np.asarray(dec.state().memory[0], np.float64) - decayed
             key_rows, digit_rows = followed[:, :d_m], followed[:, d_m:2 * d_m]
             key_rows[targets] += added[targets]
