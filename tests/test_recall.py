@@ -94,6 +94,7 @@ def test_a_context_draws_from_one_half_only_and_asks_the_latest_value(seed, held
     assert mine[-1] == ctx.answer_index
     # the answer is in the text once: no other statement holds the value
     assert sum(ctx.value in s for s in ctx.statements) == 1
+    assert ("".join(ctx.statements) + ctx.question).count(ctx.value) == 1   # not inside a template's words
 
 
 @settings(max_examples=examples(80), deadline=None)

@@ -293,12 +293,16 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
             labels.append(lab)
             distractors -= 1
     used: set[str] = set()
+    # The labels, each one's statement with the value left out ("\0": no value holds it) and its question:
+    # a value found in one (inside "remember", say) would be in the text more than once.
+    fixed_text = labels + [tpl.state(lab, "\0") for lab in labels] + [tpl.ask(lab) for lab in labels]
 
     def fresh_value() -> str:
         while True:
             v = make_value(rng, fmt, spec.value_length)
-            # distinct values, none inside another or inside a label: the answer is never in the text twice
-            if all(v not in u and u not in v for u in used) and all(v not in lab for lab in labels):
+            # distinct values, none inside another, a label or a template's own words: the answer is never
+            # in the text twice
+            if all(v not in u and u not in v for u in used) and all(v not in t for t in fixed_text):
                 used.add(v)
                 return v
 
