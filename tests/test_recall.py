@@ -26,8 +26,10 @@ from thl_np.eval.recall import (
 from thl_np.io.folder import resolve_model_dir
 from thl_np.training.haystack import Haystack
 from thl_np.training.recall_tasks import (
+    KV_TASKS,
     MAX_VALUE,
     MIN_VALUE,
+    PROCEDURAL_QUOTES,
     SPLITS,
     TEMPLATES,
     VALUE_FORMATS,
@@ -38,12 +40,13 @@ from thl_np.training.recall_tasks import (
     kv_task,
     make_label,
     make_value,
+    procedural_template,
     split_words,
 )
 from thl_np.training.synthetic_tasks import WindowBatches
 
 CORPUS = ("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 300).encode()
-STOPS = {t.stop for split in SPLITS for t in TEMPLATES[split]}
+STOPS = {t.stop for split in SPLITS for t in TEMPLATES[split]} | {c.format()[0] for _, c in PROCEDURAL_QUOTES}
 ALL_FORMATS = VALUE_FORMATS["train"] + VALUE_FORMATS["held"]
 
 
@@ -173,6 +176,53 @@ def test_kv1_rows_state_one_label_once_and_ask_it():
         assert len(added) == 2, added                                  # one statement and the question
     with pytest.raises(InputError, match="train half"):
         kv_task(np.random.default_rng(0), 400, Spec(labels="held"))
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_procedural_templates_never_take_a_held_out_form(seed):
+    tpl = procedural_template(np.random.default_rng(seed))
+    held = TEMPLATES["held"]
+    assert tpl.statement not in {t.statement for t in held} and tpl.question not in {t.question for t in held}
+    for text in (tpl.statement, tpl.question):
+        for mark in ("<", "|", "export", "str", "Note that", "set to"):
+            assert mark not in text
+    line = tpl.state("red key", "v4lue")
+    assert line.endswith("\n") and line.count("\n") == 1
+    # the question is the statement from the label up to the value, under its own lead; the stop follows
+    lab = "red key" if "{L}" in tpl.statement else "red_key"
+    assert line.split("v4lue")[0].split(lab)[1] == tpl.ask("red key").split(lab)[1]
+    assert line.split("v4lue")[1][0] == tpl.stop and tpl.stop in STOPS
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_procedural_context_states_its_label_once_and_asks_it(seed):
+    ctx = draw_context(np.random.default_rng(seed), Spec(procedural=1.0, distractors=0, updates=0))
+    assert ctx.template == "procedural" and ctx.form is not None
+    assert ctx.statements[ctx.answer_index] == ctx.form.state(ctx.label, ctx.value)
+    assert ctx.question == ctx.form.ask(ctx.label) and ctx.stop == ctx.form.stop
+    assert ("".join(ctx.statements) + ctx.question).count(ctx.value) == 1
+    small = fit_context(ctx, len(ctx.statements[ctx.answer_index]) + len(ctx.question) + len(ctx.answer))
+    assert small is not None and small.statements == (ctx.statements[ctx.answer_index],)   # kept: its own
+
+
+def test_kv1p_mixes_procedural_and_fixed_templates_and_resumes_bit_for_bit():
+    rng = np.random.default_rng(0)
+    names = [draw_context(rng, KV_TASKS["kv1p"]).template for _ in range(400)]
+    assert 150 < names.count("procedural") < 250 and len(set(names)) == len(TEMPLATES["train"]) + 1
+    kw = dict(task_mix=1.0, tasks=("kv1p",), answer_weight=4.0, seed=4)
+    first = WindowBatches(CORPUS, 4, 400, **kw)
+    head = [first.next_batch() for _ in range(2)]
+    resumed = WindowBatches(CORPUS, 4, 400, position=first.position, **kw)
+    straight = WindowBatches(CORPUS, 4, 400, **kw)
+    for x, y in zip([straight.next_batch() for _ in range(4)], head + [resumed.next_batch() for _ in range(2)],
+                    strict=True):
+        assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.weights, y.weights)
+    with pytest.raises(InputError, match="train half"):
+        draw_context(rng, Spec(templates="held", procedural=0.5))
+    with pytest.raises(InputError, match="share"):
+        draw_context(rng, Spec(procedural=1.5))
 
 
 # ------------------------------------------------------------------------------------- the scorer

@@ -14,7 +14,10 @@ held-out cells draw from the other half:
 
 - **templates** (``TEMPLATES``): comment lines, assignments, dict and JSON entries, prose sentences, config
   and log lines; the held-out ones are other forms (annotated assignments, XML elements, exports, table
-  rows, ...), never seen in training;
+  rows, ...), never seen in training; a training context may instead take a **procedural** template
+  (``procedural_template``: a lead, the label, a separator and the value's quotes drawn from small sets of
+  parts, thousands of forms, none with a held-out form's syntax), so that what is learnt is the statement's
+  shape rather than nine phrasings;
 - **labels**: words, multi-word names, snake_case and camelCase identifiers, a word with a digit, all built
   from the word list ``WORDS``, whose every fourth word is held out (a held-out label is made of held-out
   words only, so no training label equals or contains it);
@@ -218,13 +221,40 @@ def templates(split: str) -> tuple[Template, ...]:
     return TEMPLATES[split]
 
 
+# The parts of a procedural template. None is a held-out form's distinctive syntax: no "<", "|", "export",
+# "str", "Note that" or "set to" (``test_procedural_templates_never_take_a_held_out_form``).
+PROCEDURAL_LEADS = ("", "# ", "// ", "-- ", "; ", "> ", "* ", "    ", "note: ", "@")
+PROCEDURAL_SEPARATORS = (": ", " = ", "=", " -> ", " => ", " := ", " is ", " was ", " : ", "\t", " == ",
+                         " equals ")
+#: (opening, closing) around the value; the closing's first byte is the stop.
+PROCEDURAL_QUOTES = (("", "\n"), ('"', '"'), ("'", "'"), ("[", "]"), ("(", ")"), ("`", "`"), ("{{", "}}"),
+                     ("", "."), ("", ";"), ("", ","))
+PROCEDURAL_ASKS = ("", "# ", "? ", "Q: ", "lookup: ", "recall ", ">>> ", "// ")
+
+
+def procedural_template(rng: np.random.Generator) -> Template:
+    """A statement form assembled from parts: ``LEAD LABEL SEP OPEN {V} CLOSE``, the label as written or as an
+    identifier; the question is ``ASK LABEL SEP OPEN`` (the same label form and separator, its own lead), and
+    the stop is the closing's first byte. Training half only (name ``procedural``)."""
+    def pick(parts):
+        return parts[int(rng.integers(0, len(parts)))]
+
+    lead, sep, (open_, close), ask = (pick(PROCEDURAL_LEADS), pick(PROCEDURAL_SEPARATORS),
+                                      pick(PROCEDURAL_QUOTES), pick(PROCEDURAL_ASKS))
+    label = "{L}" if rng.random() < 0.5 else "{I}"
+    end = close if close.endswith("\n") else close + "\n"
+    return Template("procedural", f"{lead}{label}{sep}{open_}{{V}}{end}", f"{ask}{label}{sep}{open_}",
+                    close.format()[0])
+
+
 # -------------------------------------------------------------------------------------------- contexts
 @dataclass(frozen=True)
 class Spec:
     """What one context is drawn from: each of templates, labels and value formats from the "train" or the
     "held" half; ``pairs`` (1-8 labels stated) or None (1-8 at random); ``updates``: how many times the asked
     label is restated with a new value (None: 0 or 1-2 at random); ``distractors`` (look-alike labels, None:
-    0-2 at random); ``value_formats`` narrows the formats, ``value_length`` fixes the length (3-12)."""
+    0-2 at random); ``value_formats`` narrows the formats, ``value_length`` fixes the length (3-12);
+    ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only)."""
 
     templates: str = "train"
     labels: str = "train"
@@ -234,6 +264,7 @@ class Spec:
     distractors: int | None = None
     value_formats: tuple[str, ...] | None = None
     value_length: int | None = None
+    procedural: float = 0.0
 
     def check(self) -> None:
         for what in ("templates", "labels", "formats"):
@@ -242,6 +273,10 @@ class Spec:
             raise InputError(f"pairs = {self.pairs}: use 1-{MAX_PAIRS}")
         if self.value_length is not None and not MIN_VALUE <= int(self.value_length) <= MAX_VALUE:
             raise InputError(f"value length {self.value_length}: use {MIN_VALUE}-{MAX_VALUE} characters")
+        if not 0.0 <= float(self.procedural) <= 1.0:
+            raise InputError(f"procedural = {self.procedural}: a share, in [0, 1]")
+        if self.procedural and self.templates != "train":
+            raise InputError("procedural templates are a training form: use them with the train half only")
 
 
 @dataclass(frozen=True)
@@ -257,6 +292,7 @@ class Context:
     template: str
     value_format: str
     answer_index: int = -1   # the statement holding the answer (the asked label's last)
+    form: Template | None = None   # the template itself (a procedural one has no table entry)
 
     @property
     def answer(self) -> str:
@@ -270,6 +306,8 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     spec.check()
     tpl_pool = templates(spec.templates)
     tpl = tpl_pool[int(rng.integers(0, len(tpl_pool)))]
+    if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
+        tpl = procedural_template(rng)
     formats = spec.value_formats or VALUE_FORMATS[spec.formats]
     fmt = formats[int(rng.integers(0, len(formats)))]
     pairs = int(rng.integers(1, MAX_PAIRS + 1)) if spec.pairs is None else int(spec.pairs)
@@ -320,7 +358,7 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
         else:
             lines.append(tpl.state(*others[s]))
     return Context(statements=tuple(lines), question=tpl.ask(asked), value=asked_values[-1], stop=tpl.stop,
-                   label=asked, template=tpl.name, value_format=fmt, answer_index=last)
+                   label=asked, template=tpl.name, value_format=fmt, answer_index=last, form=tpl)
 
 
 def context_bytes(ctx: Context) -> int:
@@ -345,19 +383,21 @@ def fit_context(ctx: Context, room: int) -> Context | None:
         return None
     return Context(statements=tuple(lines), question=ctx.question, value=ctx.value, stop=ctx.stop,
                    label=ctx.label, template=ctx.template, value_format=ctx.value_format,
-                   answer_index=answer_index)
+                   answer_index=answer_index, form=ctx.form)
 
 
 def _states_label(ctx: Context, line: str) -> bool:
     """Whether ``line`` is a statement of the asked label (one of its template's statements for it)."""
-    tpl = next(t for split in SPLITS for t in TEMPLATES[split] if t.name == ctx.template)
+    tpl = ctx.form or next(t for split in SPLITS for t in TEMPLATES[split] if t.name == ctx.template)
     head = tpl.statement.split("{V}")[0].format(L=ctx.label, I=as_identifier(ctx.label))
     return line.startswith(head)
 
 
 #: The training tasks' specs: ``kv`` the whole task, ``kv1`` its easiest part (one pair, no update, no
-#: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage.
-KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0)}
+#: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage; ``kvp`` and ``kv1p`` the
+#: same with half the contexts in procedural templates.
+KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
+            "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5)}
 
 
 def kv_task(rng: np.random.Generator, room: int,

@@ -16,7 +16,8 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
   templates, updates (the latest value is the answer) and look-alike distractors, all from the training
   half of the templates, labels and value formats; the statements keep their order (sorted depths) and the
   answer is the value and the template's stop byte; ``kv1``: the same with one pair, no update and no
-  distractor (evaluation cell ``trained``), a curriculum's first stage.
+  distractor (evaluation cell ``trained``), a curriculum's first stage; ``kvp`` and ``kv1p``: ``kv`` and
+  ``kv1`` with half the contexts in procedural templates (assembled from parts: thousands of statement forms).
 
 Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
 haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
@@ -42,7 +43,9 @@ import numpy as np
 from ..errors import InputError
 from .data import Batch, as_byte_array
 
-TASKS = ("passkey", "recall", "copy", "kv", "kv1")
+#: The key-value tasks (``thl_np.training.recall_tasks.KV_TASKS``).
+KV_TASK_NAMES = ("kv", "kv1", "kvp", "kv1p")
+TASKS = ("passkey", "recall", "copy") + KV_TASK_NAMES
 #: What a run mixes in when it names no tasks (``TrainConfig.tasks`` too): the tasks before ``kv``.
 DEFAULT_TASKS = ("passkey", "recall", "copy")
 FILLER_SOURCES = ("corpus", "python", "prose", "mixed")
@@ -238,7 +241,7 @@ class WindowBatches:
             return self._corpus(n), 0
         task = self.tasks[int(self.rng.integers(0, len(self.tasks)))]
         style = self.filler if self.filler != "mixed" else FILLER_SOURCES[int(self.rng.integers(0, 3))]
-        if task in ("kv", "kv1"):
+        if task in KV_TASK_NAMES:
             from .recall_tasks import KV_TASKS, kv_task
 
             made = kv_task(self.rng, n, KV_TASKS[task])
