@@ -258,6 +258,18 @@ def test_cells_parse_and_lengths():
         assert name in CELLS
 
 
+def test_the_in_distribution_pairs_and_update_cells_draw_from_the_training_half():
+    hay = Haystack("source")
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        ctx, _trial = draw_trial(rng, CELLS["trained-pairs-4"], 1200, hay)
+        assert ctx.template in {t.name for t in TEMPLATES["train"]} and ctx.value_format in VALUE_FORMATS["train"]
+        assert len(ctx.statements) == 4 and set(_words_of(ctx.label)) <= set(split_words("train"))
+        ctx, _trial = draw_trial(rng, CELLS["trained-update"], 1200, hay)
+        assert ctx.template in {t.name for t in TEMPLATES["train"]} and len(ctx.statements) == 2
+        assert ctx.answer_index == 1                                   # one label: the restatement is last
+
+
 def test_a_trial_prompt_is_seeded_exact_length_and_holds_the_answer_once():
     hay = Haystack("source")
     one = draw_trial(np.random.default_rng([1, 2]), CELLS["update"], 2000, hay)

@@ -60,6 +60,11 @@ CELLS = {
     "held-labels": Cell(Spec(labels="held", **_ONE), about="one pair; held-out labels only"),
     "held-formats": Cell(Spec(formats="held", **_ONE), about="one pair; held-out value formats only"),
     "held": Cell(Spec(**_HELD, **_ONE), about="one pair; templates, labels and value formats all held out"),
+    # In distribution: whether several pairs and updates are learnt, apart from the held-out forms.
+    "trained-pairs-4": Cell(Spec(pairs=4, updates=0, distractors=0),
+                            about="the training half; 4 labels stated, one asked"),
+    "trained-update": Cell(Spec(pairs=1, updates=1, distractors=0),
+                           about="the training half; the label restated with a new value: the latest is the answer"),
     **{f"alphabet-{f}": Cell(Spec(**_HELD, **_ONE, value_formats=(f,)),
                              about=f"held-out templates and labels; {f} values")
        for f in ("digits", "letters", "word", "ident", "code", "hex", "kebab")},
