@@ -23,6 +23,7 @@ from thl_np.eval.recall import (
     score_answer,
     writer_off,
 )
+from thl_np.eval.trace import trace_lines
 from thl_np.io.folder import resolve_model_dir
 from thl_np.training.haystack import Haystack
 from thl_np.training.recall_tasks import (
@@ -312,6 +313,8 @@ def test_recall_trace_follows_the_answer_line(shipped):
     assert tr["cell"] == "held" and tr["length"] == 800 and len(tr["answer"]) == len(tr["key"]) + 1
     assert tr["written"] and all(tr["key_start"] <= w["step"] < tr["key_end"] for w in tr["written"])
     assert sum(w["digit"] for w in tr["written"]) == len(tr["key"])
+    # the write at the stop byte (what follows the value in its statement) has a line of its own
+    assert f"the byte after them: {tr['stop']!r}@" in "\n".join(trace_lines(tr))
 
 
 def test_cli_eval_recall_json_trace_and_bad_input(capsys):

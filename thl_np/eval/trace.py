@@ -6,7 +6,8 @@ length, depth, filler and seed) one token at a time on a decoding session, fast 
 step's choices with ``thl_np.eval.diagnostics.MemoryObserver``:
 
 - **written**: every write made while the key line is read (the "key slots"), with its branch and gate;
-  the steps that read a digit of the key are marked;
+  the steps that read a digit of the key are marked (the text also shows the write at the byte after the
+  key: a recall value's stop byte, which marks where the value ends);
 - **afterwards**, per key slot until the end of the prompt: refines (another write into it by the refine
   branch), evictions (a novel write chose it: λ_s·staleness + λ_u·underuse), fills, reads (the router picked
   it), its norm against the decay alone (γ^steps under the spec; under another memory write, such as
@@ -220,6 +221,13 @@ def trace_lines(tr: dict) -> list[str]:
     digits = [f"{w['byte']}@{w['step']}->{','.join(map(str, w['slots']))} ({w['branch']}, g {w['gate']:.2f})"
               for w in tr["written"] if w["digit"]]
     out.append("  the key's digits: " + "; ".join(digits))
+    # The byte after the key (a recall value's stop byte): what marks where the key ends in the memory.
+    last = max((w["step"] for w in tr["written"] if w["digit"]), default=None)
+    after = [w for w in tr["written"] if last is not None and w["step"] == last + 1]
+    if after:
+        w = after[0]
+        out.append(f"  the byte after them: {w['byte']!r}@{w['step']}->{','.join(map(str, w['slots']))} "
+                   f"({w['branch']}, g {w['gate']:.2f})")
     out.append(f"after the key line (steps {tr['key_end']}-{tr['length'] - 1}), per key slot:")
     for s in tr["key_slots"]:
         fate = []
