@@ -123,6 +123,17 @@ def test_each_row_of_a_batch_gets_the_bits_it_gets_alone(cfg, seed, B, T, dtype)
             np.testing.assert_array_equal(getattr(batch, name)[b], getattr(alone, name)[0], err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_long_prompt_in_a_batch_gets_the_head_bits_it_gets_alone(dtype):
+    """logits="all" over more positions than SMALL_BATCH (6 × 30 here, 30 alone) still runs the head row by
+    row: BLAS GEMM's bits for a row change with the number of rows beside it."""
+    model = THLModel(small_config(dtype=dtype), seed=3)
+    ids = np.random.default_rng(3).integers(0, 37, size=(6, 30))
+    logits = session(model, 6).prompt(ids, logits="all")
+    for b in range(6):
+        np.testing.assert_array_equal(logits[b], session(model, 1).prompt(ids[b:b + 1], logits="all")[0])
+
+
 def test_steps_and_one_call_agree_and_the_state_converts():
     """prompt() in one call, then step() per token, equals step() from the start; the session's state
     (FastDecoder.state) is the plain path's."""

@@ -119,6 +119,32 @@ def run_both(model, ids, tg, state, U):
     return fast, plain_value_and_grad(model, ids, tg, state, U)
 
 
+def rounding_sensitivity(model, ids, tg, state, U, draws=3) -> float:
+    """How far the plain path's results move (assert_same's measure) when every parameter is multiplied by
+    1 + 1e-15·N(0, 1), a few ulps: what float64 can determine about them at this point. Where the backward
+    pass amplifies rounding (an exploding gradient), two exact implementations differ by about this much."""
+    plain = plain_value_and_grad(model, ids, tg, state, U)
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(draws):
+        moved = THLModel(model.config, params={k: v * (1 + 1e-15 * rng.standard_normal(v.shape))
+                                               for k, v in model.params.items()})
+        other = plain_value_and_grad(moved, ids, tg, state, U)
+        worst = max(worst, spread(other, plain))
+    return worst
+
+
+def spread(a, b) -> float:
+    """The largest of assert_same's relative differences between two results (loss, gradients, state)."""
+    floor = NOISE * max([float(np.abs(g).max()) for g in list(b[1].values()) + list(b[3].values()) if g.size]
+                        + [1e-300])
+    errs = [abs(a[0] - b[0]) / max(1.0, abs(b[0]))]
+    errs += [rel_err(a[1][n], b[1][n], floor) for n in b[1]] + [rel_err(a[3][n], b[3][n], floor) for n in b[3]]
+    xa, xb = a[2].arrays(), b[2].arrays()
+    errs += [rel_err(xa[n], xb[n]) for n in xb if xb[n].dtype.kind == "f"]
+    return max(errs)
+
+
 @contextlib.contextmanager
 def renorm_below(value):
     """Fold the lazy decay scalars back whenever they fall below ``value`` (default thresholds otherwise)."""
@@ -179,7 +205,12 @@ def test_fast_matches_plain(config, seed, B, T, start, gumbel, renorm):
     U = rng.random((T, B, config.num_heads, config.memory_slots)) if gumbel else None
     with renorm_below(renorm):
         fast, plain = run_both(model, ids, tg, state, U)
-    assert_same(fast, plain)
+        try:
+            assert_same(fast, plain)
+        except AssertionError:
+            # gradients grown ~1e4× through time (write_rate 1, clip 100): float64 itself cannot tell them to
+            # 1e-10 there (a drawn case: fast vs plain 2.5e-10, plain vs plain moved a few ulps 1.7e-9)
+            assert_same(fast, plain, tol=max(TOL64, rounding_sensitivity(model, ids, tg, state, U)))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -372,8 +372,10 @@ def advance(decoder, ids: np.ndarray, hidden: np.ndarray | None = None) -> np.nd
 
 
 def head(decoder, h: np.ndarray) -> np.ndarray:
-    """The output head for a few rows h [n, Σd_k] (C-contiguous, after the LayerNorm): packed_rows_linear on
-    one thread (each row's bits whatever the rows beside it). For a small model the head is a few µs; linalg.gemv
+    """The output head for rows h [n, Σd_k] (C-contiguous, after the LayerNorm): packed_rows_linear on one
+    thread, so each row gets its bits whatever the rows beside it, for any n: a prompt's logits="all" in a batch
+    of B equal each sequence's alone (BLAS GEMM's bits for a row change with the number of rows: 6 × 11
+    float32 positions differed by an ulp from 11). For a small model the head is a few µs a row; linalg.gemv
     splits it over Numba's threads, which on a busy machine made each call take milliseconds (measured:
     3.4 ms a token, 1.7 s of a 500-byte `thl-np generate`, with one other CPU-bound process)."""
     weights = decoder._compiled[0]

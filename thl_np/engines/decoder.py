@@ -390,7 +390,7 @@ class FastDecoder:
         flat = np.ascontiguousarray(h.reshape(-1, h.shape[-1]))
         n = flat.shape[0]
         with self.threads.applied() as threads:
-            if self._compiled is not None and n <= SMALL_BATCH:  # a small model: one thread (compiled_steps.head)
+            if self._compiled is not None:  # a small model: one thread, each row's bits alone (compiled_steps.head)
                 out = compiled_steps.head(self, flat)
             elif n > 1 and n <= SMALL_BATCH and self.packed_head and isinstance(self.W_o, np.ndarray):
                 out = self._head_batch(flat)
