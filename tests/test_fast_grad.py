@@ -82,6 +82,12 @@ NOISE = 1e-5
 noise around an exact 0 (e.g. two equal rows whose contributions cancel), compared against that floor."""
 
 
+def noise_floor(plain) -> float:
+    """NOISE × the largest entry of any gradient (parameters and initial state) of a result."""
+    return NOISE * max([float(np.abs(g).max()) for g in list(plain[1].values()) + list(plain[3].values())
+                        if g.size] + [1e-300])
+
+
 def assert_same(fast, plain, tol=TOL64, exact_state=False):
     """fast = fast_value_and_grad(..., return_state=True, return_state_grad=True); plain = the reference."""
     loss, grads, state, d_state = fast
@@ -90,8 +96,7 @@ def assert_same(fast, plain, tol=TOL64, exact_state=False):
     if abs(loss - loss_p) > tol * max(1.0, abs(loss_p)):
         bad.append(f"loss {loss} vs {loss_p}")
     assert set(grads) == set(grads_p)
-    floor = NOISE * max([float(np.abs(g).max()) for g in list(grads_p.values()) + list(d_state_p.values())
-                         if g.size] + [1e-300])
+    floor = noise_floor(plain)
     for name in grads_p:
         assert grads[name].dtype == grads_p[name].dtype, name
         e = rel_err(grads[name], grads_p[name], floor)
@@ -119,11 +124,11 @@ def run_both(model, ids, tg, state, U):
     return fast, plain_value_and_grad(model, ids, tg, state, U)
 
 
-def rounding_sensitivity(model, ids, tg, state, U, draws=3) -> float:
-    """How far the plain path's results move (assert_same's measure) when every parameter is multiplied by
-    1 + 1e-15·N(0, 1), a few ulps: what float64 can determine about them at this point. Where the backward
-    pass amplifies rounding (an exploding gradient), two exact implementations differ by about this much."""
-    plain = plain_value_and_grad(model, ids, tg, state, U)
+def rounding_sensitivity(plain, model, ids, tg, state, U, draws=3) -> float:
+    """How far the plain path's results ``plain`` move (assert_same's measure) when every parameter is
+    multiplied by 1 + 1e-15·N(0, 1), a few ulps: what float64 can determine about them at this point. Where
+    the backward pass amplifies rounding (an exploding gradient), two exact implementations differ by about
+    this much."""
     rng = np.random.default_rng(0)
     worst = 0.0
     for _ in range(draws):
@@ -136,8 +141,7 @@ def rounding_sensitivity(model, ids, tg, state, U, draws=3) -> float:
 
 def spread(a, b) -> float:
     """The largest of assert_same's relative differences between two results (loss, gradients, state)."""
-    floor = NOISE * max([float(np.abs(g).max()) for g in list(b[1].values()) + list(b[3].values()) if g.size]
-                        + [1e-300])
+    floor = noise_floor(b)
     errs = [abs(a[0] - b[0]) / max(1.0, abs(b[0]))]
     errs += [rel_err(a[1][n], b[1][n], floor) for n in b[1]] + [rel_err(a[3][n], b[3][n], floor) for n in b[3]]
     xa, xb = a[2].arrays(), b[2].arrays()
@@ -210,7 +214,7 @@ def test_fast_matches_plain(config, seed, B, T, start, gumbel, renorm):
         except AssertionError:
             # gradients grown ~1e4× through time (write_rate 1, clip 100): float64 itself cannot tell them to
             # 1e-10 there (a drawn case: fast vs plain 2.5e-10, plain vs plain moved a few ulps 1.7e-9)
-            assert_same(fast, plain, tol=max(TOL64, rounding_sensitivity(model, ids, tg, state, U)))
+            assert_same(fast, plain, tol=max(TOL64, rounding_sensitivity(plain, model, ids, tg, state, U)))
 
 
 # ---------------------------------------------------------------------------------------------------

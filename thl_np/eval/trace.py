@@ -218,16 +218,15 @@ def trace_lines(tr: dict) -> list[str]:
     out.append(f"key line: {len(tr['written'])} writes into slots {[s['slot'] for s in tr['key_slots']]} "
                f"(refine {by_branch['refine']}, novel into an empty slot {by_branch['novel_empty']}, "
                f"novel evicting {by_branch['novel_evict']})")
-    digits = [f"{w['byte']}@{w['step']}->{','.join(map(str, w['slots']))} ({w['branch']}, g {w['gate']:.2f})"
-              for w in tr["written"] if w["digit"]]
-    out.append("  the key's digits: " + "; ".join(digits))
+    def write(w, byte):
+        return f"{byte}@{w['step']}->{','.join(map(str, w['slots']))} ({w['branch']}, g {w['gate']:.2f})"
+
+    digits = [w for w in tr["written"] if w["digit"]]
+    out.append("  the key's digits: " + "; ".join(write(w, w["byte"]) for w in digits))
     # The byte after the key (a recall value's stop byte): what marks where the key ends in the memory.
-    last = max((w["step"] for w in tr["written"] if w["digit"]), default=None)
-    after = [w for w in tr["written"] if last is not None and w["step"] == last + 1]
-    if after:
-        w = after[0]
-        out.append(f"  the byte after them: {w['byte']!r}@{w['step']}->{','.join(map(str, w['slots']))} "
-                   f"({w['branch']}, g {w['gate']:.2f})")
+    after = next((w for w in tr["written"] if digits and w["step"] == digits[-1]["step"] + 1), None)
+    if after is not None:
+        out.append(f"  the byte after them: {write(after, repr(after['byte']))}")
     out.append(f"after the key line (steps {tr['key_end']}-{tr['length'] - 1}), per key slot:")
     for s in tr["key_slots"]:
         fate = []
