@@ -56,6 +56,8 @@ from .data import eval_lanes, fingerprint
 SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 #: Set by PMIx launchers (Open MPI 5, Slurm with PMIx) to the process's rank.
 RANK_VARIABLES = ("PMIX_RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+ABORT_GRACE_S = 1.0
+"""Seconds a failing rank waits, its output flushed, before MPI_Abort (``World._abort_if_unfinished``)."""
 INSTALL_HINT = "pip install 'thl-np[mpi]' (mpi4py and an MPI)"
 
 
@@ -268,6 +270,10 @@ class MPIWorld(World):
             sys.stderr.write(f"thl-np: rank {self.rank} of {self.size} stopped before the run finished (see "
                              "above); ending every rank (MPI_Abort)\n")
             sys.stderr.flush()
+            # The launcher forwards a rank's output through its own proxy, and MPI_Abort ends that proxy too:
+            # without a pause, what was written last (the traceback naming the cause) can be lost. Seen once
+            # in CI with two test workers on 2 cores: the job's stderr held only the traceback's first line.
+            time.sleep(ABORT_GRACE_S)
             self.comm.Abort(1)
 
     def start(self) -> None:
