@@ -308,6 +308,26 @@ def test_shipped_model_small_cell_and_writer_off_control(shipped):
     assert not np.asarray(dec.state().memory).any()
 
 
+def test_a_cells_breakdowns_by_template_and_format_add_up_to_the_cell(shipped):
+    rep = recall_eval(shipped, ["trained"], trials=6, seed=3, length=512, keep_samples=6)["results"][0]
+    for kind, key in (("by_template", "template"), ("by_format", "format")):
+        parts = rep[kind]
+        assert sorted(parts) == sorted({s[key] for s in rep["samples"]})
+        assert sum(p["trials"] for p in parts.values()) == rep["trials"] == 6
+        assert sum(p["correct"] for p in parts.values()) == rep["correct"]
+        assert sum(p["value_exact"] * p["trials"] for p in parts.values()) == pytest.approx(rep["value_exact"] * 6)
+        for name, p in parts.items():
+            mine = [s for s in rep["samples"] if s[key] == name]
+            assert p["trials"] == len(mine) and p["correct"] == sum(s["right"] for s in mine)
+            chars = sum(sum(a == b for a, b in zip(s["answer"], s["value"], strict=False)) for s in mine)
+            assert p["char_accuracy"] == pytest.approx(chars / sum(len(s["value"]) for s in mine))
+            assert np.isfinite(p["answer_bits_per_byte"]) and p["answer_bits_per_byte"] > 0
+    # the cell's bits per byte is the breakdown's, weighted by each part's answer bytes
+    nbytes = {n: sum(len(s["value"]) + 1 for s in rep["samples"] if s["template"] == n) for n in rep["by_template"]}
+    total = sum(p["answer_bits_per_byte"] * nbytes[n] for n, p in rep["by_template"].items())
+    assert total / sum(nbytes.values()) == pytest.approx(rep["answer_bits_per_byte"])
+
+
 def test_recall_trace_follows_the_answer_line(shipped):
     tr = recall_trace(shipped, "held", seed=2, length=800)
     assert tr["cell"] == "held" and tr["length"] == 800 and len(tr["answer"]) == len(tr["key"]) + 1

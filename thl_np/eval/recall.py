@@ -198,12 +198,29 @@ def _answer_bits(decoder, logits, answer: bytes, limit: int) -> float:
     return float(bits)
 
 
+def _tally(table: dict, key: str, scored: dict, value_bytes: int, bits: float, answer_bytes: int) -> None:
+    """Adds one scored trial to ``table[key]`` (a breakdown of a cell by template or by value format)."""
+    t = table.setdefault(key, [0, 0, 0, 0, 0, 0.0, 0])
+    for i, add in enumerate((1, scored["exact"], scored["value_exact"], scored["chars"], value_bytes, bits,
+                             answer_bytes)):
+        t[i] += add
+
+
+def _rates(table: dict) -> dict:
+    """A breakdown's counts as the cell's own figures (``trials``, ``correct``, ``value_exact``,
+    ``char_accuracy``, ``answer_bits_per_byte``), by key in sorted order."""
+    return {key: {"trials": n, "correct": int(right), "value_exact": value / n, "char_accuracy": chars / vbytes,
+                  "answer_bits_per_byte": bits / abytes}
+            for key, (n, right, value, chars, vbytes, bits, abytes) in sorted(table.items())}
+
+
 def recall_eval(model, cells=DEFAULT_CELLS, trials: int = 10, seed: int = 0, length: int | None = None,
                 haystack_dir=None, path: str = "auto", keep_samples: int = 3, on_trial=None) -> dict:
     """Every cell of ``cells`` (names of ``CELLS``), ``trials`` trials each (module docstring); ``length``
     replaces the cells' own length (4,096) except for the len-* cells. ``on_trial(done, total)`` after
     every trial. Returns a JSON-able report: per cell, ``exact`` (the score), ``value_exact``,
-    ``char_accuracy``, ``answer_bits_per_byte``, samples and timing."""
+    ``char_accuracy``, ``answer_bits_per_byte``, the same figures by template (``by_template``) and by
+    value format (``by_format``), samples and timing."""
     from ..tokenizer import Tokenizer
     from .long_context import decoding_session, greedy_bytes
 
@@ -227,6 +244,7 @@ def recall_eval(model, cells=DEFAULT_CELLS, trials: int = 10, seed: int = 0, len
         exact = value_exact = chars = value_bytes = 0
         bits = answer_bytes = 0.0
         samples, depths = [], []
+        parts = {"template": {}, "format": {}}
         for _ in range(trials):
             ctx, trial = draw_trial(rng, cell, n, hay)
             dec = decoding_session(m, path)
@@ -238,8 +256,11 @@ def recall_eval(model, cells=DEFAULT_CELLS, trials: int = 10, seed: int = 0, len
             value_exact += s["value_exact"]
             chars += s["chars"]
             value_bytes += len(ctx.value)
-            bits += _answer_bits(forced, logits, ctx.answer.encode(), limit)
+            trial_bits = _answer_bits(forced, logits, ctx.answer.encode(), limit)
+            bits += trial_bits
             answer_bytes += len(ctx.answer)
+            for kind, key in (("template", ctx.template), ("format", ctx.value_format)):
+                _tally(parts[kind], key, s, len(ctx.value), trial_bits, len(ctx.answer))
             depths.append(trial["key_depth"])
             if len(samples) < keep_samples:
                 samples.append({"label": ctx.label, "value": ctx.value, "stop": ctx.stop, "template": ctx.template,
@@ -251,6 +272,7 @@ def recall_eval(model, cells=DEFAULT_CELLS, trials: int = 10, seed: int = 0, len
         rows.append({"cell": name, "about": cell.about, "length": n, "writer": cell.writer, "trials": trials,
                      "correct": exact, "exact": exact / trials, "value_exact": value_exact / trials,
                      "char_accuracy": chars / max(1, value_bytes), "answer_bits_per_byte": bits / answer_bytes,
+                     "by_template": _rates(parts["template"]), "by_format": _rates(parts["format"]),
                      "depths": depths, "samples": samples, "seconds": time.perf_counter() - t0})
     return {"task": "recall", "haystack": hay.describe(), "depth": list(DEPTH), "trials": trials, "seed": int(seed),
             "scorer": "greedy bytes; right = the whole value, then the template's stop byte",
