@@ -17,7 +17,8 @@ held-out cells draw from the other half:
   rows, ...), never seen in training; a training context may instead take a **procedural** template
   (``procedural_template``: a lead, the label, a separator and the value's quotes drawn from small sets of
   parts, thousands of forms, none with a held-out form's syntax), so that what is learnt is the statement's
-  shape rather than nine phrasings;
+  shape rather than nine phrasings; a procedural template's question may take a form of its own (its own
+  separator or frame and quotes), as a held-out form's question does;
 - **labels**: words, multi-word names, snake_case and camelCase identifiers, a word with a digit, all built
   from the word list ``WORDS``, whose every fourth word is held out (a held-out label is made of held-out
   words only, so no training label equals or contains it);
@@ -230,12 +231,18 @@ PROCEDURAL_SEPARATORS = (": ", " = ", "=", " -> ", " => ", " := ", " is ", " was
 PROCEDURAL_QUOTES = (("", "\n"), ('"', '"'), ("'", "'"), ("[", "]"), ("(", ")"), ("`", "`"), ("{{", "}}"),
                      ("", "."), ("", ";"), ("", ","))
 PROCEDURAL_ASKS = ("", "# ", "? ", "Q: ", "lookup: ", "recall ", ">>> ", "// ")
+#: What a free question may put between the label and the value's opening instead of a separator: the
+#: question then ends in words the statement never had, as a held-out form's may.
+PROCEDURAL_FRAMES = (")  # ", ") -> ", "? ", "? answer: ", " holds ", " reads ", " value: ", "] == ", " gives ",
+                     " (current): ")
 
 
-def procedural_template(rng: np.random.Generator) -> Template:
+def procedural_template(rng: np.random.Generator, free_question: bool = False) -> Template:
     """A statement form assembled from parts: ``LEAD LABEL SEP OPEN {V} CLOSE``, the label as written or as an
     identifier; the question is ``ASK LABEL SEP OPEN`` (the same label form and separator, its own lead), and
-    the stop is the closing's first byte. Training half only (name ``procedural``)."""
+    the stop is the closing's first byte. A ``free_question`` draws its own separator or frame and its own
+    quotes (``ASK LABEL SEP2 OPEN2``, the stop CLOSE2's first byte): only the label ties it to the statement.
+    Training half only (name ``procedural``)."""
     def pick(parts):
         return parts[int(rng.integers(0, len(parts)))]
 
@@ -243,8 +250,12 @@ def procedural_template(rng: np.random.Generator) -> Template:
                                       pick(PROCEDURAL_QUOTES), pick(PROCEDURAL_ASKS))
     label = "{L}" if rng.random() < 0.5 else "{I}"
     end = close if close.endswith("\n") else close + "\n"
-    return Template("procedural", f"{lead}{label}{sep}{open_}{{V}}{end}", f"{ask}{label}{sep}{open_}",
-                    close.format()[0])
+    ask_sep, ask_open, stop = sep, open_, close
+    if free_question:   # drawn after the mirrored form's parts, so the tapes without free questions stay
+        ask_sep = pick(PROCEDURAL_SEPARATORS + PROCEDURAL_FRAMES)
+        ask_open, stop = pick(PROCEDURAL_QUOTES)
+    return Template("procedural", f"{lead}{label}{sep}{open_}{{V}}{end}", f"{ask}{label}{ask_sep}{ask_open}",
+                    stop.format()[0])
 
 
 # -------------------------------------------------------------------------------------------- contexts
@@ -254,7 +265,8 @@ class Spec:
     "held" half; ``pairs`` (1-8 labels stated) or None (1-8 at random); ``updates``: how many times the asked
     label is restated with a new value (None: 0 or 1-2 at random); ``distractors`` (look-alike labels, None:
     0-2 at random); ``value_formats`` narrows the formats, ``value_length`` fixes the length (3-12);
-    ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only)."""
+    ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only);
+    ``free_questions``: the share of those whose question takes a form of its own (``free_question``)."""
 
     templates: str = "train"
     labels: str = "train"
@@ -265,6 +277,7 @@ class Spec:
     value_formats: tuple[str, ...] | None = None
     value_length: int | None = None
     procedural: float = 0.0
+    free_questions: float = 0.0
 
     def check(self) -> None:
         for what in ("templates", "labels", "formats"):
@@ -275,6 +288,10 @@ class Spec:
             raise InputError(f"value length {self.value_length}: use {MIN_VALUE}-{MAX_VALUE} characters")
         if not 0.0 <= float(self.procedural) <= 1.0:
             raise InputError(f"procedural = {self.procedural}: a share, in [0, 1]")
+        if not 0.0 <= float(self.free_questions) <= 1.0:
+            raise InputError(f"free_questions = {self.free_questions}: a share, in [0, 1]")
+        if self.free_questions and not self.procedural:
+            raise InputError("free_questions is a share of the procedural templates: give procedural > 0")
         if self.procedural and self.templates != "train":
             raise InputError("procedural templates are a training form: use them with the train half only")
 
@@ -307,7 +324,8 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     tpl_pool = templates(spec.templates)
     tpl = tpl_pool[int(rng.integers(0, len(tpl_pool)))]
     if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
-        tpl = procedural_template(rng)
+        free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
+        tpl = procedural_template(rng, free)
     formats = spec.value_formats or VALUE_FORMATS[spec.formats]
     fmt = formats[int(rng.integers(0, len(formats)))]
     pairs = int(rng.integers(1, MAX_PAIRS + 1)) if spec.pairs is None else int(spec.pairs)
@@ -395,9 +413,12 @@ def _states_label(ctx: Context, line: str) -> bool:
 
 #: The training tasks' specs: ``kv`` the whole task, ``kv1`` its easiest part (one pair, no update, no
 #: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage; ``kvp`` and ``kv1p`` the
-#: same with half the contexts in procedural templates.
+#: same with half the contexts in procedural templates; ``kvq`` and ``kv1q`` those with every procedural
+#: question in a form of its own.
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
-            "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5)}
+            "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5),
+            "kvq": Spec(procedural=0.5, free_questions=1.0),
+            "kv1q": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0)}
 
 
 def kv_task(rng: np.random.Generator, room: int,

@@ -17,7 +17,9 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
   half of the templates, labels and value formats; the statements keep their order (sorted depths) and the
   answer is the value and the template's stop byte; ``kv1``: the same with one pair, no update and no
   distractor (evaluation cell ``trained``), a curriculum's first stage; ``kvp`` and ``kv1p``: ``kv`` and
-  ``kv1`` with half the contexts in procedural templates (assembled from parts: thousands of statement forms).
+  ``kv1`` with half the contexts in procedural templates (assembled from parts: thousands of statement forms);
+  ``kvq`` and ``kv1q``: those with each procedural question in a form of its own (its own separator or frame
+  and quotes: only the label ties it to the statement).
 
 Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
 haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
@@ -44,7 +46,7 @@ from ..errors import InputError
 from .data import Batch, as_byte_array
 
 #: The key-value tasks (``thl_np.training.recall_tasks.KV_TASKS``).
-KV_TASK_NAMES = ("kv", "kv1", "kvp", "kv1p")
+KV_TASK_NAMES = ("kv", "kv1", "kvp", "kv1p", "kvq", "kv1q")
 TASKS = ("passkey", "recall", "copy") + KV_TASK_NAMES
 #: What a run mixes in when it names no tasks (``TrainConfig.tasks`` too): the tasks before ``kv``.
 DEFAULT_TASKS = ("passkey", "recall", "copy")
