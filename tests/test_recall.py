@@ -16,6 +16,7 @@ from thl_np.errors import InputError
 from thl_np.eval.recall import (
     CELLS,
     DEFAULT_CELLS,
+    _cell_rng,
     cell_length,
     draw_trial,
     parse_cells,
@@ -307,6 +308,17 @@ def test_cells_parse_and_lengths():
     for name in ("held", "pairs-1", "pairs-4", "pairs-8", "update", "writer-off", "held-templates", "held-labels",
                  "len-1K", "len-4K", "len-16K", "len-64K", "len-256K"):
         assert name in CELLS
+
+
+def test_each_writer_off_control_runs_its_cells_very_prompts():
+    hay = Haystack("source")
+    controls = {name: cell for name, cell in CELLS.items() if not cell.writer}
+    assert {"writer-off", "trained-writer-off", "held-templates-writer-off"} <= set(controls)
+    for name, cell in controls.items():
+        of = CELLS[cell.prompts_of]
+        assert of.writer and of.spec == cell.spec and of.length == cell.length
+        ours, theirs = (draw_trial(_cell_rng(9, n, 600), CELLS[n], 600, hay) for n in (name, cell.prompts_of))
+        assert ours[0] == theirs[0] and ours[1]["prompt"] == theirs[1]["prompt"]
 
 
 def test_the_in_distribution_pairs_and_update_cells_draw_from_the_training_half():

@@ -85,6 +85,9 @@ CELLS = {
     "trained-writer-off": Cell(Spec(**_ONE), writer=False, prompts_of="trained",
                                about="cell 'trained''s prompts with the writer off: what the memory adds in "
                                      "distribution"),
+    "held-templates-writer-off": Cell(Spec(templates="held", **_ONE), writer=False, prompts_of="held-templates",
+                                      about="cell 'held-templates''s prompts with the writer off: what the "
+                                            "memory adds at a form never trained"),
 }
 #: The cells ``thl-np eval --recall`` runs when none are named: everything up to 16K bytes.
 DEFAULT_CELLS = tuple(c for c in CELLS if c not in ("len-64K", "len-256K"))
