@@ -284,12 +284,13 @@ def recall_eval(model, cells=DEFAULT_CELLS, trials: int = 10, seed: int = 0, len
 
 def recall_lines(report: dict) -> list[str]:
     """The report as a table."""
+    width = max([18] + [len(r["cell"]) + 2 for r in report["results"]])
     out = [f"recall ({report['haystack']['kind']} haystack, statements at depths {report['depth'][0]}-"
            f"{report['depth'][1]}, {report['trials']} trials a cell, seed {report['seed']}; right = the value and "
            "its stop byte):",
-           f"  {'cell':<18}{'length':>8}  {'right':>12}  {'value':>6}  {'chars':>6}  {'bits/B':>7}"]
+           f"  {'cell':<{width}}{'length':>8}  {'right':>12}  {'value':>6}  {'chars':>6}  {'bits/B':>7}"]
     for r in report["results"]:
-        out.append(f"  {r['cell']:<18}{r['length']:>8}  {r['correct']:>3}/{r['trials']:<3} {r['exact']:>4.0%}  "
+        out.append(f"  {r['cell']:<{width}}{r['length']:>8}  {r['correct']:>3}/{r['trials']:<3} {r['exact']:>4.0%}  "
                    f"{r['value_exact']:>6.0%}  {r['char_accuracy']:>6.0%}  {r['answer_bits_per_byte']:>7.2f}")
     return out
 
