@@ -207,6 +207,18 @@ def test_procedural_templates_never_take_a_held_out_form(seed, free):
                    for sep in PROCEDURAL_SEPARATORS + PROCEDURAL_FRAMES for o, c in PROCEDURAL_QUOTES)
 
 
+def test_free_question_frames_share_nothing_with_held_out_questions():
+    def common(a, b):   # the longest string in both
+        return max((len(a[i:j]) for i in range(len(a)) for j in range(i + 1, len(a) + 1) if a[i:j] in b), default=0)
+
+    for tpl in TEMPLATES["held"]:
+        asked = tpl.ask("red key")
+        for lab in ("red key", "red_key"):
+            for after in asked.split(lab)[1:]:
+                for frame in PROCEDURAL_FRAMES:
+                    assert common(frame, after) < 4, (frame, tpl.name)
+
+
 def test_free_questions_leave_the_mirrored_tapes_as_they_were():
     # kv1p's and kvp's contexts for seed 7, as drawn before free questions existed: the runs of
     # docs/MEMORY.md read the same rows

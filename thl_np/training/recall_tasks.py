@@ -232,9 +232,12 @@ PROCEDURAL_QUOTES = (("", "\n"), ('"', '"'), ("'", "'"), ("[", "]"), ("(", ")"),
                      ("", "."), ("", ";"), ("", ","))
 PROCEDURAL_ASKS = ("", "# ", "? ", "Q: ", "lookup: ", "recall ", ">>> ", "// ")
 #: What a free question may put between the label and the value's opening instead of a separator: the
-#: question then ends in words the statement never had, as a held-out form's may.
-PROCEDURAL_FRAMES = (")  # ", ") -> ", "? ", "? answer: ", " holds ", " reads ", " value: ", "] == ", " gives ",
-                     " (current): ")
+#: question then ends in words the statement never had, as a held-out form's may. None shares 4 bytes with
+#: what a held-out question puts after its label (``test_free_question_frames_share_nothing_with_held_out_
+#: questions``; the first set had ``)  # ``, `` holds `` and ``? answer: ``, pieces of ``annotated``'s, ``xml``'s and
+#: ``sentence``'s).
+PROCEDURAL_FRAMES = (") -> ", "? ", " (now) = ", " now: ", " reads ", " value: ", "] == ", " gives ",
+                     " (current): ", " => value ")
 
 
 def procedural_template(rng: np.random.Generator, free_question: bool = False) -> Template:
