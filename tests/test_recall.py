@@ -289,6 +289,19 @@ def test_kv1p_mixes_procedural_and_fixed_templates_and_resumes_bit_for_bit():
         draw_context(rng, Spec(procedural=1.5))
 
 
+@pytest.mark.parametrize("task, pairs", [("kv2p", 2), ("kv4p", 4)])
+def test_the_pair_count_curriculum_states_that_many_labels_and_asks_one(task, pairs):
+    rng = np.random.default_rng(pairs)
+    ctxs = [draw_context(rng, KV_TASKS[task]) for _ in range(200)]
+    assert 60 < sum(c.template == "procedural" for c in ctxs) < 140
+    for c in ctxs:
+        assert len(c.statements) == pairs and c.statements[c.answer_index] == (c.form or next(
+            t for t in TEMPLATES["train"] if t.name == c.template)).state(c.label, c.value)
+        text = "".join(c.statements) + c.question
+        assert text.count(c.value) == 1 and all(s.count("\n") == 1 for s in c.statements)
+    assert len({c.answer_index for c in ctxs}) == pairs   # the asked pair is anywhere among them
+
+
 # ------------------------------------------------------------------------------------- the scorer
 def test_the_scorer_needs_the_whole_value_and_then_the_stop_byte():
     assert score_answer(b'abc"', "abc", '"') == {"exact": True, "value_exact": True, "chars": 3}
