@@ -184,6 +184,18 @@ def test_kv1_rows_state_one_label_once_and_ask_it():
         kv_task(np.random.default_rng(0), 400, Spec(labels="held"))
 
 
+def assert_resumes_bit_for_bit(task):
+    """Rows of ``task``: 2 batches, then a run resumed at that data position, equal 4 batches straight."""
+    kw = dict(task_mix=1.0, tasks=(task,), answer_weight=4.0, seed=4)
+    first = WindowBatches(CORPUS, 4, 400, **kw)
+    head = [first.next_batch() for _ in range(2)]
+    resumed = WindowBatches(CORPUS, 4, 400, position=first.position, **kw)
+    straight = WindowBatches(CORPUS, 4, 400, **kw)
+    for x, y in zip([straight.next_batch() for _ in range(4)], head + [resumed.next_batch() for _ in range(2)],
+                    strict=True):
+        assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.weights, y.weights)
+
+
 @settings(max_examples=examples(60), deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), free=st.booleans())
 def test_procedural_templates_never_take_a_held_out_form(seed, free):
@@ -246,14 +258,7 @@ def test_kv1q_asks_in_forms_of_its_own_and_resumes_bit_for_bit():
     for c in proc:   # the answer ends in the question's own stop, and the text holds the value once
         assert c.answer == c.value + c.form.stop and ("".join(c.statements) + c.question).count(c.value) == 1
     assert len({c.stop for c in proc}) > 5
-    kw = dict(task_mix=1.0, tasks=("kv1q",), answer_weight=4.0, seed=4)
-    first = WindowBatches(CORPUS, 4, 400, **kw)
-    head = [first.next_batch() for _ in range(2)]
-    resumed = WindowBatches(CORPUS, 4, 400, position=first.position, **kw)
-    straight = WindowBatches(CORPUS, 4, 400, **kw)
-    for x, y in zip([straight.next_batch() for _ in range(4)], head + [resumed.next_batch() for _ in range(2)],
-                    strict=True):
-        assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.weights, y.weights)
+    assert_resumes_bit_for_bit("kv1q")
     for bad, match in ((Spec(procedural=0.5, free_questions=1.5), "share"), (Spec(free_questions=0.5), "procedural")):
         with pytest.raises(InputError, match=match):
             draw_context(rng, bad)
@@ -275,14 +280,7 @@ def test_kv1p_mixes_procedural_and_fixed_templates_and_resumes_bit_for_bit():
     rng = np.random.default_rng(0)
     names = [draw_context(rng, KV_TASKS["kv1p"]).template for _ in range(400)]
     assert 150 < names.count("procedural") < 250 and len(set(names)) == len(TEMPLATES["train"]) + 1
-    kw = dict(task_mix=1.0, tasks=("kv1p",), answer_weight=4.0, seed=4)
-    first = WindowBatches(CORPUS, 4, 400, **kw)
-    head = [first.next_batch() for _ in range(2)]
-    resumed = WindowBatches(CORPUS, 4, 400, position=first.position, **kw)
-    straight = WindowBatches(CORPUS, 4, 400, **kw)
-    for x, y in zip([straight.next_batch() for _ in range(4)], head + [resumed.next_batch() for _ in range(2)],
-                    strict=True):
-        assert np.array_equal(x.inputs, y.inputs) and np.array_equal(x.weights, y.weights)
+    assert_resumes_bit_for_bit("kv1p")
     with pytest.raises(InputError, match="train half"):
         draw_context(rng, Spec(templates="held", procedural=0.5))
     with pytest.raises(InputError, match="share"):
