@@ -240,6 +240,9 @@ FIXED = {
     "unit-key router": dict(components={"router": "unit_keys"}),
     "unit-key router, capacity, eager decay": dict(components={"router": "unit_keys"}, read_slot_capacity=1,
                                                    num_heads=3, read_topk=3, value_dim=6, memory_decay=0.0),
+    "empty-last router": dict(components={"router": "empty_last"}),
+    "empty-last router, capacity, all slots read": dict(components={"router": "empty_last"}, read_slot_capacity=1,
+                                                        num_heads=2, read_topk=4, memory_slots=4, value_dim=4),
 }
 
 

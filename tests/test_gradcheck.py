@@ -181,6 +181,10 @@ FIXED = {
     # the built-in router variant (scores by the slot's unit row), with capacity and noise
     "unit_keys": dict(components={"router": "unit_keys"}, read_slot_capacity=1, num_heads=2, read_topk=2,
                       novelty_theta=-0.5),
+    # the router variant in which an empty slot ranks below every written one (empty slots left to be
+    # picked: κ = 3 of 4 slots with 40% of them empty), with capacity and noise
+    "empty_last": dict(components={"router": "empty_last"}, read_slot_capacity=1, num_heads=2, read_topk=3,
+                       memory_slots=4, novelty_theta=-0.5),
     # the built-in memory-write variant: a slot decays by the steps since its last write (γ far from 1)
     "decay_on_write": dict(components={"memory_write": "decay_on_write"}, memory_decay=0.7, write_slots=2,
                            novelty_theta=0.3),
@@ -212,6 +216,7 @@ def test_fixed_cases(name):
         "no_local_refine": {"refine", "unclipped"},
         "novel_full": {"novel", "capacity-masked"},
         "unit_keys": {"novel", "capacity-masked"},
+        "empty_last": {"novel", "capacity-masked"},
         "decay_on_write": {"novel", "refine"},
     }[name]
     assert want <= seen, f"{name} was meant to take {sorted(want)}, took {sorted(seen)}"

@@ -107,11 +107,12 @@ def test_engine_equals_plain_model(dtype, kind):
     dict(local_window=0, num_tiers=1, tier_dims=[6], tier_timescales=[1], write_slots=3),
     dict(novelty_theta=1.2, load_penalty=0.0, memory_slots=4, read_topk=4),
     dict(components={"router": "unit_keys"}, read_slot_capacity=1),
+    dict(components={"router": "empty_last"}, read_slot_capacity=1),
     dict(components={"memory_write": "decay_on_write"}, memory_decay=0.8, write_slots=2),
 ])
 def test_branches(overrides):
-    """Slot capacity, W_w > 1, no local window, one tier, both writer branches, the unit-key router, the
-    decay-on-write memory, at the minimal budget, without the copy thread."""
+    """Slot capacity, W_w > 1, no local window, one tier, both writer branches, the unit-key and empty-last
+    routers, the decay-on-write memory, at the minimal budget, without the copy thread."""
     model = THLModel(small_config("float64", **overrides), seed=2)
     budget = LayeredInferenceEngine.minimum_budget(model, batch_size=3)
     with LayeredInferenceEngine(model, vram_budget=budget, batch_size=3, overlap=False) as engine:

@@ -214,11 +214,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**16), K=st.integers(1, 3), window=st.sampled_from([0, 1, 3]),
-       capacity=st.sampled_from([None, 1, 2]), write_slots=st.integers(1, 3), unit_keys=st.booleans(),
+       capacity=st.sampled_from([None, 1, 2]), write_slots=st.integers(1, 3),
+       router=st.sampled_from(["spec", "unit_keys", "empty_last"]),
        clocks=st.sampled_from([[1, 2, 3], [1, 4, 4], [1, 1, 5]]))
-def test_any_config_exports_exactly(tmp_path_factory, seed, K, window, capacity, write_slots, unit_keys, clocks):
+def test_any_config_exports_exactly(tmp_path_factory, seed, K, window, capacity, write_slots, router, clocks):
     """Any config the validator accepts (tiers of different widths, K = 1, no local window, capacity, several
-    write slots, either built-in router) exports to a graph that steps exactly like thl-np, as float32 can:
+    write slots, every built-in router) exports to a graph that steps exactly like thl-np, as float32 can:
     until a write choice's keys tie within rounding."""
     from thl_np import THLConfig
 
@@ -228,8 +229,7 @@ def test_any_config_exports_exactly(tmp_path_factory, seed, K, window, capacity,
                     tier_timescales=clocks[:K], local_window=window, memory_slots=int(rng.integers(3, 9)),
                     memory_dim=int(rng.integers(3, 8)), query_dim=3, value_dim=4, num_heads=2, head_dim=3,
                     read_topk=2, read_slot_capacity=capacity, write_slots=write_slots, write_rate=0.5,
-                    novelty_theta=float(rng.uniform(0.05, 0.6)), components={"router": "unit_keys"} if unit_keys
-                    else None)
+                    novelty_theta=float(rng.uniform(0.05, 0.6)), components={"router": router})
     model = THLModel(cfg, seed=seed)
     for name in ("writer.W_w.weight", "embedding.weight"):  # gains, so clips and every writer branch happen
         model.params[name] = model.params[name] * 3.0

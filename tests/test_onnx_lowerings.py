@@ -15,7 +15,15 @@ ort = pytest.importorskip("onnxruntime")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from thl_np.components import gru, local_attention, output, router, router_unit_keys, writer  # noqa: E402
+from thl_np.components import (  # noqa: E402
+    gru,
+    local_attention,
+    output,
+    router,
+    router_empty_last,
+    router_unit_keys,
+    writer,
+)
 from thl_np.components.embedding import embedding_forward  # noqa: E402
 from thl_np.onnx.builder import BOOL, FLOAT, INT64, GraphBuilder  # noqa: E402
 from thl_np.onnx.embedding import lower_embedding  # noqa: E402
@@ -107,37 +115,42 @@ def test_buffer_push(n):
 
 
 # ----------------------------------------------------------------------------------------- router
-def _router(a, cfg, unit_keys=False, capacity="cfg"):
+ROUTERS = {"spec": router.router_forward, "unit_keys": router_unit_keys.unit_keys_forward,
+           "empty_last": router_empty_last.empty_last_forward}
+
+
+def _router(a, cfg, rule="spec", capacity="cfg"):
     cap = cfg["read_slot_capacity"] if capacity == "cfg" else capacity
     kw = dict(num_heads=cfg["num_heads"], head_dim=cfg["head_dim"], topk=cfg["read_topk"],
               load_penalty=cfg["load_penalty"], capacity=cap)
     params = {"router.W_q.weight": a["W_q"], "router.W_k.weight": a["W_k"], "router.W_v.weight": a["W_v"]}
     dims = dict(num_slots=a["memory"].shape[1], memory_dim=a["memory"].shape[2], value_dim=a["W_v"].shape[0])
-    got = run(lambda g, u, m, r: lower_router(g, u, m, r, unit_keys=unit_keys, **dims, **kw),
+    flags = dict(unit_keys=rule == "unit_keys", empty_last=rule == "empty_last")
+    got = run(lambda g, u, m, r: lower_router(g, u, m, r, **flags, **dims, **kw),
               {"u": a["u"], "memory": a["memory"], "read_ema": a["read_ema"]}, params)
-    fwd = router_unit_keys.unit_keys_forward if unit_keys else router.router_forward
-    want = fwd(a["u"], a["memory"], a["read_ema"], a["W_q"], a["W_k"], a["W_v"], **kw)[:3]
+    want = ROUTERS[rule](a["u"], a["memory"], a["read_ema"], a["W_q"], a["W_k"], a["W_v"], **kw)[:3]
     return got, want
 
 
-@pytest.mark.parametrize("name,unit_keys,capacity", [
-    ("router", False, "cfg"), ("router", True, "cfg"), ("router_capacity", False, "cfg"),
-    ("router_capacity", True, "cfg"), ("router", False, 2)])
-def test_router(name, unit_keys, capacity):
+@pytest.mark.parametrize("name,rule,capacity", [
+    ("router", "spec", "cfg"), ("router", "unit_keys", "cfg"), ("router", "empty_last", "cfg"),
+    ("router_capacity", "spec", "cfg"), ("router_capacity", "unit_keys", "cfg"),
+    ("router_capacity", "empty_last", "cfg"), ("router", "spec", 2)])
+def test_router(name, rule, capacity):
     a, cfg = case(name)
-    (r, alpha, idx), (r_w, alpha_w, idx_w) = _router(a, cfg, unit_keys, capacity)
+    (r, alpha, idx), (r_w, alpha_w, idx_w) = _router(a, cfg, rule, capacity)
     np.testing.assert_array_equal(idx, idx_w)
     close(alpha, alpha_w)
     close(r, r_w)
 
 
-@pytest.mark.parametrize("unit_keys", [False, True])
-def test_router_all_tie_zero_state(unit_keys):
+@pytest.mark.parametrize("rule", list(ROUTERS))
+def test_router_all_tie_zero_state(rule):
     """Every first step: an all-zero memory and read_ema, so every slot scores the same; TopK(sorted=1) must
     pick slots 0..κ-1 in order for every head, as the spec's tie rule says."""
     a, cfg = case("router")
     a = dict(a, memory=np.zeros_like(a["memory"]), read_ema=np.zeros_like(a["read_ema"]))
-    (r, alpha, idx), (_, _, idx_w) = _router(a, cfg, unit_keys)
+    (r, alpha, idx), (_, _, idx_w) = _router(a, cfg, rule)
     kappa = cfg["read_topk"]
     assert (idx == np.arange(kappa)).all() and (idx == idx_w).all()
     close(alpha, np.full(alpha.shape, 1.0 / kappa))
@@ -145,8 +158,8 @@ def test_router_all_tie_zero_state(unit_keys):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), unit_keys=st.booleans(), capacity=st.sampled_from([None, 1, 2]))
-def test_router_ties_property(seed, unit_keys, capacity):
+@given(seed=st.integers(0, 2**32 - 1), rule=st.sampled_from(list(ROUTERS)), capacity=st.sampled_from([None, 1, 2]))
+def test_router_ties_property(seed, rule, capacity):
     """Banks drawn from a few repeated rows (and zero rows), read_ema from a few values: scores tie often, and
     the export must pick exactly the slots the definition picks (equal scores: lower slot first)."""
     rng = np.random.default_rng(seed)
@@ -154,7 +167,7 @@ def test_router_ties_property(seed, unit_keys, capacity):
     B, J, d_m = a["memory"].shape
     rows = np.concatenate([np.zeros((1, d_m)), rng.integers(-2, 3, (2, d_m))]).astype(np.float32)
     a = dict(a, memory=rows[rng.integers(0, 3, (B, J))], read_ema=rng.choice([0.0, 0.25], (B, J)).astype(np.float32))
-    (r, alpha, idx), (r_w, alpha_w, idx_w) = _router(a, cfg, unit_keys, capacity)
+    (r, alpha, idx), (r_w, alpha_w, idx_w) = _router(a, cfg, rule, capacity)
     np.testing.assert_array_equal(idx, idx_w)
     close(alpha, alpha_w)
     close(r, r_w)

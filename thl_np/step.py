@@ -162,14 +162,14 @@ def thl_step(weights, config, token_ids, state: InferenceState, gumbel=None, rec
 
 def read_scores(params, config, e, state, gumbel=None):
     """Every slot's spec §4.3 score [B, H, J] at the step that reads embeddings e [B, d_e] from ``state``: the
-    numbers the config's router ranks (its ``ScoreRule``, the spec's or ``unit_keys``), for code that looks at
-    a step from outside (the passkey trace, the reference margins). ``gumbel``: the transformed noise
+    numbers the config's router ranks (its ``ScoreRule``: the spec's, ``unit_keys`` or ``empty_last``), for
+    code that looks at a step from outside (the passkey trace, the reference margins). ``gumbel``: the transformed noise
     [B, H, J] or None. InputError for a plugin router, whose scores are its own."""
     c = config
     rule = router_score_rule(c)
     if rule is None:
         raise InputError(f"the router variant {c.components.get('router')!r} has scores of its own, which only "
-                         "its forward computes: recomputing them needs the spec's router or unit_keys")
+                         "its forward computes: recomputing them needs a built-in router")
     u = router_input(e, state.tiers)
     q = (u @ params["router.W_q.weight"].T).reshape(u.shape[0], c.num_heads, c.head_dim)
     _, scores = slot_scores(state.memory, q, params["router.W_k.weight"], state.read_ema, c.load_penalty, rule)

@@ -3,7 +3,8 @@ helpers both paths share (``pick_slots``: scores, top-κ, softmax; ``capacity_wa
 ``route`` / ``route_parallel`` (decode) and ``route_forward`` / ``route_backward`` (training) on random inputs
 in the layouts the fast paths give them, with exact ties (identical rows rank by lower index), empty slots,
 slot capacity (a head left with nothing keeps its weights), Gumbel noise and the load-balance record; with
-``unit_keys`` against the router variant of thl_np.components.router_unit_keys."""
+each key rule against its router: the spec's, ``unit_keys`` (thl_np.components.router_unit_keys) and
+``empty_last`` (router_empty_last)."""
 import math
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import DTYPES, assert_close, assert_equal, memory_bank, scatter_add, tier_offsets
 
+from thl_np.components.registry import KEY_RULES
 from thl_np.components.router import (
     DOT,
     apply_slot_capacity,
@@ -24,16 +26,21 @@ from thl_np.components.router import (
     router_forward,
     slot_scores,
 )
+from thl_np.components.router_empty_last import EMPTY_LAST, empty_last_backward, empty_last_forward
 from thl_np.components.router_unit_keys import UNIT_KEYS, unit_keys_backward, unit_keys_forward
 from thl_np.fast import router as fast_router
 from thl_np.fast.primitives import row_dots
 
 C = np.ascontiguousarray
+ROUTERS = ("spec", "unit_keys", "empty_last")
+RULES = {"spec": DOT, "unit_keys": UNIT_KEYS, "empty_last": EMPTY_LAST}
+PLAIN = {"spec": (router_forward, router_backward), "unit_keys": (unit_keys_forward, unit_keys_backward),
+         "empty_last": (empty_last_forward, empty_last_backward)}
 
 
 def router_case(seed, dtype="float64", *, B=2, J=7, d_m=4, H=3, d_h=2, dvh=2, kappa=2, capacity=0, empty=1,
                 duplicates=1, scale=0.8, load_penalty=0.3, rho=0.9, t=5, dims=(3, 2, 4), d_e=3, gumbel=False,
-                unit_keys=False):
+                router="spec"):
     """Plain inputs of one router step and the fast paths' view of them (the stored bank, the tier layout)."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(dtype)
@@ -56,12 +63,12 @@ def router_case(seed, dtype="float64", *, B=2, J=7, d_m=4, H=3, d_h=2, dvh=2, ka
                            off0=off0, offK=offK, stored=stored, memory=memory, same=same,
                            read_ema=read_ema.astype(dt), last_read=rng.integers(0, t, (B, J)).astype(np.int64),
                            e=e, tiers=tiers, u=u, W_q=W_q, W_k=W_k, W_v=W_v, G=G, inv_sqrt=1.0 / math.sqrt(d_h),
-                           unit_keys=unit_keys)
+                           router=router, key_rule=KEY_RULES[router], rule=RULES[router])
 
 
 def plain_router(c):
-    """The plain definition the kernels mirror: the spec's router, or router_unit_keys'."""
-    return (unit_keys_forward, unit_keys_backward) if c.unit_keys else (router_forward, router_backward)
+    """The plain definition the kernels mirror: the case's router's forward and backward."""
+    return PLAIN[c.router]
 
 
 def plain_read(c):
@@ -76,7 +83,7 @@ def plain_read(c):
     else:
         mask, used = np.ones_like(alpha_soft), np.ones(idx.shape[:2], bool)
     q = (c.u @ c.W_q.T).reshape(c.B, c.H, c.d_h)
-    q_mem, _ = slot_scores(c.memory, q, c.W_k, c.read_ema, c.load_penalty, UNIT_KEYS if c.unit_keys else DOT)
+    q_mem, _ = slot_scores(c.memory, q, c.W_k, c.read_ema, c.load_penalty, c.rule)
     new_ema, new_last, A = read_meta_forward(c.read_ema, c.last_read, alpha, idx, c.t, c.rho)
     m_sel = c.memory[np.arange(c.B)[:, None, None], idx]
     return SimpleNamespace(r=r, alpha=alpha, idx=idx, cache=cache, alpha_soft=alpha_soft, mask=mask, used=used, q=q,
@@ -100,7 +107,7 @@ def router_sizes(draw):
                 d_h=draw(st.integers(1, 3)), dvh=draw(st.integers(1, 2)), kappa=draw(st.integers(1, J)),
                 capacity=draw(st.integers(0, 2)), empty=empty, duplicates=draw(st.integers(0, J - 1 - empty)),
                 scale=draw(st.sampled_from([1.0, 0.37, 3.0])), load_penalty=draw(st.sampled_from([0.0, 0.3])),
-                dims=draw(st.sampled_from([(3,), (3, 2), (2, 3, 4)])), unit_keys=draw(st.booleans()))
+                dims=draw(st.sampled_from([(3,), (3, 2), (2, 3, 4)])), router=draw(st.sampled_from(ROUTERS)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,12 +117,12 @@ def check_pick_slots(c):
     """pick_slots per sequence and head on the stored bank's dot products m_j·q_mem_h, against slot_scores
     (+ the Gumbel term), the top-κ and the softmax of router_forward."""
     want = plain_read(c)
-    _, scores = slot_scores(c.memory, want.q, c.W_k, c.read_ema, c.load_penalty, UNIT_KEYS if c.unit_keys else DOT)
+    _, scores = slot_scores(c.memory, want.q, c.W_k, c.read_ema, c.load_penalty, c.rule)
     if c.G is not None:
         scores = scores + c.G
-    key_scale = np.empty(c.J)
+    key_scale, empty_w = np.empty(c.J), np.empty(c.J)
     for b in range(c.B):
-        fast_router.key_scales(c.stored[b], c.scale, c.unit_keys, key_scale)
+        fast_router.key_scales(c.stored[b], c.scale, c.key_rule, key_scale, empty_w)
         for h in range(c.H):
             dots = np.empty(c.J, c.dt)
             row_dots(c.stored[b], C(want.q_mem[b, h]), dots)
@@ -123,8 +130,9 @@ def check_pick_slots(c):
             idx = np.full(c.kappa, -1, np.int64)
             alpha = np.full(c.kappa, np.nan, c.dt)
             noise = C(c.G[b, h]) if c.G is not None else dots   # not read without noise
-            fast_router.pick_slots(dots, key_scale, c.inv_sqrt, c.load_penalty, c.read_ema[b], noise, c.G is not None,
-                                   c.kappa, got, idx, alpha)
+            q_pen = fast_router.empty_penalty(c.key_rule, C(want.q_mem[b, h]))
+            fast_router.pick_slots(dots, key_scale, empty_w, q_pen, c.inv_sqrt, c.load_penalty, c.read_ema[b], noise,
+                                   c.G is not None, c.kappa, got, idx, alpha)
             assert_close(got, scores[b, h], c.dt, f"pick_slots: scores of sequence {b}, head {h}")
             assert_equal(idx, want.idx[b, h], f"pick_slots: picks of sequence {b}, head {h}")
             assert_close(alpha, want.alpha_soft[b, h], c.dt, f"pick_slots: softmax of sequence {b}, head {h}")
@@ -198,7 +206,7 @@ def run_route(kernel, c, want):
     idx = np.empty((c.B, c.H, c.kappa), np.int64)
     alpha = np.empty((c.B, c.H, c.kappa), c.dt)
     kernel(C(want.q_mem), c.scale, read_ema, last_read, mem, c.t, c.load_penalty, c.inv_sqrt, c.kappa, c.capacity,
-           c.rho, c.unit_keys, mix, idx, alpha)
+           c.rho, c.key_rule, mix, idx, alpha)
     assert_equal(mem, c.stored, "route: the bank is read, never written")
     return SimpleNamespace(mix=mix, idx=idx, alpha=alpha, read_ema=read_ema, last_read=last_read)
 
@@ -228,10 +236,10 @@ def test_route_matches_router_forward(kernel, sizes, seed):
 
 
 @pytest.mark.parametrize("kernel", ROUTE_KERNELS, ids=lambda k: k.__name__)
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_route_matches_router_forward_float32(kernel, seed):
     check_route(kernel, router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
-                                    duplicates=2, scale=0.6, unit_keys=seed >= 2))
+                                    duplicates=2, scale=0.6, router=ROUTERS[seed // 2]))
 
 
 @pytest.mark.parametrize("kernel", ROUTE_KERNELS, ids=lambda k: k.__name__)
@@ -313,7 +321,7 @@ def check_route_forward(c, record_A=True):
         G[STEP] = c.G
     fast_router.route_forward(STEP, c.t, L.QE, L.S, c.off0, c.d0, c.offK, c.dK, L.WqsT, c.scale, read_ema,
                               last_read, mem, G, c.G is not None, c.load_penalty, c.inv_sqrt, c.kappa, c.capacity,
-                              c.rho, c.unit_keys, L.Wk_heads, L.WvT_heads, record_A, *rec.values())
+                              c.rho, c.key_rule, L.Wk_heads, L.WvT_heads, record_A, *rec.values())
     assert_equal(mem, c.stored, "route_forward: the bank is read, never written")
     i = STEP
     assert_close(rec["QV"][i], want.q, c.dt, "route_forward: q")
@@ -341,10 +349,10 @@ def test_route_forward_matches_router_forward(sizes, seed, gumbel, record_A):
     check_route_forward(router_case(seed, gumbel=gumbel, **sizes), record_A)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_route_forward_matches_router_forward_float32(seed):
     check_route_forward(router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
-                                    duplicates=2, scale=0.6, gumbel=seed % 2 == 0, unit_keys=seed >= 2))
+                                    duplicates=2, scale=0.6, gumbel=seed % 2 == 0, router=ROUTERS[seed // 2]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -371,7 +379,7 @@ def check_route_backward(c, use_DA=True, c_scale=0.6):
     d_ema, D, DS = d_ema0.copy(), D0.copy(), DS0.copy()
     DQ = np.zeros((T, B, H * c.d_h), c.dt)
     MK = np.zeros((T, H, B, c.d_m), c.dt)
-    fast_router.route_backward(i, DR, d_ema, DA, use_DA, c.rho, c.load_penalty, c.inv_sqrt, c.capacity, c.unit_keys,
+    fast_router.route_backward(i, DR, d_ema, DA, use_DA, c.rho, c.load_penalty, c.inv_sqrt, c.capacity, c.key_rule,
                                L.Wv_heads, L.WkT_heads, rec["IDX"], rec["ASOFT"], rec["ALPHA"], rec["CAPM"],
                                rec["CAPU"], rec["MSEL"], rec["QK"], D, c_scale, DQ, MK, L.W_q_s, DS, c.off0, c.d0,
                                c.offK, c.dK)
@@ -401,10 +409,10 @@ def test_route_backward_matches_router_backward(sizes, seed, gumbel, use_DA, c_s
     check_route_backward(router_case(seed, gumbel=gumbel, **sizes), use_DA, c_scale)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_route_backward_matches_router_backward_float32(seed):
     check_route_backward(router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
-                                     duplicates=2, scale=0.6, gumbel=seed % 2 == 0, unit_keys=seed >= 2),
+                                     duplicates=2, scale=0.6, gumbel=seed % 2 == 0, router=ROUTERS[seed // 2]),
                          use_DA=seed % 2 == 1)
 
 

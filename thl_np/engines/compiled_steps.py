@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from ..components.registry import uses_unit_keys
+from ..components.registry import key_rule
 from ..fast import gru, linalg, local_attention, primitives, router, writer
 
 # Above this many parameters in the step's products (the output head and the embedding table excluded),
@@ -86,7 +86,7 @@ class StepConfig(NamedTuple):
     head_dim: int
     read_topk: int
     read_slot_capacity: int       # 0: none
-    unit_keys: bool
+    key_rule: int                 # thl_np.fast.router's score rule (registry.KEY_RULES)
     load_penalty: float
     read_ema_decay: float
     write_slots: int
@@ -184,6 +184,7 @@ def _build(kernel_digest: int):
         A = np.empty(J, np.float64)
         served = np.empty(J, np.int64)
         key_scale = np.empty(J, np.float64)
+        empty_w = np.empty(J, np.float64)
         w_clip = np.empty(d_m, dt)           # write_one's scratch, as writer.write allocates it
         aff = np.empty(J, np.float64)
         prio = np.empty(J, np.float64)
@@ -227,8 +228,8 @@ def _build(kernel_digest: int):
                     q_mem[b, h] = head_out[b, :d_m]
             for b in range(B):
                 router.route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, c.load_penalty,
-                                 inv_sqrt_h, c.read_topk, c.read_slot_capacity, c.read_ema_decay, c.unit_keys,
-                                 mix[b], idx[b], alpha[b], dots, scores, A, served, key_scale)
+                                 inv_sqrt_h, c.read_topk, c.read_slot_capacity, c.read_ema_decay, c.key_rule,
+                                 mix[b], idx[b], alpha[b], dots, scores, A, served, key_scale, empty_w)
             for h in range(H):   # r_h = W_v,h mix_h
                 for b in range(B):
                     mix_h[b] = mix[b, h]
@@ -335,7 +336,7 @@ def prepare(decoder) -> tuple | None:
     cfg = StepConfig(
         local_window=int(c.local_window), query_dim=int(c.query_dim), num_heads=int(c.num_heads),
         head_dim=int(c.head_dim), read_topk=int(c.read_topk), read_slot_capacity=int(c.read_slot_capacity or 0),
-        unit_keys=bool(uses_unit_keys(c)), load_penalty=float(c.load_penalty),
+        key_rule=key_rule(c), load_penalty=float(c.load_penalty),
         read_ema_decay=float(c.read_ema_decay), write_slots=int(c.write_slots),
         write_clip_max=float(c.write_clip_max), novelty_beta=float(c.novelty_beta),
         novelty_theta=float(c.novelty_theta), stale_weight=float(c.stale_weight),
@@ -412,7 +413,7 @@ def _signature(model) -> tuple:
     f4 = np.zeros((1, 1, 1, 1), dt)
     weights = StepWeights(emb=f2, W_qkv=f3, zeros=f1, W_q=f3, W_k_heads_T=f4, W_v_heads=f4, W_zr=f1, b_zr=f1,
                           W_h=f1, b_h=f1, W_w=f3, b_w=f1, W_o=f3, b_o=f1)
-    cfg = StepConfig(0, 0, 0, 0, 0, 0, False, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, i1, i1)
+    cfg = StepConfig(0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, i1, i1)
     return tuple(typeof(x) for x in (i2, weights, cfg, f2, f3, f2, f2, f2, i2, i2, f3, f3, f3, f2, f3, i3, f3, i2,
                                      f1, np.zeros(1, np.bool_), 0, 0.0, 0, 0, 0.0, f3))
 

@@ -51,7 +51,7 @@ from .._blas import blas_threads
 from .._threads import StepThreads
 from ..checks import as_int_array
 from ..components.output import layer_norm_forward
-from ..components.registry import components_for, has_fast_path, uses_unit_keys
+from ..components.registry import components_for, has_fast_path, key_rule
 from ..errors import InputError
 from ..fast import gru, int8, linalg, local_attention, primitives, router, writer
 from ..fast.linalg import SMALL_BATCH, linear
@@ -81,7 +81,7 @@ class FastDecoder:
                              f"{components_for(model.config).without_kernels()}: use model.decoder(), which runs them "
                              "on the plain path")
         self.model = model
-        self.unit_keys = uses_unit_keys(model.config)
+        self.key_rule = key_rule(model.config)
         self.packed_head = packed_head
         self.weights_key = model.weights_key()
         c = self.config = model.config
@@ -350,7 +350,7 @@ class FastDecoder:
         q_mem = np.ascontiguousarray(self._q_mem_heads.transpose(1, 0, 2))                       # [B, H, d_m]
         route = router.route if self.B == 1 else router.route_parallel
         route(q_mem, self.scale, self.read_ema, self.last_read, self.memory, t, c.load_penalty, 1.0 / math.sqrt(d_h),
-              c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self.unit_keys, self._mix, self._idx,
+              c.read_topk, c.read_slot_capacity or 0, c.read_ema_decay, self.key_rule, self._mix, self._idx,
               self._alpha)
         int8.per_head(np.ascontiguousarray(self._mix.transpose(1, 0, 2)), self.W_v_heads, self._r_heads)
         r = self._r_heads.transpose(1, 0, 2).reshape(self.B, c.value_dim)

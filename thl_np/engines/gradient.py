@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._blas import blas_threads
-from ..components.registry import uses_unit_keys
+from ..components.registry import key_rule
 from ..components.router import gumbel_noise, router_input
 from ..fast import embedding, gru, local_attention, primitives, router, writer
 from ..state import InferenceState
@@ -247,7 +247,7 @@ def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=No
     inv_h = 1.0 / math.sqrt(Dh)
     cap = int(c.read_slot_capacity or 0)
     eager = float(c.memory_decay) < MIN_DECAY
-    route_args = (float(c.load_penalty), inv_h, kappa, cap, float(c.read_ema_decay), uses_unit_keys(c),
+    route_args = (float(c.load_penalty), inv_h, kappa, cap, float(c.read_ema_decay), key_rule(c),
                   Wt.Wk_heads, Wt.WvT_heads,
                   record_A, a["QV"], a["QK"], a["IDX"], a["ASOFT"], a["ALPHA"], a["CAPM"], a["CAPU"], a["MSEL"],
                   a["MIX"], a["AW"], a["R"])
@@ -371,7 +371,7 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
             DR[i] += d_ctx
         # 4-3. read metadata and router: the rows read, read_ema, d q (and d u's state part into DS)
         router.route_backward(i, DR, d_ema, DA, use_DA, float(c.read_ema_decay), float(c.load_penalty), inv_h,
-                              cap, uses_unit_keys(c), *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
+                              cap, key_rule(c), *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
         # 2. local attention: its query, and the keys/values of the window's rows
         n = int(n_steps[i])
         if n > 0:

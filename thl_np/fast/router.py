@@ -6,42 +6,70 @@ capacity) and ``read_meta`` (§4.4).
 
 Both compute scores as m_j·q_mem_h with q_mem_h = W_k,h^T q_h (``slot_scores``) over a bank stored divided
 by a running scalar (true memory = scale·memory), one code path per row, so identical rows tie exactly and
-go to the lower index (``primitives.top_k_desc``). With ``unit_keys`` they compute the router variant of
-``thl_np.components.router_unit_keys``: each content score divided by √(‖true row‖² + ε²). Tested kernel
-by kernel in tests/fast/test_router_kernels.py.
+go to the lower index (``primitives.top_k_desc``). ``key_rule`` chooses the scores (KEY_RULES in
+thl_np.components.registry): KEY_DOT the spec's; KEY_UNIT the router variant of
+``thl_np.components.router_unit_keys`` (each content score divided by √(‖true row‖² + ε²)); KEY_EMPTY_LAST
+that of ``router_empty_last`` (unit keys, less (ε²/s_j²)·‖q_mem_h‖/√d_h). Tested kernel by kernel in
+tests/fast/test_router_kernels.py.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
+from ..components.registry import KEY_RULES
+from ..components.router_empty_last import NAME as EMPTY_LAST
+from ..components.router_unit_keys import NAME as UNIT_KEYS
 from ..components.router_unit_keys import UNIT_KEY_EPS
 from .primitives import axpy, dot, gather_ends, multi_row_dots, row_dots, scatter_add_ends, top_k_desc
 
+KEY_DOT, KEY_UNIT, KEY_EMPTY_LAST = KEY_RULES["spec"], KEY_RULES[UNIT_KEYS], KEY_RULES[EMPTY_LAST]
+
 
 @njit(cache=True)
-def key_scales(memory, scale, unit_keys, out):
+def key_scales(memory, scale, key_rule, out, empty_w):
     """out[j]: what slot j's stored dot product m_j·q_mem is multiplied by to give its content score before
-    1/√d_h: ``scale`` (true row = scale·stored row) for the spec's scores, and with ``unit_keys``
-    scale/√(‖true row‖² + ε²) (thl_np.components.router_unit_keys)."""
+    1/√d_h: ``scale`` (true row = scale·stored row) for the spec's scores (KEY_DOT), and
+    scale/√(‖true row‖² + ε²) for KEY_UNIT and KEY_EMPTY_LAST (thl_np.components.router_unit_keys).
+    empty_w[j]: ε²/(‖true row‖² + ε²) for KEY_EMPTY_LAST (router_empty_last.empty_weights), else 0."""
     for j in range(memory.shape[0]):
         out[j] = scale
-        if unit_keys:
-            out[j] = scale / math.sqrt(scale * scale * dot(memory[j], memory[j]) + UNIT_KEY_EPS * UNIT_KEY_EPS)
+        empty_w[j] = 0.0
+        if key_rule != KEY_DOT:
+            s2 = scale * scale * dot(memory[j], memory[j]) + UNIT_KEY_EPS * UNIT_KEY_EPS
+            out[j] = scale / math.sqrt(s2)
+            if key_rule == KEY_EMPTY_LAST:
+                empty_w[j] = UNIT_KEY_EPS * UNIT_KEY_EPS / s2
+
+
+@njit(cache=True)
+def empty_penalty(key_rule, q_mem_h):
+    """‖q_mem_h‖ for KEY_EMPTY_LAST (an empty slot's score is −empty_w·‖q_mem_h‖/√d_h), else 0."""
+    if key_rule != KEY_EMPTY_LAST:
+        return 0.0
+    tot = 0.0
+    for m in range(q_mem_h.shape[0]):
+        tot += float(q_mem_h[m]) * float(q_mem_h[m])
+    return math.sqrt(tot)
 
 
 # ---------------------------------------------------------------------------------------------------
 # One sequence's read, in three parts shared by the decode and the training kernels
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
-def pick_slots(dots, key_scale, inv_sqrt, load_penalty, read_ema, noise, use_noise, kappa, scores, idx, alpha):
+def pick_slots(dots, key_scale, empty_w, q_pen, inv_sqrt, load_penalty, read_ema, noise, use_noise, kappa, scores,
+               idx, alpha):
     """Mirrors, for one sequence and head, thl_np.components.router.slot_scores and router_forward's top-κ and
-    softmax: score_j = key_scale[j]·dots[j]/√d_h − λ·read_ema_j (dots[j] = stored m_j·q_mem_h, see
-    ``key_scales``), plus noise[j] when ``use_noise`` (training's Gumbel term; noise is not read otherwise);
+    softmax: score_j = key_scale[j]·dots[j]/√d_h − empty_w[j]·q_pen/√d_h − λ·read_ema_j (dots[j] = stored
+    m_j·q_mem_h, see ``key_scales``; q_pen from ``empty_penalty``, 0 but for KEY_EMPTY_LAST), plus noise[j]
+    when ``use_noise`` (training's Gumbel term; noise is not read otherwise);
     idx = the κ largest scores, descending, ties to the lower index (``top_k_desc``); alpha = their softmax.
     scores [J] is float64 scratch; each exp is rounded to alpha's dtype before the sum."""
     for j in range(dots.shape[0]):
-        s = (key_scale[j] * dots[j]) * inv_sqrt - load_penalty * read_ema[j]
+        s = (key_scale[j] * dots[j]) * inv_sqrt
+        if q_pen != 0.0:
+            s -= empty_w[j] * (q_pen * inv_sqrt)
+        s -= load_penalty * read_ema[j]
         if use_noise:
             s += noise[j]
         scores[j] = s
@@ -100,20 +128,19 @@ def read_meta(idx, alpha, t, rho, A, read_ema, last_read):
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
 def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
-              unit_keys, mix, idx_out, alpha_out, dots, scores, A, served, key_scale):
+              key_rule, mix, idx_out, alpha_out, dots, scores, A, served, key_scale, empty_w):
     """Mirrors thl_np.components.router.router_forward (spec §4.3, no Gumbel noise) and read_meta_forward
     (§4.4) for one sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see slot_scores; true memory =
     scale·memory), top-κ per head (descending, ties to the lower index), softmax, optional slot capacity,
     the α-weighted mix of the picked memory rows per head (the value projection is linear, so the caller
-    applies it once to the mix), then read_ema and last_read in place. ``unit_keys``: the scores of
-    router_unit_keys (each divided by √(‖true row‖² + ε²)). dots [H, J], scores [J], A [J], served [J] and
-    key_scale [J] are scratch."""
+    applies it once to the mix), then read_ema and last_read in place. ``key_rule``: whose scores (see
+    ``key_scales``). dots [H, J], scores [J], A [J], served [J], key_scale [J] and empty_w [J] are scratch."""
     H = q_mem.shape[0]
     multi_row_dots(memory, q_mem, dots)
-    key_scales(memory, scale, unit_keys, key_scale)
+    key_scales(memory, scale, key_rule, key_scale, empty_w)
     for h in range(H):
-        pick_slots(dots[h], key_scale, inv_sqrt, load_penalty, read_ema, scores, False, kappa, scores, idx_out[h],
-                   alpha_out[h])
+        pick_slots(dots[h], key_scale, empty_w, empty_penalty(key_rule, q_mem[h]), inv_sqrt, load_penalty, read_ema,
+                   scores, False, kappa, scores, idx_out[h], alpha_out[h])
     if capacity > 0:
         capacity_walk(idx_out, alpha_out, capacity, served, alpha_out, np.empty((H, kappa), alpha_out.dtype),
                       np.empty(H, np.bool_))
@@ -126,7 +153,7 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
 
 @njit(cache=True)
 def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
-          unit_keys, mix, idx_out, alpha_out):
+          key_rule, mix, idx_out, alpha_out):
     """Mirrors router_forward + read_meta_forward for a decode step: ``route_one`` for every sequence of the
     batch, in turn (``route_parallel`` splits them over the cores; it costs seconds more to compile, which
     one sequence never pays)."""
@@ -136,14 +163,16 @@ def route(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, 
     A = np.empty(J, dtype=np.float64)
     served = np.empty(J, dtype=np.int64)
     key_scale = np.empty(J, dtype=np.float64)
+    empty_w = np.empty(J, dtype=np.float64)
     for b in range(B):
         route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
-                  capacity, rho, unit_keys, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served, key_scale)
+                  capacity, rho, key_rule, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served, key_scale,
+                  empty_w)
 
 
 @njit(cache=True, parallel=True)
 def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sqrt, kappa, capacity, rho,
-                   unit_keys, mix, idx_out, alpha_out):
+                   key_rule, mix, idx_out, alpha_out):
     """``route`` (router_forward + read_meta_forward), the sequences split over the cores."""
     B, J, _ = memory.shape
     for b in prange(B):
@@ -152,8 +181,10 @@ def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, i
         A = np.empty(J, dtype=np.float64)
         served = np.empty(J, dtype=np.int64)
         key_scale = np.empty(J, dtype=np.float64)
+        empty_w = np.empty(J, dtype=np.float64)
         route_one(q_mem[b], scale, read_ema[b], last_read[b], memory[b], t, load_penalty, inv_sqrt, kappa,
-                  capacity, rho, unit_keys, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served, key_scale)
+                  capacity, rho, key_rule, mix[b], idx_out[b], alpha_out[b], dots, scores, A, served, key_scale,
+                  empty_w)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,7 +192,7 @@ def route_parallel(q_mem, scale, read_ema, last_read, memory, t, load_penalty, i
 # ---------------------------------------------------------------------------------------------------
 @njit(cache=True)
 def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_read, mem, G, use_gumbel,
-                  load_penalty, inv_sqrt, kappa, capacity, rho, unit_keys, Wk_heads, WvT_heads, record_A,
+                  load_penalty, inv_sqrt, kappa, capacity, rho, key_rule, Wk_heads, WvT_heads, record_A,
                   QV, QK, IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, MIX, AW, R):
     """Mirrors thl_np.components.router.router_forward (spec §4.3, Gumbel noise optional) and
     read_meta_forward (§4.4) for step i of a training sequence. Records q (QV), q_mem (QK), the picks (IDX),
@@ -171,8 +202,8 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
 
     q = u W_q^T, u = [e; s^0; s^{K-1}]: QE[i] is its e-part (one product over the whole sequence, made before
     the steps), the state part is [S[i, :, off0:off0+d0], S[i, :, offK:offK+dK]] WqsT (WqsT = W_q's state
-    columns, transposed). q_mem_h = W_k,h^T q_h; true row = scale·mem.
-    ``unit_keys``: the scores of router_unit_keys (each divided by √(‖true row‖² + ε²)).
+    columns, transposed). q_mem_h = W_k,h^T q_h; true row = scale·mem. ``key_rule``: whose scores (see
+    ``key_scales``).
     """
     B, J, Dm = mem.shape
     H, Dh = QV.shape[2], QV.shape[3]
@@ -184,6 +215,7 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
     served = np.zeros(J, np.int64)
     qh = np.empty((B, Dh), mem.dtype)
     key_scale = np.empty(J, np.float64)
+    empty_w = np.empty(J, np.float64)
     x = np.empty((B, d0 + dK), S.dtype)
     gather_ends(S[i], off0, d0, offK, dK, x)
     QS = np.dot(x, WqsT)                                # [B, Q]
@@ -197,13 +229,13 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
         for b in range(B):
             QK[i, b, h] = qm[b]
     for b in range(B):
-        key_scales(mem[b], scale, unit_keys, key_scale)
+        key_scales(mem[b], scale, key_rule, key_scale, empty_w)
         for h in range(H):
             row_dots(mem[b], QK[i, b, h], dots)
             # without noise G is [1, 1, 1, 1] and G[0, 0, 0] is passed, never read
             noise = G[i, b, h] if use_gumbel else G[0, 0, 0]
-            pick_slots(dots, key_scale, inv_sqrt, load_penalty, read_ema[b], noise, use_gumbel, kappa, scores,
-                       IDX[i, b, h], ex)
+            pick_slots(dots, key_scale, empty_w, empty_penalty(key_rule, QK[i, b, h]), inv_sqrt, load_penalty,
+                       read_ema[b], noise, use_gumbel, kappa, scores, IDX[i, b, h], ex)
             for r in range(kappa):
                 ASOFT[i, b, h, r] = ex[r]
                 ALPHA[i, b, h, r] = ex[r]
@@ -235,7 +267,7 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
 
 
 @njit(cache=True)
-def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capacity, unit_keys, Wv_heads, WkT_heads,
+def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capacity, key_rule, Wv_heads, WkT_heads,
                    IDX, ASOFT, ALPHA, CAPM, CAPU, MSEL, QK, D, c, DQ, MK, Wq_s, DS, off0, d0, offK, dK):
     """Mirrors thl_np.components.router.router_backward and read_meta_backward for step i:
     d_r = DR[i] and the read_ema gradient after the step (d_ema, updated in place to the one before it)
@@ -279,19 +311,28 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
                 sa += ASOFT[i, b, h, r] * dal[r]
             for r in range(kappa):
                 dpk[h, r] = ASOFT[i, b, h, r] * (dal[r] - sa)
-            # score = m·q_mem·inv_sqrt − λ·read_ema (+ constant noise); with unit_keys m·q_mem/s,
-            # s = √(‖m‖² + ε²): d q_mem += (ck/s)·m, d m += (ck/s)·(q_mem − (m·q_mem/s²)·m)
+            # score = m·q_mem·inv_sqrt − λ·read_ema (+ constant noise); with unit keys m·q_mem/s,
+            # s = √(‖m‖² + ε²): d q_mem += (ck/s)·m, d m += (ck/s)·(q_mem − (m·q_mem/s²)·m); with empty_last
+            # also − (ε²/s²)·‖q_mem‖: d q_mem −= ck·(ε²/s²)·q_mem/‖q_mem‖, d m += ck·‖q_mem‖·2ε²/s⁴·m
             mk = MK[i, h, b]
             mk[:] = 0.0
             qk = QK[i, b, h]
+            q_pen = empty_penalty(key_rule, qk)
             for r in range(kappa):
                 j = IDX[i, b, h, r]
                 cv = ALPHA[i, b, h, r] * inv_c
                 ck = dpk[h, r] * inv_sqrt
                 row = MSEL[i, b, h, r]
                 shrink = 0.0
-                if unit_keys:
+                if key_rule != KEY_DOT:
                     s2 = dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS
+                    if q_pen > 0.0:
+                        w = UNIT_KEY_EPS * UNIT_KEY_EPS / s2
+                        pull = ck * w / q_pen
+                        grow = ck * q_pen * 2.0 * w / s2 * inv_c
+                        for m in range(Dm):
+                            mk[m] -= pull * qk[m]
+                            D[b, j, m] += grow * row[m]
                     ck /= math.sqrt(s2)
                     shrink = dot(row, qk) / s2
                 for m in range(Dm):

@@ -1,8 +1,9 @@
-"""ONNX lowering of spec §4.3 (``thl_np.components.router``; the ``unit_keys`` variant of
-``thl_np.components.router_unit_keys`` too) and §4.4 (read metadata).
+"""ONNX lowering of spec §4.3 (``thl_np.components.router``; the ``unit_keys`` and ``empty_last`` variants of
+``thl_np.components.router_unit_keys`` and ``router_empty_last`` too) and §4.4 (read metadata).
 
 - Scores as the component forms them: m_j·(W_k,h^T q_h)/√d_h − λ_load·read_ema_j (unit keys: the content
-  term divided by √(‖m_j‖² + ε²)), so identical rows (the empty slots of every first step) tie exactly.
+  term divided by √(‖m_j‖² + ε²); empty_last: that, less (ε²/(‖m_j‖² + ε²))·‖W_k,h^T q_h‖/√d_h), so
+  identical rows (the empty slots of every first step) tie exactly.
 - The top-κ is ONNX ``TopK`` with ``largest=1, sorted=1``, which ranks equal values by the lower index:
   the spec's tie rule.
 - The slot capacity rule, a walk over heads then ranks, in closed form: a pick is dropped when at least c
@@ -22,8 +23,8 @@ from .builder import BOOL, FLOAT, INT64, GraphBuilder, bank_transposed, slot_dot
 
 def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_heads: int, head_dim: int,
                  num_slots: int, memory_dim: int, value_dim: int, topk: int, load_penalty: float, capacity=None,
-                 unit_keys: bool = False, W_q: str = "router.W_q.weight", W_k: str = "router.W_k.weight",
-                 W_v: str = "router.W_v.weight"):
+                 unit_keys: bool = False, empty_last: bool = False, W_q: str = "router.W_q.weight",
+                 W_k: str = "router.W_k.weight", W_v: str = "router.W_v.weight"):
     """u [B, d_u], memory [B, J, d_m], read_ema [B, J] → (r [B, d_v], alpha [B, H, κ], idx [B, H, κ] int64)."""
     H, d_h, d_m, kappa = num_heads, head_dim, memory_dim, topk
     dvh = value_dim // H
@@ -34,9 +35,13 @@ def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_hea
                  perm=[1, 0, 2])                                                          # [B, H, d_m]
     memory_t = bank_transposed(g, memory, num_slots, d_m)                                 # [B, d_m, J]
     content = g.op("Mul", slot_dots(g, memory_t, q_mem), g.f32(scale))                    # [B, H, J]
-    if unit_keys:
-        norms = g.op("Sqrt", g.op("Add", slot_sq_norms(g, memory_t), g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS)))
-        content = g.op("Div", content, g.op("Unsqueeze", norms, g.i64([1])))
+    if unit_keys or empty_last:
+        norms2 = g.op("Add", slot_sq_norms(g, memory_t), g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS))          # [B, J]
+        content = g.op("Div", content, g.op("Unsqueeze", g.op("Sqrt", norms2), g.i64([1])))
+    if empty_last:
+        empty_w = g.op("Unsqueeze", g.op("Div", g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS), norms2), g.i64([1]))  # [B, 1, J]
+        q_norm = g.op("Sqrt", sum_last(g, g.op("Mul", q_mem, q_mem), keepdims=1))                        # [B, H, 1]
+        content = g.op("Sub", content, g.op("Mul", empty_w, g.op("Mul", q_norm, g.f32(scale))))
     scores = g.op("Sub", content, g.op("Mul", g.f32(load_penalty), g.op("Unsqueeze", read_ema, g.i64([1]))))
     picked, idx = g.op("TopK", scores, g.i64([kappa]), outputs=2, axis=-1, largest=1, sorted=1)
     ex = g.op("Exp", g.op("Sub", picked, g.op("Slice", picked, g.i64([0]), g.i64([1]), g.i64([-1]))))
