@@ -287,7 +287,7 @@ def test_kv1p_mixes_procedural_and_fixed_templates_and_resumes_bit_for_bit():
         draw_context(rng, Spec(procedural=1.5))
 
 
-@pytest.mark.parametrize("task, pairs", [("kv2p", 2), ("kv4p", 4)])
+@pytest.mark.parametrize("task, pairs", [("kv2p", 2), ("kv4p", 4), ("kv8p", 8)])
 def test_the_pair_count_curriculum_states_that_many_labels_and_asks_one(task, pairs):
     rng = np.random.default_rng(pairs)
     ctxs = [draw_context(rng, KV_TASKS[task]) for _ in range(200)]
@@ -351,6 +351,8 @@ def test_the_in_distribution_pairs_and_update_cells_draw_from_the_training_half(
         ctx, _trial = draw_trial(rng, CELLS["trained-pairs-4"], 1200, hay)
         assert ctx.template in {t.name for t in TEMPLATES["train"]} and ctx.value_format in VALUE_FORMATS["train"]
         assert len(ctx.statements) == 4 and set(_words_of(ctx.label)) <= set(split_words("train"))
+        ctx, _trial = draw_trial(rng, CELLS["trained-pairs-8"], 1200, hay)
+        assert ctx.template in {t.name for t in TEMPLATES["train"]} and len(ctx.statements) == 8
         ctx, _trial = draw_trial(rng, CELLS["trained-update"], 1200, hay)
         assert ctx.template in {t.name for t in TEMPLATES["train"]} and len(ctx.statements) == 2
         assert ctx.answer_index == 1                                   # one label: the restatement is last

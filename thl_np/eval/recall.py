@@ -63,6 +63,8 @@ CELLS = {
     # In distribution: whether several pairs and updates are learnt, apart from the held-out forms.
     "trained-pairs-4": Cell(Spec(pairs=4, updates=0, distractors=0),
                             about="the training half; 4 labels stated, one asked"),
+    "trained-pairs-8": Cell(Spec(pairs=8, updates=0, distractors=0),
+                            about="the training half; 8 labels stated, one asked"),
     "trained-update": Cell(Spec(pairs=1, updates=1, distractors=0),
                            about="the training half; the label restated with a new value: the latest is the answer"),
     **{f"alphabet-{f}": Cell(Spec(**_HELD, **_ONE, value_formats=(f,)),

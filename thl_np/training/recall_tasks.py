@@ -417,13 +417,15 @@ def _states_label(ctx: Context, line: str) -> bool:
 #: The training tasks' specs: ``kv`` the whole task, ``kv1`` its easiest part (one pair, no update, no
 #: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage; ``kvp`` and ``kv1p`` the
 #: same with half the contexts in procedural templates; ``kvq`` and ``kv1q`` those with every procedural
-#: question in a form of its own; ``kv2p`` and ``kv4p`` ``kv1p`` with 2 and 4 pairs (a pair-count curriculum).
+#: question in a form of its own; ``kv2p``, ``kv4p`` and ``kv8p`` ``kv1p`` with 2, 4 and 8 pairs (a pair-count
+#: curriculum).
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
             "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5),
             "kvq": Spec(procedural=0.5, free_questions=1.0),
             "kv1q": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0),
             "kv2p": Spec(pairs=2, updates=0, distractors=0, procedural=0.5),
-            "kv4p": Spec(pairs=4, updates=0, distractors=0, procedural=0.5)}
+            "kv4p": Spec(pairs=4, updates=0, distractors=0, procedural=0.5),
+            "kv8p": Spec(pairs=8, updates=0, distractors=0, procedural=0.5)}
 
 
 def kv_task(rng: np.random.Generator, room: int,
