@@ -49,7 +49,7 @@ from thl_np.training.recall_tasks import (
     procedural_template,
     split_words,
 )
-from thl_np.training.synthetic_tasks import WindowBatches
+from thl_np.training.synthetic_tasks import KV_TASK_NAMES, WindowBatches
 
 CORPUS = ("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 300).encode()
 STOPS = {t.stop for split in SPLITS for t in TEMPLATES[split]} | {c.format()[0] for _, c in PROCEDURAL_QUOTES}
@@ -285,6 +285,12 @@ def test_kv1p_mixes_procedural_and_fixed_templates_and_resumes_bit_for_bit():
         draw_context(rng, Spec(templates="held", procedural=0.5))
     with pytest.raises(InputError, match="share"):
         draw_context(rng, Spec(procedural=1.5))
+
+
+def test_every_kv_spec_is_a_task_name_and_back():
+    """``synthetic_tasks.KV_TASK_NAMES`` (what ``--tasks`` accepts) is kept beside ``KV_TASKS`` (what a name
+    draws), so a spec added to one is named in the other."""
+    assert set(KV_TASK_NAMES) == set(KV_TASKS) and len(KV_TASK_NAMES) == len(KV_TASKS)
 
 
 @pytest.mark.parametrize("task, pairs", [("kv2p", 2), ("kv4p", 4), ("kv8p", 8)])
