@@ -85,7 +85,7 @@ def test_every_validator_uses_the_one_rule_table():
         if f.name not in ("dtype", "device", "components", "quantization", "task", "id2label", "label2id"):
             assert f.name in RULES, f.name
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("carry_state", "resume", "path", "full_bptt", "tasks", "filler", "routing"):
+        if f.name not in ("carry_state", "resume", "path", "full_bptt", "tasks", "filler", "routing", "freeze"):
             assert f.name in RULES, f.name
     for name in ("temperature", "top_k", "top_p", "seed", "max_length", "timestep"):
         assert name in RULES

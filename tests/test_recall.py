@@ -364,6 +364,40 @@ def test_the_in_distribution_pairs_and_update_cells_draw_from_the_training_half(
         assert ctx.answer_index == 1                                   # one label: the restatement is last
 
 
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_the_crosses_state_in_one_half_and_ask_in_the_other(seed):
+    """held-statements: a held-out template's statement asked by a trained template's question (with that
+    question's stop byte); held-questions the reverse. The rest of the draw is the one-pair cell's."""
+    for cell, stated, asked in (("held-statements", "held", "train"), ("held-questions", "train", "held")):
+        ctx = draw_context(np.random.default_rng(seed), CELLS[cell].spec)
+        s_name, q_name = ctx.template.split("/")
+        s_tpl = next(t for t in TEMPLATES[stated] if t.name == s_name)
+        q_tpl = next(t for t in TEMPLATES[asked] if t.name == q_name)
+        assert ctx.statements == (s_tpl.state(ctx.label, ctx.value),)
+        assert ctx.question == q_tpl.ask(ctx.label) and ctx.stop == q_tpl.stop
+        assert ctx.stop not in ctx.value and ctx.value not in ctx.question
+        assert cell not in DEFAULT_CELLS and f"{cell}-writer-off" in CELLS
+    with pytest.raises(InputError, match="train half only"):
+        kv_task(np.random.default_rng(0), 400, Spec(pairs=1, updates=0, distractors=0, questions="held"))
+    with pytest.raises(InputError, match="do not mix"):
+        draw_context(np.random.default_rng(0), Spec(procedural=0.5, questions="train"))
+
+
+def test_the_crosses_leave_the_other_cells_tapes_as_they_were():
+    """The question's template is drawn only for a cross: every other spec draws exactly what it did (the
+    figures recorded in docs/MEMORY.md stay reproducible)."""
+    for spec in (CELLS["trained"].spec, CELLS["held"].spec, KV_TASKS["kv"], KV_TASKS["kv1p"]):
+        rng = np.random.default_rng(11)
+        first = [draw_context(rng, spec) for _ in range(20)]
+        rng = np.random.default_rng(11)
+        again = [draw_context(rng, Spec(**{**spec.__dict__, "questions": None})) for _ in range(20)]
+        assert first == again
+    a = draw_context(np.random.default_rng(3), CELLS["held-templates"].spec)
+    b = draw_context(np.random.default_rng(3), CELLS["held-statements"].spec)
+    assert b.template.split("/")[0] == a.template   # the statement's template is drawn first, as before
+
+
 def test_a_trial_prompt_is_seeded_exact_length_and_holds_the_answer_once():
     hay = Haystack("source")
     one = draw_trial(np.random.default_rng([1, 2]), CELLS["update"], 2000, hay)

@@ -6,13 +6,15 @@ import signal
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from thl_np.config import THLConfig
 from thl_np.errors import ConfigError, InputError
 from thl_np.io.folder import resolve_model_dir
 from thl_np.training import checkpoint as ckpt
 from thl_np.training.data import LaneBatches
-from thl_np.training.optim import AdamW, clip_grad_norm, default_no_decay, global_grad_norm
+from thl_np.training.optim import AdamW, clip_grad_norm, default_no_decay, frozen_names, global_grad_norm
 from thl_np.training.schedule import CosineSchedule, lr_at
 from thl_np.training.trainer import TrainConfig, _new_rng, evaluate, train
 
@@ -305,3 +307,109 @@ def test_evaluate_bits_per_byte_is_chunking_invariant():
     ce = np.log(np.exp(z).sum(-1)) - z[np.arange(119), data[1:]]
     assert whole["bits_per_byte"] == pytest.approx(ce.mean() / math.log(2), rel=1e-12)
     assert whole["bits_per_byte"] == pytest.approx(math.log2(259), rel=0.05)  # an untrained model ≈ uniform
+
+
+# ---------------------------------------------------------------------- frozen parameters (--freeze)
+WRITER = "writer.*"
+
+
+def test_frozen_names_matches_globs_and_refuses_typos_and_everything():
+    names = ["writer.W_w.weight", "writer.W_w.bias", "writer.W_r.weight", "embedding.weight", "output_head.weight"]
+    assert frozen_names(names, "") == frozenset()
+    assert frozen_names(names, WRITER) == {"writer.W_w.weight", "writer.W_w.bias", "writer.W_r.weight"}
+    assert frozen_names(names, " writer.W_w.*, embedding.weight ,") == {
+        "writer.W_w.weight", "writer.W_w.bias", "embedding.weight"}
+    with pytest.raises(InputError, match="'writr.\\*' matches no parameter"):
+        frozen_names(names, "writr.*")
+    with pytest.raises(InputError, match="freezes every parameter"):
+        frozen_names(names, "*")
+
+
+@settings(max_examples=25, deadline=None)
+@given(frozen=st.sets(st.sampled_from(["a", "b.bias", "c"])), seed=st.integers(0, 2**31 - 1))
+def test_adamw_leaves_frozen_arrays_and_steps_the_rest_as_if_alone(frozen, seed):
+    """A frozen array is untouched (and needs no gradient); the others take exactly the step of an AdamW over
+    them alone: freezing one weight does not change another's update."""
+    rng = np.random.default_rng(seed)
+    params = {n: rng.standard_normal(3) for n in ("a", "b.bias", "c")}
+    rest = {n: p.copy() for n, p in params.items() if n not in frozen}
+    full = AdamW(params, weight_decay=0.1, frozen=frozen)
+    alone = AdamW(rest, weight_decay=0.1)
+    before = {n: p.copy() for n, p in params.items()}
+    for _ in range(3):
+        grads = {n: rng.standard_normal(3) for n in params}
+        full.step(params, {n: g for n, g in grads.items() if n not in frozen}, 1e-2)
+        alone.step(rest, {n: grads[n] for n in rest}, 1e-2)
+    for n in params:
+        if n in frozen:
+            assert np.array_equal(params[n], before[n]) and not full.m[n].any() and not full.v[n].any()
+        else:
+            assert np.array_equal(params[n], rest[n]) and not np.array_equal(params[n], before[n])
+    with pytest.raises(InputError, match="not parameters"):
+        AdamW(params, frozen={"nope"})
+
+
+def test_a_frozen_run_keeps_those_weights_and_clips_by_the_rest(tmp_path):
+    """train(freeze=...) for one step == the documented step with the frozen gradients dropped before the
+    clipping norm; the frozen weights are the initial ones bit for bit."""
+    from thl_np.model import THLModel, value_and_grad
+
+    tc = tiny_train_config(steps=1, warmup=0, freeze=WRITER, grad_clip=0.05)
+    train(tiny_config(), TEXT, tmp_path, tc)
+    trained = THLModel.from_pretrained(resolve_model_dir(str(tmp_path)))
+    model = THLModel(tiny_config(), seed=tc.seed)
+    frozen = frozen_names(model.params, WRITER)
+    assert frozen and all(np.array_equal(trained.params[n], model.params[n]) for n in frozen)
+    batch = LaneBatches(np.frombuffer(TEXT, np.uint8)[: int(len(TEXT) * 0.9 + 0.5)], 3, 12).next_batch()
+    u = _new_rng(tc.seed).random((12, 3, 4, 8))
+    _, grads = value_and_grad(model, batch.inputs, batch.targets, gumbel_uniform=u)
+    grads = {n: g for n, g in grads.items() if n not in frozen}
+    assert clip_grad_norm(grads, tc.grad_clip) > tc.grad_clip  # the clip is active: the norm's terms matter
+    opt = AdamW(model.params, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.eps, frozen=frozen)
+    opt.step(model.params, grads, lr_at(0, tc.lr, 0, 1))
+    for n in model.params:
+        assert np.array_equal(trained.params[n], model.params[n]), n
+
+
+def test_freeze_survives_a_resume_and_a_typo_fails_before_any_step(tmp_path):
+    from thl_np.model import THLModel
+
+    start = THLModel(tiny_config(), seed=7)
+    train(tiny_config(), TEXT, tmp_path / "run", tiny_train_config(steps=3, freeze="writer.W_w.*"))
+    train(None, TEXT, tmp_path / "run", tiny_train_config(steps=6, freeze="writer.W_w.*", resume=True))
+    end = THLModel.from_pretrained(resolve_model_dir(str(tmp_path / "run")))
+    assert np.array_equal(end.params["writer.W_w.weight"], start.params["writer.W_w.weight"])
+    assert not np.array_equal(end.params["embedding.weight"], start.params["embedding.weight"])
+    with pytest.raises(InputError, match="matches no parameter"):
+        train(tiny_config(), TEXT, tmp_path / "typo", tiny_train_config(freeze="writer.W_x.*"))
+    assert not (tmp_path / "typo").exists() or not any((tmp_path / "typo").iterdir())
+    assert TrainConfig.from_dict({"steps": 2}).freeze == ""  # a run saved before the option freezes nothing
+
+
+def test_cli_freeze_is_kept_on_resume_unless_given_again(tmp_path, capsys):
+    from thl_np.cli import main
+    from thl_np.training.trainer import saved_train_config
+
+    data = tmp_path / "t.txt"
+    data.write_bytes(TEXT)
+    out = tmp_path / "run"
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        return code, capsys.readouterr()
+
+    common = ["train", "--data", data, "--out", out, "--dim", 16, "--memory-slots", 8,
+              "--batch-size", 2, "--seq-len", 16, "--eval-every", 0, "--eval-tokens", 64]
+    code, (stdout, err) = run(*common, "--steps", 2, "--freeze", "writer.W_w.*", "--freeze", "embedding.*")
+    assert code == 0, err
+    assert "frozen: 3 arrays" in stdout + err
+    assert saved_train_config(str(out)).freeze == "writer.W_w.*,embedding.*"
+    code, (_, err) = run("train", "--data", data, "--out", out, "--resume", "--steps", 3)
+    assert code == 0, err
+    assert saved_train_config(str(out)).freeze == "writer.W_w.*,embedding.*"
+    code, (_, err) = run("train", "--data", data, "--out", out, "--resume", "--steps", 4, "--freeze", "")
+    assert code == 0, err
+    assert saved_train_config(str(out)).freeze == ""
+    common[4] = tmp_path / "other"
+    code, (stdout, err) = run(*common, "--freeze", "nothing.*")
+    assert code != 0 and "matches no parameter" in stdout + err

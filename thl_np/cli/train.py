@@ -26,7 +26,8 @@ from .train_init import NEW_RUN_DIM, NEW_RUN_SLOTS
 # flag name -> TrainConfig field, for the flags that fall back to a resumed run's saved values
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "lr_decay_steps", "weight_decay", "grad_clip",
                 "eval_every", "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path",
-                "full_bptt", "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing")
+                "full_bptt", "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing",
+                "freeze")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -203,6 +204,9 @@ def _load_data(data, include, exclude):
 @click.option("--routing", type=click.Choice(["gumbel", "hard"]),
               help="Memory reads while training: with the Gumbel noise of training-mode routing, or the hard "
                    "top-k of inference (no noise).  [default: gumbel]")
+@click.option("--freeze", "freeze_globs", multiple=True, metavar="GLOB",
+              help="Leave the parameters whose name matches untrained (repeatable; comma-separated also): "
+                   "--freeze 'writer.*'. Each must match a parameter.  [default: none]")
 @click.option("--batch-size", type=Number("batch_size"), help="Parallel lanes per batch.  [default: 8]")
 @click.option("--dim", type=Number("dim"), help=f"Every model width, new run.  [default: {NEW_RUN_DIM}]")
 @click.option("--memory-slots", type=Number("memory_slots"),
@@ -241,7 +245,7 @@ def _load_data(data, include, exclude):
                    "flag, a run started by mpirun is detected.")
 @_data_filters
 def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, log_every, include, exclude,
-          distributed, seq_len_text, init, sets, **flags):
+          distributed, seq_len_text, init, sets, freeze_globs, **flags):
     """Train a byte-level THL model on a text file or folder (first 90% trained on, last 10% held out).
 
     Each step reads B lanes x T bytes, carries the recurrent state from chunk to chunk (truncated BPTT),
@@ -282,6 +286,8 @@ def train(data, out, config_file, dim, memory_slots, write_rate, dtype, resume, 
             raise click.BadParameter(str(exc), param_hint="--seq-len") from None
         if flags["seq_len_final"] is None:
             flags.pop("seq_len_final")   # a plain length keeps a resumed run's schedule (if any)
+    if freeze_globs:  # not given: a resumed run keeps its saved set, a new one freezes nothing
+        flags["freeze"] = ",".join(freeze_globs)
     given = {k: v for k, v in flags.items() if k in _TRAIN_FLAGS and v is not None}
     tc = base.replace(**given, resume=resume)
     model_config = None

@@ -42,6 +42,8 @@ _REDRAWS = 20
 
 _HELD = dict(templates="held", labels="held", formats="held")
 _ONE = dict(pairs=1, updates=0, distractors=0)
+_STATED_HELD = Spec(templates="held", questions="train", **_ONE)   # a held-out statement, a trained question
+_ASKED_HELD = Spec(templates="train", questions="held", **_ONE)    # a trained statement, a held-out question
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,12 @@ CELLS = {
     "held-labels": Cell(Spec(labels="held", **_ONE), about="one pair; held-out labels only"),
     "held-formats": Cell(Spec(formats="held", **_ONE), about="one pair; held-out value formats only"),
     "held": Cell(Spec(**_HELD, **_ONE), about="one pair; templates, labels and value formats all held out"),
+    # Where an unseen form fails: a held-out statement asked in a trained form (the write of an unseen
+    # statement), and a trained statement asked in a held-out form (the read at an unseen question).
+    "held-statements": Cell(_STATED_HELD,
+                            about="one pair; a held-out template's statement, a trained template's question"),
+    "held-questions": Cell(_ASKED_HELD,
+                           about="one pair; a trained template's statement, a held-out template's question"),
     # In distribution: whether several pairs and updates are learnt, apart from the held-out forms.
     "trained-pairs-4": Cell(Spec(pairs=4, updates=0, distractors=0),
                             about="the training half; 4 labels stated, one asked"),
@@ -90,9 +98,14 @@ CELLS = {
     "held-templates-writer-off": Cell(Spec(templates="held", **_ONE), writer=False, prompts_of="held-templates",
                                       about="cell 'held-templates''s prompts with the writer off: what the "
                                             "memory adds at a form never trained"),
+    **{f"{c}-writer-off": Cell(spec, writer=False, prompts_of=c,
+                               about=f"cell '{c}''s prompts with the writer off")
+       for c, spec in (("held-statements", _STATED_HELD), ("held-questions", _ASKED_HELD))},
 }
 #: The cells ``thl-np eval --recall`` runs when none are named: everything up to 16K bytes.
-DEFAULT_CELLS = tuple(c for c in CELLS if c not in ("len-64K", "len-256K"))
+#: The statement/question crosses are a diagnosis of the held-out forms, not a target: asked for by name.
+DEFAULT_CELLS = tuple(c for c in CELLS if c not in ("len-64K", "len-256K")
+                      and not c.startswith(("held-statements", "held-questions")))
 
 
 def parse_cells(text) -> tuple[str, ...]:

@@ -13,6 +13,9 @@ Choices, and why:
   float64 reference path keeps its exactness end to end (a resumed run is bit-identical), and float32
   moments are what float32 training usually uses (PyTorch does the same); the bias corrections and the
   learning rate are Python floats.
+- **Frozen parameters** (``frozen=``) are left exactly as they are: no step, no decay, moments kept at 0 (so a
+  checkpoint has the same layout whatever is frozen, and a run can be resumed with another set frozen).
+  They need no gradient. ``frozen_names`` turns glob patterns into that set.
 - The update follows PyTorch's ``torch.optim.AdamW`` line by line, so numbers can be compared with it.
 
 Parameters are replaced by new arrays (``params[name] = new``), never modified in place, so a model that
@@ -20,7 +23,8 @@ caches anything derived from a weight array by identity sees the change.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+import fnmatch
+from collections.abc import Callable, Collection, Mapping, MutableMapping
 
 import numpy as np
 
@@ -32,11 +36,32 @@ def default_no_decay(name: str) -> bool:
     return name.endswith(".bias") or name.startswith("layer_norm.") or name == "embedding.weight"
 
 
+def frozen_names(names: Collection[str], patterns: str) -> frozenset[str]:
+    """The parameter names matched by ``patterns``, comma-separated globs (``writer.*,tiers.0.*``).
+
+    Every pattern must match a name (a typo must not silently train everything), and something must be left
+    to train.
+    """
+    names = list(names)
+    globs = [g.strip() for g in patterns.split(",") if g.strip()]
+    chosen: set[str] = set()
+    for glob in globs:
+        hits = fnmatch.filter(names, glob)
+        if not hits:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise InputError(f"freeze pattern {glob!r} matches no parameter; the model's are: {shown}")
+        chosen.update(hits)
+    if names and len(chosen) == len(names):
+        raise InputError(f"freeze = {patterns!r} freezes every parameter: nothing would train")
+    return frozenset(chosen)
+
+
 class AdamW:
     """AdamW over a dict of named NumPy arrays (the model's ``params``).
 
     ``step(params, grads, lr)`` updates ``params`` (replacing its arrays) and the moments. The learning
     rate is given per step by the caller (the schedule lives outside the optimiser, as a pure function).
+    The names in ``frozen`` are never updated (module docstring).
     """
 
     def __init__(
@@ -46,6 +71,7 @@ class AdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         no_decay: Callable[[str], bool] = default_no_decay,
+        frozen: Collection[str] = (),
     ):
         b1, b2 = (float(b) for b in betas)
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
@@ -54,6 +80,10 @@ class AdamW:
             raise InputError(f"AdamW needs eps > 0 and weight_decay >= 0 (got {eps}, {weight_decay})")
         self.beta1, self.beta2, self.eps = b1, b2, float(eps)
         self.weight_decay = float(weight_decay)
+        unknown = sorted(set(frozen) - set(params))
+        if unknown:
+            raise InputError(f"AdamW: frozen names {unknown[:5]} are not parameters")
+        self.frozen = frozenset(frozen)
         self.decay = {name: not no_decay(name) for name in params}
         self.t = 0
         self.m = {name: np.zeros_like(p) for name, p in params.items()}
@@ -61,8 +91,8 @@ class AdamW:
 
     def step(self, params: MutableMapping[str, np.ndarray], grads: Mapping[str, np.ndarray],
              lr: float) -> None:
-        """One AdamW update with learning rate ``lr`` (every parameter must have a gradient)."""
-        missing = [name for name in self.m if name not in grads]
+        """One AdamW update with learning rate ``lr`` (every parameter not frozen must have a gradient)."""
+        missing = [name for name in self.m if name not in grads and name not in self.frozen]
         if missing:
             raise InputError(f"AdamW.step: no gradient for {missing[:5]} ({len(missing)} missing)")
         self.t += 1
@@ -71,6 +101,8 @@ class AdamW:
         bias2_sqrt = np.sqrt(1.0 - self.beta2**self.t)
         step_size = lr / bias1
         for name, p in params.items():
+            if name in self.frozen:
+                continue
             g = np.asarray(grads[name], dtype=p.dtype)
             m = self.beta1 * self.m[name] + (1.0 - self.beta1) * g
             v = self.beta2 * self.v[name] + (1.0 - self.beta2) * (g * g)

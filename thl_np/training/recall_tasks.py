@@ -269,7 +269,10 @@ class Spec:
     label is restated with a new value (None: 0 or 1-2 at random); ``distractors`` (look-alike labels, None:
     0-2 at random); ``value_formats`` narrows the formats, ``value_length`` fixes the length (3-12);
     ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only);
-    ``free_questions``: the share of those whose question takes a form of its own (``free_question``)."""
+    ``free_questions``: the share of those whose question takes a form of its own (``free_question``);
+    ``questions``: the half the question (and its stop byte) comes from when it is not the statement's own
+    template's (None): a held-out statement asked in a trained form, or the other way round, tells whether
+    the write or the read is what does not carry over to an unseen form (evaluation only)."""
 
     templates: str = "train"
     labels: str = "train"
@@ -281,10 +284,15 @@ class Spec:
     value_length: int | None = None
     procedural: float = 0.0
     free_questions: float = 0.0
+    questions: str | None = None
 
     def check(self) -> None:
         for what in ("templates", "labels", "formats"):
             _check_split(getattr(self, what))
+        if self.questions is not None:
+            _check_split(self.questions)
+            if self.procedural:
+                raise InputError("questions from another template and procedural templates do not mix")
         if self.pairs is not None and not 1 <= int(self.pairs) <= MAX_PAIRS:
             raise InputError(f"pairs = {self.pairs}: use 1-{MAX_PAIRS}")
         if self.value_length is not None and not MIN_VALUE <= int(self.value_length) <= MAX_VALUE:
@@ -329,6 +337,10 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
         free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
         tpl = procedural_template(rng, free)
+    if spec.questions is not None:   # drawn only here: the tapes of specs without it stay as they were
+        asking = templates(spec.questions)
+        other = asking[int(rng.integers(0, len(asking)))]
+        tpl = Template(f"{tpl.name}/{other.name}", tpl.statement, other.question, other.stop)
     formats = spec.value_formats or VALUE_FORMATS[spec.formats]
     fmt = formats[int(rng.integers(0, len(formats)))]
     pairs = int(rng.integers(1, MAX_PAIRS + 1)) if spec.pairs is None else int(spec.pairs)
@@ -434,7 +446,7 @@ def kv_task(rng: np.random.Generator, room: int,
     (the train half), its statements, question and answer within ``room`` bytes (``fit_context``); None when
     ``room`` is too small. ``WindowBatches`` (``thl_np.training.synthetic_tasks``, tasks ``kv`` and ``kv1``)
     puts the lines at sorted depths of its filler, then the question and the answer."""
-    if spec.templates != "train" or spec.labels != "train" or spec.formats != "train":
+    if "held" in (spec.templates, spec.labels, spec.formats, spec.questions):
         raise InputError("a training context comes from the train half only: the held half is for evaluation")
     ctx = fit_context(draw_context(rng, spec), room)
     if ctx is None:

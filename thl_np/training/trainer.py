@@ -44,7 +44,7 @@ from ..errors import ConfigError, InputError, WeightsError
 from . import checkpoint as ckpt
 from . import distributed
 from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
-from .optim import AdamW, clip_grad_norm
+from .optim import AdamW, clip_grad_norm, frozen_names
 from .schedule import lr_at
 from .synthetic_tasks import FILLER_SOURCES, WindowBatches, parse_tasks
 
@@ -59,7 +59,7 @@ ROUTINGS = ("gumbel", "hard")
 LOSS_WINDOW = 20
 
 
-_TEXT_FIELDS = ("tasks", "filler", "task", "routing")          # checked by their own rules (parse_tasks, TASKS, ...)
+_TEXT_FIELDS = ("tasks", "filler", "task", "routing", "freeze")  # checked by their own rules (parse_tasks, TASKS, ...)
 _OPTIONAL_FIELDS = ("lr_decay_steps", "eval_tokens", "seq_len_final", "seq_len_ramp", "eval_examples", "dropout")
 _RULE_OF = {"dropout": "classifier_dropout"}         # a field named otherwise than its rule
 
@@ -83,6 +83,9 @@ class TrainConfig:
     ``routing``: "gumbel" (training-mode routing, spec §4.3: Gumbel noise on the router's scores picks the
     slots read, the run's own seeded stream) or "hard" (no noise: the eval-mode top-κ, the reads training sees
     are the reads inference makes; an ablation of the noise).
+
+    ``freeze``: comma-separated globs of parameter names AdamW leaves as they are (``writer.*``): they take no
+    step, no decay, and are out of the clipping norm; each glob must match a parameter of the model.
     """
 
     steps: int = 1000
@@ -115,6 +118,7 @@ class TrainConfig:
     filler: str = "corpus"
     answer_weight: float = 1.0
     routing: str = "gumbel"       # "gumbel": training-mode routing (spec §4.3's noise); "hard": eval-mode top-κ
+    freeze: str = ""              # globs of parameter names left untrained, e.g. "writer.*"
 
     def __post_init__(self):
         self.validate()
@@ -325,6 +329,11 @@ def _train(model_or_config, data, out_dir, config, log, world, callbacks, **over
                      "lower --batch-size or --seq-len, or train a smaller model")
     world.agree(run, tc, train_bytes, len(held_bytes))
 
+    if run.optimizer.frozen:
+        frozen = sorted(run.optimizer.frozen)
+        count = sum(run.model.params[n].size for n in frozen)
+        emit({"event": "message", "text": f"frozen: {len(frozen)} arrays, {count:,} weights ("
+              + ", ".join(frozen[:6]) + (", ..." if len(frozen) > 6 else "") + ")"})
     emit({"event": "start", "step": run.step, "steps": tc.steps, "resumed": tc.resume,
           "train_bytes": len(train_bytes), "held_out_bytes": len(held_bytes),
           "parameters": int(sum(p.size for p in run.model.params.values()))})
@@ -444,6 +453,8 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     loss = float(loss)
     grads = dict(grads)
     loss = world.sum_gradients(grads, loss, tc.batch_size)  # the whole batch's, on every rank
+    for name in run.optimizer.frozen:  # a frozen weight's gradient neither steps nor counts in the clipping norm
+        grads.pop(name, None)
     # the norm's dot products run outside the training step's one-thread block: on the idle cores only
     with blas_threads(_norm_threads(sum(np.asarray(g).nbytes for g in grads.values())).count):
         norm = clip_grad_norm(grads, tc.grad_clip)
@@ -536,7 +547,8 @@ def _new_rng(seed: int) -> np.random.Generator:
 
 
 def _new_optimizer(model, tc: TrainConfig) -> AdamW:
-    return AdamW(model.params, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    return AdamW(model.params, weight_decay=tc.weight_decay, betas=(tc.beta1, tc.beta2), eps=tc.eps,
+                 frozen=frozen_names(model.params, tc.freeze))
 
 
 def _new_batches(tc: TrainConfig, train_bytes):
