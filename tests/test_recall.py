@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import string
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ from thl_np.training.recall_tasks import (
     SPLITS,
     TEMPLATES,
     VALUE_FORMATS,
+    WILD_MARKS,
     WORDS,
     Spec,
     as_identifier,
@@ -217,6 +219,48 @@ def test_procedural_templates_never_take_a_held_out_form(seed, free):
         after = question.split(lab)[1]
         assert any(after == sep + o.format() and c.format()[0] == tpl.stop
                    for sep in PROCEDURAL_SEPARATORS + PROCEDURAL_FRAMES for o, c in PROCEDURAL_QUOTES)
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), free=st.booleans())
+def test_wild_separators_are_marks_no_held_out_form_has(seed, free):
+    """A wild form: LEAD LABEL SEP OPEN {V} CLOSE with SEP one to three marks of WILD_MARKS (a space around
+    them or not); the stop ends the value, is no value's byte, and nothing of a held-out form's syntax shows."""
+    tpl = procedural_template(np.random.default_rng(seed), free, wild=True)
+    assert not set(WILD_MARKS) & set("<>|$-_" + string.ascii_letters + string.digits)
+    for text in (tpl.statement, tpl.question):
+        for mark in ("<", "|", "export", "str", "Note that", "set to", "$"):
+            assert mark not in text
+    line, question = tpl.state("red key", "v4lue"), tpl.ask("red key")
+    lab = "red key" if "{L}" in tpl.statement else "red_key"
+    quotes = {o.format() for o, _ in PROCEDURAL_QUOTES}
+    for text in (line.split("v4lue")[0], question):
+        after = text.split(lab)[1]
+        core = next((after[: len(after) - len(o)] for o in sorted(quotes, key=len, reverse=True)
+                     if after.endswith(o)), after)
+        assert core.strip(" ") and set(core.strip(" ")) <= set(WILD_MARKS), (after, tpl)
+    assert line.split("v4lue")[1][0] in STOPS | set(WILD_MARKS) and tpl.stop in STOPS | set(WILD_MARKS)
+    assert tpl.stop not in string.ascii_letters + string.digits + "_-"
+    if not free:
+        assert line.split("v4lue")[0].split(lab)[1] == question.split(lab)[1]
+        assert line.split("v4lue")[1][0] == tpl.stop
+
+
+def test_kv1r_is_kv1q_with_wild_separators_and_resumes_bit_for_bit():
+    rng = np.random.default_rng(5)
+    ctxs = [draw_context(rng, KV_TASKS["kv1r"]) for _ in range(400)]
+    proc = [c for c in ctxs if c.template == "procedural"]
+    assert 150 < len(proc) < 250
+    seps = set()
+    for c in proc:
+        lab = as_identifier(c.label) if "{I}" in c.form.statement else c.label
+        seps.add(c.statements[0].split(c.value)[0].split(lab, 1)[1])
+        assert c.answer == c.value + c.form.stop and ("".join(c.statements) + c.question).count(c.value) == 1
+    assert len(seps) > 150                        # nearly every wild form has a separator of its own
+    assert len({c.stop for c in proc}) > 10
+    assert_resumes_bit_for_bit("kv1r")
+    with pytest.raises(InputError, match="procedural"):
+        draw_context(rng, Spec(wild=0.5))
 
 
 def test_free_question_frames_share_nothing_with_held_out_questions():

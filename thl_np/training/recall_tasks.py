@@ -238,13 +238,27 @@ PROCEDURAL_ASKS = ("", "# ", "? ", "Q: ", "lookup: ", "recall ", ">>> ", "// ")
 #: ``sentence``'s).
 PROCEDURAL_FRAMES = (") -> ", "? ", " (now) = ", " now: ", " reads ", " value: ", "] == ", " gives ",
                      " (current): ", " => value ")
+#: What a wild separator is made of (``procedural_template(wild=True)``): punctuation that no held-out form
+#: has for its own ("<", ">", "|" and "$" are theirs) and no value holds ("-", "_"). One to three of them,
+#: a space before or after or not: "~", " %: ", "#@ " ... hundreds of separators, so that what marks a value
+#: is where it stands after its label, not which separator came between.
+WILD_MARKS = ":=~+*^%&!?;/\\#@.,"
 
 
-def procedural_template(rng: np.random.Generator, free_question: bool = False) -> Template:
+def wild_separator(rng: np.random.Generator) -> str:
+    """One to three of ``WILD_MARKS``, with a space before and after each at even odds."""
+    marks = "".join(WILD_MARKS[int(i)] for i in rng.integers(0, len(WILD_MARKS), int(rng.integers(1, 4))))
+    before, after = rng.random(2) < 0.5
+    return (" " if before else "") + marks + (" " if after else "")
+
+
+def procedural_template(rng: np.random.Generator, free_question: bool = False, wild: bool = False) -> Template:
     """A statement form assembled from parts: ``LEAD LABEL SEP OPEN {V} CLOSE``, the label as written or as an
     identifier; the question is ``ASK LABEL SEP OPEN`` (the same label form and separator, its own lead), and
     the stop is the closing's first byte. A ``free_question`` draws its own separator or frame and its own
     quotes (``ASK LABEL SEP2 OPEN2``, the stop CLOSE2's first byte): only the label ties it to the statement.
+    ``wild``: the separators are ``wild_separator``s instead (the question's its own when it is free), and
+    half the time the value's closing is a single mark of ``WILD_MARKS`` with no opening (the stop).
     Training half only (name ``procedural``)."""
     def pick(parts):
         return parts[int(rng.integers(0, len(parts)))]
@@ -257,6 +271,16 @@ def procedural_template(rng: np.random.Generator, free_question: bool = False) -
     if free_question:   # drawn after the mirrored form's parts, so the tapes without free questions stay
         ask_sep = pick(PROCEDURAL_SEPARATORS + PROCEDURAL_FRAMES)
         ask_open, stop = pick(PROCEDURAL_QUOTES)
+    if wild:            # drawn after everything above, so the tapes without wild separators stay
+        sep = wild_separator(rng)
+        ask_sep = wild_separator(rng) if free_question else sep
+        if rng.random() < 0.5:
+            open_, close = "", WILD_MARKS[int(rng.integers(0, len(WILD_MARKS)))]
+            end = close + "\n"
+            if not free_question:
+                ask_open, stop = open_, close
+        if free_question and rng.random() < 0.5:
+            ask_open, stop = "", WILD_MARKS[int(rng.integers(0, len(WILD_MARKS)))]
     return Template("procedural", f"{lead}{label}{sep}{open_}{{V}}{end}", f"{ask}{label}{ask_sep}{ask_open}",
                     stop.format()[0])
 
@@ -270,6 +294,7 @@ class Spec:
     0-2 at random); ``value_formats`` narrows the formats, ``value_length`` fixes the length (3-12);
     ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only);
     ``free_questions``: the share of those whose question takes a form of its own (``free_question``);
+    ``wild``: the share of them whose separators are wild (``wild_separator``);
     ``questions``: the half the question (and its stop byte) comes from when it is not the statement's own
     template's (None): a held-out statement asked in a trained form, or the other way round, tells whether
     the write or the read is what does not carry over to an unseen form (evaluation only)."""
@@ -284,6 +309,7 @@ class Spec:
     value_length: int | None = None
     procedural: float = 0.0
     free_questions: float = 0.0
+    wild: float = 0.0
     questions: str | None = None
 
     def check(self) -> None:
@@ -301,6 +327,10 @@ class Spec:
             raise InputError(f"procedural = {self.procedural}: a share, in [0, 1]")
         if not 0.0 <= float(self.free_questions) <= 1.0:
             raise InputError(f"free_questions = {self.free_questions}: a share, in [0, 1]")
+        if not 0.0 <= float(self.wild) <= 1.0:
+            raise InputError(f"wild = {self.wild}: a share, in [0, 1]")
+        if self.wild and not self.procedural:
+            raise InputError("wild is a share of the procedural templates: give procedural > 0")
         if self.free_questions and not self.procedural:
             raise InputError("free_questions is a share of the procedural templates: give procedural > 0")
         if self.procedural and self.templates != "train":
@@ -336,7 +366,8 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     tpl = tpl_pool[int(rng.integers(0, len(tpl_pool)))]
     if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
         free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
-        tpl = procedural_template(rng, free)
+        wild = bool(spec.wild) and rng.random() < spec.wild                        # likewise
+        tpl = procedural_template(rng, free, wild)
     if spec.questions is not None:   # drawn only here: the tapes of specs without it stay as they were
         asking = templates(spec.questions)
         other = asking[int(rng.integers(0, len(asking)))]
@@ -430,11 +461,12 @@ def _states_label(ctx: Context, line: str) -> bool:
 #: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage; ``kvp`` and ``kv1p`` the
 #: same with half the contexts in procedural templates; ``kvq`` and ``kv1q`` those with every procedural
 #: question in a form of its own; ``kv2p``, ``kv4p`` and ``kv8p`` ``kv1p`` with 2, 4 and 8 pairs (a pair-count
-#: curriculum).
+#: curriculum); ``kv1r`` ``kv1q`` with wild separators in every procedural form (``wild_separator``).
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
             "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5),
             "kvq": Spec(procedural=0.5, free_questions=1.0),
             "kv1q": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0),
+            "kv1r": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0, wild=1.0),
             "kv2p": Spec(pairs=2, updates=0, distractors=0, procedural=0.5),
             "kv4p": Spec(pairs=4, updates=0, distractors=0, procedural=0.5),
             "kv8p": Spec(pairs=8, updates=0, distractors=0, procedural=0.5)}
