@@ -50,6 +50,7 @@ from thl_np.training.recall_tasks import (
     make_value,
     procedural_template,
     split_words,
+    wide_template,
 )
 from thl_np.training.synthetic_tasks import KV_TASK_NAMES, WindowBatches
 
@@ -261,6 +262,43 @@ def test_kv1r_is_kv1q_with_wild_separators_and_resumes_bit_for_bit():
     assert_resumes_bit_for_bit("kv1r")
     with pytest.raises(InputError, match="procedural"):
         draw_context(rng, Spec(wild=0.5))
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_wide_form_is_answered_with_the_statements_closing(seed):
+    """kv1w's forms: whatever stands between the label and the value, the question ends in the statement's
+    opening and the stop is the byte that followed the value in the statement (as at every held-out form);
+    nothing of a held-out form's syntax, and only training-half words."""
+    tpl = wide_template(np.random.default_rng(seed))
+    for text in (tpl.statement, tpl.question):
+        for mark in ("<", "|", "export", "str", "Note that", "set to", "$"):
+            assert mark not in text
+    line, question = tpl.state("red key", "v4lue"), tpl.ask("red key")
+    lab = "red key" if "{L}" in tpl.statement else "red_key"
+    before, after = line.split("v4lue")
+    assert after[0] == tpl.stop and tpl.stop not in string.ascii_letters + string.digits + "_-"
+    between = before.split(lab, 1)[1]
+    opening = next(o.format() for o in sorted((o for o, _ in PROCEDURAL_QUOTES), key=len, reverse=True)
+                   if between.endswith(o.format()))
+    assert question.endswith(opening) and question.count(lab) == 1 and "v4lue" not in question
+    words = [w for w in re.split(r"[^a-z]+", between) if w]
+    assert all(w in split_words("train") for w in words) and len(words) <= 1
+    assert set(between[: len(between) - len(opening)].replace(words[0] if words else "", "")) <= set(WILD_MARKS + " ")
+
+
+def test_kv1w_mixes_wide_and_fixed_forms_and_resumes_bit_for_bit():
+    rng = np.random.default_rng(8)
+    ctxs = [draw_context(rng, KV_TASKS["kv1w"]) for _ in range(400)]
+    wide = [c for c in ctxs if c.template == "procedural"]
+    assert 150 < len(wide) < 250 and len({c.template for c in ctxs}) == len(TEMPLATES["train"]) + 1
+    for c in wide:
+        assert c.answer == c.value + c.form.stop and ("".join(c.statements) + c.question).count(c.value) == 1
+        assert c.statements[0].split(c.value)[1][0] == c.stop
+    assert len({c.statements[0].split(c.value)[0].split(c.label.split()[0])[-1] for c in wide}) > 150
+    assert_resumes_bit_for_bit("kv1w")
+    with pytest.raises(InputError, match="procedural"):
+        draw_context(rng, Spec(wide=0.5))
 
 
 def test_free_question_frames_share_nothing_with_held_out_questions():

@@ -194,7 +194,9 @@ def _load_data(data, include, exclude):
                                 "docs/MEMORY.md), kv1 (kv with one pair, no update, no distractor), "
                                 "kvp and kv1p (the same, half of them in procedural templates), kvq and kv1q "
                                 "(those with procedural questions in forms of their own), kv1r (kv1q with wild "
-                                "separators: punctuation marks), kv2p, kv4p and "
+                                "separators: punctuation marks), kv1w (one pair, half in wide forms: wild "
+                                "separators, a question of its own, the statement's closing as the stop), "
+                                "kv2p, kv4p and "
                                 "kv8p (kv1p with 2, 4 and 8 pairs).  "
                                 "[default: passkey,recall,copy]")
 @click.option("--filler", type=click.Choice(["corpus", "python", "prose", "mixed"]),

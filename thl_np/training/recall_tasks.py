@@ -252,6 +252,31 @@ def wild_separator(rng: np.random.Generator) -> str:
     return (" " if before else "") + marks + (" " if after else "")
 
 
+def wide_template(rng: np.random.Generator) -> Template:
+    """``kv1w``'s form: ``LEAD LABEL SEP OPEN {V} CLOSE``, SEP a ``wild_separator`` (half the time two of
+    them around a word of the training half: `` (cedar) ``, ``: river = ``), OPEN/CLOSE a pair of quotes or
+    (half the time) no opening and a single mark; the question ``ASK LABEL SEP2 OPEN`` has a separator of its
+    own (wild, or a frame) and the statement's opening. So the answer is always the value and the byte that
+    followed it in the statement, as at every held-out form, while what stands between the label and the
+    value is new in nearly every context. Training half only (name ``procedural``)."""
+    def pick(parts):
+        return parts[int(rng.integers(0, len(parts)))]
+
+    lead, ask = pick(PROCEDURAL_LEADS), pick(PROCEDURAL_ASKS)
+    label = "{L}" if rng.random() < 0.5 else "{I}"
+    sep = wild_separator(rng)
+    if rng.random() < 0.5:
+        sep = sep + pick(split_words("train")) + wild_separator(rng)
+    if rng.random() < 0.5:
+        open_, close = pick(PROCEDURAL_QUOTES)
+    else:
+        open_, close = "", pick(WILD_MARKS)
+    ask_sep = wild_separator(rng) if rng.random() < 0.5 else pick(PROCEDURAL_FRAMES)
+    end = close if close.endswith("\n") else close + "\n"
+    return Template("procedural", f"{lead}{label}{sep}{open_}{{V}}{end}", f"{ask}{label}{ask_sep}{open_}",
+                    close.format()[0])
+
+
 def procedural_template(rng: np.random.Generator, free_question: bool = False, wild: bool = False) -> Template:
     """A statement form assembled from parts: ``LEAD LABEL SEP OPEN {V} CLOSE``, the label as written or as an
     identifier; the question is ``ASK LABEL SEP OPEN`` (the same label form and separator, its own lead), and
@@ -294,7 +319,8 @@ class Spec:
     0-2 at random); ``value_formats`` narrows the formats, ``value_length`` fixes the length (3-12);
     ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only);
     ``free_questions``: the share of those whose question takes a form of its own (``free_question``);
-    ``wild``: the share of them whose separators are wild (``wild_separator``);
+    ``wild``: the share of them whose separators are wild (``wild_separator``); ``wide``: the share of them
+    that are ``wide_template``s instead;
     ``questions``: the half the question (and its stop byte) comes from when it is not the statement's own
     template's (None): a held-out statement asked in a trained form, or the other way round, tells whether
     the write or the read is what does not carry over to an unseen form (evaluation only)."""
@@ -310,6 +336,7 @@ class Spec:
     procedural: float = 0.0
     free_questions: float = 0.0
     wild: float = 0.0
+    wide: float = 0.0
     questions: str | None = None
 
     def check(self) -> None:
@@ -327,10 +354,11 @@ class Spec:
             raise InputError(f"procedural = {self.procedural}: a share, in [0, 1]")
         if not 0.0 <= float(self.free_questions) <= 1.0:
             raise InputError(f"free_questions = {self.free_questions}: a share, in [0, 1]")
-        if not 0.0 <= float(self.wild) <= 1.0:
-            raise InputError(f"wild = {self.wild}: a share, in [0, 1]")
-        if self.wild and not self.procedural:
-            raise InputError("wild is a share of the procedural templates: give procedural > 0")
+        for share in ("wild", "wide"):
+            if not 0.0 <= float(getattr(self, share)) <= 1.0:
+                raise InputError(f"{share} = {getattr(self, share)}: a share, in [0, 1]")
+            if getattr(self, share) and not self.procedural:
+                raise InputError(f"{share} is a share of the procedural templates: give procedural > 0")
         if self.free_questions and not self.procedural:
             raise InputError("free_questions is a share of the procedural templates: give procedural > 0")
         if self.procedural and self.templates != "train":
@@ -365,9 +393,12 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     tpl_pool = templates(spec.templates)
     tpl = tpl_pool[int(rng.integers(0, len(tpl_pool)))]
     if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
-        free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
-        wild = bool(spec.wild) and rng.random() < spec.wild                        # likewise
-        tpl = procedural_template(rng, free, wild)
+        if spec.wide and rng.random() < spec.wide:            # likewise: no draw at 0
+            tpl = wide_template(rng)
+        else:
+            free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
+            wild = bool(spec.wild) and rng.random() < spec.wild                        # likewise
+            tpl = procedural_template(rng, free, wild)
     if spec.questions is not None:   # drawn only here: the tapes of specs without it stay as they were
         asking = templates(spec.questions)
         other = asking[int(rng.integers(0, len(asking)))]
@@ -461,12 +492,14 @@ def _states_label(ctx: Context, line: str) -> bool:
 #: distractor: evaluation cell ``trained``'s contexts), a curriculum's first stage; ``kvp`` and ``kv1p`` the
 #: same with half the contexts in procedural templates; ``kvq`` and ``kv1q`` those with every procedural
 #: question in a form of its own; ``kv2p``, ``kv4p`` and ``kv8p`` ``kv1p`` with 2, 4 and 8 pairs (a pair-count
-#: curriculum); ``kv1r`` ``kv1q`` with wild separators in every procedural form (``wild_separator``).
+#: curriculum); ``kv1r`` ``kv1q`` with wild separators in every procedural form (``wild_separator``);
+#: ``kv1w`` one pair in the fixed templates or (half the contexts) ``wide_template``s.
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
             "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5),
             "kvq": Spec(procedural=0.5, free_questions=1.0),
             "kv1q": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0),
             "kv1r": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0, wild=1.0),
+            "kv1w": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, wide=1.0),
             "kv2p": Spec(pairs=2, updates=0, distractors=0, procedural=0.5),
             "kv4p": Spec(pairs=4, updates=0, distractors=0, procedural=0.5),
             "kv8p": Spec(pairs=8, updates=0, distractors=0, procedural=0.5)}
