@@ -265,12 +265,13 @@ def test_kv1r_is_kv1q_with_wild_separators_and_resumes_bit_for_bit():
 
 
 @settings(max_examples=examples(60), deadline=None)
-@given(seed=st.integers(0, 2**32 - 1))
-def test_a_wide_form_is_answered_with_the_statements_closing(seed):
+@given(seed=st.integers(0, 2**32 - 1), spaced=st.booleans())
+def test_a_wide_form_is_answered_with_the_statements_closing(seed, spaced):
     """kv1w's forms: whatever stands between the label and the value, the question ends in the statement's
     opening and the stop is the byte that followed the value in the statement (as at every held-out form);
     nothing of a held-out form's syntax, and only training-half words."""
-    tpl = wide_template(np.random.default_rng(seed))
+    tpl = wide_template(np.random.default_rng(seed), spaced)
+    assert spaced or tpl.stop != " "
     for text in (tpl.statement, tpl.question):
         for mark in ("<", "|", "export", "str", "Note that", "set to", "$"):
             assert mark not in text
@@ -299,6 +300,17 @@ def test_kv1w_mixes_wide_and_fixed_forms_and_resumes_bit_for_bit():
     assert_resumes_bit_for_bit("kv1w")
     with pytest.raises(InputError, match="procedural"):
         draw_context(rng, Spec(wide=0.5))
+    # kv1ws: the same forms, a quarter of them closed by a space and a training word instead
+    rng = np.random.default_rng(8)
+    spaced = [c for c in (draw_context(rng, KV_TASKS["kv1ws"]) for _ in range(800)) if c.template == "procedural"]
+    by_space = [c for c in spaced if c.stop == " "]
+    assert 0.15 < len(by_space) / len(spaced) < 0.35
+    for c in by_space:
+        tail = c.statements[0].split(c.value)[1]
+        assert tail[0] == " " and tail[1:-1] in split_words("train") and tail.endswith("\n")
+    assert_resumes_bit_for_bit("kv1ws")
+    with pytest.raises(InputError, match="wide"):
+        draw_context(rng, Spec(procedural=0.5, spaced=True))
 
 
 def test_free_question_frames_share_nothing_with_held_out_questions():

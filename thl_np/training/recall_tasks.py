@@ -252,13 +252,15 @@ def wild_separator(rng: np.random.Generator) -> str:
     return (" " if before else "") + marks + (" " if after else "")
 
 
-def wide_template(rng: np.random.Generator) -> Template:
+def wide_template(rng: np.random.Generator, spaced: bool = False) -> Template:
     """``kv1w``'s form: ``LEAD LABEL SEP OPEN {V} CLOSE``, SEP a ``wild_separator`` (half the time two of
     them around a word of the training half: `` (cedar) ``, ``: river = ``), OPEN/CLOSE a pair of quotes or
     (half the time) no opening and a single mark; the question ``ASK LABEL SEP2 OPEN`` has a separator of its
     own (wild, or a frame) and the statement's opening. So the answer is always the value and the byte that
     followed it in the statement, as at every held-out form, while what stands between the label and the
-    value is new in nearly every context. Training half only (name ``procedural``)."""
+    value is new in nearly every context. ``spaced``: a quarter of the closings are instead a space and a
+    word of the training half (``x ;cedar@ V river``; the stop a space, as in the held-out ``table`` and
+    ``sentence``; no value holds a space). Training half only (name ``procedural``)."""
     def pick(parts):
         return parts[int(rng.integers(0, len(parts)))]
 
@@ -272,6 +274,8 @@ def wide_template(rng: np.random.Generator) -> Template:
     else:
         open_, close = "", pick(WILD_MARKS)
     ask_sep = wild_separator(rng) if rng.random() < 0.5 else pick(PROCEDURAL_FRAMES)
+    if spaced and rng.random() < 0.25:   # drawn last: the tapes of kv1w stay as they were
+        open_, close = "", " " + pick(split_words("train"))
     end = close if close.endswith("\n") else close + "\n"
     return Template("procedural", f"{lead}{label}{sep}{open_}{{V}}{end}", f"{ask}{label}{ask_sep}{open_}",
                     close.format()[0])
@@ -320,7 +324,7 @@ class Spec:
     ``procedural``: the share of contexts whose template is a ``procedural_template`` (train half only);
     ``free_questions``: the share of those whose question takes a form of its own (``free_question``);
     ``wild``: the share of them whose separators are wild (``wild_separator``); ``wide``: the share of them
-    that are ``wide_template``s instead;
+    that are ``wide_template``s instead, ``spaced`` ones (closed by a space, a quarter of the time) or not;
     ``questions``: the half the question (and its stop byte) comes from when it is not the statement's own
     template's (None): a held-out statement asked in a trained form, or the other way round, tells whether
     the write or the read is what does not carry over to an unseen form (evaluation only)."""
@@ -337,6 +341,7 @@ class Spec:
     free_questions: float = 0.0
     wild: float = 0.0
     wide: float = 0.0
+    spaced: bool = False
     questions: str | None = None
 
     def check(self) -> None:
@@ -359,6 +364,8 @@ class Spec:
                 raise InputError(f"{share} = {getattr(self, share)}: a share, in [0, 1]")
             if getattr(self, share) and not self.procedural:
                 raise InputError(f"{share} is a share of the procedural templates: give procedural > 0")
+        if self.spaced and not self.wide:
+            raise InputError("spaced is a kind of wide form: give wide > 0")
         if self.free_questions and not self.procedural:
             raise InputError("free_questions is a share of the procedural templates: give procedural > 0")
         if self.procedural and self.templates != "train":
@@ -394,7 +401,7 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     tpl = tpl_pool[int(rng.integers(0, len(tpl_pool)))]
     if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
         if spec.wide and rng.random() < spec.wide:            # likewise: no draw at 0
-            tpl = wide_template(rng)
+            tpl = wide_template(rng, bool(spec.spaced))
         else:
             free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
             wild = bool(spec.wild) and rng.random() < spec.wild                        # likewise
@@ -493,13 +500,15 @@ def _states_label(ctx: Context, line: str) -> bool:
 #: same with half the contexts in procedural templates; ``kvq`` and ``kv1q`` those with every procedural
 #: question in a form of its own; ``kv2p``, ``kv4p`` and ``kv8p`` ``kv1p`` with 2, 4 and 8 pairs (a pair-count
 #: curriculum); ``kv1r`` ``kv1q`` with wild separators in every procedural form (``wild_separator``);
-#: ``kv1w`` one pair in the fixed templates or (half the contexts) ``wide_template``s.
+#: ``kv1w`` one pair in the fixed templates or (half the contexts) ``wide_template``s; ``kv1ws`` the same with
+#: spaced wide forms (a quarter of their values closed by a space).
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
             "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5),
             "kvq": Spec(procedural=0.5, free_questions=1.0),
             "kv1q": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0),
             "kv1r": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0, wild=1.0),
             "kv1w": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, wide=1.0),
+            "kv1ws": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, wide=1.0, spaced=True),
             "kv2p": Spec(pairs=2, updates=0, distractors=0, procedural=0.5),
             "kv4p": Spec(pairs=4, updates=0, distractors=0, procedural=0.5),
             "kv8p": Spec(pairs=8, updates=0, distractors=0, procedural=0.5)}
