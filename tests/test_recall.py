@@ -50,6 +50,7 @@ from thl_np.training.recall_tasks import (
     make_value,
     procedural_template,
     split_words,
+    twice_template,
     wide_template,
 )
 from thl_np.training.synthetic_tasks import KV_TASK_NAMES, WindowBatches
@@ -311,6 +312,51 @@ def test_kv1w_mixes_wide_and_fixed_forms_and_resumes_bit_for_bit():
     assert_resumes_bit_for_bit("kv1ws")
     with pytest.raises(InputError, match="wide"):
         draw_context(rng, Spec(procedural=0.5, spaced=True))
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_a_twice_named_form_names_the_label_around_the_value_in_no_held_out_syntax(seed):
+    """kv1wst's forms: the label before and after the value (as ``xml`` has it), the question naming the label
+    and then ending in the opening tag; the stop is the closing tag's first byte, a mark no value holds."""
+    tpl = twice_template(np.random.default_rng(seed))
+    for text in (tpl.statement, tpl.question):
+        for mark in ("<", "|", "export", "str", "Note that", "set to", "$", "element"):
+            assert mark not in text
+    line, question = tpl.state("red key", "v4lue"), tpl.ask("red key")
+    lab = "red key" if "{L}" in tpl.statement else "red_key"
+    before, after = line.split("v4lue")
+    assert ">" not in before.split(lab, 1)[1] + after   # the tags: ">" only where a trained lead has it
+    assert line.count(lab) == 2 and question.count(lab) == 2 and "v4lue" not in question
+    assert after[0] == tpl.stop and tpl.stop not in string.ascii_letters + string.digits + "_- "
+    assert after.endswith("\n") and lab in after and lab in before
+    opening = before[before.index(lab) - 1:]          # the tag: one mark, the label, what follows it
+    assert question.endswith(opening) and after.startswith(tpl.stop)
+
+
+#: The first 16 hex digits of the sha256 of kv1ws's first 200 contexts for seed 9 (statements, question and
+#: answer), as drawn before ``twice`` existed.
+KV1WS_TAPE = "618953c61ee70b60"
+
+
+def test_kv1wst_is_kv1ws_with_twice_named_forms_and_leaves_kv1ws_as_it_was():
+    rng = np.random.default_rng(9)
+    ctxs = [draw_context(rng, KV_TASKS["kv1wst"]) for _ in range(800)]
+    proc = [c for c in ctxs if c.template == "procedural"]
+    twice = [c for c in proc if c.statements[0].count(as_identifier(c.label) if "{I}" in c.form.statement
+                                                      else c.label) == 2]
+    assert 300 < len(proc) < 500 and 0.15 < len(twice) / len(proc) < 0.35
+    for c in twice:
+        assert c.answer == c.value + c.form.stop and ("".join(c.statements) + c.question).count(c.value) == 1
+        assert c.statements[0].split(c.value)[1][0] == c.stop
+    assert_resumes_bit_for_bit("kv1wst")
+    with pytest.raises(InputError, match="wide"):
+        draw_context(rng, Spec(procedural=0.5, twice=0.5))
+    # kv1ws's rows as drawn before twice-named forms existed: round seven's runs read the same rows
+    rng = np.random.default_rng(9)
+    text = "".join("".join(c.statements) + c.question + c.answer
+                   for c in (draw_context(rng, KV_TASKS["kv1ws"]) for _ in range(200)))
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == KV1WS_TAPE
 
 
 def test_free_question_frames_share_nothing_with_held_out_questions():

@@ -196,7 +196,8 @@ def _load_data(data, include, exclude):
                                 "(those with procedural questions in forms of their own), kv1r (kv1q with wild "
                                 "separators: punctuation marks), kv1w (one pair, half in wide forms: wild "
                                 "separators, a question of its own, the statement's closing as the stop), kv1ws "
-                                "(kv1w, some values closed by a space), "
+                                "(kv1w, some values closed by a space), kv1wst (kv1ws, some forms naming the "
+                                "label twice: [name]V[/name]), "
                                 "kv2p, kv4p and "
                                 "kv8p (kv1p with 2, 4 and 8 pairs).  "
                                 "[default: passkey,recall,copy]")

@@ -281,6 +281,36 @@ def wide_template(rng: np.random.Generator, spaced: bool = False) -> Template:
                     close.format()[0])
 
 
+#: The tags of a twice-named form (``twice_template``): what stands before the label and after it. None holds
+#: ``<`` or ``>`` (``xml``'s own), ``|`` or ``$``; every opening is a mark, so the stop (the closing tag's first
+#: byte) is never a value's byte.
+TWICE_TAGS = (("[", "]"), ("(", ")"), ("{{", "}}"), ("@", ":"), ("%", "%"), ("#", "#"), ("(", "):"), ("[", "]="))
+#: What marks the closing tag, between its opening and the label: ``[/name]``, ``(end name)``, ``#!name#``...
+TWICE_ENDS = ("/", "\\", "end ", "!", "~", "")
+
+
+def twice_template(rng: np.random.Generator) -> Template:
+    """A form that names the label twice, around the value, as the held-out ``xml`` does, in none of its
+    syntax: ``LEAD A LABEL B {V} A END LABEL B`` (``[red_key]V[/red_key]``, ``@red key:V@end red key:``); A and
+    B a pair of ``TWICE_TAGS`` or (half the time) single ``WILD_MARKS``. The question names the label, then
+    a separator of its own (wild, or a frame), then the opening tag: ``ASK LABEL SEP A LABEL B``, so it ends
+    where the value starts and the stop is the closing tag's first byte. Training half only (name
+    ``procedural``)."""
+    def pick(parts):
+        return parts[int(rng.integers(0, len(parts)))]
+
+    lead, ask, end = pick(PROCEDURAL_LEADS), pick(PROCEDURAL_ASKS), pick(TWICE_ENDS)
+    label = "{L}" if rng.random() < 0.5 else "{I}"
+    if rng.random() < 0.5:
+        a, b = pick(TWICE_TAGS)
+    else:
+        a, b = pick(WILD_MARKS), pick(WILD_MARKS)
+    ask_sep = wild_separator(rng) if rng.random() < 0.5 else pick(PROCEDURAL_FRAMES)
+    opening, closing = f"{a}{label}{b}", f"{a}{end}{label}{b}"
+    return Template("procedural", f"{lead}{opening}{{V}}{closing}\n", f"{ask}{label}{ask_sep}{opening}",
+                    a.format()[0])
+
+
 def procedural_template(rng: np.random.Generator, free_question: bool = False, wild: bool = False) -> Template:
     """A statement form assembled from parts: ``LEAD LABEL SEP OPEN {V} CLOSE``, the label as written or as an
     identifier; the question is ``ASK LABEL SEP OPEN`` (the same label form and separator, its own lead), and
@@ -325,6 +355,7 @@ class Spec:
     ``free_questions``: the share of those whose question takes a form of its own (``free_question``);
     ``wild``: the share of them whose separators are wild (``wild_separator``); ``wide``: the share of them
     that are ``wide_template``s instead, ``spaced`` ones (closed by a space, a quarter of the time) or not;
+    ``twice``: the share of those wide ones that name the label twice instead (``twice_template``);
     ``questions``: the half the question (and its stop byte) comes from when it is not the statement's own
     template's (None): a held-out statement asked in a trained form, or the other way round, tells whether
     the write or the read is what does not carry over to an unseen form (evaluation only)."""
@@ -342,6 +373,7 @@ class Spec:
     wild: float = 0.0
     wide: float = 0.0
     spaced: bool = False
+    twice: float = 0.0
     questions: str | None = None
 
     def check(self) -> None:
@@ -359,13 +391,15 @@ class Spec:
             raise InputError(f"procedural = {self.procedural}: a share, in [0, 1]")
         if not 0.0 <= float(self.free_questions) <= 1.0:
             raise InputError(f"free_questions = {self.free_questions}: a share, in [0, 1]")
-        for share in ("wild", "wide"):
+        for share in ("wild", "wide", "twice"):
             if not 0.0 <= float(getattr(self, share)) <= 1.0:
                 raise InputError(f"{share} = {getattr(self, share)}: a share, in [0, 1]")
             if getattr(self, share) and not self.procedural:
                 raise InputError(f"{share} is a share of the procedural templates: give procedural > 0")
         if self.spaced and not self.wide:
             raise InputError("spaced is a kind of wide form: give wide > 0")
+        if self.twice and not self.wide:
+            raise InputError("twice is a share of the wide forms: give wide > 0")
         if self.free_questions and not self.procedural:
             raise InputError("free_questions is a share of the procedural templates: give procedural > 0")
         if self.procedural and self.templates != "train":
@@ -401,7 +435,10 @@ def draw_context(rng: np.random.Generator, spec: Spec = Spec()) -> Context:
     tpl = tpl_pool[int(rng.integers(0, len(tpl_pool)))]
     if spec.procedural and rng.random() < spec.procedural:   # no draw at 0: the fixed-template tapes stay
         if spec.wide and rng.random() < spec.wide:            # likewise: no draw at 0
-            tpl = wide_template(rng, bool(spec.spaced))
+            if spec.twice and rng.random() < spec.twice:      # likewise
+                tpl = twice_template(rng)
+            else:
+                tpl = wide_template(rng, bool(spec.spaced))
         else:
             free = bool(spec.free_questions) and rng.random() < spec.free_questions   # no draw at 0, as above
             wild = bool(spec.wild) and rng.random() < spec.wild                        # likewise
@@ -501,7 +538,8 @@ def _states_label(ctx: Context, line: str) -> bool:
 #: question in a form of its own; ``kv2p``, ``kv4p`` and ``kv8p`` ``kv1p`` with 2, 4 and 8 pairs (a pair-count
 #: curriculum); ``kv1r`` ``kv1q`` with wild separators in every procedural form (``wild_separator``);
 #: ``kv1w`` one pair in the fixed templates or (half the contexts) ``wide_template``s; ``kv1ws`` the same with
-#: spaced wide forms (a quarter of their values closed by a space).
+#: spaced wide forms (a quarter of their values closed by a space); ``kv1wst`` ``kv1ws`` with a quarter of the
+#: wide forms naming the label twice (``twice_template``).
 KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
             "kvp": Spec(procedural=0.5), "kv1p": Spec(pairs=1, updates=0, distractors=0, procedural=0.5),
             "kvq": Spec(procedural=0.5, free_questions=1.0),
@@ -509,6 +547,7 @@ KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
             "kv1r": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, free_questions=1.0, wild=1.0),
             "kv1w": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, wide=1.0),
             "kv1ws": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, wide=1.0, spaced=True),
+            "kv1wst": Spec(pairs=1, updates=0, distractors=0, procedural=0.5, wide=1.0, spaced=True, twice=0.25),
             "kv2p": Spec(pairs=2, updates=0, distractors=0, procedural=0.5),
             "kv4p": Spec(pairs=4, updates=0, distractors=0, procedural=0.5),
             "kv8p": Spec(pairs=8, updates=0, distractors=0, procedural=0.5)}

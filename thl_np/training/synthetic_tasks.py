@@ -23,7 +23,9 @@ window of the corpus. The tasks, each ending with its answer (the last bytes of 
   punctuation marks no held-out form uses); ``kv1w``: one pair, half the contexts in wide forms (wild
   separators, maybe around a word; the question its own separator and the statement's opening, so the
   answer ends in the statement's closing byte); ``kv1ws``: ``kv1w`` with a quarter of the wide forms' values
-  closed by a space and a word; ``kv2p``, ``kv4p`` and ``kv8p``: ``kv1p`` with 2, 4 and 8 pairs.
+  closed by a space and a word; ``kv1wst``: ``kv1ws`` with a quarter of the wide forms naming the label
+  twice, before and after the value (``[name]V[/name]``: the held-out ``xml``'s shape, not its syntax);
+  ``kv2p``, ``kv4p`` and ``kv8p``: ``kv1p`` with 2, 4 and 8 pairs.
 
 Filler (``filler``): ``corpus`` (a random window of the training bytes that ends at a line boundary, so the
 haystack is real text), the evaluation's ``python`` or ``prose`` lines, or ``mixed`` (one of the three per
@@ -50,7 +52,7 @@ from ..errors import InputError
 from .data import Batch, as_byte_array
 
 #: The key-value tasks (``thl_np.training.recall_tasks.KV_TASKS``).
-KV_TASK_NAMES = ("kv", "kv1", "kvp", "kv1p", "kvq", "kv1q", "kv1r", "kv1w", "kv1ws", "kv2p", "kv4p", "kv8p")
+KV_TASK_NAMES = ("kv", "kv1", "kvp", "kv1p", "kvq", "kv1q", "kv1r", "kv1w", "kv1ws", "kv1wst", "kv2p", "kv4p", "kv8p")
 TASKS = ("passkey", "recall", "copy") + KV_TASK_NAMES
 #: What a run mixes in when it names no tasks (``TrainConfig.tasks`` too): the tasks before ``kv``.
 DEFAULT_TASKS = ("passkey", "recall", "copy")
