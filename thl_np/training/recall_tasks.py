@@ -37,6 +37,7 @@ reads the same rows bit for bit), the evaluation's are seeded per cell.
 """
 from __future__ import annotations
 
+import functools
 import string
 from dataclasses import dataclass
 
@@ -245,6 +246,11 @@ PROCEDURAL_FRAMES = (") -> ", "? ", " (now) = ", " now: ", " reads ", " value: "
 WILD_MARKS = ":=~+*^%&!?;/\\#@.,"
 
 
+def _pick(rng: np.random.Generator, parts):
+    """One of ``parts``, uniformly: the one draw every part of a form is made by."""
+    return parts[int(rng.integers(0, len(parts)))]
+
+
 def wild_separator(rng: np.random.Generator) -> str:
     """One to three of ``WILD_MARKS``, with a space before and after each at even odds."""
     marks = "".join(WILD_MARKS[int(i)] for i in rng.integers(0, len(WILD_MARKS), int(rng.integers(1, 4))))
@@ -261,9 +267,7 @@ def wide_template(rng: np.random.Generator, spaced: bool = False) -> Template:
     value is new in nearly every context. ``spaced``: a quarter of the closings are instead a space and a
     word of the training half (``x ;cedar@ V river``; the stop a space, as in the held-out ``table`` and
     ``sentence``; no value holds a space). Training half only (name ``procedural``)."""
-    def pick(parts):
-        return parts[int(rng.integers(0, len(parts)))]
-
+    pick = functools.partial(_pick, rng)
     lead, ask = pick(PROCEDURAL_LEADS), pick(PROCEDURAL_ASKS)
     label = "{L}" if rng.random() < 0.5 else "{I}"
     sep = wild_separator(rng)
@@ -296,9 +300,7 @@ def twice_template(rng: np.random.Generator) -> Template:
     a separator of its own (wild, or a frame), then the opening tag: ``ASK LABEL SEP A LABEL B``, so it ends
     where the value starts and the stop is the closing tag's first byte. Training half only (name
     ``procedural``)."""
-    def pick(parts):
-        return parts[int(rng.integers(0, len(parts)))]
-
+    pick = functools.partial(_pick, rng)
     lead, ask, end = pick(PROCEDURAL_LEADS), pick(PROCEDURAL_ASKS), pick(TWICE_ENDS)
     label = "{L}" if rng.random() < 0.5 else "{I}"
     if rng.random() < 0.5:
@@ -319,9 +321,7 @@ def procedural_template(rng: np.random.Generator, free_question: bool = False, w
     ``wild``: the separators are ``wild_separator``s instead (the question's its own when it is free), and
     half the time the value's closing is a single mark of ``WILD_MARKS`` with no opening (the stop).
     Training half only (name ``procedural``)."""
-    def pick(parts):
-        return parts[int(rng.integers(0, len(parts)))]
-
+    pick = functools.partial(_pick, rng)
     lead, sep, (open_, close), ask = (pick(PROCEDURAL_LEADS), pick(PROCEDURAL_SEPARATORS),
                                       pick(PROCEDURAL_QUOTES), pick(PROCEDURAL_ASKS))
     label = "{L}" if rng.random() < 0.5 else "{I}"
