@@ -267,3 +267,21 @@ def fd_check(f, inputs: dict, grads: dict, coords: dict | None = None, eps=1e-6,
                 report.failures.append(f"{name}{list(where)}: analytic {an:.10g}, "
                                        f"finite difference {fd:.10g}")
     return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------------
+def assert_resume_matches(config, data, tmp_path, kw, full_dir="full"):
+    """A run of ``kw["steps"]`` steps (already trained into ``tmp_path / full_dir``) and one stopped at 2 steps
+    then resumed to the same count reach bit for bit the same weights."""
+    from thl_np.model import THLModel
+    from thl_np.training.trainer import train
+
+    steps = kw["steps"]
+    assert train(config, data, str(tmp_path / "half"), **dict(kw, steps=2)).step == 2
+    assert train(None, data, str(tmp_path / "half"), **dict(kw, resume=True)).step == steps
+    folder = f"step-{steps:06d}/model"
+    a = THLModel.from_pretrained(str(tmp_path / full_dir / folder))
+    b = THLModel.from_pretrained(str(tmp_path / "half" / folder))
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)

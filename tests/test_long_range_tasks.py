@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import random_params, tiny_config
+from helpers import assert_resume_matches, random_params, tiny_config
 
 from thl_np import THLModel
 from thl_np.cli import main
@@ -157,12 +157,7 @@ def test_trainer_windows_schedule_and_resume_bit_for_bit(tmp_path):
     assert all(0 <= r["mem_share_refine"] <= 1 and r["mem_read_entropy"] >= 0 for r in full.history)
     log = ckpt.read_csv(str(tmp_path / "full" / "step-000004" / "log.csv"))
     assert log[-1]["mem_effective_slots"] == pytest.approx(full.history[-1]["mem_effective_slots"])
-    half = train(cfg, CORPUS, str(tmp_path / "half"), **dict(kw, steps=2))
-    assert half.step == 2
-    resumed = train(None, CORPUS, str(tmp_path / "half"), **dict(kw, resume=True))
-    a = THLModel.from_pretrained(str(tmp_path / "full" / "step-000004" / "model"))
-    b = THLModel.from_pretrained(str(tmp_path / "half" / "step-000004" / "model"))
-    assert resumed.step == 4 and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    assert_resume_matches(cfg, CORPUS, tmp_path, kw)
 
 
 def test_cli_train_tasks_then_eval_diagnostics_and_trace(tmp_path, capsys, monkeypatch):

@@ -119,6 +119,7 @@ RULES: dict[str, Rule] = {
                                                           "seq_len_ramp")},
     "task_mix": _UNIT,                                          # share of rows that are long-range tasks
     "answer_weight": Rule(0.0, MAX_COEFFICIENT, lo_open=True),  # loss weight of a task's answer bytes
+    "read_weight": Rule(0.0, MAX_COEFFICIENT),                  # the read-target term's μ (0: off)
     **{name: Rule(0, MAX_SIZE, integer=True) for name in ("warmup", "eval_every", "checkpoint_every")},
     "eval_tokens": Rule(2, MAX_SIZE, integer=True),
     "eval_examples": Rule(1, MAX_SIZE, integer=True),         # thl-np finetune

@@ -12,7 +12,7 @@ import numpy as np
 from ._blas import blas_threads
 from ._threads import StepThreads
 from .checks import as_dtype, as_int_array, as_path
-from .components.registry import components_for
+from .components.registry import components_for, router_score_rule
 from .config import THLConfig
 from .errors import InputError, StateError, WeightsError
 from .params import check_params, init_params, num_parameters, param_shapes
@@ -346,7 +346,8 @@ def dequantize_model(model):
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
-                   return_state_grad=False, path: str = "auto", loss_weights=None, observe=None):
+                   return_state_grad=False, path: str = "auto", loss_weights=None, observe=None,
+                   read_targets=None):
     """Loss (spec §5: mean cross-entropy over B·T, plus the load-balance term when its weight is non-zero)
     and the exact gradient of every parameter, by back-propagation through all T steps.
 
@@ -358,6 +359,8 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     ``loss_weights`` [B, T] (optional, >= 0, not all 0): the cross-entropy becomes Σ w·CE / Σ w (e.g. more
     weight on the answer bytes of a retrieval task). ``observe`` (optional): called once with the
     forward's memory choices, a ``thl_np.eval.diagnostics.MemorySteps``, on either path.
+    ``read_targets`` (optional, a ``thl_np.components.read_target.ReadTargets``): adds the read-target term, a
+    loss on the router's scores at the steps that ask for a value, toward the slots its bytes were written to.
     """
     fast = choose_fast(model.config, path, gumbel_given=False)
     ids = model._check_ids(input_ids)
@@ -368,15 +371,20 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     U = model._check_gumbel(gumbel_uniform, B, T)
     state0 = model._prepare_state(state, B)
     weights = check_loss_weights(loss_weights, B, T)
+    if read_targets is not None:
+        read_targets = read_targets.checked(B, T)
+        if router_score_rule(model.config) is None:
+            raise InputError("read_targets needs a built-in router's scores: the plugin router "
+                             f"{model.config.components.get('router')!r} has its own")
     if fast:
         from .engines.gradient import loss_and_grads as fast_loss_and_grads  # imported here: it needs Numba
 
         loss, grads, state_out, d_state = fast_loss_and_grads(model.params, model.config, ids, tg, state0, U,
-                                                              weights, observe)
+                                                              weights, observe, read_targets)
     else:
         with blas_threads(model.plain_threads(), scipy=False):
             loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U,
-                                                             weights, observe)
+                                                             weights, observe, read_targets)
     return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
 
 

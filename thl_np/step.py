@@ -40,7 +40,8 @@ from .components.output import (
     linear_forward,
     load_balance_forward,
 )
-from .components.primitives import array_module, scatter_add
+from .components.primitives import array_module, scatter_add, to_host
+from .components.read_target import read_target_term
 from .components.registry import check_forward_shapes, components_for, router_score_rule
 from .components.router import gumbel_noise, read_meta_backward, read_meta_forward, router_input, slot_scores
 from .components.writer import writer_input
@@ -243,26 +244,30 @@ def output_forward(params, tier_states):
 # ---------------------------------------------------------------------------------------------------
 # Sequences and BPTT (spec §5)
 # ---------------------------------------------------------------------------------------------------
-def run_sequence(params, config, input_ids, state, gumbel_uniform=None, record=False):
-    """T steps over input_ids [B, T] → (tier states [B, T, Σ d_k], final state, tape)."""
+def run_sequence(params, config, input_ids, state, gumbel_uniform=None, record=False, before_step=None):
+    """T steps over input_ids [B, T] → (tier states [B, T, Σ d_k], final state, tape).
+    ``before_step(t, state)``, if given, sees the state each step t (0-based in the call) starts from."""
     B, T = input_ids.shape
     dtype = getattr(params, "dtype", None) or params["embedding.weight"].dtype  # a quantized model's: its own
     out = np.empty((B, T, config.total_tier_dim), dtype=dtype)
     tape = []
     for t in range(T):
         gumbel = None if gumbel_uniform is None else gumbel_noise(gumbel_uniform[t], dtype)
+        if before_step is not None:
+            before_step(t, state)
         out[:, t], state, rec = thl_step(params, config, input_ids[:, t], state, gumbel, record)
         if record:
             tape.append(rec)
     return out, state, tape
 
 
-def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids, initial_state):
+def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids, initial_state, read_grads=None):
     """Back-propagate through T recorded steps.
 
     d_tier_states [B, T, Σ d_k] comes from the output head; d_A_steps [T, B, J] (or a list of T [B, J]) is
     the load-balance term's gradient, or None. Returns (grads dict, gradient w.r.t. the initial state as a
-    dict of spec §3 keys).
+    dict of spec §3 keys). ``read_grads`` ({step: ``ReadTargetGrads``}, optional): the read-target term's
+    gradients w.r.t. the memory, read_ema and router input that step t read.
     Running gradients: the bank (dM), read_ema, the tier states, and the embedding history that the
     local buffer holds (so the buffer's stored embeddings pass gradient to earlier tokens).
     """
@@ -315,6 +320,11 @@ def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids,
         grads["router.W_v.weight"] += dWv
         scatter_add(dM, (sel_rows, rec.idx), d_m_sel)
         scatter_add(d_ema_prev, (sel_rows, rec.idx), d_ema_sel)
+        if read_grads is not None and t in read_grads:
+            extra = read_grads[t]
+            dM += extra.memory
+            d_ema_prev += extra.read_ema
+            d_u = d_u + extra.u
         d_e += d_u[:, :c.embedding_dim]
         d_s_prev[0] = d_s_prev[0] + d_u[:, c.embedding_dim:c.embedding_dim + dims[0]]
         d_s_prev[K - 1] = d_s_prev[K - 1] + d_u[:, c.embedding_dim + dims[0]:]
@@ -387,14 +397,22 @@ def read_weights(config, tape):
 
 
 def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
-                   observe=None):
+                   observe=None, read_targets=None):
     """Spec §5 on the plain path: T steps with a tape, ``sequence_loss`` (mean cross-entropy over B·T, or
     weighted by ``loss_weights`` [B, T], plus the load-balance term when its weight is non-zero) and BPTT
     through all T steps. ``observe``, if given, is called with the steps' memory choices
-    (``thl_np.eval.diagnostics``). Returns (loss, grads, final state, gradient w.r.t. the initial state).
+    (``thl_np.eval.diagnostics``). ``read_targets`` (a ``ReadTargets``, optional) adds the read-target term
+    (``thl_np.components.read_target``). Returns (loss, grads, final state, gradient w.r.t. the initial state).
     ``thl_np.engines.gradient.loss_and_grads`` is its fast sibling (same arguments, same numbers)."""
     B, T = input_ids.shape
-    tier_states, state_out, tape = run_sequence(params, config, input_ids, state, gumbel_uniform, record=True)
+    asked = {}
+
+    def keep_asked(t, st):
+        if read_targets is not None and read_targets.asks[:, t].any():
+            asked[t] = st
+
+    tier_states, state_out, tape = run_sequence(params, config, input_ids, state, gumbel_uniform, record=True,
+                                                before_step=keep_asked)
     if observe is not None:
         from .memory_steps import steps_from_records
 
@@ -402,6 +420,53 @@ def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=Non
     loss, d_tiers, head_grads, d_A = sequence_loss(
         params, config, tier_states.reshape(B * T, -1), targets.reshape(-1), read_weights(config, tape),
         None if loss_weights is None else loss_weights.reshape(-1))
-    grads, d_state = sequence_backward(params, config, tape, d_tiers.reshape(B, T, -1), d_A, input_ids, state)
+    read_grads, read_param_grads = None, {}
+    if read_targets is not None:
+        write_targets = np.stack([to_host(rec.targets) for rec in tape])
+        loss, read_grads, read_param_grads = add_read_targets(
+            params, config, loss, read_targets, write_targets,
+            {t: (embedding_forward(params["embedding.weight"], input_ids[:, t]), st) for t, st in asked.items()})
+    grads, d_state = sequence_backward(params, config, tape, d_tiers.reshape(B, T, -1), d_A, input_ids, state,
+                                       read_grads)
     grads.update(head_grads)
+    for name, g in read_param_grads.items():
+        grads[name] = grads[name] + g
     return loss, grads, state_out, d_state
+
+
+@dataclass
+class ReadTargetGrads:
+    """The read-target term's gradients at one step, scaled by μ/N: w.r.t. the memory [B, J, d_m] and read_ema
+    [B, J] the step read, and its router input u [B, d_u]."""
+
+    memory: np.ndarray
+    read_ema: np.ndarray
+    u: np.ndarray
+
+
+def add_read_targets(params, config, loss, read_targets, write_targets, asked):
+    """The read-target term (``thl_np.components.read_target``) added to ``loss``, on the plain path: ``asked``
+    maps each asked step t to (its embeddings e [B, d_e], the state it starts from), ``write_targets``
+    [T, B, W_w] the slots every step wrote. → (loss with the term, {t: ReadTargetGrads}, {W_q, W_k grads});
+    the step gradients are 0 where ``read_targets.through`` stops them."""
+    W_q, W_k = params["router.W_q.weight"], params["router.W_k.weight"]
+    H, d_h = config.num_heads, config.head_dim
+    inputs = {}
+    for t, (e, st) in asked.items():
+        u = router_input(e, st.tiers)
+        inputs[t] = (u, (u @ W_q.T).reshape(u.shape[0], H, d_h), st)
+    term, rows = read_target_term(read_targets, write_targets,
+                                  {t: (st.memory, st.read_ema, q) for t, (u, q, st) in inputs.items()},
+                                  W_k, config.load_penalty, router_score_rule(config))
+    grads, dW_q, dW_k = {}, np.zeros_like(W_q), np.zeros_like(W_k)
+    through = read_targets.through
+    for t, (d_mem, d_ema, d_q, d_q_mem) in rows.items():
+        u, q, _ = inputs[t]
+        d_q2 = d_q.reshape(d_q.shape[0], -1)
+        keep_memory, keep_u = through == "all", through != "router"
+        grads[t] = ReadTargetGrads(memory=d_mem if keep_memory else np.zeros_like(d_mem),
+                                   read_ema=d_ema if keep_memory else np.zeros_like(d_ema),
+                                   u=d_q2 @ W_q if keep_u else np.zeros_like(u))
+        dW_q += d_q2.T @ u
+        dW_k += np.einsum("bhd,bhm->hdm", q, d_q_mem).reshape(W_k.shape)
+    return loss + term, grads, {"router.W_q.weight": dW_q, "router.W_k.weight": dW_k}

@@ -27,7 +27,7 @@ from .train_init import NEW_RUN_DIM, NEW_RUN_SLOTS
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "lr_decay_steps", "weight_decay", "grad_clip",
                 "eval_every", "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path",
                 "full_bptt", "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing",
-                "freeze")
+                "freeze", "read_weight", "read_through", "read_match")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -82,6 +82,8 @@ class _Progress:
             extras += [f"T {e['seq_len']}", f"mem H {e['mem_read_entropy']:.2f}", f"top1 {e['mem_top1_mass']:.2f}",
                        f"eff {e['mem_effective_slots']:.1f}", f"refine {e['mem_share_refine']:.0%}",
                        f"evict {e['mem_share_novel_evict']:.0%}", f"g {e['mem_mean_gate']:.2f}"]
+        if "read_nats" in e:  # the read-target term's mean ℓ (nats), part of the loss times --read-weight
+            extras.insert(0, f"read {e['read_nats']:.2f}")
         if self.tty:  # the live line fits the terminal: the extras are dropped, last first
             width = self._columns() - 1
             cols = list(essentials)
@@ -206,6 +208,16 @@ def _load_data(data, include, exclude):
                    "lines, or a mix.  [default: corpus]")
 @click.option("--answer-weight", type=Number("answer_weight"),
               help="Loss weight of a task's answer bytes (1: like any byte).  [default: 1]")
+@click.option("--read-weight", type=Number("read_weight"),
+              help="Weight of the read-target term: a loss on the router's scores at a key-value task's answer, "
+                   "toward the slots its value was written to (0: off; needs kv tasks).  [default: 0]")
+@click.option("--read-through", type=click.Choice(["all", "query", "router"]),
+              help="Where the read-target term's gradient goes: everything the scores depend on, or the query's "
+                   "side only (never the memory that was written), or W_q and W_k alone.  [default: all]")
+@click.option("--read-match", type=click.Choice(["value", "byte", "value+stop"]),
+              help="The slots the read-target term points an answer step at: any slot of the value, or those "
+                   "of the byte the step writes (answer byte k, value byte k); the step writing the stop byte "
+                   "at none (value+stop: at the value's too, an ablation).  [default: value]")
 @click.option("--routing", type=click.Choice(["gumbel", "hard"]),
               help="Memory reads while training: with the Gumbel noise of training-mode routing, or the hard "
                    "top-k of inference (no noise).  [default: gumbel]")

@@ -24,7 +24,9 @@ Every discrete choice is the forward's (spec §5), so the savings are exact rear
   small dense products inside them on BLAS.
 
 Supported: every config the plain path supports (K = 1..n tiers with any clocks, local_window 0,
-read_slot_capacity, write_slots > 1, the load-balance term, Gumbel noise or none, float32 / float64).
+read_slot_capacity, write_slots > 1, the load-balance term, Gumbel noise or none, float32 / float64), and
+the read-target term (``thl_np.components.read_target``: a copy of the bank at each asked step, its dense
+gradient joined to the running one there).
 For ``memory_decay < 1e-6`` (γ = 0 included) the lazy decay would divide by γ, so the decay is applied
 eagerly instead (O(J·d_m) per step, same numbers); no config falls back to the plain path.
 
@@ -68,7 +70,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._blas import blas_threads
-from ..components.registry import key_rule
+from ..components.read_target import read_target_term
+from ..components.registry import key_rule, router_score_rule
 from ..components.router import gumbel_noise, router_input
 from ..fast import embedding, gru, local_attention, primitives, router, writer
 from ..state import InferenceState
@@ -155,9 +158,11 @@ class Tape:
 # ---------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------
-def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=None):
+def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=None, keep_steps=()):
     """T steps of spec §4 from ``state0`` (not modified) over ids [B, T] with the record the backward needs.
-    ``U``: the Gumbel uniforms [T, B, H, J] or None; ``weights``: a ``_Weights`` of ``params`` to reuse.
+    ``U``: the Gumbel uniforms [T, B, H, J] or None; ``weights``: a ``_Weights`` of ``params`` to reuse;
+    ``keep_steps``: steps whose memory and read_ema (as the step reads them) the tape keeps, in
+    ``tape.steps["kept"]`` ({i: (memory, read_ema)}: the read-target term's input).
     Returns (tier states [T, B, Σd_k] (time-major), final state, tape)."""
     c = config
     dt = np.dtype(params["embedding.weight"].dtype)
@@ -255,9 +260,12 @@ def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=No
                   float(c.stale_weight), float(c.underuse_weight), float(c.memory_decay), float(c.write_rate),
                   float(c.write_ema_decay), eager, a["TGT"], a["GG"], a["WRAW"], a["WCL"], a["NRAW"], a["CLIP"],
                   a["SC"], a["NW"], a["JSTAR"], a["MSTAR"], a["NMSTAR"], a["DOTSTAR"], a["NOVEL"])
+    keep_steps, kept = set(keep_steps), {}
     for i in range(T):
         t = t0 + i
         S[i + 1] = S[i]
+        if i in keep_steps:
+            kept[i] = (mem * dt.type(scale), read_ema.copy())
         # 2. local attention over the window's precomputed keys/values
         n = int(n_steps[i])
         if n > 0:
@@ -293,16 +301,18 @@ def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=No
         memory=mem * dt.type(scale), read_ema=read_ema, write_ema=write_ema, last_read=last_read,
         last_write=last_write, local_buffer=buf, local_valid=nv)
     tape = Tape(arrays=a, steps=dict(active=active, slots=slots, n_steps=n_steps, n0=n0, t0=t0, tiers=tiers,
-                                     offs=offs, use_gumbel=use_gumbel, record_A=record_A))
+                                     offs=offs, use_gumbel=use_gumbel, record_A=record_A, kept=kept))
     return S[1:], state, tape
 
 
 # ---------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------
-def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
+def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None, read_grads=None, read_through="all"):
     """Back-propagate d tier states [T, B, Σd_k] (and the load-balance term's d A [T, B, J] or None) through
-    the recorded steps → (parameter gradients, gradient w.r.t. the initial state as spec §3 keys)."""
+    the recorded steps → (parameter gradients, gradient w.r.t. the initial state as spec §3 keys).
+    ``read_grads`` ({i: (d memory, d read_ema, d q, d q_mem)}, ``read_target_term``'s): the read-target term's
+    gradients w.r.t. what step i read, let through as ``read_through`` says (``ReadTargets.through``)."""
     c = config
     P = params
     dt = np.dtype(P["embedding.weight"].dtype)
@@ -372,6 +382,8 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
         # 4-3. read metadata and router: the rows read, read_ema, d q (and d u's state part into DS)
         router.route_backward(i, DR, d_ema, DA, use_DA, float(c.read_ema_decay), float(c.load_penalty), inv_h,
                               cap, key_rule(c), *route_args, D, cD, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
+        if read_grads and i in read_grads:
+            _add_read_grads(i, read_grads[i], read_through, D, cD, d_ema, DQ, MK, Wt.Wq_s, DS, off0, d0, offK, dK)
         # 2. local attention: its query, and the keys/values of the window's rows
         n = int(n_steps[i])
         if n > 0:
@@ -418,6 +430,8 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
     grads["embedding.weight"] = dW_emb
     U_all = router_input(a["E"], [S[:-1, :, off0:off0 + d0], S[:-1, :, offK:offK + dK]]).reshape(TB, -1)
     grads["router.W_q.weight"] = DQ2.T @ U_all
+    if read_grads and read_through == "router":
+        grads["router.W_q.weight"] += _router_only_dWq(tape, read_grads, offs)
     QV2 = a["QV"].reshape(TB, H, Dh)
     dWk = np.empty_like(P["router.W_k.weight"])
     dWv = np.empty_like(P["router.W_v.weight"])
@@ -435,21 +449,53 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None):
     return grads, d_state
 
 
+def _add_read_grads(i, grads, through, D, cD, d_ema, DQ, MK, Wq_s, DS, off0, d0, offK, dK):
+    """The read-target term's gradients at step i joined to the running ones, as ``route_backward`` joins the
+    read's: the memory into D = dM / cD, read_ema into d_ema (both as the step read them; ``through`` "all"),
+    d q into DQ[i] (W_q's and the embedding's rows) and the tier states (W_q's state columns; not for
+    "router", whose W_q gradient ``_router_only_dWq`` makes), d q_mem into MK[i] (W_k's rows)."""
+    d_mem, d_ema_i, d_q, d_q_mem = grads
+    MK[i] += d_q_mem.transpose(1, 0, 2)
+    if through == "router":
+        return
+    if through == "all":
+        D += d_mem / cD
+        d_ema += d_ema_i
+    d_q2 = d_q.reshape(d_q.shape[0], -1)
+    DQ[i] += d_q2
+    d_x = d_q2 @ Wq_s
+    DS[:, off0:off0 + d0] += d_x[:, :d0]
+    DS[:, offK:offK + dK] += d_x[:, d0:]
+
+
+def _router_only_dWq(tape, read_grads, offs):
+    """W_q's part of the read-target term when it goes through the router alone: Σ_i d q_i^T u_i."""
+    S, E = tape.S, tape.E
+    d0, offK, dK = offs[1], offs[-2], offs[-1] - offs[-2]
+    out = 0.0
+    for i, (_, _, d_q, _) in read_grads.items():
+        u = router_input(E[i], [S[i, :, :d0], S[i, :, offK:offK + dK]])
+        out = out + d_q.reshape(d_q.shape[0], -1).T @ u
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
-                   observe=None):
+                   observe=None, read_targets=None):
     """``thl_np.step.loss_and_grads`` on the fast path: the same arguments (input_ids and targets [B, T] int64,
     ``state`` the initial state, ``gumbel_uniform`` [T, B, H, J] or None, ``loss_weights`` [B, T] or None,
-    ``observe`` a callable or None), the same loss (``sequence_loss``), the same return value
+    ``observe`` a callable or None, ``read_targets`` a ``ReadTargets`` or None), the same loss
+    (``sequence_loss``, plus ``read_target_term`` with read targets), the same return value
     (loss, grads, final state, gradient w.r.t. the initial state), checked by the caller as there.
 
     Runs with OpenBLAS limited to ``BLAS_THREADS`` threads (see ``blas_threads``)."""
     B, T = input_ids.shape
     Wt = _Weights(config, params)
     with blas_threads(BLAS_THREADS):
-        tier_states, state_out, tape = fast_forward(params, config, input_ids, state, gumbel_uniform, Wt)
+        asked = () if read_targets is None else np.flatnonzero(read_targets.asks.any(axis=0)).tolist()
+        tier_states, state_out, tape = fast_forward(params, config, input_ids, state, gumbel_uniform, Wt, asked)
         if observe is not None:
             from ..memory_steps import steps_from_fast_tape
 
@@ -458,7 +504,14 @@ def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=Non
         loss, d_tiers, head_grads, d_A = sequence_loss(
             params, config, tier_states.reshape(T * B, -1), targets.T.reshape(-1),
             tape.read_weights, None if loss_weights is None else loss_weights.T.reshape(-1))
-        grads, d_state = fast_backward(params, config, tape, d_tiers.reshape(T, B, -1), d_A, input_ids, Wt)
+        read_grads = None
+        if read_targets is not None:
+            term, read_grads = read_target_term(
+                read_targets, tape.TGT, {i: (mem, ema, tape.QV[i]) for i, (mem, ema) in tape.steps["kept"].items()},
+                params["router.W_k.weight"], config.load_penalty, router_score_rule(config))
+            loss = loss + term
+        grads, d_state = fast_backward(params, config, tape, d_tiers.reshape(T, B, -1), d_A, input_ids, Wt,
+                                       read_grads, None if read_targets is None else read_targets.through)
     grads.update(head_grads)
     return loss, grads, state_out, d_state
 

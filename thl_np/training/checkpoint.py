@@ -134,15 +134,16 @@ def write_csv(path: str, fields: list[str], rows: Iterable[dict]) -> None:
             writer.writerow([repr(row[k]) if isinstance(row.get(k), float) else row.get(k, "") for k in fields])
 
 
-def read_csv(path: str, fields: list[str] | None = None) -> list[dict]:
+def read_csv(path: str, fields: list[str] | None = None, older=()) -> list[dict]:
     """Rows as dicts; ``step`` becomes int, every other column float; an empty cell is left out. With
-    ``fields``, the header must be exactly those columns (ValueError otherwise, as for a cell that is not
-    a number)."""
+    ``fields``, the header must be exactly those columns or one of the ``older`` column lists (a log written
+    before a column was added; ValueError otherwise, as for a cell that is not a number)."""
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-        if fields is not None and rows and list(reader.fieldnames or []) != list(fields):
+        header = list(reader.fieldnames or [])
+        if fields is not None and rows and header != list(fields) and header not in [list(o) for o in older]:
             raise ValueError(f"its columns are {reader.fieldnames}, expected {fields}")
     return [{k: int(v) if k == "step" else float(v) for k, v in row.items() if v != ""} for row in rows]

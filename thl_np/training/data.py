@@ -136,12 +136,16 @@ def fingerprint(data: np.ndarray) -> str:
 @dataclass
 class Batch:
     """One chunk: ``inputs`` and ``targets`` [B, T] int64; ``reset`` when every lane starts over;
-    ``weights`` [B, T], the targets' loss weights, or None (all 1)."""
+    ``weights`` [B, T], the targets' loss weights, or None (all 1); ``sources`` and ``asks`` [B, T] int, the
+    input positions that read a task's value byte k and the one that writes it, both marked k (the read-target
+    term's ids; 0 elsewhere), or None."""
 
     inputs: np.ndarray
     targets: np.ndarray
     reset: bool
     weights: np.ndarray | None = None
+    sources: np.ndarray | None = None
+    asks: np.ndarray | None = None
 
 
 class LaneBatches:

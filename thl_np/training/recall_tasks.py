@@ -554,14 +554,18 @@ KV_TASKS = {"kv": Spec(), "kv1": Spec(pairs=1, updates=0, distractors=0),
 
 
 def kv_task(rng: np.random.Generator, room: int,
-            spec: Spec = KV_TASKS["kv"]) -> tuple[list[bytes], bytes, bytes] | None:
-    """(statement lines in order, question, answer = value and stop byte) of a training context of ``spec``
-    (the train half), its statements, question and answer within ``room`` bytes (``fit_context``); None when
-    ``room`` is too small. ``WindowBatches`` (``thl_np.training.synthetic_tasks``, tasks ``kv`` and ``kv1``)
-    puts the lines at sorted depths of its filler, then the question and the answer."""
+            spec: Spec = KV_TASKS["kv"]) -> tuple[list[bytes], bytes, bytes, tuple[int, int, int]] | None:
+    """(statement lines in order, question, answer = value and stop byte, where the answer's value is stated:
+    (line index, byte offset in the line, byte length)) of a training context of ``spec`` (the train half), its
+    statements, question and answer within ``room`` bytes (``fit_context``); None when ``room`` is too small.
+    ``WindowBatches`` (``thl_np.training.synthetic_tasks``, tasks ``kv`` and ``kv1``) puts the lines at sorted
+    depths of its filler, then the question and the answer."""
     if "held" in (spec.templates, spec.labels, spec.formats, spec.questions):
         raise InputError("a training context comes from the train half only: the held half is for evaluation")
     ctx = fit_context(draw_context(rng, spec), room)
     if ctx is None:
         return None
-    return [s.encode() for s in ctx.statements], ctx.question.encode(), ctx.answer.encode()
+    lines = [s.encode() for s in ctx.statements]
+    stated, value = ctx.answer_index % len(lines), ctx.value.encode()
+    # the value's last occurrence in its statement: after the label when a label happens to contain it
+    return lines, ctx.question.encode(), ctx.answer.encode(), (stated, lines[stated].rindex(value), len(value))

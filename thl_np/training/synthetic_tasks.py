@@ -34,7 +34,9 @@ its own: the prompt of ``thl-np eval --passkey --filler source`` (``thl_np.train
 key line and the question phrased alike), except that the evaluation keeps the key within a depth range
 (``--depth 0.1:0.9``) and draws from its own generators (``[seed, length]``), never this one's.
 ``answer_weight`` w > 1 gives the answer bytes' targets weight w in the loss (every other target 1;
-``Batch.weights``).
+``Batch.weights``). A key-value row also marks the input positions that read its value in the statement
+stating it and those that answer (``Batch.sources``, ``Batch.asks``: the read-target term's ids, byte k of the
+value and the answer step that writes it both k), drawing nothing.
 
 The sequence length follows ``seq_len_at``: from ``start`` it doubles in equal stages over ``ramp`` steps up
 to ``final`` (``128:4096`` over 6,000 steps: 128, 256, ..., 4096, 1,000 steps each). Everything is drawn from
@@ -141,17 +143,25 @@ TASK_MAKERS = {"passkey": passkey_task, "recall": recall_task, "copy": copy_task
 def insert_lines(filler: bytes, lines: list[bytes], depths) -> bytes:
     """``filler`` with each of ``lines`` inserted at the line boundary (0, after a newline, or the end)
     nearest to its depth × len(filler); lines at the same boundary keep their order."""
+    return insert_lines_at(filler, lines, depths)[0]
+
+
+def insert_lines_at(filler: bytes, lines: list[bytes], depths) -> tuple[bytes, list[int]]:
+    """``insert_lines`` and where each line starts in its result."""
     n = len(filler)
     ends = np.concatenate([[0], np.flatnonzero(np.frombuffer(filler, np.uint8) == _NEWLINE) + 1, [n]])
     at = [int(ends[np.argmin(np.abs(ends - d * n))]) for d in depths]
     order = sorted(range(len(lines)), key=lambda i: (at[i], i))
-    out, prev = [], 0
+    out, prev, size, starts = [], 0, 0, [0] * len(lines)
     for i in order:
         out.append(filler[prev:at[i]])
+        size += at[i] - prev
+        starts[i] = size
         out.append(lines[i])
+        size += len(lines[i])
         prev = at[i]
     out.append(filler[prev:])
-    return b"".join(out)
+    return b"".join(out), starts
 
 
 class WindowBatches:
@@ -208,14 +218,20 @@ class WindowBatches:
         L = self.current_seq_len()
         rows = np.empty((self.batch_size, L + 1), np.int64)
         weights = np.ones((self.batch_size, L), np.float64)
+        sources, asks = np.zeros((self.batch_size, L), np.int64), np.zeros((self.batch_size, L), np.int64)
         for b in range(self.batch_size):
-            window, answer = self.sample(L + 1)
+            window, answer, value = self.sample(L + 1)
             rows[b] = np.frombuffer(window, np.uint8)
             if answer:
                 weights[b, L - answer:] = self.answer_weight   # targets of the last `answer` bytes
+            if value is not None:   # the steps that read the value's bytes k = 1.., and those that write them
+                sources[b, value[0]:value[0] + value[1]] = np.arange(1, value[1] + 1)
+                asks[b, L - answer:] = np.arange(1, answer + 1)   # the stop's id, n + 1, has no source
         self.count += 1
         w = None if self.answer_weight == 1.0 else weights
-        return Batch(inputs=rows[:, :-1], targets=rows[:, 1:], reset=True, weights=w)
+        spans = asks.any()
+        return Batch(inputs=rows[:, :-1], targets=rows[:, 1:], reset=True, weights=w,
+                     sources=sources if spans else None, asks=asks if spans else None)
 
     # ------------------------------------------------------------------ one row
     def _corpus(self, n: int) -> bytes:
@@ -243,10 +259,11 @@ class WindowBatches:
         text = filler_text(self.rng, FILLERS[style]["lines"], n)
         return text[len(text) - n:].encode()
 
-    def sample(self, n: int) -> tuple[bytes, int]:
-        """One row of ``n`` bytes → (bytes, how many of its last bytes are the answer; 0 for corpus text)."""
+    def sample(self, n: int) -> tuple[bytes, int, tuple[int, int] | None]:
+        """One row of ``n`` bytes → (bytes, how many of its last bytes are the answer (0 for corpus text), and
+        for a key-value task (start, length) of the answer's value in the statement that states it, else None)."""
         if self.task_mix == 0.0 or self.rng.random() >= self.task_mix:
-            return self._corpus(n), 0
+            return self._corpus(n), 0, None
         task = self.tasks[int(self.rng.integers(0, len(self.tasks)))]
         style = self.filler if self.filler != "mixed" else FILLER_SOURCES[int(self.rng.integers(0, 3))]
         if task in KV_TASK_NAMES:
@@ -254,19 +271,21 @@ class WindowBatches:
 
             made = kv_task(self.rng, n, KV_TASKS[task])
             if made is None:   # the window cannot hold the task at all: corpus text instead
-                return self._corpus(n), 0
-            lines, question, answer = made
+                return self._corpus(n), 0, None
+            lines, question, answer, stated = made
             need = sum(map(len, lines)) + len(question) + len(answer)
             depths = np.sort(self.rng.random(len(lines)))   # in order: an update's latest value comes last
         else:
+            stated = None
             lines, question, answer = TASK_MAKERS[task](self.rng, style)
             need = sum(map(len, lines)) + len(question) + len(answer)
             while need > n and len(lines) > 1:   # too short a window for every pair: fewer pairs
                 need -= len(lines.pop())
             if need > n:   # the window cannot hold the task at all: corpus text instead
-                return self._corpus(n), 0
+                return self._corpus(n), 0, None
             depths = self.rng.random(len(lines))
-        body = insert_lines(self._filler(n - need, style), lines, depths)
+        body, starts = insert_lines_at(self._filler(n - need, style), lines, depths)
         out = body + question + answer
         assert len(out) == n
-        return out, len(answer)
+        value = None if stated is None else (starts[stated[0]] + stated[1], stated[2])
+        return out, len(answer), value

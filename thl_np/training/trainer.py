@@ -38,6 +38,7 @@ from .._blas import blas_threads
 from .._threads import StepThreads
 from ..checks import NON_FINITE_OUTPUT, check, check_allocation, check_metric, check_output_dir, first_non_finite
 from ..components.output import log_softmax
+from ..components.read_target import THROUGH, ReadTargets
 from ..components.registry import components_for
 from ..config import THLConfig
 from ..errors import ConfigError, InputError, WeightsError
@@ -46,20 +47,25 @@ from . import distributed
 from .data import LaneBatches, as_byte_array, eval_lanes, fingerprint, load_bytes, split_bytes
 from .optim import AdamW, clip_grad_norm, frozen_names
 from .schedule import lr_at
-from .synthetic_tasks import FILLER_SOURCES, WindowBatches, parse_tasks
+from .synthetic_tasks import FILLER_SOURCES, KV_TASK_NAMES, WindowBatches, parse_tasks
 
 # the memory columns: thl_np.eval.diagnostics.LOG_COLUMNS, each figure over the step's chunk (all its sequences)
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "mem_read_entropy", "mem_top1_mass",
               "mem_effective_slots", "mem_share_refine", "mem_share_novel_empty", "mem_share_novel_evict",
-              "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots"]
+              "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots", "read_nats", "read_rows"]
+#: The columns of a log written before the read-target term's (a run from then resumes).
+OLDER_LOG_FIELDS = (LOG_FIELDS[:-2],)
 EVAL_FIELDS = ["step", "bits_per_byte"]
+#: Which slots an answer step's read-target term points at (TrainConfig.read_match).
+READ_MATCHES = ("value", "byte", "value+stop")
 #: Routing while training: with the Gumbel noise of spec §4.3 (the default), or the hard top-κ of eval mode.
 ROUTINGS = ("gumbel", "hard")
 #: The reported training loss is the mean over this many last steps (one step's loss is noisy).
 LOSS_WINDOW = 20
 
 
-_TEXT_FIELDS = ("tasks", "filler", "task", "routing", "freeze")  # checked by their own rules (parse_tasks, TASKS, ...)
+# checked by their own rules (parse_tasks, TASKS, ...)
+_TEXT_FIELDS = ("tasks", "filler", "task", "routing", "freeze", "read_through", "read_match")
 _OPTIONAL_FIELDS = ("lr_decay_steps", "eval_tokens", "seq_len_final", "seq_len_ramp", "eval_examples", "dropout")
 _RULE_OF = {"dropout": "classifier_dropout"}         # a field named otherwise than its rule
 
@@ -79,6 +85,13 @@ class TrainConfig:
     carried state; it is implied by ``task_mix > 0`` (that share of the rows are synthetic ``tasks`` hidden
     in ``filler``) and by ``seq_len_final`` (the length doubles in stages from ``seq_len`` to it over
     ``seq_len_ramp`` steps, default ``steps``). ``answer_weight``: the loss weight of a task's answer bytes.
+    ``read_weight`` μ: the read-target term (``thl_np.components.read_target``) on the key-value tasks' rows,
+    a loss on the router's scores at the answer toward the slots the value was written to (0: off);
+    ``read_through``: "all" (its gradient reaches the memory too), "query" (the query's side only) or "router"
+    (W_q and W_k alone); ``read_match``: "value" (every answer step that writes a value byte toward any slot
+    of the value) or "byte" (answer step k toward the slots that value byte k was written to). Neither points
+    the step that writes the stop byte anywhere: reading the value there writes one more value byte
+    ("value+stop", "value" with that step too, is the ablation that showed it).
 
     ``routing``: "gumbel" (training-mode routing, spec §4.3: Gumbel noise on the router's scores picks the
     slots read, the run's own seeded stream) or "hard" (no noise: the eval-mode top-κ, the reads training sees
@@ -118,6 +131,9 @@ class TrainConfig:
     filler: str = "corpus"
     answer_weight: float = 1.0
     routing: str = "gumbel"       # "gumbel": training-mode routing (spec §4.3's noise); "hard": eval-mode top-κ
+    read_weight: float = 0.0      # μ of the read-target term on key-value task rows (0: off)
+    read_through: str = "all"     # "all" | "query" | "router": where the term's gradient goes (ReadTargets.through)
+    read_match: str = "value"     # "value" | "byte" | "value+stop": which slots an answer step should read
     freeze: str = ""              # globs of parameter names left untrained, e.g. "writer.*"
 
     def __post_init__(self):
@@ -146,6 +162,13 @@ class TrainConfig:
             raise InputError(f"filler = {self.filler!r}: use one of {', '.join(FILLER_SOURCES)}")
         if self.routing not in ROUTINGS:
             raise InputError(f"routing = {self.routing!r}: use one of {', '.join(ROUTINGS)}")
+        if self.read_through not in THROUGH:
+            raise InputError(f"read_through = {self.read_through!r}: use one of {', '.join(THROUGH)}")
+        if self.read_match not in READ_MATCHES:
+            raise InputError(f"read_match = {self.read_match!r}: use one of {', '.join(READ_MATCHES)}")
+        if self.read_weight and not (self.task_mix > 0 and set(parse_tasks(self.tasks)) & set(KV_TASK_NAMES)):
+            raise InputError(f"read_weight = {self.read_weight} needs key-value task rows: give --task-mix > 0 and "
+                             f"a kv task in --tasks (one of {', '.join(KV_TASK_NAMES)})")
 
     @property
     def windows(self) -> bool:
@@ -285,6 +308,9 @@ def _train(model_or_config, data, out_dir, config, log, world, callbacks, **over
     if world.size > 1 and tc.answer_weight != 1.0:
         raise InputError("--answer-weight is not supported under mpirun yet: each rank would divide by its own "
                          "answer bytes, so ranks would not match one process; train in one process or drop it")
+    if world.size > 1 and tc.read_weight:
+        raise InputError("--read-weight is not supported under mpirun yet: each rank would divide by its own "
+                         "answers, so ranks would not match one process; train in one process or drop it")
     emit = _dispatch(log, callbacks)
     # the output folder is checked before any work: a run must never train and then fail at its first save
     out_dir = check_output_dir(out_dir, "the output folder")
@@ -446,10 +472,13 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
         world.draw_uniforms(run.rng, (T, tc.batch_size, cfg.num_heads, cfg.memory_slots))
     inputs, targets = world.take_batch(batch.inputs, batch.targets)  # this rank's lanes (all, alone)
     weights = None if batch.weights is None else world.take_batch(batch.weights, batch.weights)[0]
+    read_term = {}
+    read = None if not tc.read_weight else read_targets_of(
+        batch, tc, report=lambda mean, n: read_term.update(read_nats=mean, read_rows=n))   # one process only
     stats = MemoryStats(cfg.memory_slots)
     loss, grads, state_out = value_and_grad(run.model, inputs, targets, state=state_in,
                                             gumbel_uniform=uniforms, return_state=True,
-                                            loss_weights=weights, observe=stats.add)
+                                            loss_weights=weights, observe=stats.add, read_targets=read)
     loss = float(loss)
     grads = dict(grads)
     loss = world.sum_gradients(grads, loss, tc.batch_size)  # the whole batch's, on every rank
@@ -466,11 +495,27 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     run.step += 1
     dt = time.perf_counter() - t0
     row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": norm,
-           "tokens_per_s": tc.batch_size * T / max(dt, 1e-9), "seq_len": T}
+           "tokens_per_s": tc.batch_size * T / max(dt, 1e-9), "seq_len": T, **read_term}
     if math.isfinite(loss) and math.isfinite(norm):  # a diverged step's memory figures are left empty
         row.update(log_row(stats.summary(state_out)))
     run.history.append(row)
     return row, dt
+
+
+def read_targets_of(batch, tc: TrainConfig, report=None):
+    """The read-target term's ``ReadTargets`` for a batch's key-value rows under ``tc`` (None: no such row).
+    ``read_match`` "value": one id, every step that writes a value byte toward any of the value's slots;
+    "byte": the batch's own ids (step k toward value byte k's slots). The step writing the stop byte points
+    nowhere in either (reading the value there writes one more value byte); "value+stop" is "value" with
+    that step too (the ablation that showed it)."""
+    if batch.asks is None:
+        return None
+    sources, asks = batch.sources, batch.asks
+    if tc.read_match != "value+stop":
+        asks = np.where(asks <= sources.max(axis=1, keepdims=True), asks, 0)
+    if tc.read_match != "byte":
+        sources, asks = (sources > 0).astype(np.int64), (asks > 0).astype(np.int64)
+    return ReadTargets(sources=sources, asks=asks, weight=tc.read_weight, through=tc.read_through, report=report)
 
 
 def _diverged(tc: TrainConfig, checkpoint_path, what: str) -> InputError:
@@ -664,9 +709,9 @@ def _restore(path: str, tc: TrainConfig, train_bytes, model_cls, emit) -> _Run:
         emit({"event": "message", "text": "the training data differs from the checkpoint's: its lanes start "
               "from the beginning with a fresh state"})
     logs = {}
-    for name, fields in (("log.csv", LOG_FIELDS), ("eval.csv", EVAL_FIELDS)):
+    for name, fields, older in (("log.csv", LOG_FIELDS, OLDER_LOG_FIELDS), ("eval.csv", EVAL_FIELDS, ())):
         try:
-            logs[name] = ckpt.read_csv(os.path.join(path, name), fields)
+            logs[name] = ckpt.read_csv(os.path.join(path, name), fields, older)
         except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
             raise _damaged(path, name, f"cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from None
     if info["step"] < 0 or not math.isfinite(info["elapsed_s"]):
