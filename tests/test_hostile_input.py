@@ -85,7 +85,8 @@ def test_every_validator_uses_the_one_rule_table():
         if f.name not in ("dtype", "device", "components", "quantization", "task", "id2label", "label2id"):
             assert f.name in RULES, f.name
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in ("carry_state", "resume", "path", "full_bptt", "tasks", "filler", "routing", "freeze"):
+        if f.name not in ("carry_state", "resume", "path", "full_bptt", "tasks", "filler", "routing", "freeze",
+                          "read_through", "read_match"):
             assert f.name in RULES, f.name
     for name in ("temperature", "top_k", "top_p", "seed", "max_length", "timestep"):
         assert name in RULES
@@ -97,6 +98,7 @@ def test_every_validator_uses_the_one_rule_table():
     assert flags[("train", "--grad-clip")] is RULES["grad_clip"]
     assert flags[("train", "--weight-decay")] is RULES["weight_decay"]
     assert flags[("train", "--lr")] is RULES["lr"]
+    assert flags[("train", "--read-weight")] is RULES["read_weight"]
     assert flags[("train", "--write-rate")] is RULES["write_rate"]
     assert flags[("generate", "--temperature")] is RULES["temperature"]
     assert flags[("generate", "--seed")] is RULES["seed"]
