@@ -41,7 +41,10 @@ from thl_np.training.recall_tasks import (
     VALUE_FORMATS,
     WILD_MARKS,
     WORDS,
+    Context,
     Spec,
+    Template,
+    _value_span,
     as_identifier,
     draw_context,
     fit_context,
@@ -287,6 +290,26 @@ def test_a_wide_form_is_answered_with_the_statements_closing(seed, spaced):
     words = [w for w in re.split(r"[^a-z]+", between) if w]
     assert all(w in split_words("train") for w in words) and len(words) <= 1
     assert set(between[: len(between) - len(opening)].replace(words[0] if words else "", "")) <= set(WILD_MARKS + " ")
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), task=st.sampled_from(sorted(KV_TASKS)))
+def test_kv_task_says_where_the_answer_is_stated(seed, task):
+    """The span kv_task returns is the asked value's bytes in the statement that holds the answer."""
+    got = kv_task(np.random.default_rng(seed), 4000, KV_TASKS[task])
+    assert got is not None
+    lines, _question, answer, (line, offset, length) = got
+    assert lines[line][offset:offset + length] == answer[:-1]   # the stop is the question's (kv1q: its own)
+
+
+def test_the_value_span_is_where_the_template_puts_it_when_the_label_holds_the_value_too():
+    tpl = Template("twice", "<{L}>{V}</{L}>\n", "<{L}>", "<")
+    line = tpl.state("key 42", "42")        # '<key 42>42</key 42>': the value's last occurrence is the label's
+    ctx = Context(statements=(line,), question=tpl.ask("key 42"), value="42", stop="<", label="key 42",
+                  template="twice", value_format="digits", answer_index=0, form=tpl)
+    assert _value_span(ctx, line) == (len("<key 42>"), 2) != (line.rindex("42"), 2)
+    with pytest.raises(AssertionError, match="does not state"):
+        _value_span(ctx, tpl.state("key 42", "17"))
 
 
 def test_kv1w_mixes_wide_and_fixed_forms_and_resumes_bit_for_bit():

@@ -527,9 +527,7 @@ def fit_context(ctx: Context, room: int) -> Context | None:
 
 def _states_label(ctx: Context, line: str) -> bool:
     """Whether ``line`` is a statement of the asked label (one of its template's statements for it)."""
-    tpl = ctx.form or next(t for split in SPLITS for t in TEMPLATES[split] if t.name == ctx.template)
-    head = tpl.statement.split("{V}")[0].format(L=ctx.label, I=as_identifier(ctx.label))
-    return line.startswith(head)
+    return line.startswith(_statement_head(ctx))
 
 
 #: The training tasks' specs: ``kv`` the whole task, ``kv1`` its easiest part (one pair, no update, no
@@ -566,6 +564,22 @@ def kv_task(rng: np.random.Generator, room: int,
     if ctx is None:
         return None
     lines = [s.encode() for s in ctx.statements]
-    stated, value = ctx.answer_index % len(lines), ctx.value.encode()
-    # the value's last occurrence in its statement: after the label when a label happens to contain it
-    return lines, ctx.question.encode(), ctx.answer.encode(), (stated, lines[stated].rindex(value), len(value))
+    stated = ctx.answer_index % len(lines)
+    return lines, ctx.question.encode(), ctx.answer.encode(), (stated, *_value_span(ctx, ctx.statements[stated]))
+
+
+def _value_span(ctx: Context, line: str) -> tuple[int, int]:
+    """(byte offset, byte length) of the asked value in ``line``, its statement: where the template puts
+    ``{V}``, so a label that happens to contain the value (before it, or after it in a form naming the label
+    twice) is never taken for it."""
+    head = _statement_head(ctx)
+    value = ctx.value
+    if not (line.startswith(head) and line[len(head):].startswith(value)):
+        raise AssertionError(f"statement {line!r} does not state {value!r} after {head!r}")
+    return len(head.encode()), len(value.encode())
+
+
+def _statement_head(ctx: Context) -> str:
+    """The asked label's statement up to its value (its template's text before ``{V}``)."""
+    tpl = ctx.form or next(t for split in SPLITS for t in TEMPLATES[split] if t.name == ctx.template)
+    return tpl.statement.split("{V}")[0].format(L=ctx.label, I=as_identifier(ctx.label))
