@@ -324,6 +324,33 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys):
     assert {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
 
 
+def test_an_overflowing_backward_is_named_as_such(tmp_path, text_file, capsys, monkeypatch):
+    """A finite loss with a non-finite gradient is the backward overflowing through the window (seen at
+    2,048-byte recall windows, where the gradient grows through the memory's loop): the error says so and
+    points at the window and the memory decay, not at --lr or --grad-clip, which act after the backward."""
+    import thl_np.model as model_module
+
+    real = model_module.value_and_grad
+    calls = []
+
+    def overflowing(*args, **kwargs):
+        loss, grads, *rest = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the second step's backward overflows; its loss stays finite
+            grads = {k: np.full_like(g, np.nan) for k, g in grads.items()}
+        return (loss, grads, *rest)
+
+    monkeypatch.setattr(model_module, "value_and_grad", overflowing)
+    out = tmp_path / "run"
+    _, err = one_line_error(capsys, "train", "--data", text_file, "--out", out, "--steps", 4,
+                            "--checkpoint-every", 1, *NEW_RUN)
+    assert "training diverged: step 2 has loss" in err and "gradient norm nan" in err
+    assert "step-000001, is kept" in err
+    assert "gradient overflowed" in err and "8 steps" in err and "memory_decay" in err and "--seq-len" in err
+    assert "Lower the learning rate" not in err
+    assert os.path.basename(ckpt.latest_checkpoint(str(out))) == "step-000001"
+
+
 @pytest.mark.parametrize("flag, value", [("--grad-clip", "nan"), ("--weight-decay", "inf"), ("--lr", "inf"),
                                          ("--lr", "nan"), ("--write-rate", "inf"), ("--held-out", "nan"),
                                          ("--lr", "1e999"), ("--seed", "-1")])

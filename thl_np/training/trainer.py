@@ -411,7 +411,8 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                 in_step = False
                 if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
                     raise _diverged(tc, checkpoint_path, f"step {run.step} has loss {row['loss']} and gradient "
-                                                         f"norm {row['grad_norm']}")
+                                                         f"norm {row['grad_norm']}",
+                                    overflow_over=row["seq_len"] if math.isfinite(row["loss"]) else None)
                 step_time += dt
                 tokens += tc.batch_size * row["seq_len"]
                 eta = step_time / (run.step - first_step) * (tc.steps - run.step)
@@ -518,8 +519,19 @@ def read_targets_of(batch, tc: TrainConfig, report=None):
     return ReadTargets(sources=sources, asks=asks, weight=tc.read_weight, through=tc.read_through, report=report)
 
 
-def _diverged(tc: TrainConfig, checkpoint_path, what: str) -> InputError:
+def _diverged(tc: TrainConfig, checkpoint_path, what: str, overflow_over: int | None = None) -> InputError:
+    """The divergence error. ``overflow_over``: the step's window (bytes) when its loss was finite and its
+    gradient was not, i.e. the backward overflowed, which no learning rate or clip can prevent: they act after it."""
     kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path else "no checkpoint was written"
+    if overflow_over is not None:
+        # Seen on a recall model at 2,048-byte windows: a gradient growing ~1.2x a step through the memory's
+        # loop past ~1,100 steps (docs/MEMORY.md, round eleven); the same window's loss was finite.
+        return InputError(
+            f"training diverged: {what}; {kept}. The loss is finite and its gradient is not: the gradient overflowed "
+            f"on its way back through the window's {overflow_over} steps (it can grow step by step through the "
+            f"recurrence, the memory's above all); a lower --lr or --grad-clip acts after the backward and cannot "
+            f"prevent it. Train on shorter windows (--seq-len), or with a memory decay below 1 "
+            f"(--set memory_decay=0.9999 damps the memory's loop), then start again")
     return InputError(f"training diverged: {what}; {kept}. Lower the learning rate (--lr, now {tc.lr:g}) or clip "
                       f"the gradient (--grad-clip, now {tc.grad_clip:g}), then start again or resume")
 
