@@ -524,14 +524,14 @@ def _diverged(tc: TrainConfig, checkpoint_path, what: str, overflow_over: int | 
     gradient was not, i.e. the backward overflowed, which no learning rate or clip can prevent: they act after it."""
     kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path else "no checkpoint was written"
     if overflow_over is not None:
-        # Seen on a recall model at 2,048-byte windows: a gradient growing ~1.2x a step through the memory's
-        # loop past ~1,100 steps (docs/MEMORY.md, round eleven); the same window's loss was finite.
+        # Seen on recall models at 2,048-byte windows (γ = 1) and 4,096 (γ = 0.9999): a gradient growing
+        # ~1.2x a step through the memory's loop on a long repeated table (docs/MEMORY.md, round eleven).
         return InputError(
             f"training diverged: {what}; {kept}. The loss is finite and its gradient is not: the gradient overflowed "
             f"on its way back through the window's {overflow_over} steps (it can grow step by step through the "
             f"recurrence, the memory's above all); a lower --lr or --grad-clip acts after the backward and cannot "
             f"prevent it. Train on shorter windows (--seq-len), or with a memory decay below 1 "
-            f"(--set memory_decay=0.9999 damps the memory's loop), then start again")
+            f"(--set memory_decay=0.9999 delays the growth to longer windows), then start again")
     return InputError(f"training diverged: {what}; {kept}. Lower the learning rate (--lr, now {tc.lr:g}) or clip "
                       f"the gradient (--grad-clip, now {tc.grad_clip:g}), then start again or resume")
 
