@@ -34,6 +34,9 @@ def next_batch(checkpoint: str, data: np.ndarray, held_out: float | None):
     if held_out is not None:
         tc = tc.replace(held_out_fraction=held_out)
     train_bytes, _ = split_bytes(data, tc.held_out_fraction)
+    if not tc.windows:
+        raise SystemExit("the run trains on lanes whose state is carried from chunk to chunk: this script measures "
+                         "window runs (--task-mix > 0, --full-bptt or a --seq-len schedule), whose rows start empty")
     run = _restore(checkpoint, tc, train_bytes, THLModel, lambda event: None)
     batch = run.batches.next_batch()
     cfg = run.model.config
