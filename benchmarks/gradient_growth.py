@@ -22,6 +22,7 @@ import numpy as np
 
 from thl_np import THLModel
 from thl_np.model import value_and_grad
+from thl_np.training import distributed
 from thl_np.training.data import load_bytes, split_bytes
 from thl_np.training.trainer import _restore, saved_train_config
 
@@ -41,7 +42,9 @@ def next_batch(checkpoint: str, data: np.ndarray, held_out: float | None):
     batch = run.batches.next_batch()
     cfg = run.model.config
     T = batch.inputs.shape[1]
-    uniforms = None if tc.routing == "hard" else run.rng.random((T, tc.batch_size, cfg.num_heads, cfg.memory_slots))
+    # the trainer's own draw (one process), so the noise is the step's
+    uniforms = None if tc.routing == "hard" else \
+        distributed.SINGLE.draw_uniforms(run.rng, (T, tc.batch_size, cfg.num_heads, cfg.memory_slots))
     return run.model, batch.inputs, batch.targets, batch.weights, uniforms
 
 
