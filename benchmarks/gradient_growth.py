@@ -4,7 +4,9 @@ A training run stopped with "the loss is finite and its gradient is not" (``thl-
 error) overflowed in its backward. This script takes the run's checkpoint, the batch the run would train on
 next (the run restored exactly as ``--resume`` restores it: same lanes, same routing noise) and, in float64,
 prints for each lane and each prefix length T of the window the loss and the gradient norm, with the
-writer on and off (``write_rate = 0``: the memory stays empty) and with the memory decays given. A gradient
+writer on and off (``write_rate = 0``: the memory stays empty), with the memory decays given, with the
+memory's gradient cut every N steps (``--memory-bptt``, the trainer's option) and with other routers on the same
+weights (``--routers unit_rows``: values read from unit rows). A gradient
 that grows by a steady factor a step once T passes some length, and not with the writer off, grows through
 the memory's loop. For the longest T it also checks that the growth is the model's and not a path's: the
 fast and plain paths' loss and gradient, and the plain path's loss with every weight multiplied by
@@ -48,8 +50,9 @@ def next_batch(checkpoint: str, data: np.ndarray, held_out: float | None):
     return run.model, batch.inputs, batch.targets, batch.weights, uniforms
 
 
-def loss_and_norm(model, inputs, targets, weights, uniforms, path="fast"):
-    loss, grads = value_and_grad(model, inputs, targets, gumbel_uniform=uniforms, loss_weights=weights, path=path)
+def loss_and_norm(model, inputs, targets, weights, uniforms, path="fast", memory_bptt=None):
+    loss, grads = value_and_grad(model, inputs, targets, gumbel_uniform=uniforms, loss_weights=weights, path=path,
+                                 memory_bptt=memory_bptt)
     return float(loss), grads, float(np.sqrt(sum(float((g * g).sum()) for g in grads.values())))
 
 
@@ -62,12 +65,18 @@ def main(argv=None) -> None:
     ap.add_argument("--held-out", type=float, default=None, help="the run's --held-out (default: the saved one)")
     ap.add_argument("--lengths", default="512,1024,2048", help="comma-separated prefix lengths T")
     ap.add_argument("--gammas", default="", help="comma-separated memory decays to run as well")
+    ap.add_argument("--routers", default="", help="comma-separated router variants to run as well, same weights")
+    ap.add_argument("--memory-bptt", default="", help="comma-separated cuts of the memory's gradient (every N steps) "
+                                                      "to run as well")
     args = ap.parse_args(argv)
     data = load_bytes(args.data, args.include, args.exclude)
     model, inputs, targets, weights, uniforms = next_batch(args.checkpoint, data, args.held_out)
     lengths = [min(int(t), inputs.shape[1]) for t in args.lengths.split(",")]
-    settings = [("as trained", {}), ("writer off", {"write_rate": 0.0})]
-    settings += [(f"decay {g}", {"memory_decay": float(g)}) for g in args.gammas.split(",") if g]
+    settings = [("as trained", {}, None), ("writer off", {"write_rate": 0.0}, None)]
+    settings += [(f"decay {g}", {"memory_decay": float(g)}, None) for g in args.gammas.split(",") if g]
+    settings += [(f"cut every {n}", {}, int(n)) for n in args.memory_bptt.split(",") if n]
+    settings += [(f"router {n}", {"components": {**model.config.components, "router": n}}, None)
+                 for n in args.routers.split(",") if n]
     params64 = {k: v.astype(np.float64) for k, v in model.params.items()}
 
     def sliced(b, T):
@@ -75,12 +84,12 @@ def main(argv=None) -> None:
                 None if uniforms is None else uniforms[:T, b:b + 1])
 
     print(f"{args.checkpoint}: the next batch, {inputs.shape[0]} lanes x {inputs.shape[1]} bytes, float64")
-    for name, change in settings:
+    for name, change, cut in settings:
         m = THLModel(model.config.replace(dtype="float64", **change), params=params64)
         for b in range(inputs.shape[0]):
             cells = []
             for T in lengths:
-                loss, _, norm = loss_and_norm(m, *sliced(b, T))
+                loss, _, norm = loss_and_norm(m, *sliced(b, T), memory_bptt=cut)
                 cells.append(f"T {T}: {loss:.4f} / {norm:.2e}")
             print(f"  {name:12s} lane {b}: loss / gradient norm  " + ";  ".join(cells))
     m = THLModel(model.config.replace(dtype="float64"), params=params64)

@@ -43,8 +43,8 @@ def tiny_config(**overrides) -> THLConfig:
 def configs(draw, dtype="float64", max_dim=8):
     """Small configs covering the branches the conformance cases never reach: K = 1..3 with varied
     widths and clocks, local_window 0..4, slot capacity, W_w > 1, η ≠ 1, the load-balance term, and
-    novelty thresholds that give both writer branches; the built-in router variants ``unit_keys`` and
-    ``empty_last`` in a quarter of them each (the fast path has their kernels too)."""
+    novelty thresholds that give both writer branches; the built-in router variants ``unit_keys``,
+    ``empty_last`` and ``unit_rows`` in a fifth of them each (the fast path has their kernels too)."""
     K = draw(st.integers(1, 3))
     H = draw(st.integers(1, 3))
     J = draw(st.integers(2, 8))
@@ -77,7 +77,7 @@ def configs(draw, dtype="float64", max_dim=8):
         novelty_theta=draw(st.sampled_from([-0.5, 0.3, 0.8, 1.2])),
         stale_weight=draw(st.sampled_from([1.0, 0.1])),
         underuse_weight=draw(st.sampled_from([1.0, 0.01])),
-        components={"router": draw(st.sampled_from(["spec", "spec", "unit_keys", "empty_last"]))},
+        components={"router": draw(st.sampled_from(["spec", "spec", "unit_keys", "empty_last", "unit_rows"]))},
         dtype=dtype,
     )
 

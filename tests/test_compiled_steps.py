@@ -36,7 +36,7 @@ def configs(draw):
         local_window=draw(st.integers(0, 5)), read_slot_capacity=draw(st.one_of(st.none(), st.integers(1, 2))),
         write_rate=draw(st.sampled_from([0.05, 0.5, 1.0])), memory_decay=draw(st.sampled_from([0.9995, 0.8, 0.0])),
         load_penalty=draw(st.sampled_from([0.0, 0.1, 1.0])), novelty_theta=draw(st.sampled_from([0.3, 0.9, -0.5])),
-        components={"router": draw(st.sampled_from(["spec", "unit_keys", "empty_last"]))})
+        components={"router": draw(st.sampled_from(["spec", "unit_keys", "empty_last", "unit_rows"]))})
 
 
 def session(model, B, compiled=True, renorm_below=None):

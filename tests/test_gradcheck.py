@@ -185,6 +185,9 @@ FIXED = {
     # picked: κ = 3 of 4 slots with 40% of them empty), with capacity and noise
     "empty_last": dict(components={"router": "empty_last"}, read_slot_capacity=1, num_heads=2, read_topk=3,
                        memory_slots=4, novelty_theta=-0.5),
+    # the router variant that reads unit rows for scores and values (plain path only), capacity and noise
+    "unit_rows": dict(components={"router": "unit_rows"}, read_slot_capacity=1, num_heads=2, read_topk=2,
+                      novelty_theta=-0.5),
     # the built-in memory-write variant: a slot decays by the steps since its last write (γ far from 1)
     "decay_on_write": dict(components={"memory_write": "decay_on_write"}, memory_decay=0.7, write_slots=2,
                            novelty_theta=0.3),
@@ -217,6 +220,7 @@ def test_fixed_cases(name):
         "novel_full": {"novel", "capacity-masked"},
         "unit_keys": {"novel", "capacity-masked"},
         "empty_last": {"novel", "capacity-masked"},
+        "unit_rows": {"novel", "capacity-masked"},
         "decay_on_write": {"novel", "refine"},
     }[name]
     assert want <= seen, f"{name} was meant to take {sorted(want)}, took {sorted(seen)}"

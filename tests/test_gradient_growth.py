@@ -65,9 +65,11 @@ def test_the_batch_is_the_one_the_run_trains_on_next(growth, window_run):
 
 def test_it_prints_every_lane_writer_on_and_off_and_the_chaos_check(growth, window_run, capsys):
     text, runs = window_run
-    growth.main([str(runs[2] / "step-000002"), "--data", str(text), "--lengths", "16,48", "--gammas", "0.99"])
+    growth.main([str(runs[2] / "step-000002"), "--data", str(text), "--lengths", "16,48", "--gammas", "0.99",
+                 "--memory-bptt", "8", "--routers", "unit_rows"])
     printed = capsys.readouterr().out
     for what in ("as trained   lane 0", "as trained   lane 1", "writer off   lane 1", "decay 0.99   lane 0",
+                 "cut every 8  lane 1", "router unit_rows lane 0",
                  "lane 1, T 48: fast - plain loss"):
         assert what in printed, printed
     # on this tiny stable model the fast and plain paths agree (the check can tell them apart only if they do)

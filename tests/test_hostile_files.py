@@ -351,6 +351,47 @@ def test_an_overflowing_backward_is_named_as_such(tmp_path, text_file, capsys, m
     assert os.path.basename(ckpt.latest_checkpoint(str(out))) == "step-000001"
 
 
+def test_overflowing_steps_are_skipped_up_to_the_budget(tmp_path, text_file, capsys, monkeypatch):
+    """--skip-overflow N: steps 2 and 4 overflow; with N = 2 both are skipped (no update: the weights after step 2
+    are those after step 1), the log marks them and has no gradient norm for them, a resumed run counts them,
+    and the third overflow (step 6) stops the run with the divergence error naming the budget."""
+    import thl_np.model as model_module
+    from thl_np.training.trainer import skipped_steps
+
+    real = model_module.value_and_grad
+    calls = []
+
+    def overflowing(*args, **kwargs):
+        loss, grads, *rest = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in (2, 4, 6):
+            grads = {k: np.full_like(g, np.inf) for k, g in grads.items()}
+        return (loss, grads, *rest)
+
+    monkeypatch.setattr(model_module, "value_and_grad", overflowing)
+    out = tmp_path / "run"
+    code = main([str(a) for a in ("train", "--data", text_file, "--out", out, "--steps", 2, "--checkpoint-every", 1,
+                                  "--skip-overflow", 2, *NEW_RUN)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "step 2: the gradient overflowed, the step is skipped (1 of at most 2" in printed
+    monkeypatch.setattr(model_module, "value_and_grad", real)
+    assert main([str(a) for a in ("train", "--data", text_file, "--out", tmp_path / "one", "--steps", 1,
+                                  *NEW_RUN)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(model_module, "value_and_grad", overflowing)
+    a = THLModel.from_pretrained(str(tmp_path / "one" / "step-000001" / "model"))
+    b = THLModel.from_pretrained(str(out / "step-000002" / "model"))
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+    log = ckpt.read_csv(str(out / "step-000002" / "log.csv"))
+    assert log[1]["skipped"] == 1 and "grad_norm" not in log[1] and "skipped" not in log[0]
+    assert skipped_steps(log) == 1
+    _, err = one_line_error(capsys, "train", "--data", text_file, "--out", out, "--resume", "--steps", 8)
+    assert "step 6 has loss" in err and "--skip-overflow N, now 2" in err
+    assert os.path.basename(ckpt.latest_checkpoint(str(out))) == "step-000005"
+    log = ckpt.read_csv(str(out / "step-000005" / "log.csv"))
+    assert [r["step"] for r in log if r.get("skipped")] == [2, 4]
+
+
 @pytest.mark.parametrize("flag, value", [("--grad-clip", "nan"), ("--weight-decay", "inf"), ("--lr", "inf"),
                                          ("--lr", "nan"), ("--write-rate", "inf"), ("--held-out", "nan"),
                                          ("--lr", "1e999"), ("--seed", "-1")])

@@ -108,6 +108,7 @@ def test_engine_equals_plain_model(dtype, kind):
     dict(novelty_theta=1.2, load_penalty=0.0, memory_slots=4, read_topk=4),
     dict(components={"router": "unit_keys"}, read_slot_capacity=1),
     dict(components={"router": "empty_last"}, read_slot_capacity=1),
+    dict(components={"router": "unit_rows"}, read_slot_capacity=1),
     dict(components={"memory_write": "decay_on_write"}, memory_decay=0.8, write_slots=2),
 ])
 def test_branches(overrides):

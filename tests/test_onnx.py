@@ -215,7 +215,7 @@ from hypothesis import strategies as st  # noqa: E402
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**16), K=st.integers(1, 3), window=st.sampled_from([0, 1, 3]),
        capacity=st.sampled_from([None, 1, 2]), write_slots=st.integers(1, 3),
-       router=st.sampled_from(["spec", "unit_keys", "empty_last"]),
+       router=st.sampled_from(["spec", "unit_keys", "empty_last", "unit_rows"]),
        clocks=st.sampled_from([[1, 2, 3], [1, 4, 4], [1, 1, 5]]))
 def test_any_config_exports_exactly(tmp_path_factory, seed, K, window, capacity, write_slots, router, clocks):
     """Any config the validator accepts (tiers of different widths, K = 1, no local window, capacity, several

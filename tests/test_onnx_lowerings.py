@@ -22,6 +22,7 @@ from thl_np.components import (  # noqa: E402
     router,
     router_empty_last,
     router_unit_keys,
+    router_unit_rows,
     writer,
 )
 from thl_np.components.embedding import embedding_forward  # noqa: E402
@@ -116,7 +117,7 @@ def test_buffer_push(n):
 
 # ----------------------------------------------------------------------------------------- router
 ROUTERS = {"spec": router.router_forward, "unit_keys": router_unit_keys.unit_keys_forward,
-           "empty_last": router_empty_last.empty_last_forward}
+           "empty_last": router_empty_last.empty_last_forward, "unit_rows": router_unit_rows.unit_rows_forward}
 
 
 def _router(a, cfg, rule="spec", capacity="cfg"):
@@ -125,7 +126,7 @@ def _router(a, cfg, rule="spec", capacity="cfg"):
               load_penalty=cfg["load_penalty"], capacity=cap)
     params = {"router.W_q.weight": a["W_q"], "router.W_k.weight": a["W_k"], "router.W_v.weight": a["W_v"]}
     dims = dict(num_slots=a["memory"].shape[1], memory_dim=a["memory"].shape[2], value_dim=a["W_v"].shape[0])
-    flags = dict(unit_keys=rule == "unit_keys", empty_last=rule == "empty_last")
+    flags = dict(unit_keys=rule == "unit_keys", empty_last=rule == "empty_last", unit_rows=rule == "unit_rows")
     got = run(lambda g, u, m, r: lower_router(g, u, m, r, **flags, **dims, **kw),
               {"u": a["u"], "memory": a["memory"], "read_ema": a["read_ema"]}, params)
     want = ROUTERS[rule](a["u"], a["memory"], a["read_ema"], a["W_q"], a["W_k"], a["W_v"], **kw)[:3]
@@ -135,7 +136,8 @@ def _router(a, cfg, rule="spec", capacity="cfg"):
 @pytest.mark.parametrize("name,rule,capacity", [
     ("router", "spec", "cfg"), ("router", "unit_keys", "cfg"), ("router", "empty_last", "cfg"),
     ("router_capacity", "spec", "cfg"), ("router_capacity", "unit_keys", "cfg"),
-    ("router_capacity", "empty_last", "cfg"), ("router", "spec", 2)])
+    ("router_capacity", "empty_last", "cfg"), ("router", "unit_rows", "cfg"), ("router_capacity", "unit_rows", "cfg"),
+    ("router", "spec", 2)])
 def test_router(name, rule, capacity):
     a, cfg = case(name)
     (r, alpha, idx), (r_w, alpha_w, idx_w) = _router(a, cfg, rule, capacity)

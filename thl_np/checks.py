@@ -116,11 +116,12 @@ RULES: dict[str, Rule] = {
     # TrainConfig
     **{name: Rule(1, MAX_SIZE, integer=True) for name in ("steps", "seq_len", "batch_size", "eval_lanes",
                                                           "keep_checkpoints", "lr_decay_steps", "seq_len_final",
-                                                          "seq_len_ramp")},
+                                                          "seq_len_ramp", "memory_bptt")},
     "task_mix": _UNIT,                                          # share of rows that are long-range tasks
     "answer_weight": Rule(0.0, MAX_COEFFICIENT, lo_open=True),  # loss weight of a task's answer bytes
     "read_weight": Rule(0.0, MAX_COEFFICIENT),                  # the read-target term's μ (0: off)
-    **{name: Rule(0, MAX_SIZE, integer=True) for name in ("warmup", "eval_every", "checkpoint_every")},
+    **{name: Rule(0, MAX_SIZE, integer=True) for name in ("warmup", "eval_every", "checkpoint_every",
+                                                          "skip_overflow")},
     "eval_tokens": Rule(2, MAX_SIZE, integer=True),
     "eval_examples": Rule(1, MAX_SIZE, integer=True),         # thl-np finetune
     "max_bytes": Rule(2, integer=True),

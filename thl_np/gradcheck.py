@@ -8,6 +8,10 @@ skipped if every try flips a choice.
 
     >>> report = check_gradients(model, ids, targets)      # model in float64
     >>> print(report); assert report.ok
+
+With ``memory_bptt`` N the analytic side is the truncated backward (``thl_np.step.cut_memory_gradient``) and
+the finite differences are of the loss it is the gradient of: the forward whose bank, entering every N-th
+step, is held at the value the unperturbed forward had there.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .step import read_weights, run_sequence, sequence_loss
+from .step import cut_memory_gradient, read_weights, run_sequence, sequence_loss
 
 
 @dataclass
@@ -54,12 +58,30 @@ class GradCheckReport:
         return "\n".join(lines)
 
 
-def _loss_and_choices(params, config, ids, targets, state, gumbel_uniform):
-    """Spec §5's loss from the plain forward, and the discrete choices its steps made."""
-    tier_states, _, tape = run_sequence(params, config, ids, state.copy(), gumbel_uniform, record=True)
+def _loss_and_choices(params, config, ids, targets, state, gumbel_uniform, held=None):
+    """Spec §5's loss from the plain forward, and the discrete choices its steps made. ``held`` ({t: bank}):
+    the bank each step t starts from is set to the given value (``held_banks``)."""
+    def hold(t, st):
+        if t in held:
+            st.memory[...] = held[t]
+
+    tier_states, _, tape = run_sequence(params, config, ids, state.copy(), gumbel_uniform, record=True,
+                                        before_step=hold if held else None)
     loss = sequence_loss(params, config, tier_states.reshape(ids.size, -1), targets.reshape(-1),
                          read_weights(config, tape))[0]
     return float(loss), tape_choices(tape)
+
+
+def held_banks(params, config, ids, state, gumbel_uniform, memory_bptt) -> dict:
+    """{t: the bank step t starts from} for every step where ``memory_bptt`` cuts the bank's gradient."""
+    held = {}
+
+    def keep(t, st):
+        if cut_memory_gradient(t, memory_bptt):
+            held[t] = st.memory.copy()
+
+    run_sequence(params, config, ids, state.copy(), gumbel_uniform, before_step=keep)
+    return held
 
 
 def tape_choices(tape) -> list:
@@ -79,11 +101,12 @@ def _same(a, b) -> bool:
 
 def check_gradients(model, input_ids, targets, state=None, gumbel_uniform=None, *, path: str = "plain",
                     eps: float = 1e-6, tolerance: float = 1e-5, tries: int = 4, seed: int = 0,
-                    names=None) -> GradCheckReport:
+                    names=None, memory_bptt=None) -> GradCheckReport:
     """Check ``value_and_grad(model, ..., path=path)`` against central differences of the plain forward,
     one random direction per parameter (``names``: a subset). The model must be float64 (rounding in
     float32 swamps a finite difference). A parameter passes when the relative error is below
-    ``tolerance``, relative to max(|analytic|, |numeric|, 1e-3 · the largest |analytic| seen)."""
+    ``tolerance``, relative to max(|analytic|, |numeric|, 1e-3 · the largest |analytic| seen). ``memory_bptt``:
+    the truncated backward against the loss with held banks (module docstring)."""
     from .model import value_and_grad
 
     if model.dtype != np.float64:
@@ -93,9 +116,10 @@ def check_gradients(model, input_ids, targets, state=None, gumbel_uniform=None, 
     tg = model._check_ids(targets, name="targets")
     state0 = model._prepare_state(state, ids.shape[0])
     U = model._check_gumbel(gumbel_uniform, *ids.shape)
-    _, grads = value_and_grad(model, ids, tg, state=state0, gumbel_uniform=U, path=path)
+    _, grads = value_and_grad(model, ids, tg, state=state0, gumbel_uniform=U, path=path, memory_bptt=memory_bptt)
+    held = held_banks(model.params, model.config, ids, state0, U, memory_bptt) if memory_bptt else None
     return directional_report(model.params, grads, lambda: _loss_and_choices(model.params, model.config, ids, tg,
-                                                                             state0, U),
+                                                                             state0, U, held),
                               names, eps=eps, tolerance=tolerance, tries=tries, seed=seed)
 
 

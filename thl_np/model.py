@@ -11,7 +11,7 @@ import numpy as np
 
 from ._blas import blas_threads
 from ._threads import StepThreads
-from .checks import as_dtype, as_int_array, as_path
+from .checks import as_dtype, as_int_array, as_path, check
 from .components.registry import components_for, router_score_rule
 from .config import THLConfig
 from .errors import InputError, StateError, WeightsError
@@ -347,7 +347,7 @@ def dequantize_model(model):
 # ---------------------------------------------------------------------------------------------------
 def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_uniform=None, return_state=False,
                    return_state_grad=False, path: str = "auto", loss_weights=None, observe=None,
-                   read_targets=None):
+                   read_targets=None, memory_bptt=None):
     """Loss (spec §5: mean cross-entropy over B·T, plus the load-balance term when its weight is non-zero)
     and the exact gradient of every parameter, by back-propagation through all T steps.
 
@@ -361,6 +361,8 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     forward's memory choices, a ``thl_np.eval.diagnostics.MemorySteps``, on either path.
     ``read_targets`` (optional, a ``thl_np.components.read_target.ReadTargets``): adds the read-target term, a
     loss on the router's scores at the steps that ask for a value, toward the slots its bytes were written to.
+    ``memory_bptt`` N (optional, >= 1): a truncated backward through the bank: its gradient is cut before every
+    step that is a multiple of N (``thl_np.step.cut_memory_gradient``; the tiers' gradient still crosses).
     """
     fast = choose_fast(model.config, path, gumbel_given=False)
     ids = model._check_ids(input_ids)
@@ -371,6 +373,9 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
     U = model._check_gumbel(gumbel_uniform, B, T)
     state0 = model._prepare_state(state, B)
     weights = check_loss_weights(loss_weights, B, T)
+    if memory_bptt is not None:
+        check("memory_bptt", memory_bptt, InputError)
+        memory_bptt = int(memory_bptt)
     if read_targets is not None:
         read_targets = read_targets.checked(B, T)
         if router_score_rule(model.config) is None:
@@ -380,11 +385,11 @@ def value_and_grad(model: THLModel, input_ids, targets, state=None, gumbel_unifo
         from .engines.gradient import loss_and_grads as fast_loss_and_grads  # imported here: it needs Numba
 
         loss, grads, state_out, d_state = fast_loss_and_grads(model.params, model.config, ids, tg, state0, U,
-                                                              weights, observe, read_targets)
+                                                              weights, observe, read_targets, memory_bptt)
     else:
         with blas_threads(model.plain_threads(), scipy=False):
             loss, grads, state_out, d_state = loss_and_grads(model.params, model.config, ids, tg, state0, U,
-                                                             weights, observe, read_targets)
+                                                             weights, observe, read_targets, memory_bptt)
     return pack_value_and_grad(loss, grads, state_out, d_state, return_state, return_state_grad)
 
 

@@ -261,13 +261,27 @@ def run_sequence(params, config, input_ids, state, gumbel_uniform=None, record=F
     return out, state, tape
 
 
-def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids, initial_state, read_grads=None):
+def cut_memory_gradient(t: int, memory_bptt) -> bool:
+    """Whether the backward cuts the bank's gradient before step t (0-based in the window): at every t > 0 that
+    is a multiple of ``memory_bptt`` (None: never). Cut there, the gradient is that of the loss whose bank, as
+    step t reads and updates it, is a constant (the value the forward had): what steps t.. read of earlier
+    writes teaches the reads but not those writes. The tiers' and the local window's gradients still cross.
+    A training option (``TrainConfig.memory_bptt``), not part of the spec's step: a truncated backward through
+    the bank, the writes learning only from reads within N steps. It does not stop the overflow of long recall
+    windows (docs/MEMORY.md, round twelve: that growth runs through the tiers, not the bank's own gradient).
+    """
+    return memory_bptt is not None and t > 0 and t % memory_bptt == 0
+
+
+def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids, initial_state, read_grads=None,
+                      memory_bptt=None):
     """Back-propagate through T recorded steps.
 
     d_tier_states [B, T, Σ d_k] comes from the output head; d_A_steps [T, B, J] (or a list of T [B, J]) is
     the load-balance term's gradient, or None. Returns (grads dict, gradient w.r.t. the initial state as a
     dict of spec §3 keys). ``read_grads`` ({step: ``ReadTargetGrads``}, optional): the read-target term's
-    gradients w.r.t. the memory, read_ema and router input that step t read.
+    gradients w.r.t. the memory, read_ema and router input that step t read. ``memory_bptt`` N (optional):
+    the bank's gradient is cut at every step t > 0 that is a multiple of N (``cut_memory_gradient``).
     Running gradients: the bank (dM), read_ema, the tier states, and the embedding history that the
     local buffer holds (so the buffer's stored embeddings pass gradient to earlier tokens).
     """
@@ -340,6 +354,8 @@ def sequence_backward(params, config, tape, d_tier_states, d_A_steps, input_ids,
             grads["local_attn.v.weight"] += dWv_l
         d_e_all[:, t] = d_e
         d_ema, d_s = d_ema_prev, d_s_prev
+        if cut_memory_gradient(t, memory_bptt):
+            dM = xp.zeros_like(dM)
     # 1. embedding: direct use plus every later read of the token's row in the local buffer
     d_e_all += d_hist[:, n0:]
     grads["embedding.weight"] = embedding_backward(d_e_all, input_ids, c.vocab_size)
@@ -397,12 +413,13 @@ def read_weights(config, tape):
 
 
 def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
-                   observe=None, read_targets=None):
+                   observe=None, read_targets=None, memory_bptt=None):
     """Spec §5 on the plain path: T steps with a tape, ``sequence_loss`` (mean cross-entropy over B·T, or
     weighted by ``loss_weights`` [B, T], plus the load-balance term when its weight is non-zero) and BPTT
     through all T steps. ``observe``, if given, is called with the steps' memory choices
     (``thl_np.eval.diagnostics``). ``read_targets`` (a ``ReadTargets``, optional) adds the read-target term
-    (``thl_np.components.read_target``). Returns (loss, grads, final state, gradient w.r.t. the initial state).
+    (``thl_np.components.read_target``). ``memory_bptt`` (optional): cut the bank's gradient every that many
+    steps (``cut_memory_gradient``). Returns (loss, grads, final state, gradient w.r.t. the initial state).
     ``thl_np.engines.gradient.loss_and_grads`` is its fast sibling (same arguments, same numbers)."""
     B, T = input_ids.shape
     asked = {}
@@ -427,7 +444,7 @@ def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=Non
             params, config, loss, read_targets, write_targets,
             {t: (embedding_forward(params["embedding.weight"], input_ids[:, t]), st) for t, st in asked.items()})
     grads, d_state = sequence_backward(params, config, tape, d_tiers.reshape(B, T, -1), d_A, input_ids, state,
-                                       read_grads)
+                                       read_grads, memory_bptt)
     grads.update(head_grads)
     for name, g in read_param_grads.items():
         grads[name] = grads[name] + g

@@ -28,14 +28,16 @@ from thl_np.components.router import (
 )
 from thl_np.components.router_empty_last import EMPTY_LAST, empty_last_backward, empty_last_forward
 from thl_np.components.router_unit_keys import UNIT_KEYS, unit_keys_backward, unit_keys_forward
+from thl_np.components.router_unit_rows import unit_rows, unit_rows_forward, unit_rows_router_backward
 from thl_np.fast import router as fast_router
 from thl_np.fast.primitives import row_dots
 
 C = np.ascontiguousarray
-ROUTERS = ("spec", "unit_keys", "empty_last")
-RULES = {"spec": DOT, "unit_keys": UNIT_KEYS, "empty_last": EMPTY_LAST}
+ROUTERS = ("spec", "unit_keys", "empty_last", "unit_rows")
+RULES = {"spec": DOT, "unit_keys": UNIT_KEYS, "empty_last": EMPTY_LAST, "unit_rows": UNIT_KEYS}
 PLAIN = {"spec": (router_forward, router_backward), "unit_keys": (unit_keys_forward, unit_keys_backward),
-         "empty_last": (empty_last_forward, empty_last_backward)}
+         "empty_last": (empty_last_forward, empty_last_backward),
+         "unit_rows": (unit_rows_forward, unit_rows_router_backward)}
 
 
 def router_case(seed, dtype="float64", *, B=2, J=7, d_m=4, H=3, d_h=2, dvh=2, kappa=2, capacity=0, empty=1,
@@ -86,9 +88,10 @@ def plain_read(c):
     q_mem, _ = slot_scores(c.memory, q, c.W_k, c.read_ema, c.load_penalty, c.rule)
     new_ema, new_last, A = read_meta_forward(c.read_ema, c.last_read, alpha, idx, c.t, c.rho)
     m_sel = c.memory[np.arange(c.B)[:, None, None], idx]
+    values_from = unit_rows(m_sel) if c.router == "unit_rows" else m_sel   # the rows whose values are read
     return SimpleNamespace(r=r, alpha=alpha, idx=idx, cache=cache, alpha_soft=alpha_soft, mask=mask, used=used, q=q,
                            q_mem=q_mem, new_ema=new_ema, new_last=new_last, A=A, m_sel=m_sel,
-                           mix=np.einsum("bhr,bhrm->bhm", alpha, m_sel))
+                           mix=np.einsum("bhr,bhrm->bhm", alpha, values_from))
 
 
 def assert_ties_to_lower_index(idx, same, what):
@@ -236,7 +239,7 @@ def test_route_matches_router_forward(kernel, sizes, seed):
 
 
 @pytest.mark.parametrize("kernel", ROUTE_KERNELS, ids=lambda k: k.__name__)
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_route_matches_router_forward_float32(kernel, seed):
     check_route(kernel, router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
                                     duplicates=2, scale=0.6, router=ROUTERS[seed // 2]))
@@ -349,7 +352,7 @@ def test_route_forward_matches_router_forward(sizes, seed, gumbel, record_A):
     check_route_forward(router_case(seed, gumbel=gumbel, **sizes), record_A)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_route_forward_matches_router_forward_float32(seed):
     check_route_forward(router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
                                     duplicates=2, scale=0.6, gumbel=seed % 2 == 0, router=ROUTERS[seed // 2]))
@@ -409,7 +412,7 @@ def test_route_backward_matches_router_backward(sizes, seed, gumbel, use_DA, c_s
     check_route_backward(router_case(seed, gumbel=gumbel, **sizes), use_DA, c_scale)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_route_backward_matches_router_backward_float32(seed):
     check_route_backward(router_case(seed, "float32", B=3, J=9, H=5, kappa=3, capacity=seed % 3, empty=2,
                                      duplicates=2, scale=0.6, gumbel=seed % 2 == 0, router=ROUTERS[seed // 2]),

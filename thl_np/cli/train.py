@@ -27,7 +27,7 @@ from .train_init import NEW_RUN_DIM, NEW_RUN_SLOTS
 _TRAIN_FLAGS = ("steps", "seq_len", "batch_size", "lr", "warmup", "lr_decay_steps", "weight_decay", "grad_clip",
                 "eval_every", "eval_tokens", "checkpoint_every", "held_out_fraction", "seed", "carry_state", "path",
                 "full_bptt", "seq_len_final", "seq_len_ramp", "task_mix", "tasks", "filler", "answer_weight", "routing",
-                "freeze", "read_weight", "read_through", "read_match")
+                "freeze", "read_weight", "read_through", "read_match", "memory_bptt", "skip_overflow")
 
 
 def _fmt_time(seconds: float) -> str:
@@ -218,6 +218,13 @@ def _load_data(data, include, exclude):
               help="The slots the read-target term points an answer step at: any slot of the value, or those "
                    "of the byte the step writes (answer byte k, value byte k); the step writing the stop byte "
                    "at none (value+stop: at the value's too, an ablation).  [default: value]")
+@click.option("--memory-bptt", type=Number("memory_bptt"), metavar="N",
+              help="Cut the memory bank's gradient every N steps of a window (a truncated backward through the "
+                   "memory: the writes learn from the reads within N steps; the tiers' gradient still crosses).  "
+                   "[default: the whole window]")
+@click.option("--skip-overflow", type=Number("skip_overflow"), metavar="N",
+              help="Skip up to N steps whose loss is finite and whose gradient overflowed (no update; the log "
+                   "marks them), instead of stopping at the first.  [default: 0]")
 @click.option("--routing", type=click.Choice(["gumbel", "hard"]),
               help="Memory reads while training: with the Gumbel noise of training-mode routing, or the hard "
                    "top-k of inference (no noise).  [default: gumbel]")

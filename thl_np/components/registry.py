@@ -13,9 +13,10 @@ Each swappable component of the step is a *kind* with a forward and a backward o
 A variant is registered once by name (``register``) and chosen per model by the config field
 ``components`` (``{"router": "my_router"}``); kinds not named there use "spec". The plain path, the
 layered engine and training compose whatever variants the config names (``thl_np.step``); the fast
-path's Numba kernels compute the spec variants and the built-in routers ``unit_keys`` and ``empty_last``
-(``router_unit_keys.py``, ``router_empty_last.py``); a model with another variant (such as the built-in
-``memory_write: decay_on_write``, ``memory_write_on_write.py``) runs on the plain path (``has_fast_path``).
+path's Numba kernels compute the spec variants and the built-in routers ``unit_keys``, ``empty_last`` and
+``unit_rows`` (``router_unit_keys.py``, ``router_empty_last.py``, ``router_unit_rows.py``); a model with another
+variant (such as the built-in ``memory_write: decay_on_write``, ``memory_write_on_write.py``) runs on the plain
+path (``has_fast_path``).
 ``docs/CHANGING_A_COMPONENT.md`` is a worked example.
 
 A variant's forward returns what the spec's does, with its own cache as the last value; its backward
@@ -31,7 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from . import gru, local_attention, memory_write_on_write, router, router_empty_last, router_unit_keys, writer
+from . import (
+    gru,
+    local_attention,
+    memory_write_on_write,
+    router,
+    router_empty_last,
+    router_unit_keys,
+    router_unit_rows,
+    writer,
+)
 
 SPEC = "spec"
 
@@ -58,7 +68,11 @@ _REGISTRY: dict[str, dict[str, Variant]] = {
                router_empty_last.NAME: Variant("router", router_empty_last.NAME, router_empty_last.empty_last_forward,
                                                router_empty_last.empty_last_backward, fast=True,
                                                doc="unit_keys with an empty slot ranked below every written one "
-                                                   "(router_empty_last.py)")},
+                                                   "(router_empty_last.py)"),
+               router_unit_rows.NAME: Variant("router", router_unit_rows.NAME, router_unit_rows.unit_rows_forward,
+                                              router_unit_rows.unit_rows_router_backward, fast=True,
+                                              doc="scores and values from the slot's unit row "
+                                                  "(router_unit_rows.py)")},
     "gru": {SPEC: Variant("gru", SPEC, gru.gru_forward, gru.gru_backward, fast=True)},
     "writer": {SPEC: Variant("writer", SPEC, writer.writer_forward, writer.writer_backward, fast=True)},
     "memory_write": {SPEC: Variant("memory_write", SPEC, writer.memory_write_forward,
@@ -197,8 +211,9 @@ def check_forward_shapes(variant: Variant, outputs, expected) -> None:
 # The built-in routers' score rules, for code that recomputes scores outside a step (the passkey trace),
 # and the number the fast kernels take for each (``key_rule``, thl_np.fast.router).
 _SCORE_RULES = {SPEC: router.DOT, router_unit_keys.NAME: router_unit_keys.UNIT_KEYS,
-                router_empty_last.NAME: router_empty_last.EMPTY_LAST}
-KEY_RULES = {SPEC: 0, router_unit_keys.NAME: 1, router_empty_last.NAME: 2}
+                router_empty_last.NAME: router_empty_last.EMPTY_LAST,
+                router_unit_rows.NAME: router_unit_keys.UNIT_KEYS}     # unit_rows scores as unit_keys does
+KEY_RULES = {SPEC: 0, router_unit_keys.NAME: 1, router_empty_last.NAME: 2, router_unit_rows.NAME: 3}
 
 
 def router_score_rule(config):
@@ -208,7 +223,8 @@ def router_score_rule(config):
 
 def key_rule(config) -> int:
     """The fast kernels' number for the config's router scores (``KEY_RULES``: 0 the spec's, 1 ``unit_keys``,
-    2 ``empty_last``). KeyError for a plugin router, which has no kernels."""
+    2 ``empty_last``, 3 ``unit_rows``, whose values are read from unit rows too). KeyError for a plugin router,
+    which has no kernels."""
     return KEY_RULES[components_for(config).router.name]
 
 

@@ -75,7 +75,7 @@ from ..components.registry import key_rule, router_score_rule
 from ..components.router import gumbel_noise, router_input
 from ..fast import embedding, gru, local_attention, primitives, router, writer
 from ..state import InferenceState
-from ..step import sequence_loss
+from ..step import cut_memory_gradient, sequence_loss
 
 RENORM_BELOW = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-6}
 MIN_DECAY = writer.MIN_DECAY
@@ -308,11 +308,13 @@ def fast_forward(params, config, ids, state0: InferenceState, U=None, weights=No
 # ---------------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------------
-def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None, read_grads=None, read_through="all"):
+def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None, read_grads=None, read_through="all",
+                  memory_bptt=None):
     """Back-propagate d tier states [T, B, Σd_k] (and the load-balance term's d A [T, B, J] or None) through
     the recorded steps → (parameter gradients, gradient w.r.t. the initial state as spec §3 keys).
     ``read_grads`` ({i: (d memory, d read_ema, d q, d q_mem)}, ``read_target_term``'s): the read-target term's
-    gradients w.r.t. what step i read, let through as ``read_through`` says (``ReadTargets.through``)."""
+    gradients w.r.t. what step i read, let through as ``read_through`` says (``ReadTargets.through``).
+    ``memory_bptt``: the bank's gradient cut as ``thl_np.step.cut_memory_gradient`` says."""
     c = config
     P = params
     dt = np.dtype(P["embedding.weight"].dtype)
@@ -389,6 +391,8 @@ def fast_backward(params, config, tape: Tape, dS_out, d_A, ids, weights=None, re
         if n > 0:
             local_attention.local_backward(i, n0 + i - n, n, a["QL"], a["KL"], a["VL"], inv_lq, a["LA"], DLOC, DQL,
                                            DKL, DVL)
+        if cut_memory_gradient(i, memory_bptt):
+            D[...] = 0.0
     # one product per weight over all B·T rows
     TB = T * B
     grads = {name: np.zeros_like(p) for name, p in P.items()}
@@ -483,10 +487,11 @@ def _router_only_dWq(tape, read_grads, offs):
 # Loss and gradients
 # ---------------------------------------------------------------------------------------------------
 def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=None, loss_weights=None,
-                   observe=None, read_targets=None):
+                   observe=None, read_targets=None, memory_bptt=None):
     """``thl_np.step.loss_and_grads`` on the fast path: the same arguments (input_ids and targets [B, T] int64,
     ``state`` the initial state, ``gumbel_uniform`` [T, B, H, J] or None, ``loss_weights`` [B, T] or None,
-    ``observe`` a callable or None, ``read_targets`` a ``ReadTargets`` or None), the same loss
+    ``observe`` a callable or None, ``read_targets`` a ``ReadTargets`` or None, ``memory_bptt`` an int or None),
+    the same loss
     (``sequence_loss``, plus ``read_target_term`` with read targets), the same return value
     (loss, grads, final state, gradient w.r.t. the initial state), checked by the caller as there.
 
@@ -511,7 +516,8 @@ def loss_and_grads(params, config, input_ids, targets, state, gumbel_uniform=Non
                 params["router.W_k.weight"], config.load_penalty, router_score_rule(config))
             loss = loss + term
         grads, d_state = fast_backward(params, config, tape, d_tiers.reshape(T, B, -1), d_A, input_ids, Wt,
-                                       read_grads, None if read_targets is None else read_targets.through)
+                                       read_grads, None if read_targets is None else read_targets.through,
+                                       memory_bptt)
     grads.update(head_grads)
     return loss, grads, state_out, d_state
 

@@ -9,8 +9,9 @@ by a running scalar (true memory = scale·memory), one code path per row, so ide
 go to the lower index (``primitives.top_k_desc``). ``key_rule`` chooses the scores (KEY_RULES in
 thl_np.components.registry): KEY_DOT the spec's; KEY_UNIT the router variant of
 ``thl_np.components.router_unit_keys`` (each content score divided by √(‖true row‖² + ε²)); KEY_EMPTY_LAST
-that of ``router_empty_last`` (unit keys, less (ε²/s_j²)·‖q_mem_h‖/√d_h). Tested kernel by kernel in
-tests/fast/test_router_kernels.py.
+that of ``router_empty_last`` (unit keys, less (ε²/s_j²)·‖q_mem_h‖/√d_h); KEY_UNIT_ROWS that of
+``router_unit_rows`` (unit keys, and the values read from the unit rows too: each row's weight in the mix
+is α/s_j). Tested kernel by kernel in tests/fast/test_router_kernels.py.
 """
 import math
 
@@ -21,16 +22,18 @@ from ..components.registry import KEY_RULES
 from ..components.router_empty_last import NAME as EMPTY_LAST
 from ..components.router_unit_keys import NAME as UNIT_KEYS
 from ..components.router_unit_keys import UNIT_KEY_EPS
+from ..components.router_unit_rows import NAME as UNIT_ROWS
 from .primitives import axpy, dot, gather_ends, multi_row_dots, row_dots, scatter_add_ends, top_k_desc
 
 KEY_DOT, KEY_UNIT, KEY_EMPTY_LAST = KEY_RULES["spec"], KEY_RULES[UNIT_KEYS], KEY_RULES[EMPTY_LAST]
+KEY_UNIT_ROWS = KEY_RULES[UNIT_ROWS]
 
 
 @njit(cache=True)
 def key_scales(memory, scale, key_rule, out, empty_w):
     """out[j]: what slot j's stored dot product m_j·q_mem is multiplied by to give its content score before
     1/√d_h: ``scale`` (true row = scale·stored row) for the spec's scores (KEY_DOT), and
-    scale/√(‖true row‖² + ε²) for KEY_UNIT and KEY_EMPTY_LAST (thl_np.components.router_unit_keys).
+    scale/√(‖true row‖² + ε²) for KEY_UNIT, KEY_EMPTY_LAST and KEY_UNIT_ROWS (thl_np.components.router_unit_keys).
     empty_w[j]: ε²/(‖true row‖² + ε²) for KEY_EMPTY_LAST (router_empty_last.empty_weights), else 0."""
     for j in range(memory.shape[0]):
         out[j] = scale
@@ -132,9 +135,10 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
     """Mirrors thl_np.components.router.router_forward (spec §4.3, no Gumbel noise) and read_meta_forward
     (§4.4) for one sequence: scores m_j·q_mem_h (q_mem_h = W_k,h^T q_h, see slot_scores; true memory =
     scale·memory), top-κ per head (descending, ties to the lower index), softmax, optional slot capacity,
-    the α-weighted mix of the picked memory rows per head (the value projection is linear, so the caller
-    applies it once to the mix), then read_ema and last_read in place. ``key_rule``: whose scores (see
-    ``key_scales``). dots [H, J], scores [J], A [J], served [J], key_scale [J] and empty_w [J] are scratch."""
+    the α-weighted mix of the picked memory rows (their unit rows for KEY_UNIT_ROWS) per head (the value
+    projection is linear, so the caller applies it once to the mix), then read_ema and last_read in place.
+    ``key_rule``: whose scores (see ``key_scales``). dots [H, J], scores [J], A [J], served [J], key_scale [J]
+    and empty_w [J] are scratch."""
     H = q_mem.shape[0]
     multi_row_dots(memory, q_mem, dots)
     key_scales(memory, scale, key_rule, key_scale, empty_w)
@@ -148,7 +152,9 @@ def route_one(q_mem, scale, read_ema, last_read, memory, t, load_penalty, inv_sq
     for h in range(H):
         mix[h, :] = 0.0
         for r in range(kappa):
-            axpy(alpha_out[h, r] * scale, memory[idx_out[h, r]], mix[h])
+            j = idx_out[h, r]
+            # a true row is scale·stored; with unit rows its unit row is key_scale[j]·stored
+            axpy(alpha_out[h, r] * (key_scale[j] if key_rule == KEY_UNIT_ROWS else scale), memory[j], mix[h])
 
 
 @njit(cache=True)
@@ -197,8 +203,8 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
     """Mirrors thl_np.components.router.router_forward (spec §4.3, Gumbel noise optional) and
     read_meta_forward (§4.4) for step i of a training sequence. Records q (QV), q_mem (QK), the picks (IDX),
     both α (ASOFT before the capacity mask, ALPHA after), the mask (CAPM, CAPU), the true rows read (MSEL),
-    the α-mix of rows per head (MIX) and A (AW, when record_A); writes r into R[i]; read_ema / last_read
-    in place.
+    the α-mix of rows per head (MIX; of unit rows for KEY_UNIT_ROWS) and A (AW, when record_A); writes r into
+    R[i]; read_ema / last_read in place.
 
     q = u W_q^T, u = [e; s^0; s^{K-1}]: QE[i] is its e-part (one product over the whole sequence, made before
     the steps), the state part is [S[i, :, off0:off0+d0], S[i, :, offK:offK+dK]] WqsT (WqsT = W_q's state
@@ -253,6 +259,8 @@ def route_forward(i, t, QE, S, off0, d0, offK, dK, WqsT, scale, read_ema, last_r
             for r in range(kappa):
                 j = IDX[i, b, h, r]
                 al = ALPHA[i, b, h, r]
+                if key_rule == KEY_UNIT_ROWS:   # the unit row: true row / s_j, key_scale[j] = scale / s_j
+                    al *= key_scale[j] / scale
                 row = MSEL[i, b, h, r]
                 for m in range(Dm):
                     v = scale * mem[b, j, m]
@@ -296,7 +304,11 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
                 extra = (1.0 - rho) * d_ema[b, j]
                 if use_DA:
                     extra += DA[i, b, j]
-                dal[r] = dot(g, MSEL[i, b, h, r]) + extra
+                row = MSEL[i, b, h, r]
+                gv = dot(g, row)
+                if key_rule == KEY_UNIT_ROWS:   # v = W_v m/s: d α = (W_v^T d r)·m / s
+                    gv /= math.sqrt(dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS)
+                dal[r] = gv + extra
             if capacity > 0 and CAPU[i, b, h]:
                 # α_cap = α·mask / Σ α·mask  →  dα = mask·(dα_cap − Σ dα_cap·α_cap) / Σ α·mask
                 tot = 0.0
@@ -324,6 +336,14 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
                 ck = dpk[h, r] * inv_sqrt
                 row = MSEL[i, b, h, r]
                 shrink = 0.0
+                if key_rule == KEY_UNIT_ROWS:
+                    # the value path through m/s: d m = (α/s)·(g − (m·g/s²)·m); its first term is cv·g below
+                    s2 = dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS
+                    sv = math.sqrt(s2)
+                    cv /= sv
+                    cv_row = cv * dot(row, g) / s2
+                    for m in range(Dm):
+                        D[b, j, m] -= cv_row * row[m]
                 if key_rule != KEY_DOT:
                     s2 = dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS
                     if q_pen > 0.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from ..components.registry import SPEC, components_for
 from ..components.router_empty_last import NAME as EMPTY_LAST
 from ..components.router_unit_keys import NAME as UNIT_KEYS
+from ..components.router_unit_rows import NAME as UNIT_ROWS
 from ..errors import InputError
 from .builder import BOOL, FLOAT, INT64, GraphBuilder
 from .embedding import lower_embedding
@@ -24,8 +25,8 @@ BATCH = "batch"
 STATE_IN, STATE_OUT = "state.", "next_state."
 
 #: The component variants this package lowers, per kind (anything else is refused by name).
-LOWERED = {"local_attention": {SPEC}, "router": {SPEC, UNIT_KEYS, EMPTY_LAST}, "gru": {SPEC}, "writer": {SPEC},
-           "memory_write": {SPEC}}
+LOWERED = {"local_attention": {SPEC}, "router": {SPEC, UNIT_KEYS, EMPTY_LAST, UNIT_ROWS}, "gru": {SPEC},
+           "writer": {SPEC}, "memory_write": {SPEC}}
 
 
 def state_layout(config) -> list[dict]:
@@ -97,7 +98,8 @@ def build_step(config, params, tensor=None) -> GraphBuilder:
                                  topk=c.read_topk,
                                  load_penalty=c.load_penalty, capacity=c.read_slot_capacity,
                                  unit_keys=comp.router.name == UNIT_KEYS,
-                                 empty_last=comp.router.name == EMPTY_LAST)
+                                 empty_last=comp.router.name == EMPTY_LAST,
+                                 unit_rows=comp.router.name == UNIT_ROWS)
     read_ema, last_read, _ = lower_read_meta(g, st["read_ema"], st["last_read"], alpha, idx, t,
                                              num_slots=c.memory_slots, decay=c.read_ema_decay)
     # 5. tiers under their clocks

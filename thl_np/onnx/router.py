@@ -1,5 +1,6 @@
-"""ONNX lowering of spec §4.3 (``thl_np.components.router``; the ``unit_keys`` and ``empty_last`` variants of
-``thl_np.components.router_unit_keys`` and ``router_empty_last`` too) and §4.4 (read metadata).
+"""ONNX lowering of spec §4.3 (``thl_np.components.router``; the ``unit_keys``, ``empty_last`` and ``unit_rows``
+variants of ``thl_np.components.router_unit_keys``, ``router_empty_last`` and ``router_unit_rows`` too) and §4.4
+(read metadata). ``unit_rows`` scores as ``unit_keys`` does and projects the values of the unit rows.
 
 - Scores as the component forms them: m_j·(W_k,h^T q_h)/√d_h − λ_load·read_ema_j (unit keys: the content
   term divided by √(‖m_j‖² + ε²); empty_last: that, less (ε²/(‖m_j‖² + ε²))·‖W_k,h^T q_h‖/√d_h), so
@@ -23,7 +24,8 @@ from .builder import BOOL, FLOAT, INT64, GraphBuilder, bank_transposed, slot_dot
 
 def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_heads: int, head_dim: int,
                  num_slots: int, memory_dim: int, value_dim: int, topk: int, load_penalty: float, capacity=None,
-                 unit_keys: bool = False, empty_last: bool = False, W_q: str = "router.W_q.weight",
+                 unit_keys: bool = False, empty_last: bool = False, unit_rows: bool = False,
+                 W_q: str = "router.W_q.weight",
                  W_k: str = "router.W_k.weight", W_v: str = "router.W_v.weight"):
     """u [B, d_u], memory [B, J, d_m], read_ema [B, J] → (r [B, d_v], alpha [B, H, κ], idx [B, H, κ] int64)."""
     H, d_h, d_m, kappa = num_heads, head_dim, memory_dim, topk
@@ -35,7 +37,7 @@ def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_hea
                  perm=[1, 0, 2])                                                          # [B, H, d_m]
     memory_t = bank_transposed(g, memory, num_slots, d_m)                                 # [B, d_m, J]
     content = g.op("Mul", slot_dots(g, memory_t, q_mem), g.f32(scale))                    # [B, H, J]
-    if unit_keys or empty_last:
+    if unit_keys or empty_last or unit_rows:
         norms2 = g.op("Add", slot_sq_norms(g, memory_t), g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS))          # [B, J]
         content = g.op("Div", content, g.op("Unsqueeze", g.op("Sqrt", norms2), g.i64([1])))
     if empty_last:
@@ -51,6 +53,10 @@ def lower_router(g: GraphBuilder, u: str, memory: str, read_ema: str, *, num_hea
         alpha = _capacity(g, alpha, flat, H, kappa, capacity)
     m_sel = g.op("GatherND", memory, g.op("Unsqueeze", flat, g.i64([2])), batch_dims=1)   # [B, P, d_m]
     m_sel = g.op("Transpose", g.op("Reshape", m_sel, g.i64([0, H, kappa, d_m])), perm=[1, 0, 2, 3])
+    if unit_rows:   # values from the unit rows m_j / √(‖m_j‖² + ε²)
+        s = g.op("Sqrt", g.op("Add", sum_last(g, g.op("Mul", m_sel, m_sel), keepdims=1),
+                               g.f32(UNIT_KEY_EPS * UNIT_KEY_EPS)))
+        m_sel = g.op("Div", m_sel, s)
     W_v_heads = g.op("Transpose", g.op("Reshape", g.weight(W_v), g.i64([H, dvh, d_m])), perm=[0, 2, 1])
     v_sel = g.op("MatMul", g.op("Reshape", m_sel, g.i64([H, -1, d_m])), W_v_heads)       # [H, B·κ, d_v/H]
     v_sel = g.op("Transpose", g.op("Reshape", v_sel, g.i64([H, -1, kappa, dvh])), perm=[1, 0, 2, 3])

@@ -52,9 +52,10 @@ from .synthetic_tasks import FILLER_SOURCES, KV_TASK_NAMES, WindowBatches, parse
 # the memory columns: thl_np.eval.diagnostics.LOG_COLUMNS, each figure over the step's chunk (all its sequences)
 LOG_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "seq_len", "mem_read_entropy", "mem_top1_mass",
               "mem_effective_slots", "mem_share_refine", "mem_share_novel_empty", "mem_share_novel_evict",
-              "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots", "read_nats", "read_rows"]
-#: The columns of a log written before the read-target term's (a run from then resumes).
-OLDER_LOG_FIELDS = (LOG_FIELDS[:-2],)
+              "mem_mean_gate", "mem_slot_norm_max", "mem_empty_slots", "read_nats", "read_rows", "skipped"]
+#: The columns of logs written before the skipped steps' column, and before the read-target term's (a run from
+#: then resumes).
+OLDER_LOG_FIELDS = (LOG_FIELDS[:-1], LOG_FIELDS[:-3])
 EVAL_FIELDS = ["step", "bits_per_byte"]
 #: Which slots an answer step's read-target term points at (TrainConfig.read_match).
 READ_MATCHES = ("value", "byte", "value+stop")
@@ -66,7 +67,8 @@ LOSS_WINDOW = 20
 
 # checked by their own rules (parse_tasks, TASKS, ...)
 _TEXT_FIELDS = ("tasks", "filler", "task", "routing", "freeze", "read_through", "read_match")
-_OPTIONAL_FIELDS = ("lr_decay_steps", "eval_tokens", "seq_len_final", "seq_len_ramp", "eval_examples", "dropout")
+_OPTIONAL_FIELDS = ("lr_decay_steps", "eval_tokens", "seq_len_final", "seq_len_ramp", "eval_examples", "dropout",
+                    "memory_bptt")
 _RULE_OF = {"dropout": "classifier_dropout"}         # a field named otherwise than its rule
 
 
@@ -96,6 +98,17 @@ class TrainConfig:
     ``routing``: "gumbel" (training-mode routing, spec §4.3: Gumbel noise on the router's scores picks the
     slots read, the run's own seeded stream) or "hard" (no noise: the eval-mode top-κ, the reads training sees
     are the reads inference makes; an ablation of the noise).
+
+    ``memory_bptt`` N: a truncated backward through the memory bank within each window: the bank's gradient is
+    cut before every N-th step (``thl_np.step.cut_memory_gradient``), so no gradient circulates through the
+    memory's loop for more than N steps; the tiers' and the local window's gradients still cross the cut, and
+    the reads after it still learn from what they read. None: the whole window (the exact gradient). It does
+    not prevent the overflow of round eleven's long windows (docs/MEMORY.md, round twelve).
+
+    ``skip_overflow`` N: a step whose loss is finite and whose gradient is not (the backward overflowed) is
+    skipped, up to N such steps in the run: no update, the lanes' state not carried, the step counted (its
+    log row has ``skipped`` = 1 and no gradient norm); the N+1-th stops the run with the divergence error,
+    and so does a non-finite loss. 0: the first stops it.
 
     ``freeze``: comma-separated globs of parameter names AdamW leaves as they are (``writer.*``): they take no
     step, no decay, and are out of the clipping norm; each glob must match a parameter of the model.
@@ -135,6 +148,8 @@ class TrainConfig:
     read_through: str = "all"     # "all" | "query" | "router": where the term's gradient goes (ReadTargets.through)
     read_match: str = "value"     # "value" | "byte" | "value+stop": which slots an answer step should read
     freeze: str = ""              # globs of parameter names left untrained, e.g. "writer.*"
+    memory_bptt: int | None = None  # cut the bank's gradient every N steps of a window (None: never)
+    skip_overflow: int = 0        # steps whose gradient overflowed that the run may skip (0: the first stops it)
 
     def __post_init__(self):
         self.validate()
@@ -409,7 +424,13 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
                 in_step = True
                 row, dt = _train_step(run, tc, value_and_grad, emit, world)
                 in_step = False
-                if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                if math.isfinite(row["loss"]) and not math.isfinite(row["grad_norm"]) and \
+                        skipped_steps(run.history) <= tc.skip_overflow:
+                    del row["grad_norm"]        # a log holds no non-finite figure: the row says skipped instead
+                    row["skipped"] = 1
+                    emit({"event": "message", "text": f"step {run.step}: the gradient overflowed, the step is "
+                          f"skipped ({skipped_steps(run.history)} of at most {tc.skip_overflow}, --skip-overflow)"})
+                elif not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
                     raise _diverged(tc, checkpoint_path, f"step {run.step} has loss {row['loss']} and gradient "
                                                          f"norm {row['grad_norm']}",
                                     overflow_over=row["seq_len"] if math.isfinite(row["loss"]) else None)
@@ -452,6 +473,12 @@ def _loop(run: _Run, tc: TrainConfig, value_and_grad, train_bytes, held_bytes, o
     return result
 
 
+def skipped_steps(history) -> int:
+    """How many steps of a run's log were skipped (``TrainConfig.skip_overflow``), the step just taken included
+    when its gradient overflowed (its row not yet marked)."""
+    return sum(1 for r in history if r.get("skipped") or not math.isfinite(r.get("grad_norm", 0.0)))
+
+
 @functools.lru_cache(maxsize=4)
 def _norm_threads(nbytes: int) -> StepThreads:
     """OpenBLAS's threads for the gradient norm over ``nbytes`` (thl_np._threads: one for a small model,
@@ -479,7 +506,8 @@ def _train_step(run: _Run, tc: TrainConfig, value_and_grad, emit, world=distribu
     stats = MemoryStats(cfg.memory_slots)
     loss, grads, state_out = value_and_grad(run.model, inputs, targets, state=state_in,
                                             gumbel_uniform=uniforms, return_state=True,
-                                            loss_weights=weights, observe=stats.add, read_targets=read)
+                                            loss_weights=weights, observe=stats.add, read_targets=read,
+                                            memory_bptt=tc.memory_bptt)
     loss = float(loss)
     grads = dict(grads)
     loss = world.sum_gradients(grads, loss, tc.batch_size)  # the whole batch's, on every rank
@@ -524,14 +552,16 @@ def _diverged(tc: TrainConfig, checkpoint_path, what: str, overflow_over: int | 
     gradient was not, i.e. the backward overflowed, which no learning rate or clip can prevent: they act after it."""
     kept = f"the last good checkpoint, {checkpoint_path}, is kept" if checkpoint_path else "no checkpoint was written"
     if overflow_over is not None:
-        # Seen on recall models at 2,048-byte windows (γ = 1) and 4,096 (γ = 0.9999): a gradient growing
-        # ~1.2x a step through the memory's loop on a long repeated table (docs/MEMORY.md, round eleven).
+        # Seen on recall models at 2,048-byte windows (γ = 1) and 4,096 (γ = 0.9999): a long repeated table in the
+        # window makes the forward chaotic and the gradient grows up to ~1.15x a step through the tiers reading the
+        # memory (cutting the bank's own gradient does not stop it; docs/MEMORY.md, rounds eleven and twelve).
         return InputError(
             f"training diverged: {what}; {kept}. The loss is finite and its gradient is not: the gradient overflowed "
             f"on its way back through the window's {overflow_over} steps (it can grow step by step through the "
-            f"recurrence, the memory's above all); a lower --lr or --grad-clip acts after the backward and cannot "
-            f"prevent it. Train on shorter windows (--seq-len), or with a memory decay below 1 "
-            f"(--set memory_decay=0.9999 delays the growth to longer windows), then start again")
+            f"recurrence where the model's forward is chaotic, as on long repeated text read from memory); a lower "
+            f"--lr or --grad-clip acts after the backward and cannot prevent it. Train on shorter windows "
+            f"(--seq-len), or with a memory decay below 1 (--set memory_decay=0.9999 delays the growth to longer "
+            f"windows), then start again; or let the run skip such steps (--skip-overflow N, now {tc.skip_overflow})")
     return InputError(f"training diverged: {what}; {kept}. Lower the learning rate (--lr, now {tc.lr:g}) or clip "
                       f"the gradient (--grad-clip, now {tc.grad_clip:g}), then start again or resume")
 
