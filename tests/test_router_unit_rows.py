@@ -64,3 +64,22 @@ def test_the_fast_path_computes_it_as_the_plain_one():
     assert abs(lp - lf) <= 1e-12 * abs(lp)
     for k in gp:
         assert np.abs(gf[k] - gp[k]).max() <= 1e-10 * max(np.abs(gp[k]).max(), 1e-300), k
+
+
+def test_the_memory_diagnostics_read_it_on_both_paths():
+    """The plain path's step records hold this router's cache: the diagnostics (``observe``) read its weights
+    from it, and see what they see on the fast path."""
+    from thl_np.eval.diagnostics import MemoryStats, log_row
+
+    cfg = tiny_config(components={"router": "unit_rows"}, read_slot_capacity=1)
+    rng = np.random.default_rng(2)
+    model = THLModel(cfg, params=random_params(cfg, rng))
+    ids = rng.integers(0, cfg.vocab_size, (2, 6))
+    seen = {}
+    for path in ("plain", "fast"):
+        stats = MemoryStats(cfg.memory_slots)
+        _, _, state = value_and_grad(model, ids, ids, path=path, observe=stats.add, return_state=True)
+        seen[path] = log_row(stats.summary(state))
+    assert seen["plain"].keys() == seen["fast"].keys()
+    for k, v in seen["plain"].items():
+        assert np.allclose(v, seen["fast"][k], rtol=1e-9, atol=1e-12), k

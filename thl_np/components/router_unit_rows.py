@@ -43,14 +43,17 @@ def unit_rows_backward(d_unit, rows):
 
 @dataclass
 class UnitRowsCache:
-    """The spec router's cache over the unit rows, and the raw rows read (for the normalisation's backward)."""
+    """The spec router's cache over the unit rows, and the raw rows read (for the normalisation's backward).
+    Every other field is the inner cache's (``alpha``, ``cap_mask``, … read by the diagnostics and the reference
+    margins; its ``m_sel`` are the unit rows)."""
 
     inner: RouterCache
     m_raw_sel: object      # [B, H, κ, d_m]
 
-    @property
-    def cap_mask(self):
-        return self.inner.cap_mask
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 def unit_rows_forward(u, memory, read_ema, W_q, W_k, W_v, **kw):
