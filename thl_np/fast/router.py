@@ -336,16 +336,14 @@ def route_backward(i, DR, d_ema, DA, use_DA, rho, load_penalty, inv_sqrt, capaci
                 ck = dpk[h, r] * inv_sqrt
                 row = MSEL[i, b, h, r]
                 shrink = 0.0
-                if key_rule == KEY_UNIT_ROWS:
-                    # the value path through m/s: d m = (α/s)·(g − (m·g/s²)·m); its first term is cv·g below
-                    s2 = dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS
-                    sv = math.sqrt(s2)
-                    cv /= sv
-                    cv_row = cv * dot(row, g) / s2
-                    for m in range(Dm):
-                        D[b, j, m] -= cv_row * row[m]
                 if key_rule != KEY_DOT:
                     s2 = dot(row, row) + UNIT_KEY_EPS * UNIT_KEY_EPS
+                    if key_rule == KEY_UNIT_ROWS:
+                        # the value path through m/s: d m = (α/s)·(g − (m·g/s²)·m); its first term is cv·g below
+                        cv /= math.sqrt(s2)
+                        cv_row = cv * dot(row, g) / s2
+                        for m in range(Dm):
+                            D[b, j, m] -= cv_row * row[m]
                     if q_pen > 0.0:
                         w = UNIT_KEY_EPS * UNIT_KEY_EPS / s2
                         pull = ck * w / q_pen
